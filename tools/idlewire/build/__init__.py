@@ -1,0 +1,1 @@
+"""The image build pipeline: rootfs → bake → assemble → artifacts, each stage a function."""

@@ -1,0 +1,199 @@
+"""Stage 2, bake: apply the same Ansible roles as live nodes get, over a chroot connection.
+
+The rootfs tarball is unpacked into the cache, `playbooks/bake.yml` runs against it with
+community.general.chroot (inside a private mount namespace, so /proc, /sys and /dev vanish with
+the process however it ends), then the tree is made ready for imaging: machine identity wiped,
+fstab and boot files written. The result is cached by a hash of every input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..config import Site, Target, digest
+from ..errors import UserError
+from ..paths import ROOT
+from .ids import DiskIds, derive_ids
+from .runner import Runner, require_tools
+
+BAKE_FORMAT = 1
+#: What the bake applies: a change to any file below these changes the bake key.
+BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent")
+
+
+def tree_hash(paths: tuple[str, ...] = BAKE_INPUTS) -> str:
+    h = hashlib.sha256()
+    for rel in paths:
+        base = ROOT / rel
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        for f in files:
+            if "__pycache__" in f.parts or f.suffix == ".pyc":
+                continue
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def bake_key(target: Target, site: Site, rootfs_tar: Path) -> str:
+    return digest({
+        "format": BAKE_FORMAT, "rootfs": rootfs_tar.name, "tree": tree_hash(),
+        "site": site.inputs(), "target": [target.name, target.loader, target.cmdline,
+                                          [p.__dict__ for p in target.partitions]],
+    })[:16]
+
+
+def bake_vars(target: Target, site: Site) -> dict:
+    return {
+        **site.vars,
+        "idlewire_baking": True,
+        "idlewire_target": target.name,
+        "base_hostname": site.hostname,
+        "base_timezone": site.timezone,
+        "base_ssh_authorized_keys": list(site.ssh_authorized_keys),
+        "ansible_python_interpreter": "/usr/bin/python3",
+    }
+
+
+def build_bake(target: Target, site: Site, rootfs_tar: Path, cache: Path,
+               run: Runner) -> tuple[Path, bool]:
+    """Return (the bake directory: rootfs/, bootfs/, bake.json; whether it was cached)."""
+    key = bake_key(target, site, rootfs_tar)
+    out = cache / "bake" / f"{target.name}-{key}"
+    if (out / "bake.json").exists():
+        run.note(f"cached: {out}")
+        return out, True
+    require_tools("tar", "unshare", "mount", "dpkg-query")
+    if os.geteuid() != 0:
+        raise UserError("baking needs root (chroot and mounts); run `sudo idlewire build ...`")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    root, boot = tmp / "rootfs", tmp / "bootfs"
+    root.mkdir(parents=True)
+    boot.mkdir()
+    run.run(["tar", "-xpf", rootfs_tar, "-C", root, "--numeric-owner",
+             "--xattrs", "--xattrs-include=*"])
+    ids = derive_ids(key, target.table)
+    _run_playbook(root, bake_vars(target, site), tmp, run)
+    _finalize(target, root, boot, ids, run)
+    packages = _packages(root)
+    (tmp / "bake.json").write_text(json.dumps({
+        "key": key, "rootfs": rootfs_tar.name, "target": target.name,
+        "ids": ids.to_dict(), "packages": packages,
+    }, indent=1, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    _prune(out)
+    return out, False
+
+
+def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner) -> None:
+    vars_file = workdir / "vars.json"
+    vars_file.write_text(json.dumps(variables))
+    policy = root / "usr/sbin/policy-rc.d"  # no service starts inside the chroot
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    venv_bin = Path(sys.executable).parent  # ansible-playbook comes with the idlewire venv
+    if not (venv_bin / "ansible-playbook").exists():
+        raise UserError(f"ansible-playbook is not installed next to {sys.executable}; run `make deps`")
+    mounts = ('mount -t proc proc "$R/proc" && mount -t sysfs sysfs "$R/sys"'
+              ' && mount --rbind /dev "$R/dev" && mount -t tmpfs -o mode=0755 tmpfs "$R/run"'
+              ' && exec "$@"')
+    env = {
+        "R": str(root),
+        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+        "ANSIBLE_FORCE_COLOR": "0",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-local"),
+        "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    }
+    try:
+        run.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts, "sh",
+                 venv_bin / "ansible-playbook", "-i", f"{root},", "-c", "community.general.chroot",
+                 ROOT / "playbooks/bake.yml", "-e", f"@{vars_file}"], env=env, cwd=ROOT)
+    finally:
+        policy.unlink(missing_ok=True)
+        vars_file.unlink(missing_ok=True)
+
+
+def _finalize(target: Target, root: Path, boot: Path, ids: DiskIds, run: Runner) -> None:
+    """Make the tree an image: no machine identity, fstab, boot files in their own tree."""
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()  # new host keys on every unit's first boot
+    (root / "etc/machine-id").write_text("")  # empty: systemd initialises it at first boot
+    dbus_id = root / "var/lib/dbus/machine-id"
+    if dbus_id.is_file() and not dbus_id.is_symlink():
+        dbus_id.unlink()
+    for leftover in ("root/.ansible", "var/cache/apt/archives", "tmp"):
+        path = root / leftover
+        if path.is_dir():
+            shutil.rmtree(path)
+    (root / "tmp").mkdir(mode=0o1777, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    (root / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)
+
+    bootp = target.boot
+    (root / "etc/fstab").write_text(
+        "# <file system> <mount point> <type> <options> <dump> <pass>\n"
+        f"UUID={ids.root_fs_uuid} / ext4 defaults,noatime,commit=60 0 1\n"
+        f"UUID={ids.boot_fs_uuid} {bootp.mount} vfat defaults,noatime,umask=0077,nofail 0 2\n"
+    )
+    cmdline = f"root=PARTUUID={ids.root_partuuid} rootfstype=ext4 {target.cmdline}".strip()
+    if target.loader == "raspi-firmware":
+        fw = root / "boot/firmware"
+        for item in sorted(fw.iterdir()):
+            shutil.move(str(item), boot / item.name)
+        if not (boot / "config.txt").exists():
+            raise UserError(f"{target.path}: raspi-firmware wrote no config.txt; is the package "
+                            "'raspi-firmware' in the target's packages?")
+        (boot / "cmdline.txt").write_text(cmdline + "\n")
+    else:
+        efi = root / "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+        if not efi.exists():
+            raise UserError(f"{target.path}: systemd-boot needs the package 'systemd-boot-efi'")
+        (boot / "EFI/BOOT").mkdir(parents=True)
+        shutil.copy2(efi, boot / "EFI/BOOT/BOOTX64.EFI")
+        (boot / "loader/entries").mkdir(parents=True)
+        (boot / "loader/loader.conf").write_text("default idlewire.conf\ntimeout 0\n")
+        kernel, initrd = _kernel_files(root)
+        shutil.copy2(kernel, boot / "vmlinuz")
+        shutil.copy2(initrd, boot / "initrd.img")
+        (boot / "loader/entries/idlewire.conf").write_text(
+            f"title idlewire\nlinux /vmlinuz\ninitrd /initrd.img\noptions {cmdline}\n")
+    run.note(f"kernel command line: {cmdline}")
+
+
+def _kernel_files(root: Path) -> tuple[Path, Path]:
+    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    if not kernels:
+        raise UserError("the rootfs has no kernel in /boot; add a linux-image-* package to the target")
+    version = kernels[-1].name.removeprefix("vmlinuz-")
+    initrd = root / "boot" / f"initrd.img-{version}"
+    if not initrd.exists():
+        raise UserError(f"the rootfs has no initrd for kernel {version}; is initramfs-tools installed?")
+    return kernels[-1], initrd
+
+
+def _packages(root: Path) -> dict[str, str]:
+    out = subprocess.run(
+        ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\n"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return dict(line.split("\t", 1) for line in sorted(out.splitlines()) if line)
+
+
+def _prune(keep: Path, limit: int = 3) -> None:
+    """Keep the newest few bakes of a target: each is a whole root filesystem."""
+    prefix = keep.name.rsplit("-", 1)[0] + "-"
+    olds = sorted((p for p in keep.parent.iterdir()
+                   if p.name.startswith(prefix) and p != keep and not p.name.endswith(".partial")
+                   and len(p.name) == len(keep.name)),
+                  key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in olds[limit - 1:]:
+        shutil.rmtree(old, ignore_errors=True)

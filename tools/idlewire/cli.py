@@ -1,0 +1,106 @@
+"""The `idlewire` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import UserError
+
+app = typer.Typer(
+    help="Build, stamp, flash and verify idlewire bandwidth-sharing nodes.\n\n"
+    "Typical first run:  idlewire build --target rpi4-arm64 --config site.yml",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"idlewire {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def targets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False):
+    """List the image targets (image/targets/*.yml)."""
+    from .config import available_targets, load_target
+
+    rows = [load_target(name) for name in available_targets()]
+    if as_json:
+        print(json.dumps([{"name": t.name, "architecture": t.architecture, "suite": t.suite,
+                           "description": t.description} for t in rows], indent=1))
+        return
+    for t in rows:
+        print(f"{t.name:14} {t.architecture:6} {t.suite:8} {t.description}")
+
+
+@app.command()
+def build(
+    target: Annotated[str, typer.Option("--target", "-t", help="Target name (see `idlewire targets`) "
+                                        "or path of a target .yml.")] = "rpi4-arm64",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Site file: SSH keys, "
+                                                "hostname, role variables (see site.example.yml).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the artifacts.")] = Path("out"),
+    allow_no_login: Annotated[bool, typer.Option(
+        "--allow-no-login", help="Build without an SSH key (a golden image: `idlewire stamp` adds "
+        "keys per unit).")] = False,
+    no_xz: Annotated[bool, typer.Option("--no-xz", help="Skip the .img.xz (faster, for tests).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every tool's output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+):
+    """Build a bootable node image: rootfs → bake → assemble → artifacts.
+
+    Each stage is cached under ~/.cache/idlewire by a hash of its inputs: a rebuild after a role
+    or site change reuses the Debian rootfs and only re-bakes. Artifacts in OUT:
+    idlewire-TARGET-VERSION.img, .img.xz, .bmap, .sha256, .manifest.json; the log in OUT/logs/.
+    """
+    from .build.pipeline import build as run_build
+    from .config import load_site, load_target
+
+    t = load_target(target)
+    site = load_site(config)
+    result = run_build(t, site, out, verbose=verbose, allow_no_login=allow_no_login,
+                       compress=not no_xz, console=err)
+    if as_json:
+        print(json.dumps({"target": t.name, "image": str(result.image),
+                          "artifacts": [str(p) for p in result.artifacts],
+                          "seconds": {k: round(v, 1) for k, v in result.timings.items()},
+                          "cached": result.cached}, indent=1))
+    else:
+        total = sum(result.timings.values())
+        err.print(f"[green]built[/green] {result.image} in {total:.0f}s")
+        for p in result.artifacts[1:]:
+            err.print(f"  {p}")
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Installs what idlewire needs on the build/test host: Debian packages, binfmt for foreign
+# architectures, and the Python virtual environment. Idempotent and quiet when nothing is missing.
+# Usage: tools/scripts/deps.sh [image|test]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+want=${1:-image}
+
+# Debian packages for building images (mmdebstrap + emulation + filesystem tools) ...
+pkgs_image=(mmdebstrap debian-archive-keyring arch-test qemu-user-static binfmt-support
+  dosfstools mtools e2fsprogs fdisk xz-utils zstd bmap-tools python3-venv ca-certificates)
+# ... and for testing them: QEMU system emulators + firmware, SSH client, networking parts.
+pkgs_test=(qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 openssh-client
+  wireguard-tools wireguard-go nftables iperf3 iproute2 systemd-container)
+
+pkgs=("${pkgs_image[@]}")
+[ "$want" = test ] && pkgs+=("${pkgs_test[@]}")
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "error: missing Debian packages: ${missing[*]}; run as root or: sudo apt-get install ${missing[*]}" >&2
+    exit 2
+  fi
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null || { echo "error: apt-get update failed: is Debian's mirror reachable?" >&2; exit 2; }
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+    || { echo "error: apt-get install ${missing[*]} failed" >&2; exit 2; }
+fi
+
+# arm64 rootfs are built and baked through qemu-user; the kernel needs binfmt_misc mounted and
+# the qemu-aarch64 handler registered with the F (fix-binary) flag, which Debian's package sets.
+if [ "$(id -u)" = 0 ]; then
+  if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null || true
+  fi
+  if [ -e /proc/sys/fs/binfmt_misc/register ] && [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
+    update-binfmts --import qemu-aarch64 >/dev/null 2>&1 || update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 || true
+  fi
+fi
+
+# Python environment: rebuilt when pyproject.toml changes.
+py=${PYTHON:-python3}
+stamp=.venv/.idlewire-deps
+sum=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
+  echo "setting up the Python environment in .venv"
+  "$py" -m venv .venv
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[dev]'
+  echo "$sum" > "$stamp"
+fi
+# The collections pinned in requirements.yml come from the pinned `ansible` package; check them.
+.venv/bin/python tools/scripts/check_collections.py requirements.yml
