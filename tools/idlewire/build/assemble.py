@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from ..config import Target
@@ -38,7 +39,7 @@ def epoch() -> int:
 
 
 def assemble(target: Target, bake_dir: Path, image: Path, run: Runner) -> dict:
-    require_tools("sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4")
+    require_tools("sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4", "faketime")
     meta = json.loads((bake_dir / "bake.json").read_text())
     ids = DiskIds(**meta["ids"])
     root, boot = bake_dir / "rootfs", bake_dir / "bootfs"
@@ -61,13 +62,16 @@ def assemble(target: Target, bake_dir: Path, image: Path, run: Runner) -> dict:
         f.truncate(total)
 
     # Boot partition: FAT32 at its offset, files copied in sorted order with their mtimes.
-    run.run(["mkfs.vfat", "-F", "32", "-s", "2",  # ≥65525 clusters: a real FAT32
+    # mkfs.fat and mtools stamp directory entries with the clock: freeze it (libfaketime).
+    frozen = ["faketime", "-f", time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))]
+    run.run([*frozen, "mkfs.vfat", "-F", "32", "-s", "2",  # ≥65525 clusters: a real FAT32
              "-n", target.boot.label, "-i", ids.boot_fs_serial,
              "--offset", str(boot_off // SECTOR), "-h", str(boot_off // SECTOR),
-             "--invariant", image, str(boot_size // 1024)], env=env)
+             image, str(boot_size // 1024)], env=env)
     items = sorted(boot.iterdir())
     if items:
-        run.run(["mcopy", "-s", "-p", "-m", "-Q", "-i", f"{image}@@{boot_off}", *items, "::/"], env=env)
+        run.run([*frozen, "mcopy", "-s", "-p", "-m", "-Q", "-i", f"{image}@@{boot_off}", *items, "::/"],
+                env=env)
 
     # Root partition: ext4 filled from the directory, ids and hash seed fixed.
     run.run(["mkfs.ext4", "-q", "-F", "-L", target.root.label, "-U", ids.root_fs_uuid, "-m", "1",
