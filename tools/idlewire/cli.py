@@ -91,6 +91,28 @@ def build(
             err.print(f"  {p}")
 
 
+# Command groups live in their own modules (tools/idlewire/cmd_*.py), each with
+# `register(app: typer.Typer) -> None`, so that every part of the CLI is owned in one place.
+COMMAND_MODULES = ("receipts", "client", "stamp", "flash", "console", "verify")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        modname = f"{__package__}.cmd_{name}"
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError as exc:
+            if exc.name == modname:
+                continue  # that part is not in this tree yet
+            raise
+        module.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     try:
         app()
