@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from netlab import Lab, have_netns  # noqa: E402
+from netlab import Lab, have_netns
 
 
 @pytest.fixture

@@ -113,10 +113,8 @@ class Lab:
             # wireguard-go daemonises: kill what still runs inside the namespace.
             pids = sh("ip", "netns", "pids", ns.name, check=False).stdout.split()
             for pid in pids:
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
-                except (ProcessLookupError, ValueError):
-                    pass
             sh("ip", "netns", "del", ns.name, check=False)
             for sock in ns.wg_sockets:
                 with contextlib.suppress(FileNotFoundError):

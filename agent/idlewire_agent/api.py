@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-import socket
 
 from . import __version__
 
@@ -27,7 +27,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def do_GET(self):  # noqa: N802 (http.server naming)
+    def do_GET(self):
         if self.path == "/health":
             self._send(200, {"status": "ok", "version": __version__})
         else:

@@ -7,6 +7,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import policy
+
 
 class ConfigError(Exception):
     """A list of problems in a config file, each naming the key."""
@@ -20,7 +22,7 @@ class ConfigError(Exception):
 class ApiConfig:
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     port: int = 8740
-    admin_token_file: str = "/etc/idlewire/admin.token"
+    admin_token_file: str = "/etc/idlewire/admin.token"  # noqa: S105 (a path, not a secret)
 
 
 @dataclass
@@ -30,6 +32,7 @@ class NodeConfig:
     log_level: str = "info"
     state_dir: str = "/var/lib/idlewire-agent"
     api: ApiConfig = field(default_factory=ApiConfig)
+    policy: policy.Policy = field(default_factory=policy.Policy)
 
 
 def load(path: str | Path) -> NodeConfig:
@@ -44,15 +47,18 @@ def load(path: str | Path) -> NodeConfig:
     problems: list[str] = []
     node = data.get("node", {})
     api = data.get("api", {})
-    for key in sorted(set(data) - {"node", "api"}):
-        problems.append(f"[{key}]: unknown section; expected [node] or [api]")
+    known = {"node", "api", *policy.SECTIONS}
+    for key in sorted(set(data) - known):
+        problems.append(f"[{key}]: unknown section; expected one of {', '.join(sorted(known))}")
     cfg = NodeConfig()
+    cfg.policy, policy_problems = policy.parse_sections(data)
+    problems += policy_problems
 
     def take(section: dict, name: str, key: str, kind: type | tuple, default, check=None, expect=""):
         if key not in section:
             return default
         value = section[key]
-        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             problems.append(f"{name}.{key}: expected {expect}, got {value!r}")
             return default
         if check and not check(value):

@@ -132,7 +132,7 @@ class _Fields:
                 raise UserError(f"{self.where(key)} is missing; expected {what or _kind(kind)}")
             return default
         value = self.data[key]
-        if not isinstance(value, kind) or isinstance(value, bool) and bool not in _tuple(kind):
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _tuple(kind)):
             raise UserError(
                 f"{self.where(key)}: expected {what or _kind(kind)}, got {type(value).__name__} {value!r}"
             )
