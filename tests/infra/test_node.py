@@ -67,9 +67,9 @@ def test_secret_files_private(node):
         mode, user, path = line.split(" ", 2)
         if path.rstrip("/") == cfg.rstrip("/"):
             cfg_mode = int(mode, 8)
-        elif re.search(r"\.(key|token|psk|secret)$|/ssh_host_[^/]*_key$", path):
-            if int(mode, 8) & 0o077 or user != "root":
-                bad.append(f"{path} {mode} {user}")
+        elif re.search(r"\.(key|token|psk|secret)$|/ssh_host_[^/]*_key$", path) and \
+                (int(mode, 8) & 0o077 or user != "root"):
+            bad.append(f"{path} {mode} {user}")
     assert not bad, f"secret files readable by others (want 0600 root): {bad}"
     assert cfg_mode is not None, f"{cfg} (agent_config_dir) does not exist"
     assert not cfg_mode & 0o007, f"{cfg} is {oct(cfg_mode)}: others may list or read it"
@@ -106,7 +106,7 @@ def _ceilings(node, dev: str) -> list[float]:
 
 
 def test_tc_tree_on_wan_with_configured_caps(node):
-    var, on = feature(node.v, "shaping")
+    _var, on = feature(node.v, "shaping")
     if not on or str(on).lower() in ("false", "0", "no"):
         pytest.skip("WAN shaping is not deployed (agent_shaping_enabled absent or false)")
     _, wan = feature(node.v, "wan_interface")
