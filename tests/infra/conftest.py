@@ -43,6 +43,8 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # One xdist group per host: with --dist loadgroup each worker keeps one connection per node.
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
     for item in items:
         if Path(str(item.fspath)).parent == HERE and hasattr(item, "callspec"):
             h = item.callspec.params.get("_testinfra_host")

@@ -47,7 +47,7 @@ class HostResult:
     def status(self) -> str:
         if self.unreachable:
             return "unreachable"
-        return "FAIL" if self.failed else "ok"
+        return "FAIL" if self.failed or not self.passed else "ok"
 
     def as_dict(self) -> dict:
         return {"host": self.name, "status": self.status, "passed": self.passed,
@@ -182,6 +182,10 @@ def _parse_junit(path: Path, names: list[str]) -> list[HostResult]:
     for case in ET.parse(path).getroot().iter("testcase"):  # noqa: S314 (our own pytest wrote it)
         m = re.match(r"^(.*)\[paramiko://([^\]]+)\]$", case.get("name", ""))
         if not m or m.group(2) not in results:
+            problem = case.find("error")
+            if problem is not None:  # the suite itself broke: say so rather than a silent "no checks"
+                raise UserError("the verification suite failed to run: "
+                                + _last_line(problem.text or problem.get("message", "")))
             continue
         test, r = m.group(1), results[m.group(2)]
         failure = case.find("failure")
@@ -195,6 +199,11 @@ def _parse_junit(path: Path, names: list[str]) -> list[HostResult]:
         else:
             r.passed.append(test)
     return list(results.values())
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "(no message)"
 
 
 def _first_line(text: str) -> str:
@@ -213,6 +222,8 @@ def _print_table(results: list[HostResult]) -> None:
         failing = "; ".join(f"{t}: {m}" if r.unreachable is False else f"{t}" for t, m in r.failed[:4])
         if r.unreachable:
             failing = r.failed[0][1]
+        elif not r.failed and not r.passed:
+            failing = "no checks ran (all skipped or deselected)"
         elif len(r.failed) > 4:
             failing += f"; … {len(r.failed) - 4} more"
         table.add_row(r.name, f"[{style}]{r.status}[/{style}]", str(len(r.passed)), str(len(r.failed)),

@@ -269,11 +269,12 @@ class Console:
 
     # ---- commands -----------------------------------------------------------------------
     def run(self, command: str, timeout: float = 60.0, check: bool = False) -> Result:
-        """Run `command` in the logged-in shell; its output (stdout+stderr) and exit status."""
+        """Run `command` in a subshell of the logged-in shell (`exit N` ends only the command, as
+        over SSH); its output (stdout and stderr, as the terminal shows them) and exit status."""
         token = secrets.token_hex(4)
         begin = f"__IWB{token}"
         end_re = re.compile(rf"(?m)^__IWE{token}:(\d+)\s*$")
-        line = (f"printf '%s%s\\n' __IWB {token}; eval {shlex.quote(command)} </dev/null; "
+        line = (f"printf '%s%s\\n' __IWB {token}; (eval {shlex.quote(command)}) </dev/null; "
                 f"printf '\\n%s%s:%s\\n' __IWE {token} \"$?\"")
         t0 = time.monotonic()
         self.consume()
