@@ -149,3 +149,38 @@ def test_verify_passes_then_names_what_broke(console_node, tmp_path):
         node.ssh("sudo rm /etc/ssh/sshd_config.d/00-broken.conf && sudo systemctl reload ssh")
     assert [f["test"] for f in broken["failed"]] == ["test_ssh_password_authentication_off"]
     assert "passwordauthentication" in broken["failed"][0]["message"]
+
+
+def test_verify_names_flushed_nft_table_and_changed_cap(console_node, tmp_path):
+    """Where the image deploys isolation and shaping (their role variables exist), break each by hand."""
+    sys.path.insert(0, str(ROOT / "tests" / "infra"))
+    from iwnode import expected_vars, feature
+
+    v = expected_vars("unit1", {}, None)
+    _, table = feature(v, "nft_table")
+    _, shaping = feature(v, "shaping")
+    if table is None and not shaping:
+        pytest.skip("the image deploys neither the nftables isolation table (firewall_table) nor WAN "
+                    "shaping (agent_shaping_enabled): nothing to break yet")
+    node = console_node
+    inv = tmp_path / "inventory.yml"
+    inv.write_text(f"all:\n  hosts:\n    unit1:\n      ansible_host: 127.0.0.1\n      ansible_port: {node.ssh_port}\n"
+                   f"      ansible_user: idlewire\n      ansible_ssh_private_key_file: {node.key}\n")
+    node.wait_ssh(120)
+    if table is not None:
+        node.ssh(f"sudo nft flush table inet {table}")
+        try:
+            broken = _verify(node, inv)
+        finally:
+            node.ssh("sudo systemctl restart idlewire-firewall idlewire-agent", check=False)
+        assert "test_nft_isolation_table_loaded" in {f["test"] for f in broken["failed"]}
+    if shaping:
+        _, wan = feature(v, "wan_interface")
+        out = node.ssh(f"tc class show dev {wan}").stdout
+        classid = out.split()[2]  # "class htb 1:1 root rate …": the first class
+        node.ssh(f"sudo tc class change dev {wan} classid {classid} htb rate 1mbit ceil 1mbit", check=False)
+        try:
+            broken = _verify(node, inv)
+        finally:
+            node.ssh("sudo systemctl restart idlewire-agent", check=False)
+        assert "test_tc_tree_on_wan_with_configured_caps" in {f["test"] for f in broken["failed"]}

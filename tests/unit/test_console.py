@@ -144,6 +144,9 @@ class FakeConsole:
                 while not self.stop.wait(0.2):
                     pass
                 return
+            if self.scenario == "shell":
+                self._shell(conn)
+                return
             if self.scenario == "garbage-forever":
                 self._garbage(conn, 3600)
                 return
@@ -271,3 +274,12 @@ def test_cli_bad_input(tmp_path):
                           "--run", "true"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 1 and "cannot open serial console" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_cli_interactive_passthrough_from_a_pipe(fake):
+    f = fake("shell")
+    res = subprocess.run([sys.executable, "-m", "idlewire", "console", f.url],
+                         input="echo passthrough-$((2+3))\n", capture_output=True, text=True, cwd=ROOT,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "passthrough-5" in res.stdout
