@@ -170,7 +170,7 @@ class FakeConsole:
                 if ok:
                     self._shell(conn)
                     return
-                time.sleep(0.5)
+                time.sleep(0.2)
                 conn.sendall(b"\r\nLogin incorrect\r\n")
 
 
@@ -226,11 +226,11 @@ def test_gives_up_on_garbage_with_clear_message(fake):
     f = fake("garbage-forever")
     t0 = time.monotonic()
     with Console(f.url, quiet=0.5) as con, pytest.raises(ConsoleError) as exc:
-        con.login("root", None, timeout=8)
+        con.login("root", None, timeout=6)
     took = time.monotonic() - t0
-    assert 7 <= took <= 16, took
+    assert 5 <= took <= 14, took
     msg = str(exc.value)
-    assert "no shell within 8s" in msg and "--baud" in msg
+    assert "no shell within 6s" in msg and "--baud" in msg
 
 
 def test_gives_up_on_silence_naming_the_cable(fake):
