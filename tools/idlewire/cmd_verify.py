@@ -81,6 +81,9 @@ def verify(
     """
     if not inventory.exists():
         raise UserError(f"{inventory}: no such inventory file")
+    if not SUITE.is_dir():
+        raise UserError(f"the node suite {SUITE} is missing: it ships with the idlewire source tree; "
+                        "run idlewire from a checkout (pip install -e .)")
     if workers < 0:
         raise UserError(f"--workers {workers}: expected 0 (automatic), 1 (serial) or more")
     hosts = _inventory_hosts(inventory, limit)
