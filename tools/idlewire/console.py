@@ -216,7 +216,7 @@ class Console:
             txt = self.text()
             seen_any = seen_any or bool(txt.strip())
             state = classify(txt)
-            if _REFUSED.search(txt):
+            if typed_user and _REFUSED.search(txt):  # (boot messages may say "permission denied")
                 refused += 1
                 self.consume()
                 if refused >= 3:
