@@ -283,3 +283,14 @@ def test_cli_interactive_passthrough_from_a_pipe(fake):
                          timeout=30)
     assert res.returncode == 0, res.stderr
     assert "passthrough-5" in res.stdout
+
+
+def test_cli_until_prompt_captures_the_boot(fake, tmp_path):
+    f = fake("noisy", garbage_s=1.0)
+    log = tmp_path / "boot.log"
+    res = subprocess.run([sys.executable, "-m", "idlewire", "console", f.url, "--until-prompt", "--log", str(log),
+                          "--timeout", "30", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["prompt"] is True
+    data = log.read_bytes()
+    assert b"noise" in data and data.rstrip().endswith(b"fake login:")
