@@ -8,19 +8,22 @@ import signal
 import sys
 import threading
 
-from . import __version__, api
+from . import __version__
 from .config import ConfigError, load
 
 DEFAULT_CONFIG = "/etc/idlewire/node.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="idlewire-agent", description="idlewire node agent")
+    parser = argparse.ArgumentParser(
+        prog="idlewire-agent", description="idlewire node agent: WireGuard sessions for buyers, a crash-safe "
+        "metering ledger, signed usage receipts and a local API.",
+        epilog="Example: idlewire-agent check-config /etc/idlewire/node.toml")
     parser.add_argument("--version", action="version", version=f"idlewire-agent {__version__}")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the agent (what the service does)")
-    run.add_argument("--config", default=DEFAULT_CONFIG)
-    check = sub.add_parser("check-config", help="validate a node.toml and report every error")
+    run.add_argument("--config", default=DEFAULT_CONFIG, help=f"node.toml to use (default {DEFAULT_CONFIG})")
+    check = sub.add_parser("check-config", help="validate a node.toml and report every error (exit 2 on errors)")
     check.add_argument("file")
     args = parser.parse_args(argv)
 
@@ -33,28 +36,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.file}: OK")
         return 0
     if args.command in (None, "run"):
-        path = getattr(args, "config", DEFAULT_CONFIG)
-        try:
-            cfg = load(path)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-        logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        try:
-            servers = api.serve(cfg.api.listen, cfg.api.port)
-        except OSError as exc:
-            print(f"idlewire-agent: cannot listen on {cfg.api.listen} port {cfg.api.port}: "
-                  f"{exc.strerror}", file=sys.stderr)
-            return 1
-        stop.wait()
-        for s in servers:
-            s.shutdown()
-        return 0
+        return run_agent(getattr(args, "config", DEFAULT_CONFIG))
     parser.print_help()
     return 2
+
+
+def run_agent(path: str) -> int:
+    try:
+        cfg = load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
+    from . import api
+    from .agent import Agent
+    from .wg import WgError
+
+    try:
+        agent = Agent(cfg)
+        agent.sync_interface()
+    except (OSError, ValueError, WgError) as exc:
+        print(f"idlewire-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        servers = api.serve(cfg.api.listen, cfg.api.port, agent)
+    except OSError as exc:
+        print(f"idlewire-agent: cannot listen on {cfg.api.listen} port {cfg.api.port}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return 1
+    logging.getLogger("idlewire.agent").info("running: node key %s, interface %s, polling every %gs",
+                                             agent.node_pub, cfg.tunnel.interface, cfg.metering.poll_interval)
+    while not stop.wait(cfg.metering.poll_interval):
+        try:
+            agent.poll()
+        except Exception:  # keep metering: one bad cycle must not stop the agent
+            logging.getLogger("idlewire.agent").exception("poll cycle failed")
+    agent.poll()
+    for s in servers:
+        s.shutdown()
+    agent.ledger.close()
+    return 0
 
 
 if __name__ == "__main__":
