@@ -63,6 +63,7 @@ class Nonces:
 class Handler(BaseHTTPRequestHandler):
     server_version = f"idlewire-agent/{__version__}"
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # a broken request line still gets a status line back
     timeout = 15  # a slow or silent client does not hold a thread for ever
 
     def log_message(self, fmt, *args):  # route to logging, not stderr
@@ -73,6 +74,12 @@ class Handler(BaseHTTPRequestHandler):
         return self.server.agent  # type: ignore[attr-defined]
 
     # --- plumbing -------------------------------------------------------------------------
+    def send_error(self, code, message=None, explain=None):
+        # The stdlib answers an unknown method with 501 and an HTTP/2+ request line with 505:
+        # both are the client's mistake here, so they are 4xx.
+        code = {501: 405, 505: 400}.get(code, code)
+        super().send_error(code, message, explain)
+
     def _send(self, code: int, body: dict | list | str, ctype: str = "application/json") -> None:
         data = (body if isinstance(body, str) else json.dumps(body)).encode()
         self.send_response(code)
