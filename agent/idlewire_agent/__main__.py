@@ -48,6 +48,10 @@ def run_agent(path: str) -> int:
         print(exc, file=sys.stderr)
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
+    # The agent speaks plain HTTP on the LAN and never TLS: keep http.client from loading the ssl
+    # module (about 1 MB of RSS on a small node). Remove this if the agent ever needs https.
+    if "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
     from . import api
     from .agent import Agent
     from .wg import WgError
@@ -58,6 +62,12 @@ def run_agent(path: str) -> int:
     except (OSError, ValueError, WgError) as exc:
         print(f"idlewire-agent: cannot start: {exc}", file=sys.stderr)
         return 1
+    exposed = wan_addresses(cfg)
+    bad = [a for a in cfg.api.listen if a in exposed]
+    if bad:
+        print(f"idlewire-agent: api.listen: {', '.join(bad)} is on the WAN or tunnel interface; expected "
+              "management/LAN addresses only", file=sys.stderr)
+        return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -79,6 +89,22 @@ def run_agent(path: str) -> int:
         s.shutdown()
     agent.ledger.close()
     return 0
+
+
+def wan_addresses(cfg) -> set[str]:
+    """Addresses on the WAN and tunnel interfaces (`ip -j addr`), where the API must never listen."""
+    import json
+    import subprocess
+
+    out: set[str] = set()
+    for dev in (cfg.interfaces.wan, cfg.tunnel.interface):
+        p = subprocess.run(["ip", "-j", "addr", "show", "dev", dev], capture_output=True, text=True, check=False)
+        try:
+            for link in json.loads(p.stdout or "[]"):
+                out.update(a.get("local", "") for a in link.get("addr_info", []))
+        except ValueError:
+            continue
+    return out
 
 
 if __name__ == "__main__":

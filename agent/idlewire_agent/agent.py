@@ -271,16 +271,14 @@ class Agent:
         """Close sessions past expiry, idle too long, or with too much unpaid usage."""
         now = self.clock()
         cap = self.cfg.metering.unpaid_cap_bytes
-        for s in self.ledger.sessions("open", limit=1 << 30):
-            reason = None
-            if now >= s["expires"]:
-                reason = "expired"
-            elif now - s["last_active"] > self.cfg.sessions.idle_timeout:
-                reason = "idle"
-            elif s["rx"] + s["tx"] - s["paid_up"] - s["paid_down"] > cap:
-                reason = "unpaid"
-            if reason:
-                self.close_session(s["id"], reason)
+        idle = self.cfg.sessions.idle_timeout
+        with self.lock:
+            due = self.ledger.db.execute(
+                "SELECT id, CASE WHEN expires <= ?1 THEN 'expired' WHEN ?1 - last_active > ?2 THEN 'idle' "
+                "ELSE 'unpaid' END FROM sessions WHERE state = 'open' AND (expires <= ?1 OR ?1 - last_active > ?2 "
+                "OR rx + tx - paid_up - paid_down > ?3)", (now, idle, cap)).fetchall()
+        for sid, reason in due:
+            self.close_session(sid, reason)
 
     # --- receipts -------------------------------------------------------------------------
     def _issue(self, db, s: dict, buyer: dict | None) -> dict:

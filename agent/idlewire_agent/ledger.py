@@ -80,6 +80,7 @@ class Ledger:
         # NORMAL in WAL: a committed transaction survives a process crash (kill -9); a power cut
         # may lose the last cycles, but then the interface counters restart too (a reset).
         self.db.execute(f"PRAGMA synchronous={synchronous}")
+        self.db.execute("PRAGMA cache_size=-1024")  # 1 MB page cache: the ledger is small
         self.db.executescript(_DDL)  # idempotent (IF NOT EXISTS)
         with self.tx():
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))

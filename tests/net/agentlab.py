@@ -109,7 +109,7 @@ class NodeLab:
         self.node, self.buyer, self.inet = lab.ns("node"), lab.ns("buyer"), lab.ns("inet")
         self.lan = f"10.{n}.1"
         self.wan = f"10.{n}.2"
-        self.pool = f"10.{n}.8.0/24"
+        self.pool = overrides.get("tunnel__pool", f"10.{n}.8.0/24")
         lab.link(self.node, f"{self.lan}.1/24", self.buyer, f"{self.lan}.2/24")
         lab.link(self.node, f"{self.wan}.1/24", self.inet, f"{self.wan}.2/24")
         self.node.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -136,6 +136,9 @@ class NodeLab:
             sections[sec][k] = value
         self.cfg.write_text(_toml(sections))
         self.proc: subprocess.Popen | None = None
+        # How the agent is started; bench/meter.py uses Debian's python3 and python3-cryptography,
+        # as on a node.
+        self.python: list[str] = [sys.executable]
         self.log = tmp / "agent.log"
         self.fwd: Forwarder | None = None
         self.iperf_server = self.inet.popen("iperf3", "-s", "-B", f"{self.wan}.2", stdout=subprocess.DEVNULL,
@@ -144,7 +147,7 @@ class NodeLab:
     # --- the agent ------------------------------------------------------------------------
     def start(self) -> None:
         logf = open(self.log, "a")  # noqa: SIM115 (kept open for the process)
-        self.proc = self.node.popen(sys.executable, "-m", "idlewire_agent", "run", "--config", str(self.cfg),
+        self.proc = self.node.popen(*self.python, "-m", "idlewire_agent", "run", "--config", str(self.cfg),
                                     stdout=logf, stderr=subprocess.STDOUT)
         if self.fwd is None:
             self.fwd = Forwarder(self.node.name, f"{self.lan}.1", self.api_port)
@@ -179,7 +182,7 @@ class NodeLab:
         req = urllib.request.Request(self.url + path)  # noqa: S310 (loopback forwarder)
         if admin:
             req.add_header("Authorization", f"Bearer {self.token_file.read_text().strip()}")
-        with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310
+        with urllib.request.urlopen(req, timeout=20) as r:  # noqa: S310
             body = r.read()
         return json.loads(body) if r.headers.get("Content-Type", "").startswith("application/json") else body.decode()
 
