@@ -109,12 +109,14 @@ class Agent:
                 self.ledger.set_meta(db, "boot_id", boot)
             self.stats.resets += 1
 
-    def _open_peers(self) -> dict[str, dict]:
+    def _open_peers(self) -> dict[str, tuple]:
+        """wg_key -> (session, rx_raw, tx_raw, address) of every open session."""
         with self.lock:
-            rows = self.ledger.db.execute(
+            cur = self.ledger.db.execute(
                 "SELECT p.wg_key, p.session, p.rx_raw, p.tx_raw, s.address FROM peers p "
-                "JOIN sessions s ON s.id = p.session WHERE s.state = 'open'").fetchall()
-        return {r[0]: dict(r) for r in rows}
+                "JOIN sessions s ON s.id = p.session WHERE s.state = 'open'")
+            cur.row_factory = None
+            return {r[0]: r[1:] for r in cur}
 
     # --- metering -------------------------------------------------------------------------
     def poll(self) -> list[Delta]:
@@ -138,7 +140,7 @@ class Agent:
         self.stats.last_poll_cpu = cpu
         return deltas
 
-    def _record(self, dump: dict[str, Peer], peers: dict[str, dict], only: str | None = None) -> list[Delta]:
+    def _record(self, dump: dict[str, Peer], peers: dict[str, tuple], only: str | None = None) -> list[Delta]:
         now = self.clock()
         mono = time.monotonic()
         if self._last_poll_mono is None:
@@ -160,17 +162,17 @@ class Agent:
                 if only is None:
                     self._readd(key, p)
                 continue
-            if peer.rx == p["rx_raw"] and peer.tx == p["tx_raw"]:
+            session, rx_raw, tx_raw, _ = p
+            if peer.rx == rx_raw and peer.tx == tx_raw:
                 continue
-            rx, r1, c1 = counter_delta(peer.rx, p["rx_raw"], limit)
-            tx, r2, c2 = counter_delta(peer.tx, p["tx_raw"], limit)
+            rx, r1, c1 = counter_delta(peer.rx, rx_raw, limit)
+            tx, r2, c2 = counter_delta(peer.tx, tx_raw, limit)
             if c1 or c2:
-                log.warning("session %s: delta above line rate x %.1fs, clamped %d bytes", p["session"],
-                            elapsed, c1 + c2)
+                log.warning("session %s: delta above line rate x %.1fs, clamped %d bytes", session, elapsed, c1 + c2)
                 self.stats.clamps += 1
             resets += r1 or r2
             clamped_total += c1 + c2
-            deltas.append(Delta(key, p["session"], peer.rx, peer.tx, rx, tx))
+            deltas.append(Delta(key, session, peer.rx, peer.tx, rx, tx))
         if only is None:
             for key in set(dump) - set(peers):
                 log.info("removing stale peer %s (no open session)", key)
@@ -180,10 +182,10 @@ class Agent:
         self.stats.resets += resets
         return deltas
 
-    def _readd(self, key: str, p: dict) -> None:
+    def _readd(self, key: str, p: tuple) -> None:
         """An open session's peer is missing from the interface: add it back, counting from zero."""
-        log.info("session %s: peer missing from %s, adding it back", p["session"], self.tunnel.ifname)
-        if self._try(self.tunnel.add_peer, key, p["address"]):
+        log.info("session %s: peer missing from %s, adding it back", p[0], self.tunnel.ifname)
+        if self._try(self.tunnel.add_peer, key, p[3]):
             self.ledger.reset_baselines([key])
 
     @staticmethod
@@ -200,12 +202,13 @@ class Agent:
         if not keys.is_wg_key(wg_key):
             raise SessionError(400, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
         with self.lock:
-            open_ = self.ledger.sessions("open")
-            if any(s["wg_key"] == wg_key for s in open_):
+            open_ = self.ledger.db.execute("SELECT wg_key, address FROM sessions WHERE state = 'open'").fetchall()
+            if any(row[0] == wg_key for row in open_):
                 raise SessionError(409, "wg_public_key: a session with this key is already open")
             if len(open_) >= self.cfg.sessions.max:
                 raise SessionError(503, f"the node has its maximum of {self.cfg.sessions.max} sessions open")
-            used = {ipaddress.ip_interface(s["address"]).ip for s in open_} | {self.node_addr}
+            used = {ipaddress.ip_interface(row[1]).ip for row in open_} | {self.node_addr}
+            del open_
             addr = next((h for h in self.network.hosts() if h not in used), None)
             if addr is None:
                 raise SessionError(503, "the address pool is exhausted")

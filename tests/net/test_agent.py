@@ -110,7 +110,8 @@ def test_kill9_mid_transfer_counts_nothing_twice(node):
     assert b_up > 50e6
     # Never counted twice; at most one poll interval (0.5 s at the sending rate) lost.
     assert ses["up"] <= b_up * 1.001 + 4096, (ses["up"], b_up)
-    assert ses["up"] >= b_up - rate_mbit * 1e6 / 8 * 0.5 - 0.01 * b_up, (ses["up"], b_up)
+    lost = node.udp_drops(node.node) * WG_DATA  # sent, but dropped by the node's kernel (see above)
+    assert ses["up"] >= b_up - lost - rate_mbit * 1e6 / 8 * 0.5 - 0.01 * b_up, (ses["up"], b_up, lost)
     assert node.integrity() == "ok"
     metrics = node.get("/metrics")
     assert "\nidlewire_sessions_open 1\n" in metrics
@@ -133,8 +134,9 @@ def test_interface_recreated_mid_session(node):
     time.sleep(1.2)
     b_up, _ = node.buyer_counters()
     ses = node.session(s["session"])
+    lost = node.udp_drops(node.node) * WG_DATA
     assert ses["up"] > first + 15e6
-    assert abs(ses["up"] - b_up) <= 0.01 * b_up, (ses["up"], b_up)
+    assert abs(ses["up"] - (b_up - lost)) <= 0.01 * b_up, (ses["up"], b_up, lost)
     assert metric(node, "idlewire_counter_resets_total") >= 1
 
 
@@ -170,3 +172,10 @@ time.sleep(60)
     assert rs[-1]["up"] > 5e6
     p.kill()
     iperf.kill()
+
+
+def test_api_refuses_to_listen_on_the_wan(lab, tmp_path):
+    n = NodeLab(lab, tmp_path, 152, api__listen=["10.152.2.1"])
+    with pytest.raises(RuntimeError, match="WAN or tunnel interface"):
+        n.start()
+    n.stop()
