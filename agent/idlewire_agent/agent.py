@@ -306,10 +306,17 @@ class Agent:
             theirs = stmt["up"] + stmt["down"]
             tol = self.cfg.metering.tolerance_percent / 100
             agreed = theirs >= ours * (1 - tol) - 65536  # small absolute slack for a poll's lag
-            with self.ledger.tx() as db:
-                db.execute("UPDATE sessions SET paid_up = ?, paid_down = ?, paid_time = ? WHERE id = ?",
-                           (stmt["up"], stmt["down"], stmt["time"], sid))
-                r = self._issue(db, s, stmt)
+            last = self.ledger.db.execute("SELECT body FROM receipts WHERE session = ? ORDER BY seq DESC LIMIT 1",
+                                          (sid,)).fetchone()
+            last = json.loads(last[0]) if last else None
+            if last and last.get("buyer") and (last["up"], last["down"]) == (s["rx"], s["tx"]) and \
+                    (last["buyer"]["up"], last["buyer"]["down"]) == (stmt["up"], stmt["down"]):
+                r = last  # nothing moved since the last receipt: no new one (keeps idle sessions small)
+            else:
+                with self.ledger.tx() as db:
+                    db.execute("UPDATE sessions SET paid_up = ?, paid_down = ?, paid_time = ? WHERE id = ?",
+                               (stmt["up"], stmt["down"], stmt["time"], sid))
+                    r = self._issue(db, s, stmt)
             if not agreed:
                 log.warning("session %s: buyer signed %d bytes, node counted %d (beyond %.1f%%)", sid, theirs,
                             ours, tol * 100)

@@ -71,14 +71,14 @@ class Delta:
 class Ledger:
     """One SQLite connection shared by the agent's threads behind a lock."""
 
-    def __init__(self, path: str, synchronous: str = "NORMAL"):
+    def __init__(self, path: str, synchronous: str = "FULL"):
         self.path = path
         self.lock = threading.RLock()
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL: a committed transaction survives a process crash (kill -9); a power cut
-        # may lose the last cycles, but then the interface counters restart too (a reset).
+        # FULL: every commit (one per poll cycle, so one fsync per cycle) survives a power cut too,
+        # so a crash of any kind loses at most the cycle in progress.
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.execute("PRAGMA cache_size=-1024")  # 1 MB page cache: the ledger is small
         self.db.executescript(_DDL)  # idempotent (IF NOT EXISTS)
