@@ -241,4 +241,6 @@ def load(path: str | Path) -> NodeConfig:
         raise ConfigError(path, ["permission denied; run as root or fix the file's mode"]) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read: {exc.strerror}; expected a node.toml file"]) from None
     return parse(data, path)

@@ -64,6 +64,9 @@ def test_not_toml_and_missing(tmp_path):
     r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(tmp_path / "nope.toml")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no such file" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(tmp_path)], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_api_inside_tunnel_pool_refused():
