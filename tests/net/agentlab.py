@@ -116,6 +116,9 @@ class NodeLab:
         self.inet.run("ip", "route", "add", self.pool, "via", f"{self.wan}.1")
         self.wg = lab.ifname("iwn")
         self.buyer_wg = lab.ifname("iwb")
+        # The agent and the client may start wireguard-go: the lab removes its sockets at the end.
+        self.node.wg_sockets.append(f"/var/run/wireguard/{self.wg}.sock")
+        self.buyer.wg_sockets.append(f"/var/run/wireguard/{self.buyer_wg}.sock")
         self.port = 51000 + secrets.randbelow(9000)
         self.api_port = 18000 + secrets.randbelow(9000)
         self.cfg = tmp / "node.toml"
