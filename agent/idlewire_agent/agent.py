@@ -10,7 +10,6 @@ import ipaddress
 import json
 import logging
 import os
-import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -212,7 +211,7 @@ class Agent:
             addr = next((h for h in self.network.hosts() if h not in used), None)
             if addr is None:
                 raise SessionError(503, "the address pool is exhausted")
-            sid = secrets.token_hex(8)
+            sid = os.urandom(8).hex()
             now = self.clock()
             address = f"{addr}/{addr.max_prefixlen}"
             # A fresh peer has zero counters: remove any stale one first, then add.

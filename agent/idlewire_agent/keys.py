@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import base64
 import os
-import secrets
 
-from cryptography.hazmat.primitives import serialization
+try:  # the enums alone: the public `serialization` package also loads SSH/PKCS12 code (~0.6 MB RSS)
+    from cryptography.hazmat.primitives import _serialization as serialization
+except ImportError:  # pragma: no cover (a cryptography without the private module)
+    from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -85,7 +87,7 @@ def wg_keypair() -> tuple[str, str]:
 
 def admin_token(path: str) -> str:
     """The admin API token, created (0600) if missing."""
-    return _read_or_create(path, lambda: secrets.token_urlsafe(32))
+    return _read_or_create(path, lambda: base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode())
 
 
 def is_wg_key(text: str) -> bool:

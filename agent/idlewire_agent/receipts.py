@@ -24,7 +24,6 @@ import json
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 VERSION = 1
@@ -33,17 +32,22 @@ _FIELDS = {"v": int, "node": str, "session": str, "seq": int, "up": int, "down":
            "sig": str}
 
 
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def receipt_hash(receipt: dict) -> str:
-    return hashlib.sha256(canonical(receipt)).hexdigest()
+    return sha256_hex(canonical(receipt))
 
 
 def pub_b64(key: Ed25519PrivateKey) -> str:
-    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode()
+    from .keys import ed25519_public_b64
+
+    return ed25519_public_b64(key)
 
 
 def _pub(text: str) -> Ed25519PublicKey:
@@ -178,7 +182,7 @@ def load_file(text: str) -> list:
 
 # --- signed requests ----------------------------------------------------------------------------
 def request_message(method: str, path: str, t: str, nonce: str, body: bytes) -> bytes:
-    return f"idlewire-request-v1\n{method}\n{path}\n{t}\n{nonce}\n{hashlib.sha256(body).hexdigest()}".encode()
+    return f"idlewire-request-v1\n{method}\n{path}\n{t}\n{nonce}\n{sha256_hex(body)}".encode()
 
 
 def sign_request(key: Ed25519PrivateKey, method: str, path: str, body: bytes, t: int, nonce: str) -> dict:
