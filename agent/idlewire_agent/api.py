@@ -3,7 +3,7 @@
     GET    /health                       open      status, version, node keys
     GET    /metrics                      open      Prometheus text format
     POST   /sessions                     buyer     {"wg_public_key": KEY} -> session, address, node key
-    GET    /sessions[?state=open]        buyer|admin  the buyer's own sessions, or all for the admin
+    GET    /sessions[?state=open&limit=100&offset=0]  buyer|admin  own sessions, or all for the admin
     GET    /sessions/ID                  buyer|admin
     DELETE /sessions/ID                  buyer|admin  close (also POST /sessions/ID/close)
     POST   /sessions/ID/usage            buyer     co-signed cumulative usage -> node receipt
@@ -210,7 +210,13 @@ class Handler(BaseHTTPRequestHandler):
             state = query.get("state", [None])[0]
             if state not in (None, "open", "closed"):
                 raise ApiError(400, "state: expected open or closed")
-            rows = a.ledger.sessions(state, None if admin else buyer)
+            page = []
+            for name, default, top in (("limit", 100, 1000), ("offset", 0, 1 << 30)):
+                v = query.get(name, [str(default)])[0]
+                if not v.isdigit() or int(v) > top:
+                    raise ApiError(400, f"{name}: expected an integer 0-{top}")
+                page.append(int(v))
+            rows = a.ledger.sessions(state, None if admin else buyer, *page)
             return self._send(200, [a.describe(s["id"]) for s in rows])
         if len(parts) >= 2 and parts[0] == "sessions":
             s = self._session(parts[1], admin, buyer)

@@ -166,7 +166,8 @@ class Ledger:
             row = self.db.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
         return dict(row) if row else None
 
-    def sessions(self, state: str | None = None, buyer_key: str | None = None, limit: int = 1000) -> list[dict]:
+    def sessions(self, state: str | None = None, buyer_key: str | None = None, limit: int = 1000,
+                 offset: int = 0) -> list[dict]:
         q, args = "SELECT * FROM sessions WHERE 1=1", []
         if state:
             q += " AND state = ?"
@@ -174,8 +175,8 @@ class Ledger:
         if buyer_key:
             q += " AND buyer_key = ?"
             args.append(buyer_key)
-        q += " ORDER BY created DESC LIMIT ?"
-        args.append(limit)
+        q += " ORDER BY created DESC, id LIMIT ? OFFSET ?"
+        args += [limit, offset]
         with self.lock:
             return [dict(r) for r in self.db.execute(q, args).fetchall()]
 

@@ -85,6 +85,9 @@ def test_known_bad_requests(node):
     token = node.token_file.read_text().strip()
     assert raw(node, request("GET", "/usage", b"", {"Authorization": f"Bearer {token}"})) == 200
     assert raw(node, request("GET", "/sessions/../../etc/passwd", b"", {"Authorization": f"Bearer {token}"})) == 404
+    assert raw(node, request("GET", "/sessions?limit=x", b"", {"Authorization": f"Bearer {token}"})) == 400
+    assert raw(node, request("GET", "/sessions?limit=5000", b"", {"Authorization": f"Bearer {token}"})) == 400
+    assert raw(node, request("GET", "/sessions?limit=10&offset=1", b"", {"Authorization": f"Bearer {token}"})) == 200
     assert healthy(node)
 
 
