@@ -33,5 +33,6 @@ def render(role: str, template: str, overrides: dict | None = None) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader([ROLES / role / "templates"]),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True)
     env.filters["comment"] = _comment
+    env.filters["bool"] = lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
     variables = {"ansible_managed": "Ansible managed", **role_defaults(role), **(overrides or {})}
     return env.get_template(template).render(**variables)

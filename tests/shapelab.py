@@ -57,7 +57,16 @@ class ShapeLab:
     wg_node: str
     wg_buyer: str
     buyer_pub: str
+    node_pub: str
     tmp: Path
+
+    def reconnect_buyer(self) -> None:
+        """Re-add the buyer as a peer of the node, and make the buyer handshake afresh."""
+        self.node.run("wg", "set", self.wg_node, "peer", self.buyer_pub, "allowed-ips", f"{BUYER_TUN}/32")
+        self.buyer.run("wg", "set", self.wg_buyer, "peer", self.node_pub, "remove")
+        self.buyer.run("wg", "set", self.wg_buyer, "peer", self.node_pub, "allowed-ips", "0.0.0.0/0",
+                       "endpoint", f"{NODE_WAN}:{WG_PORT}")
+        self.buyer.run("ip", "route", "replace", "default", "dev", self.wg_buyer)
 
     @classmethod
     def build(cls, lab: Lab, tmp: Path, firewall: bool = True) -> ShapeLab:
@@ -95,7 +104,7 @@ class ShapeLab:
                   "endpoint", f"{NODE_WAN}:{WG_PORT}")
         buyer.run("ip", "route", "add", "203.0.113.0/24", "via", "192.0.2.1")
         buyer.run("ip", "route", "add", "default", "dev", wg_buyer)
-        sl = cls(lab, node, buyer, inet, lan, wg_node, wg_buyer, keys[wg_buyer], tmp)
+        sl = cls(lab, node, buyer, inet, lan, wg_node, wg_buyer, keys[wg_buyer], keys[wg_node], tmp)
         if firewall:
             sl.load_firewall()
         return sl
@@ -122,9 +131,9 @@ class ShapeLab:
     def shaper(self, shaping: Shaping, max_sessions: int = 4, state: str = "shaping.json") -> Shaper:
         return Shaper(shaping, Firewall(), max_sessions, state_path=self.tmp / state, netns=self.node.name)
 
-    def iperf_server(self, ns: Netns | None = None, port: int = 5201) -> None:
+    def iperf_server(self, ns: Netns | None = None, port: int = 5201, once: bool = False) -> None:
         ns = ns or self.inet
-        ns.popen("iperf3", "-s", "-p", str(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ns.popen("iperf3", "-s", "-p", str(port), *(["-1"] if once else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(50):
             if ns.run("ss", "-ltn", f"sport = :{port}").stdout.count("LISTEN"):
                 return
@@ -186,3 +195,32 @@ def listen(ns: Netns, port: int, host: str = "0.0.0.0") -> None:
             return
         time.sleep(0.05)
     raise RuntimeError(f"listener on {port} did not start")
+
+
+def link_bytes(ns: Netns, dev: str, which: str) -> int:
+    """Bytes a device received ("rx") or sent ("tx"), from its own counters (ip -s -j link)."""
+    data = json.loads(ns.run("ip", "-s", "-j", "link", "show", "dev", dev).stdout)
+    return int(data[0]["stats64"][which]["bytes"])
+
+
+def measured_transfer(client: Netns, server: str, seconds: float, reverse: bool, port: int,
+                      counter: tuple[Netns, str, str]) -> tuple[float, float]:
+    """(rate at ``counter`` in bit/s, TCP goodput in bit/s) of an iperf3 run.
+
+    The counter (namespace, device, rx|tx) is sampled over ``seconds`` after a 1 s warm-up (slow
+    start, HTB's initial burst), independently of iperf3's own accounting.
+    """
+    ns, dev, which = counter
+    argv = ["iperf3", "-c", server, "-p", str(port), "-J", "-t", str(seconds + 1.5), "-O", "1"]
+    if reverse:
+        argv.append("-R")
+    p = client.popen(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    b0, t0 = link_bytes(ns, dev, which), time.monotonic()
+    time.sleep(seconds)
+    b1, t1 = link_bytes(ns, dev, which), time.monotonic()
+    out, err = p.communicate(timeout=seconds + 30)
+    data = json.loads(out or "{}")
+    if p.returncode != 0 or "error" in data:
+        raise RuntimeError(f"iperf3 failed: {data.get('error') or err}")
+    return (b1 - b0) * 8 / (t1 - t0), received_bps(data)

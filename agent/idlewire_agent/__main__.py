@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from . import __version__, api
+from . import __version__, api, shaping
 from .config import ConfigError, load
 
 DEFAULT_CONFIG = "/etc/idlewire/node.toml"
@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", default=DEFAULT_CONFIG)
     check = sub.add_parser("check-config", help="validate a node.toml and report every error")
     check.add_argument("file")
+    shaping.add_cli(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "shaping":
+        return shaping.cli_main(args)
 
     if args.command == "check-config":
         try:

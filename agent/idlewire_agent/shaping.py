@@ -72,6 +72,15 @@ ETH_HEADER = 14
 MIN_RATE = 8000  # bit/s; HTB needs a positive rate
 LEAF_PREFERENCE = ("fq_codel", "cake", "bfifo")
 FIRST_SESSION_MINOR = 0x100
+# bfifo fallback queue lengths: short on the line (the owner's pings wait behind his own bulk
+# traffic), longer for buyers (a tunnel RTT of several ms needs a queue of about one BDP).
+LINE_QUEUE_MS = 10
+TUNNEL_QUEUE_MS = 100
+# HTB burst/cburst: this long at the class rate (and at least two packets). Short on the line (the
+# owner's latency); longer in the tunnel trees, so that a late timer or a busy CPU (wireguard-go
+# shares it) does not lose tokens and the buyer still gets the whole cap.
+LINE_BURST_US = 1000
+TUNNEL_BURST_US = 10000
 
 
 class TcError(RuntimeError):
@@ -84,17 +93,17 @@ def ifb_name(dev: str) -> str:
     return name if len(name) <= 15 else "ifb4" + hashlib.sha1(dev.encode()).hexdigest()[:11]  # noqa: S324
 
 
-def htb_sizes(rate: int, ceil: int, packet: int) -> dict[str, int]:
-    """Explicit burst, cburst and quantum (bytes) for an HTB class: 1 ms at the rate, >= 2 packets."""
+def htb_sizes(rate: int, ceil: int, packet: int, burst_us: int = LINE_BURST_US) -> dict[str, int]:
+    """Explicit burst, cburst and quantum (bytes) for an HTB class: burst_us at the rate, >= 2 packets."""
     return {
-        "burst": max(2 * packet, rate // 8 // 1000),
-        "cburst": max(2 * packet, ceil // 8 // 1000),
+        "burst": max(2 * packet, rate * burst_us // 8_000_000),
+        "cburst": max(2 * packet, ceil * burst_us // 8_000_000),
         "quantum": max(packet, min(rate // 8 // 1000, 60000)),
     }
 
 
-def leaf_spec(kind: str, ceil: int, packet: int) -> str:
-    """The leaf qdisc of a class that may run at ``ceil``; bfifo holds ~10 ms at that rate.
+def leaf_spec(kind: str, ceil: int, packet: int, ms: int = 10) -> str:
+    """The leaf qdisc of a class that may run at ``ceil``; bfifo holds ``ms`` at that rate.
 
     bfifo counts GRO/GSO aggregates (up to 64 KiB) as their full size: it is the fallback for
     kernels without fq_codel and cake (which split or account aggregates themselves).
@@ -103,7 +112,7 @@ def leaf_spec(kind: str, ceil: int, packet: int) -> str:
         return "fq_codel"
     if kind == "cake":
         return "cake unlimited besteffort"
-    return f"bfifo limit {max(4 * packet, ceil // 8 // 100)}"
+    return f"bfifo limit {max(4 * packet, ceil * ms // 8000)}"
 
 
 @dataclass
@@ -126,18 +135,19 @@ class Obj:
 
 
 def _htb_class(dev: str, parent: str, classid: str, rate: int, ceil: int, prio: int, overhead: int,
-               packet: int) -> Obj:
+               packet: int, burst_us: int = LINE_BURST_US) -> Obj:
     rate, ceil = max(rate, MIN_RATE), max(ceil, MIN_RATE, rate)
-    sz = htb_sizes(rate, ceil, packet)
+    sz = htb_sizes(rate, ceil, packet, burst_us)
     over = f" overhead {overhead} linklayer ethernet" if overhead else ""
     return Obj(dev, "class", classid,
                f"parent {parent} classid {classid} htb rate {rate}bit ceil {ceil}bit burst {sz['burst']} "
                f"cburst {sz['cburst']} quantum {sz['quantum']} prio {prio}{over}")
 
 
-def _leaf(dev: str, classid: str, kind: str, rate: int, packet: int) -> Obj:
+def _leaf(dev: str, classid: str, kind: str, ceil: int, packet: int, ms: int) -> Obj:
     minor = classid.split(":")[1]
-    return Obj(dev, "qdisc", f"leaf:{classid}", f"parent {classid} handle {minor}: {leaf_spec(kind, rate, packet)}")
+    return Obj(dev, "qdisc", f"leaf:{classid}",
+               f"parent {classid} handle {minor}: {leaf_spec(kind, ceil, packet, ms)}")
 
 
 def _root(dev: str, default: str) -> Obj:
@@ -165,8 +175,8 @@ def line_tree(sh: Shaping, fw: Firewall, dev: str, line: int, cap_sum: int, floo
         _htb_class(dev, "1:", "1:1", line, line, 0, sh.overhead, packet),
         _htb_class(dev, "1:1", "1:10", line - floor, line, 0, sh.overhead, packet),
         _htb_class(dev, "1:1", "1:20", floor, shared_ceil, 1, sh.overhead, packet),
-        _leaf(dev, "1:10", leaf, line, packet),
-        _leaf(dev, "1:20", leaf, shared_ceil, packet),
+        _leaf(dev, "1:10", leaf, line, packet, LINE_QUEUE_MS),
+        _leaf(dev, "1:20", leaf, shared_ceil, packet, LINE_QUEUE_MS),
     ]
     port, nat = sh.tunnel_port, f"0x{fw.nat_port_low:04x} 0x{fw.nat_port_mask:04x}"
     d = "sport" if direction == "src" else "dport"
@@ -187,15 +197,15 @@ def tunnel_tree(sh: Shaping, dev: str, cap: int, session_cap: int, max_sessions:
     other = max(cap // 100, MIN_RATE)
     objs = [
         _root(dev, "2"),
-        _htb_class(dev, "1:", "1:1", cap, cap, 0, 0, packet),
-        _htb_class(dev, "1:1", "1:2", other, cap, 7, 0, packet),
-        _leaf(dev, "1:2", leaf, cap, packet),
+        _htb_class(dev, "1:", "1:1", cap, cap, 0, 0, packet, TUNNEL_BURST_US),
+        _htb_class(dev, "1:1", "1:2", other, cap, 7, 0, packet, TUNNEL_BURST_US),
+        _leaf(dev, "1:2", leaf, cap, packet, TUNNEL_QUEUE_MS),
     ]
     for _sid, s in sorted(sessions.items(), key=lambda kv: kv[1].slot):
         classid = f"1:{FIRST_SESSION_MINOR + s.slot:x}"
         rate = max(cap // max_sessions, MIN_RATE)
-        objs.append(_htb_class(dev, "1:1", classid, rate, each_ceil, 1, 0, packet))
-        objs.append(_leaf(dev, classid, leaf, each_ceil, packet))
+        objs.append(_htb_class(dev, "1:1", classid, rate, each_ceil, 1, 0, packet, TUNNEL_BURST_US))
+        objs.append(_leaf(dev, classid, leaf, each_ceil, packet, TUNNEL_QUEUE_MS))
         for addr in s.addresses:
             v6 = ":" in addr
             pref = (5000 if v6 else 100) + s.slot
