@@ -31,7 +31,8 @@ def role_defaults(role: str) -> dict:
 
 def render(role: str, template: str, overrides: dict | None = None) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader([ROLES / role / "templates"]),
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True)
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True,
+                             autoescape=False)  # noqa: S701 (config files, not HTML; as Ansible renders them)
     env.filters["comment"] = _comment
     env.filters["bool"] = lambda v: v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes", "on")
     variables = {"ansible_managed": "Ansible managed", **role_defaults(role), **(overrides or {})}

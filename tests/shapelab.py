@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agent"))
 
-from idlewire_agent.policy import Firewall, Shaping  # noqa: E402
-from idlewire_agent.shaping import Shaper  # noqa: E402
-from netlab import Lab, Netns  # noqa: E402
-from rolerender import render  # noqa: E402
+from idlewire_agent.policy import Firewall, Shaping
+from idlewire_agent.shaping import Shaper
+from netlab import Lab, Netns
+from rolerender import render
 
 INTERNET_HOST = "198.51.100.10"
 PRIVATE_TARGETS = {"10.0.0.0/8": "10.99.0.1", "172.16.0.0/12": "172.16.99.1",
@@ -133,7 +133,8 @@ class ShapeLab:
 
     def iperf_server(self, ns: Netns | None = None, port: int = 5201, once: bool = False) -> None:
         ns = ns or self.inet
-        ns.popen("iperf3", "-s", "-p", str(port), *(["-1"] if once else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ns.popen("iperf3", "-s", "-p", str(port), *(["-1"] if once else []),
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(50):
             if ns.run("ss", "-ltn", f"sport = :{port}").stdout.count("LISTEN"):
                 return

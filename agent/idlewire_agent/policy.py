@@ -208,7 +208,7 @@ def _schedule(data: Any, problems: list[str]) -> list[Rule]:
         hhmm = 'a time "HH:MM" 00:00-24:00'
         start = rr.get("start", None, lambda v: isinstance(v, str) and bool(_HHMM.match(v)), hhmm)
         end = rr.get("end", None, lambda v: isinstance(v, str) and bool(_HHMM.match(v)), hhmm)
-        for key, v in (("start", start), ("end", end)):
+        for key in ("start", "end"):
             if key not in rr.section:
                 problems.append(f"{name}.{key}: missing; expected {hhmm}")
         cap_up = rr.mbit("cap_up_mbit", 0)

@@ -61,7 +61,7 @@ import re
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .policy import Firewall, Shaping

@@ -14,6 +14,11 @@ import threading
 import time
 
 import pytest
+from idlewire_agent import isolation
+from idlewire_agent.policy import DAYS, Quota, Rule
+from idlewire_agent.quota import QuotaKeeper
+from idlewire_agent.schedule import Scheduler
+from idlewire_agent.shaping import ifb_name
 from netlab import Lab, have_netns
 from shapelab import (
     ADMIN_PORT,
@@ -34,12 +39,6 @@ from shapelab import (
     received_bps,
     tcp_reachable,
 )
-
-from idlewire_agent import isolation
-from idlewire_agent.policy import DAYS, Quota, Rule
-from idlewire_agent.quota import QuotaKeeper
-from idlewire_agent.schedule import Scheduler
-from idlewire_agent.shaping import ifb_name
 
 pytestmark = pytest.mark.net
 SECONDS = 4
@@ -84,7 +83,8 @@ def test_buyer_cap_accuracy_through_tunnel(sl, cap, direction):
         runs.append(measured_transfer(sl.buyer, INTERNET_HOST, SECONDS, down, 5201, counter))
     msg = f"{direction} {cap} Mbit/s: " + ", ".join(
         f"IP {r / MBIT:.2f} ({r / (cap * MBIT):.3f}) goodput {g / MBIT:.2f}" for r, g in runs)
-    assert all(r <= 1.0 * cap * MBIT and g <= cap * MBIT for r, g in runs), msg  # never above the cap
+    # never above the cap (1 % for sampling the counters from a subprocess)
+    assert all(r <= 1.01 * cap * MBIT and g <= cap * MBIT for r, g in runs), msg
     assert max(r for r, _ in runs) >= 0.95 * cap * MBIT, msg
 
 
@@ -104,7 +104,7 @@ def test_line_rate_accuracy_100(sl, direction):
         runs.append(measured_transfer(sl.lan, INTERNET_HOST, SECONDS, down, 5201, counter))
     msg = f"line {direction} 100 Mbit/s: " + ", ".join(
         f"frames {r / MBIT:.2f} ({r / (100 * MBIT):.3f}) goodput {g / MBIT:.2f}" for r, g in runs)
-    assert all(r <= 100 * MBIT for r, _ in runs), msg
+    assert all(r <= 1.01 * 100 * MBIT for r, _ in runs), msg
     assert max(r for r, _ in runs) >= 0.95 * 100 * MBIT, msg
 
 
