@@ -12,7 +12,9 @@ and what is expected. Rates are in Mbit/s in the file (floats allowed) and bits/
     tunnel_mtu = 1420
     line_up_mbit = 20              # what the line really carries, measured, a little below sync
     line_down_mbit = 100
-    overhead = 18                  # bytes each packet costs on the line beyond its IP size
+    overhead = 18                  # bytes added to each packet's length as the kernel counts it on
+                                   # the WAN (Ethernet's 14-byte header is already counted): e.g.
+                                   # 18 FCS+VLAN, 24 FCS+preamble+gap, 8 PPPoE, 44 ADSL/ATM
     floor_up_mbit = 1              # guaranteed to buyers even while the owner is busy
     floor_down_mbit = 5
     cap_up_mbit = 10               # the most buyers together may use (their upload)
@@ -173,7 +175,7 @@ def _shaping(data: Any, problems: list[str]) -> Shaping:
         line_up=r.mbit("line_up_mbit", d.line_up),
         line_down=r.mbit("line_down_mbit", d.line_down),
         overhead=r.integer("overhead", d.overhead, 0, 256,
-                           "bytes per packet 0-256 (18 Ethernet, 26 PPPoE over Ethernet, 44 ATM/ADSL)"),
+                           "bytes per packet 0-256 beyond what the kernel counts (e.g. 18 Ethernet FCS+VLAN, 8 PPPoE)"),
         floor_up=r.mbit("floor_up_mbit", d.floor_up, allow_zero=True),
         floor_down=r.mbit("floor_down_mbit", d.floor_down, allow_zero=True),
         cap_up=r.mbit("cap_up_mbit", d.cap_up),

@@ -434,6 +434,10 @@ class Shaper:
                 self.sessions[session_id].addresses = list(addresses)
             return self._apply()
 
+    def classid(self, session_id: str) -> str:
+        """The leaf class of a session (the same classid in both tunnel trees)."""
+        return f"1:{FIRST_SESSION_MINOR + self.sessions[session_id].slot:x}"
+
     def remove_session(self, session_id: str) -> list[str]:
         """A session closed: only its class, leaf qdisc and filters go."""
         with self.lock:
