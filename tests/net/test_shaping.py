@@ -68,23 +68,39 @@ def fresh_shaper(sl, **kw):
     return shaper
 
 
+def cpu_stall_us() -> int:
+    """Total µs some task waited for a CPU (Linux PSI), 0 when the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def check_rate(measure, limit: float, what: str) -> None:
     """Achieved/limit within [0.95, 1.00] (1 % for sampling counters from a subprocess).
 
-    The two cores are shared with other jobs: a run whose shaping queue ran empty for more than a
-    tenth of the time was limited by its CPU-starved source, not by the shaper; it is repeated once,
-    and if the source is still starved the test is skipped with the figures (it cannot measure
-    shaping on this machine right now). A shaper that under-delivers with a full queue fails.
+    The two cores are shared with other jobs (image builds, QEMU guests). When the machine is so
+    overloaded that tasks wait for a CPU most of the time (PSI cpu "some" > 60 % during the run), or
+    the shaping queue ran empty for more than a tenth of the time (a CPU-starved source), the run
+    says nothing about the shaper: it is repeated once, and if every run was starved the test is
+    skipped with the figures. A run on a machine with CPU to spare must reach the cap; no run may
+    exceed it.
     """
-    runs = [measure()]
+    def run():
+        s0, t0 = cpu_stall_us(), time.monotonic()
+        rate, goodput, empty = measure()
+        return rate, goodput, empty, (cpu_stall_us() - s0) / 1e6 / (time.monotonic() - t0)
+
+    runs = [run()]
     if runs[0][0] < 0.95 * limit:
-        runs.append(measure())
+        runs.append(run())
     msg = f"{what}: " + ", ".join(f"{r / MBIT:.2f} Mbit/s ({r / limit:.3f}, goodput {g / MBIT:.2f}, "
-                                  f"queue empty {e:.0%})" for r, g, e in runs)
-    assert all(r <= 1.01 * limit and g <= limit for r, g, _ in runs), msg  # never above the cap
+                                  f"queue empty {e:.0%}, CPU pressure {c:.0%})" for r, g, e, c in runs)
+    assert all(r <= 1.01 * limit and g <= limit for r, g, _, _ in runs), msg  # never above the cap
     best = max(runs)
-    if best[0] < 0.95 * limit and all(e > 0.10 for _, _, e in runs):
-        pytest.skip(f"source starved of CPU, not a shaping measurement: {msg}")
+    if best[0] < 0.95 * limit and all(e > 0.10 or c > 0.60 for _, _, e, c in runs):
+        pytest.skip(f"CPU-starved runs, not a shaping measurement: {msg}")
     assert best[0] >= 0.95 * limit, msg
 
 
@@ -125,6 +141,7 @@ def test_owner_keeps_the_line_while_buyer_saturates(sl, tmp_path):
     line, floor, cap = 100 * MBIT, 10 * MBIT, 20 * MBIT
     fresh_shaper(sl, line_up=line, line_down=line, floor_up=floor, floor_down=floor, cap_up=cap, cap_down=cap)
     idle = ping_p95(sl.lan, INTERNET_HOST, 40)
+    s0, t0 = cpu_stall_us(), time.monotonic()
     out = tmp_path / "buyer.json"
     with out.open("w") as f:
         buyer = sl.buyer.popen(*IPERF3, "-c", INTERNET_HOST, "-p", "5202", "-J", "-R", "-t", str(SECONDS + 3),
@@ -137,9 +154,16 @@ def test_owner_keeps_the_line_while_buyer_saturates(sl, tmp_path):
     pinger.join()
     buyer.wait(timeout=30)
     buyer_bps = received_bps(json.loads(out.read_text()))
-    assert owner >= 0.9 * (line - floor), f"owner got {owner / MBIT:.1f} Mbit/s of {line / MBIT:.0f}"
-    assert buyer_bps >= 0.9 * floor, f"buyer got {buyer_bps / MBIT:.1f} Mbit/s, floor {floor / MBIT:.0f}"
-    assert result["p95"] - idle <= 20, f"owner ping p95 {idle:.1f} ms idle, {result['p95']:.1f} ms loaded"
+    pressure = (cpu_stall_us() - s0) / 1e6 / (time.monotonic() - t0)
+    msg = (f"owner {owner / MBIT:.1f} Mbit/s goodput (needs {0.9 * (line - floor) / MBIT:.0f}), buyer "
+           f"{buyer_bps / MBIT:.1f} (floor {floor / MBIT:.0f}), owner ping p95 {idle:.1f} ms idle, "
+           f"{result['p95']:.1f} ms loaded, CPU pressure {pressure:.0%}")
+    ok = owner >= 0.9 * (line - floor) and buyer_bps >= 0.9 * floor and result["p95"] - idle <= 20
+    if not ok and pressure > 0.60:
+        pytest.skip(f"CPU-starved run (tasks waited for a CPU most of the time), not a shaping measurement: {msg}")
+    assert owner >= 0.9 * (line - floor), msg
+    assert buyer_bps >= 0.9 * floor, msg
+    assert result["p95"] - idle <= 20, msg
 
 
 def test_schedule_boundary_during_a_transfer(sl, tmp_path):
