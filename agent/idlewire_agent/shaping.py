@@ -434,6 +434,20 @@ class Shaper:
                 self.sessions[session_id].addresses = list(addresses)
             return self._apply()
 
+    def sync_sessions(self, open_sessions: dict[str, list[str]]) -> list[str]:
+        """Exactly these sessions (id → tunnel addresses), in one batch: for the agent's start,
+        when the session manager knows which sessions survived the restart."""
+        with self.lock:
+            for sid in set(self.sessions) - set(open_sessions):
+                del self.sessions[sid]
+            for sid, addrs in open_sessions.items():
+                if sid in self.sessions:
+                    self.sessions[sid].addresses = list(addrs)
+                else:
+                    used = {s.slot for s in self.sessions.values()}
+                    self.sessions[sid] = Session(next(i for i in range(4096) if i not in used), list(addrs))
+            return self._apply()
+
     def classid(self, session_id: str) -> str:
         """The leaf class of a session (the same classid in both tunnel trees)."""
         return f"1:{FIRST_SESSION_MINOR + self.sessions[session_id].slot:x}"

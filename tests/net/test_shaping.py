@@ -264,6 +264,7 @@ def test_incremental_changes_touch_only_what_changed(sl, tmp_path):
     again = sl.shaper(sl.shaping())
     assert (again.cap_up, again.cap_down) == (7 * MBIT, 9 * MBIT) and set(again.sessions) == {"buyer-1"}
     assert again.setup() == []
+    assert again.sync_sessions({"buyer-1": [BUYER_TUN]}) == []  # the sessions that survived: no change
     # `idlewire-agent shaping show` prints the live trees with rates and counters.
     assert ping_ok(sl.buyer, INTERNET_HOST)
     conf = tmp_path / "node.toml"
