@@ -7,7 +7,8 @@ see tests/shapelab.py. Every figure is measured with iperf3 (TCP) and device byt
   * buyer caps (through the tunnel): the cap counts IP bytes in the tunnel (what is metered);
     "IP/cap" is measured on the receiving device, "goodput/cap" is iperf3's TCP payload rate;
   * line (WAN veth, owner traffic, no tunnel): frames per second against the line rate;
-  * owner with a buyer saturating its cap: owner's download and ping p95 idle vs loaded.
+  * owner with a buyer saturating its cap: owner's download and ping p95 idle vs loaded;
+  * "CPU wait" (PSI cpu some) per run: how starved the machine was while measuring.
 
     sudo .venv/bin/python bench/shaping.py [--seconds 10] [--caps 5,20,100] [--json]
 """
@@ -37,6 +38,22 @@ from shapelab import (
     ping_p95,
     received_bps,
 )
+
+
+def cpu_stall_us() -> int:
+    """Total µs some task waited for a CPU (Linux PSI); 0 when not reported."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pressured(fn):
+    """Run fn(); return its result and the share of wall time tasks waited for a CPU meanwhile."""
+    s0, t0 = cpu_stall_us(), time.monotonic()
+    out = fn()
+    return out, (cpu_stall_us() - s0) / 1e6 / (time.monotonic() - t0)
 
 
 def main() -> int:
@@ -74,8 +91,10 @@ def main() -> int:
             for direction in ("up", "down"):
                 down = direction == "down"
                 counter = (sl.buyer, sl.wg_buyer, "rx") if down else (sl.node, ifb_name(sl.wg_node), "tx")
-                ip, good, _ = measured_transfer(sl.buyer, INTERNET_HOST, secs, down, 5201, counter)
+                (ip, good, _), cpu = pressured(
+                    lambda: measured_transfer(sl.buyer, INTERNET_HOST, secs, down, 5201, counter))  # noqa: B023
                 results["buyer"].append({"cap_mbit": cap, "direction": direction, "ip_mbit": ip / MBIT,
+                                         "cpu_pressure": cpu,
                                          "goodput_mbit": good / MBIT, "ip_ratio": ip / (cap * MBIT),
                                          "goodput_ratio": good / (cap * MBIT)})
                 progress(f"buyer {direction} {cap:g} Mbit/s")
@@ -85,8 +104,10 @@ def main() -> int:
         for direction in ("up", "down"):
             down = direction == "down"
             counter = (sl.lan, "eth0", "rx") if down else (sl.inet, "up0", "rx")
-            rate, good, _ = measured_transfer(sl.lan, INTERNET_HOST, secs, down, 5201, counter)
+            (rate, good, _), cpu = pressured(
+                lambda: measured_transfer(sl.lan, INTERNET_HOST, secs, down, 5201, counter))  # noqa: B023
             results["line"].append({"line_mbit": args.line, "direction": direction, "frames_mbit": rate / MBIT,
+                                    "cpu_pressure": cpu,
                                     "goodput_mbit": good / MBIT, "ratio": rate / line})
             progress(f"line {direction} {args.line:g} Mbit/s")
         # Owner priority: buyer saturates a 20 Mbit/s cap while the owner downloads.
@@ -105,7 +126,8 @@ def main() -> int:
         pinger = threading.Thread(target=lambda: loaded.update(p95=ping_p95(sl.lan, INTERNET_HOST,
                                                                             int(secs * 10), 0.1)))
         pinger.start()
-        owner_rate, owner_good, _ = measured_transfer(sl.lan, INTERNET_HOST, secs, True, 5201, (sl.lan, "eth0", "rx"))
+        (owner_rate, owner_good, _), cpu = pressured(
+            lambda: measured_transfer(sl.lan, INTERNET_HOST, secs, True, 5201, (sl.lan, "eth0", "rx")))
         pinger.join()
         buyer.wait(timeout=60)
         buyer_good = received_bps(json.loads(out.read_text()))
@@ -113,7 +135,7 @@ def main() -> int:
                             "owner_frames_mbit": owner_rate / MBIT, "owner_goodput_mbit": owner_good / MBIT,
                             "owner_share_of_line_minus_floor": owner_rate / (line - floor),
                             "buyer_goodput_mbit": buyer_good / MBIT,
-                            "ping_p95_idle_ms": idle, "ping_p95_loaded_ms": loaded["p95"]}
+                            "ping_p95_idle_ms": idle, "ping_p95_loaded_ms": loaded["p95"], "cpu_pressure": cpu}
         progress("owner priority")
     if args.json:
         print(json.dumps(results, indent=1))
@@ -121,22 +143,25 @@ def main() -> int:
     print(f"leaf qdisc: {results['leaf_qdisc']}"
           + (" (fallback; this kernel has neither fq_codel nor cake)" if results["leaf_qdisc"] == "bfifo" else ""))
     print(f"\nbuyer caps through the WireGuard tunnel, {secs:g} s TCP runs")
-    print(f"{'cap Mbit/s':>10} {'dir':>5} {'IP Mbit/s':>10} {'IP/cap':>7} {'goodput':>8} {'goodput/cap':>11}")
+    print(f"{'cap Mbit/s':>10} {'dir':>5} {'IP Mbit/s':>10} {'IP/cap':>7} {'goodput':>8} {'goodput/cap':>11} "
+          f"{'CPU wait':>8}")
     for r in results["buyer"]:
         print(f"{r['cap_mbit']:>10g} {r['direction']:>5} {r['ip_mbit']:>10.2f} {r['ip_ratio']:>7.3f} "
-              f"{r['goodput_mbit']:>8.2f} {r['goodput_ratio']:>11.3f}")
+              f"{r['goodput_mbit']:>8.2f} {r['goodput_ratio']:>11.3f} {r['cpu_pressure']:>8.0%}")
     print(f"\nline shaping on the WAN veth (owner traffic, no tunnel), {secs:g} s TCP runs")
-    print(f"{'line Mbit/s':>11} {'dir':>5} {'frames Mbit/s':>14} {'frames/line':>11} {'goodput':>8}")
+    print(f"{'line Mbit/s':>11} {'dir':>5} {'frames Mbit/s':>14} {'frames/line':>11} {'goodput':>8} {'CPU wait':>8}")
     for r in results["line"]:
         print(f"{r['line_mbit']:>11g} {r['direction']:>5} {r['frames_mbit']:>14.2f} {r['ratio']:>11.3f} "
-              f"{r['goodput_mbit']:>8.2f}")
+              f"{r['goodput_mbit']:>8.2f} {r['cpu_pressure']:>8.0%}")
     o = results["owner"]
     print(f"\nowner download while a buyer saturates its {o['buyer_cap_mbit']:g} Mbit/s cap "
           f"(line {o['line_mbit']:g}, buyer floor {o['floor_mbit']:g} Mbit/s)")
     print(f"  owner {o['owner_frames_mbit']:.1f} Mbit/s frames ({o['owner_goodput_mbit']:.1f} goodput) = "
           f"{o['owner_share_of_line_minus_floor']:.3f} of line - floor; buyer {o['buyer_goodput_mbit']:.1f} goodput")
     print(f"  owner ping p95: idle {o['ping_p95_idle_ms']:.2f} ms, loaded {o['ping_p95_loaded_ms']:.2f} ms "
-          f"(+{o['ping_p95_loaded_ms'] - o['ping_p95_idle_ms']:.2f} ms)")
+          f"(+{o['ping_p95_loaded_ms'] - o['ping_p95_idle_ms']:.2f} ms); CPU wait {o['cpu_pressure']:.0%}")
+    print("\nCPU wait: share of the time some task waited for a CPU (PSI); the cores are shared with other"
+          "\njobs, and high values mean the traffic sources, not the shaper, set the pace.")
     return 0
 
 
