@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from . import __version__
+from . import __version__, shaping
 from .config import ConfigError, load
 
 DEFAULT_CONFIG = "/etc/idlewire/node.toml"
@@ -25,7 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", default=DEFAULT_CONFIG, help=f"node.toml to use (default {DEFAULT_CONFIG})")
     check = sub.add_parser("check-config", help="validate a node.toml and report every error (exit 2 on errors)")
     check.add_argument("file")
+    shaping.add_cli(sub)
     args = parser.parse_args(argv)
+
+    if args.command == "shaping":
+        return shaping.cli_main(args)
 
     if args.command == "check-config":
         try:
