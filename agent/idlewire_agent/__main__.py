@@ -76,6 +76,11 @@ def run_agent(path: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
+        agent.start_policy(stop)
+    except (OSError, shaping.TcError) as exc:
+        print(f"idlewire-agent: cannot set up shaping: {exc}", file=sys.stderr)
+        return 1
+    try:
         servers = api.serve(cfg.api.listen, cfg.api.port, agent)
     except OSError as exc:
         print(f"idlewire-agent: cannot listen on {cfg.api.listen} port {cfg.api.port}: "

@@ -6,10 +6,12 @@ rules never interleave half-way.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -84,6 +86,56 @@ class Agent:
         self.tunnel = tunnel
         self.stats = Stats()
         self._last_poll_mono: float | None = None
+        # What the owner sells (policy.py): set up by start_policy(), absent in plain metering tests.
+        self.shaper = None
+        self.quota = None
+
+    # --- policy: shaping, schedule, quota, isolation ------------------------------------------
+    def start_policy(self, stop: threading.Event) -> None:
+        """Quota always; shaping trees and the schedule when [shaping] is enabled.
+
+        The interfaces and tunnel port come from [interfaces]/[tunnel] (one source of truth); the
+        shaping trees are brought in line with the sessions that survived a restart.
+        """
+        from . import quota, schedule, shaping
+
+        pol = self.cfg.policy
+        self.quota = quota.QuotaKeeper(pol.quota, os.path.join(self.cfg.state_dir, "quota.json"),
+                                       on_exhausted=self.close_all)
+        sh = dataclasses.replace(pol.shaping, wan_interface=self.cfg.interfaces.wan,
+                                 tunnel_interface=self.cfg.tunnel.interface, tunnel_port=self.cfg.tunnel.port)
+        if not sh.enabled:
+            if os.path.exists(shaping.STATE_PATH):  # shaping was on before: take the trees down
+                shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions).teardown()
+            return
+        self.shaper = shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions)
+        self.shaper.setup()
+        with self.lock:
+            rows = self.ledger.db.execute("SELECT id, address FROM sessions WHERE state = 'open'").fetchall()
+        self.shaper.sync_sessions({sid: [addr.split("/")[0]] for sid, addr in rows})
+        sched = schedule.Scheduler(pol.schedule, (sh.cap_up, sh.cap_down), self.shaper.set_caps)
+        threading.Thread(target=sched.run, args=(stop,), daemon=True, name="schedule").start()
+
+    def close_all(self, reason: str) -> None:
+        """Close every open session gracefully (final receipts), e.g. when the quota is reached."""
+        with self.lock:
+            sids = [r[0] for r in self.ledger.db.execute("SELECT id FROM sessions WHERE state = 'open'")]
+        for sid in sids:
+            self.close_session(sid, "quota")
+        log.warning("%s: closed %d session(s)", reason, len(sids))
+
+    def _admit(self, open_count: int) -> None:
+        pol = self.cfg.policy
+        if self.quota is not None:
+            ok, why = self.quota.admit(open_count)
+            if not ok:
+                raise SessionError(503, why)
+        if self.quota is not None and pol.firewall.required:
+            from . import isolation
+
+            if not isolation.table_loaded(pol.firewall.table):
+                raise SessionError(503, f"buyer isolation (nftables table inet {pol.firewall.table}) is not "
+                                        "loaded; the node refuses sessions until it is")
 
     # --- interface ------------------------------------------------------------------------
     def sync_interface(self) -> None:
@@ -130,6 +182,8 @@ class Agent:
                 log.warning("poll: %s", exc)
                 return []
             deltas = self._record(dump, self._open_peers())
+            if self.quota is not None and deltas:
+                self.quota.add_usage(sum(d.rx for d in deltas), sum(d.tx for d in deltas))
             self.enforce()
         ch1 = os.times()
         cpu = time.thread_time() - cpu0 + (ch1.children_user - ch0.children_user) + \
@@ -206,6 +260,7 @@ class Agent:
                 raise SessionError(409, "wg_public_key: a session with this key is already open")
             if len(open_) >= self.cfg.sessions.max:
                 raise SessionError(503, f"the node has its maximum of {self.cfg.sessions.max} sessions open")
+            self._admit(len(open_))
             used = {ipaddress.ip_interface(row[1]).ip for row in open_} | {self.node_addr}
             del open_
             addr = next((h for h in self.network.hosts() if h not in used), None)
@@ -225,6 +280,8 @@ class Agent:
                            "last_active) VALUES (?, ?, ?, ?, 'open', ?, ?, ?)",
                            (sid, buyer_key, wg_key, address, now, now + self.cfg.sessions.expiry, now))
                 db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, 0, 0)", (wg_key, sid))
+            if self.shaper is not None:
+                self.shaper.add_session(sid, [str(addr)])
             log.info("session %s opened: %s for %s", sid, address, wg_key)
         return self.describe(sid)
 
@@ -260,6 +317,8 @@ class Agent:
             except WgError as exc:
                 log.warning("close %s: final read failed: %s", sid, exc)
             self._try(self.tunnel.remove_peer, s["wg_key"])
+            if self.shaper is not None:
+                self.shaper.remove_session(sid)
             s = self.ledger.session(sid)
             with self.ledger.tx() as db:
                 db.execute("UPDATE sessions SET state = 'closed', reason = ?, closed_at = ? WHERE id = ?",

@@ -179,3 +179,17 @@ def test_api_refuses_to_listen_on_the_wan(lab, tmp_path):
     with pytest.raises(RuntimeError, match="WAN or tunnel interface"):
         n.start()
     n.stop()
+
+
+def test_agent_refuses_sessions_without_isolation(make_node, tmp_path):
+    """No buyer gets a tunnel while the nftables isolation table is not loaded ([firewall] required)."""
+    node = make_node(firewall__required=True)
+    from idlewire.cmd_client import Buyer, load_key
+    from idlewire.errors import UserError
+    from idlewire_agent import keys
+
+    # From this (host) namespace the API is reached only through the lab's loopback forwarder.
+    buyer = Buyer(f"http://127.0.0.1:{node.fwd.port}", load_key(tmp_path / "buyer.key"))
+    with pytest.raises(UserError, match="isolation"):
+        buyer.open(keys.wg_keypair()[1])
+    assert node.open_sessions() == []

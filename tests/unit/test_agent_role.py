@@ -1,38 +1,18 @@
 """The agent role's templates render with StrictUndefined from the role defaults, and the
 rendered node.toml passes `idlewire-agent check-config` (what the role's validate: runs)."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-import jinja2
 import pytest
-import yaml
+import rolerender
 
 ROLE = Path(__file__).resolve().parents[2] / "roles" / "agent"
 
 
-def variables(**over) -> dict:
-    raw: dict = {}
-    for f in sorted((ROLE / "defaults" / "main").glob("*.yml")):
-        raw.update(yaml.safe_load(f.read_text()) or {})
-    raw.update(over)
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)  # noqa: S701 (config, not HTML)
-    ctx = {"role_path": str(ROLE), "idlewire_baking": True}
-    for _ in range(4):  # defaults refer to each other
-        for k, v in raw.items():
-            ctx[k] = env.from_string(v).render(ctx) if isinstance(v, str) and "{{" in v else v
-    return ctx
-
-
 def render(name: str, **over) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(ROLE / "templates"), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)  # noqa: S701
-    env.filters["comment"] = lambda s: "\n".join("# " + line for line in s.splitlines())
-    env.filters["to_json"] = json.dumps
-    env.filters["basename"] = lambda p: Path(p).name
-    return env.get_template(name).render(ansible_managed="Ansible managed", **variables(**over))
+    return rolerender.render("agent", name, over)
 
 
 @pytest.mark.parametrize("over", [{}, {"agent_api_listen": ["192.168.1.1", "fd00::1"], "agent_region": "eu-1",
