@@ -2,7 +2,7 @@
 
 import jinja2
 import pytest
-from rolerender import render
+from rolerender import render, role_defaults
 
 T = "etc/idlewire/firewall.nft.j2"
 
@@ -21,14 +21,14 @@ def test_default_table_exact_rules():
     assert lines[j:j + 5] == [
         "chain input {",
         "type filter hook input priority filter - 10; policy accept;",
-        'iifname "wg0" jump buyer_to_node',
+        'iifname "iw0" jump buyer_to_node',
         'tcp dport { 8740 } iifname != { "lo" } counter drop',
         "}",
     ]
     k = lines.index("chain buyer_out {")
     assert lines[k:k + 8] == [
         "chain buyer_out {",
-        'oifname "wg0" counter drop',
+        'oifname "iw0" counter drop',
         "meta nfproto ipv6 counter drop",
         "ip daddr @buyer_blocked_v4 counter drop",
         "ip6 daddr @buyer_blocked_v6 counter drop",
@@ -36,8 +36,8 @@ def test_default_table_exact_rules():
         "counter accept",
         "}",
     ]
-    assert ('iifname "wg0" oifname != "wg0" meta l4proto { tcp, udp } masquerade to :61440-65535' in lines)
-    assert 'oifname "wg0" ct state established,related accept' in lines
+    assert ('iifname "iw0" oifname != "iw0" meta l4proto { tcp, udp } masquerade to :61440-65535' in lines)
+    assert 'oifname "iw0" ct state established,related accept' in lines
 
 
 def test_allow_list_wan_ipv6_and_extra_blocks():
@@ -82,3 +82,10 @@ def test_unit_loads_and_removes_only_our_table():
     assert "ExecStart=/usr/sbin/nft -f /etc/idlewire/firewall.nft" in lines
     assert "ExecStop=/usr/sbin/nft delete table inet idlewire" in lines
     assert "Before=network-pre.target idlewire-agent.service shutdown.target" in lines
+
+
+def test_firewall_and_agent_defaults_agree():
+    """The firewall isolates the interface the agent really uses, and shares its NAT port block."""
+    fw, agent = role_defaults("firewall"), role_defaults("agent")
+    assert fw["firewall_tunnel_interface"] == agent["agent_tunnel_interface"]
+    assert fw["firewall_buyer_nat_ports"] == agent["agent_buyer_nat_ports"]
