@@ -185,7 +185,15 @@ def load_target(name_or_path: str) -> Target:
     f = _Fields(path, _load_yaml(path))
     f.unknown({"name", "description", "suite", "architecture", "mirror", "components", "packages",
                "initramfs_modules", "layout", "boot"})
+    # Checked in the order a reader meets them in the file.
     name = f.get("name", str)
+    description = f.get("description", str, "")
+    suite = f.get("suite", str)
+    architecture = f.choice("architecture", ("amd64", "arm64"))
+    mirror = f.get("mirror", str, "http://deb.debian.org/debian")
+    components = f.strings("components", ["main"])
+    packages = f.strings("packages")
+    initramfs_modules = f.strings("initramfs_modules", [])
     layout = _Fields(path, f.get("layout", dict), "layout.")
     layout.unknown({"table", "partitions"})
     raw_parts = layout.get("partitions", list, what="a list of partitions")
@@ -218,13 +226,13 @@ def load_target(name_or_path: str) -> Target:
     boot.unknown({"loader", "cmdline"})
     target = Target(
         name=name,
-        description=f.get("description", str, ""),
-        suite=f.get("suite", str),
-        architecture=f.choice("architecture", ("amd64", "arm64")),
-        mirror=f.get("mirror", str, "http://deb.debian.org/debian"),
-        components=f.strings("components", ["main"]),
-        packages=f.strings("packages"),
-        initramfs_modules=f.strings("initramfs_modules", []),
+        description=description,
+        suite=suite,
+        architecture=architecture,
+        mirror=mirror,
+        components=components,
+        packages=packages,
+        initramfs_modules=initramfs_modules,
         table=layout.choice("table", ("gpt", "dos")),
         partitions=tuple(parts),
         loader=boot.choice("loader", ("systemd-boot", "raspi-firmware")),

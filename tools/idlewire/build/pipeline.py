@@ -18,8 +18,8 @@ from ..paths import cache_dir
 from .artifacts import make_artifacts
 from .assemble import assemble
 from .bake import build_bake
-from .rootfs import build_rootfs
-from .runner import Runner
+from .rootfs import build_rootfs, check_mirror, rootfs_path
+from .runner import Runner, require_tools
 
 MIN_FREE = 6 << 30  # a rootfs, a bake and an image of the larger target
 
@@ -34,6 +34,15 @@ class BuildResult:
 
 def artifact_stem(target: Target) -> str:
     return f"idlewire-{target.name}-{__version__}"
+
+
+def preflight(target: Target, cache: Path) -> None:
+    """Everything that can be checked before any work starts: tools, and the mirror if needed."""
+    require_tools("tar", "unshare", "mount", "dpkg-query", "sfdisk", "mkfs.vfat", "mcopy",
+                  "mkfs.ext4", "faketime", "xz", "du")
+    if not rootfs_path(target, cache).exists():
+        require_tools("mmdebstrap")
+        check_mirror(target)
 
 
 def build(target: Target, site: Site, out: Path, *, verbose: bool = False,
@@ -55,6 +64,7 @@ def build(target: Target, site: Site, out: Path, *, verbose: bool = False,
     if st.f_bavail * st.f_frsize < MIN_FREE:
         raise UserError(f"{cache}: {st.f_bavail * st.f_frsize >> 20} MiB free; a build needs "
                         f"{MIN_FREE >> 30} GiB (set IDLEWIRE_CACHE to a larger disk)")
+    preflight(target, cache)
     stem = artifact_stem(target)
     log = out / "logs" / f"{stem}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,13 @@ def check_mirror(target: Target) -> None:
         ) from None
 
 
+def rootfs_path(target: Target, cache: Path) -> Path:
+    return cache / "rootfs" / f"{target.name}-{rootfs_key(target)}.tar"
+
+
 def build_rootfs(target: Target, cache: Path, run: Runner) -> tuple[Path, bool]:
     """Return (the cached rootfs tarball, whether it was already cached), building it if needed."""
-    out = cache / "rootfs" / f"{target.name}-{rootfs_key(target)}.tar"
+    out = rootfs_path(target, cache)
     if out.exists():
         run.note(f"cached: {out}")
         return out, True

@@ -1,0 +1,58 @@
+"""Boot the images we build, as a user would: log in over SSH, look at what matters.
+
+Two copies of each image boot side by side: each must reach multi-user.target with the agent
+running and no usable password, and the two must not share SSH host keys or machine id.
+"""
+
+from __future__ import annotations
+
+import pytest
+from qemu import Vm, copy_image
+
+pytestmark = pytest.mark.image
+
+BOOT_TIMEOUT = {"x86_64": 600, "rpi4-arm64": 1200}
+ARCH = {"x86_64": "amd64", "rpi4-arm64": "arm64"}
+CARD = 3 << 30  # the copies are "flashed" to a 3 GiB card: first boot grows the root fs
+
+
+@pytest.mark.parametrize("target", ["x86_64", "rpi4-arm64"])
+def test_boot_two_copies(target, build_image, test_key, tmp_path):
+    built = build_image(target)
+    vms = [Vm(copy_image(built.image, tmp_path / f"unit{i}.img", CARD), ARCH[target],
+              tmp_path / f"vm{i}", test_key, boot_offset=built.manifest["layout"]["boot_offset"])
+           for i in (1, 2)]
+    try:
+        for vm in vms:
+            vm.start()
+        facts = []
+        for vm in vms:
+            vm.wait_ssh(BOOT_TIMEOUT[target])
+            state = vm.ssh("systemctl is-system-running --wait", check=False, timeout=600).stdout.strip()
+            failed = vm.ssh("systemctl --failed --no-legend --plain", check=False).stdout.strip()
+            assert state == "running", f"{target}: system is {state!r}; failed units:\n{failed}"
+            assert vm.ssh("systemctl is-active multi-user.target").stdout.strip() == "active"
+            assert vm.ssh("systemctl is-active idlewire-agent").stdout.strip() == "active"
+            assert vm.ssh("systemctl is-enabled idlewire-agent").stdout.strip() == "enabled"
+            health = vm.ssh("python3 -c \"import urllib.request as u;"
+                            "print(u.urlopen('http://127.0.0.1:8740/health').read().decode())\"").stdout
+            assert '"status": "ok"' in health
+            # No account can log in with a password: every hash field is locked ('!' or '*').
+            usable = vm.ssh("sudo awk -F: '$2 !~ /^[!*]/ {print $1}' /etc/shadow").stdout.split()
+            assert usable == [], f"accounts with a usable or empty password: {usable}"
+            sshd = vm.ssh("sudo sshd -T").stdout
+            assert "passwordauthentication no" in sshd and "permitrootlogin no" in sshd
+            assert vm.ssh("hostname").stdout.strip() == "iw-test"
+            # First boot grew the root filesystem to the card.
+            root_bytes = int(vm.ssh("df -B1 --output=size / | tail -1").stdout)
+            assert root_bytes > 2.5 * (1 << 30), f"root not grown: {root_bytes} bytes"
+            facts.append({
+                "hostkey": vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1],
+                "machine_id": vm.ssh("cat /etc/machine-id").stdout.strip(),
+            })
+        assert facts[0]["hostkey"] != facts[1]["hostkey"], "two units share an SSH host key"
+        assert facts[0]["machine_id"] != facts[1]["machine_id"], "two units share a machine id"
+        assert all(len(f["machine_id"]) == 32 for f in facts)
+    finally:
+        for vm in vms:
+            vm.stop()
