@@ -91,12 +91,17 @@ def flash(
     t0 = time.monotonic()
     with _progress(show) as progress:
         pre = progress.add_task("check  image", total=None)
-        src = fl.open_source(image, bmap_file, preverify=not verify_only,
-                             progress=lambda n: progress.advance(pre, n))
-        progress.update(pre, total=progress.tasks[pre].completed or 1, completed=progress.tasks[pre].completed or 1)
-        infos = []
-        for t in targets:
-            infos.append(fl.inspect_target(t, src.size, force_fixed=force_fixed, write=not verify_only))
+        try:
+            src = fl.open_source(image, bmap_file, preverify=not verify_only,
+                                 progress=lambda n: progress.advance(pre, n))
+            done = progress.tasks[pre].completed or 1
+            progress.update(pre, total=done, completed=done)
+            infos = [fl.inspect_target(t, src.size, force_fixed=force_fixed, write=not verify_only)
+                     for t in targets]
+        except UserError as exc:
+            if "nothing written" in str(exc) or verify_only:
+                raise
+            raise UserError(f"{exc}; nothing written") from None
         if verify_only:
             reports = [fl.verify_only(src, info, skip_boot=skip_boot, progress=progress) for info in infos]
             result = fl.FlashResult(str(image), str(src.bmap_path), src.sha256_checked,
