@@ -54,11 +54,13 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 fresh() { if [ "$1" = file ]; then rm -f "$DIR/target.img"; fi; }
 target() { if [ "$1" = file ]; then echo "$DIR/target.img"; else echo "$LOOP"; fi; }
 
-declare -A M
+# Runs are interleaved (run 1 of every tool, then run 2, …) so that the load other programs put
+# on a shared machine falls on every tool alike.
+TOOLS=(idlewire idlewire-noverify bmaptool dd)
+declare -A M R
 for kind in file loop; do
-  for tool in idlewire idlewire-noverify bmaptool dd; do
-    runs=()
-    for _ in $(seq "$RUNS"); do
+  for _ in $(seq "$RUNS"); do
+    for tool in "${TOOLS[@]}"; do
       fresh "$kind"; T=$(target "$kind")
       case $tool in
         idlewire) s=$(secs "${IDLEWIRE[@]}" flash "$IMG" "$T") ;;
@@ -66,10 +68,14 @@ for kind in file loop; do
         bmaptool) s=$(secs bmaptool copy "$IMG" "$T") ;;
         dd) s=$(secs dd if="$IMG" of="$T" bs=4M conv=fsync) ;;
       esac
-      runs+=("$s")
+      R[$kind,$tool]="${R[$kind,$tool]:-} $s"
     done
-    M[$kind,$tool]=$(printf '%s\n' "${runs[@]}" | median)
-    printf '%-5s %-18s median %6.2fs  (runs: %s)\n' "$kind" "$tool" "${M[$kind,$tool]}" "$(printf '%.2f ' "${runs[@]}")"
+  done
+  for tool in "${TOOLS[@]}"; do
+    # shellcheck disable=SC2086
+    M[$kind,$tool]=$(printf '%s\n' ${R[$kind,$tool]} | median)
+    # shellcheck disable=SC2086
+    printf '%-5s %-18s median %6.2fs  (runs: %s)\n' "$kind" "$tool" "${M[$kind,$tool]}" "$(printf '%.2f ' ${R[$kind,$tool]})"
   done
 done
 # the flashes must really be right: the loop device holds the image (idlewire's own check, then cmp)

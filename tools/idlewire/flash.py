@@ -240,46 +240,36 @@ def _decompressor(src: Source) -> Iterator[bytes]:
         if rc != 0:
             raise UserError(f"{path}: corrupt zstd stream ({errtext[-120:]}); download or copy it again")
         return
-    with path.open("rb") as f:
-        if kind == "xz":
-            d = lzma.LZMADecompressor()
-            errors: tuple[type[BaseException], ...] = (lzma.LZMAError,)
-        else:
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            errors = (zlib.error, gzip.BadGzipFile)
-        try:
-            while True:
-                raw = f.read(1 * MiB)
-                if not raw:
-                    break
+    new = (lambda: lzma.LZMADecompressor()) if kind == "xz" else (lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))
+    errors: tuple[type[BaseException], ...] = (lzma.LZMAError, zlib.error, gzip.BadGzipFile, EOFError)
+    d = new()
+    started = False
+    try:
+        with path.open("rb") as f:
+            while raw := f.read(1 * MiB):
                 while raw:
-                    out = d.decompress(raw, CHUNK) if kind == "xz" else d.decompress(raw)
-                    if out:
-                        yield out
-                    if kind == "xz":
-                        while not d.eof and d.needs_input is False:
-                            more = d.decompress(b"", CHUNK)
-                            if not more:
+                    if d.eof or not started:
+                        if d.eof:
+                            raw = raw.lstrip(b"\0") if kind == "xz" else raw  # xz stream padding
+                            if not raw:
                                 break
-                            yield more
+                            d = new()  # the next stream (xz) or member (gzip)
+                        started = True
+                    # bounded output: a few KiB of zeros can expand to gigabytes
+                    yield d.decompress(raw, CHUNK)
+                    if kind == "xz":
+                        while not d.eof and not d.needs_input:
+                            yield d.decompress(b"", CHUNK)
                         raw = d.unused_data if d.eof else b""
-                        if d.eof and raw.strip(b"\0"):
-                            d = lzma.LZMADecompressor()  # concatenated streams
-                        elif d.eof:
-                            raw = b""
                     else:
+                        while d.unconsumed_tail:
+                            yield d.decompress(d.unconsumed_tail, CHUNK)
                         raw = d.unused_data if d.eof else b""
-                        if d.eof and raw:
-                            d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # multi-member gzip
-            if kind == "gz":
-                tail = d.flush()
-                if tail:
-                    yield tail
-            if not d.eof:
-                raise UserError(f"{path}: truncated {kind} stream (it ends before the image does); "
-                                "download or copy it again")
-        except errors as exc:
-            raise UserError(f"{path}: corrupt {kind} stream ({exc}); download or copy it again") from None
+        if not d.eof:
+            raise UserError(f"{path}: truncated {kind} stream (it ends before the image does); "
+                            "download or copy it again")
+    except errors as exc:
+        raise UserError(f"{path}: corrupt {kind} stream ({exc}); download or copy it again") from None
 
 
 def stream_ranges(src: Source, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
