@@ -70,15 +70,21 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
 
     layout = st.read_layout(golden)
     facts = {}
+    secrets = {}
     for u in stamped:
         img = Path(u["image"])
-        secret_pem = st.read_boot_file(img, layout.boot_offset, "node.key").decode()
-        secret_lines = [ln.encode() for ln in secret_pem.splitlines() if "-----" not in ln]
-        psk_hash = next(line.split('"')[1] for line in
-                        st.read_boot_file(img, layout.boot_offset, "stamp.toml").decode().splitlines()
-                        if line.startswith("psk_hash"))
-        vm = Vm(img, "amd64", tmp_path / f"vm-{u['unit']}", key)
-        with vm:
+        pem = st.read_boot_file(img, layout.boot_offset, "node.key").decode()
+        toml = st.read_boot_file(img, layout.boot_offset, "stamp.toml").decode()
+        secrets[u["unit"]] = ([ln.encode() for ln in pem.splitlines() if "-----" not in ln],
+                              next(ln.split('"')[1] for ln in toml.splitlines() if ln.startswith("psk_hash")))
+    # both units boot side by side (one boot each)
+    vms = {u["unit"]: Vm(Path(u["image"]), "amd64", tmp_path / f"vm-{u['unit']}", key) for u in stamped}
+    try:
+        for vm in vms.values():
+            vm.start()
+        for u in stamped:
+            vm = vms[u["unit"]]
+            psk_hash = secrets[u["unit"]][1]
             vm.wait_ssh(300)  # the golden image has no key: only the stamp lets us in
             assert vm.ssh("hostname").stdout.strip() == u["hostname"]
             node_key = vm.ssh("sudo cat /etc/idlewire/node.key").stdout
@@ -95,16 +101,22 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
             hostkey = vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]
             facts[u["unit"]] = (hostkey, u["node_public_key"])
             vm.ssh("sudo systemctl poweroff", check=False)
+        for vm in vms.values():
             assert vm.proc is not None
             vm.proc.wait(timeout=120)
-        # After a clean power-off, the raw boot partition holds no trace of the secrets.
-        with img.open("rb") as f:
+    finally:
+        for vm in vms.values():
+            vm.stop()
+    # After a clean power-off, the raw boot partition holds no trace of the secrets.
+    for u in stamped:
+        with Path(u["image"]).open("rb") as f:
             f.seek(layout.boot_offset)
             raw = f.read(layout.boot_size)
-        for line in secret_lines:
+        key_lines, psk_hash = secrets[u["unit"]]
+        for line in key_lines:
             assert line not in raw, "node key material left on the boot partition"
         assert psk_hash.encode() not in raw, "Wi-Fi key left on the boot partition"
-        assert b"unit = " in raw  # the stamp.done marker is there
+        assert b"consumed_at" in raw  # the stamp.done marker is there
     (a_host, a_node), (b_host, b_node) = facts.values()
     assert a_host != b_host, "two units share an SSH host key"
     assert a_node != b_node, "two units share a node key"

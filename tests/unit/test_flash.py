@@ -135,6 +135,12 @@ def test_refusals_on_devices(golden, tmp_path):
     refused(idlewire("flash", golden, ghost, check=False), "no such device")
     assert not ghost.exists()
     refused(idlewire("flash", golden, "/dev/null", check=False), "not a block device")
+    # the image itself, directly or through a loop device
+    before = golden.read_bytes()[:MiB]
+    refused(idlewire("flash", golden, golden, check=False), "is the image")
+    with loop_device(golden) as dev:
+        refused(idlewire("flash", golden, dev, check=False), "over the image itself")
+    assert golden.read_bytes()[:MiB] == before
     # smaller than the image
     small = tmp_path / "small.img"
     with small.open("wb") as f:
@@ -170,7 +176,14 @@ def test_refusals_on_devices(golden, tmp_path):
             assert disk.read_bytes()[:MiB] == before
         finally:
             run("umount", mnt)
-        fd = os.open(dev, os.O_RDONLY | os.O_EXCL)
+        for _ in range(100):  # the mount's claim on the disk goes away shortly after umount
+            try:
+                fd = os.open(dev, os.O_RDONLY | os.O_EXCL)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"{dev} stayed busy after umount")
         try:
             res = idlewire("flash", golden, dev, check=False)
             assert res.returncode == 2 and "in use" in res.stderr, res.stderr

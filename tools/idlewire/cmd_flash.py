@@ -40,7 +40,7 @@ def flash(
     start: Annotated[int, typer.Option("--start", help="With --units: the first data row to use "
                                        "(1 = the row after the header).", min=1)] = 1,
     record: Annotated[Path | None, typer.Option("--record", help="With --unit/--units: CSV the cards' "
-                                                "public keys are appended to.")] = None,
+                                                "public keys are appended to (default: ./stamped-units.csv).")] = None,
     force_fixed: Annotated[bool, typer.Option("--force-fixed", help="Allow a non-removable disk "
                                               "(never the one holding / or anything mounted).")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip reading the card back.")] = False,
@@ -96,7 +96,8 @@ def flash(
                                  progress=lambda n: progress.advance(pre, n))
             done = progress.tasks[pre].completed or 1
             progress.update(pre, total=done, completed=done)
-            infos = [fl.inspect_target(t, src.size, force_fixed=force_fixed, write=not verify_only)
+            mine = tuple(p for p in (image, src.bmap_path) if p)
+            infos = [fl.inspect_target(t, src.size, force_fixed=force_fixed, write=not verify_only, sources=mine)
                      for t in targets]
         except UserError as exc:
             if "nothing written" in str(exc) or verify_only:

@@ -365,9 +365,12 @@ def _users_of_disk(name: str) -> list[str]:
 
 
 def inspect_target(path: Path, image_size: int, *, force_fixed: bool = False,
-                   write: bool = True) -> Target:
+                   write: bool = True, sources: tuple[Path, ...] = ()) -> Target:
     """Every refusal that needs only the target; nothing is opened for writing here."""
     text = str(path)
+    for src in sources:
+        if path.exists() and src.exists() and os.path.samefile(path, src):
+            raise UserError(f"{text}: is the image (or its bmap) itself; nothing written")
     absolute = Path(os.path.abspath(path))
     if not path.exists():
         if str(absolute).startswith(("/dev/", "/proc/", "/sys/")) or not write:
@@ -391,6 +394,12 @@ def inspect_target(path: Path, image_size: int, *, force_fixed: bool = False,
         raise UserError(f"{text}: is a partition of /dev/{sysp.parent.name}; give the whole disk "
                         f"(/dev/{sysp.parent.name}); nothing written")
     name = sysp.name
+    backing = sysp / "loop" / "backing_file"
+    if backing.exists():
+        held = backing.read_text().strip()
+        for src in sources:
+            if held and os.path.exists(held) and os.path.samefile(held, src):
+                raise UserError(f"{text}: is a loop device over the image itself ({held}); nothing written")
     mounts, root = _mount_devs()
     if name in _disk_of(root):
         raise UserError(f"{text}: holds the running system's root filesystem (/); refusing; nothing written")
