@@ -58,8 +58,10 @@ def flash(
     partition or swap; a non-removable disk unless --force-fixed (SD/MMC, USB, removable disks
     and loop devices count as removable); a target smaller than the image; a bmap that is
     damaged or does not match the image; a compressed image that does not match its .sha256 or
-    whose stream is truncated. A stream corrupted mid-way stops the write before the partition
-    table, so the card never boots half-written. Verification failure exits 1.
+    whose stream is truncated (an uncompressed .img is checked range by range against the
+    bmap's sha256 before writing, rather than hashing its holes for the .sha256). A stream
+    corrupted mid-way stops the write before the partition table, so the card never boots
+    half-written. Verification failure exits 1.
 
     Several cards: `idlewire flash IMAGE /dev/sdb /dev/sdc --units units.csv` writes them at
     the same time from one read of IMAGE, each stamped with its own unit, and reports per card.
