@@ -84,9 +84,10 @@ cmp -n "$(stat -c %s "$IMG")" "$IMG" "$LOOP" && echo "loop device == image: yes"
 
 echo
 for kind in file loop; do
-  printf '%-5s idlewire/bmaptool %.2fx (goal <= 0.9)   dd/idlewire %.1fx faster (goal >= 4)   verify +%.0f%% (goal <= 30%%)\n' \
+  printf '%-5s idlewire/bmaptool %.2fx, without read-back %.2fx (goal <= 0.9)   dd/idlewire %.1fx faster (goal >= 4)   verify +%.0f%% (goal <= 30%%)\n' \
     "$kind" \
     "$(echo "${M[$kind,idlewire]} / ${M[$kind,bmaptool]}" | bc -l)" \
+    "$(echo "${M[$kind,idlewire-noverify]} / ${M[$kind,bmaptool]}" | bc -l)" \
     "$(echo "${M[$kind,dd]} / ${M[$kind,idlewire]}" | bc -l)" \
     "$(echo "(${M[$kind,idlewire]} / ${M[$kind,idlewire-noverify]} - 1) * 100" | bc -l)"
 done
