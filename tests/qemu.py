@@ -60,8 +60,12 @@ class Vm:
                     "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
                     "-drive", f"if=pflash,format=raw,file={vars_fd}",
                     "-drive", f"if=virtio,format=raw,file={self.image}"]
-        kernel = boot_file(self.image, self.boot_offset, "vmlinuz", self.workdir / "vmlinuz")
-        initrd = boot_file(self.image, self.boot_offset, "initrd.img", self.workdir / "initrd.img")
+        # The Pi firmware's config.txt names the kernel and initrd it loads: boot those.
+        config = boot_file(self.image, self.boot_offset, "config.txt", self.workdir / "config.txt")
+        names = dict(line.replace("=", " ", 1).split(None, 1) for line in config.read_text().splitlines()
+                     if line.strip() and not line.startswith("#") and " " in line.replace("=", " ", 1))
+        kernel = boot_file(self.image, self.boot_offset, names["kernel"].strip(), self.workdir / "vmlinuz")
+        initrd = boot_file(self.image, self.boot_offset, names["initramfs"].split()[0], self.workdir / "initrd.img")
         cmdline = boot_file(self.image, self.boot_offset, "cmdline.txt", self.workdir / "cmdline.txt")
         args = [a for a in cmdline.read_text().split() if not a.startswith("console=")]
         return ["qemu-system-aarch64", "-machine", "virt", "-cpu", "cortex-a72", *common,

@@ -63,6 +63,8 @@ def build(
         "--allow-no-login", help="Build without an SSH key (a golden image: `idlewire stamp` adds "
         "keys per unit).")] = False,
     no_xz: Annotated[bool, typer.Option("--no-xz", help="Skip the .img.xz (faster, for tests).")] = False,
+    xz_level: Annotated[int, typer.Option("--xz-level", min=0, max=9, help="xz preset: 1 is fast "
+                                          "(the default, for the edit-build loop), 9 smallest (releases).")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every tool's output.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ):
@@ -78,7 +80,7 @@ def build(
     t = load_target(target)
     site = load_site(config)
     result = run_build(t, site, out, verbose=verbose, allow_no_login=allow_no_login,
-                       compress=not no_xz, console=err)
+                       xz_level=None if no_xz else xz_level, console=err)
     if as_json:
         print(json.dumps({"target": t.name, "image": str(result.image),
                           "artifacts": [str(p) for p in result.artifacts],

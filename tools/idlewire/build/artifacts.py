@@ -21,7 +21,7 @@ def sha256_file(path: Path) -> str:
 
 
 def make_artifacts(target: Target, site: Site, image: Path, bake_dir: Path, layout: dict,
-                   rootfs_tar: Path, run: Runner, compress: bool = True) -> list[Path]:
+                   rootfs_tar: Path, run: Runner, xz_level: int | None = 1) -> list[Path]:
     """Write the companions of `image` next to it (all in the staging directory)."""
     stem = image.name.removesuffix(".img")
     stage = image.parent
@@ -29,8 +29,8 @@ def make_artifacts(target: Target, site: Site, image: Path, bake_dir: Path, layo
     bm = bmap.create(image)
     (stage / f"{stem}.bmap").write_text(bmap.to_xml(bm))
     made.append(stage / f"{stem}.bmap")
-    if compress:
-        run.run(["xz", "--threads=0", "-3", "--keep", "--force", image])
+    if xz_level is not None:
+        run.run(["xz", "--threads=0", f"-{xz_level}", "--keep", "--force", image])
         made.append(stage / f"{stem}.img.xz")
     sums = {p.name: sha256_file(p) for p in made if p.suffix != ".bmap"}
     (stage / f"{stem}.sha256").write_text("".join(f"{v}  {k}\n" for k, v in sums.items()))

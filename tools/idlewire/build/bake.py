@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from .runner import Runner, require_tools
 
 BAKE_FORMAT = 1
 #: What the bake applies: a change to any file below these changes the bake key.
-BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent")
+BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent",
+               "tools/idlewire/build/bake.py", "tools/idlewire/build/ids.py")
 
 
 def tree_hash(paths: tuple[str, ...] = BAKE_INPUTS) -> str:
@@ -79,7 +81,7 @@ def build_bake(target: Target, site: Site, rootfs_tar: Path, cache: Path,
     run.run(["tar", "-xpf", rootfs_tar, "-C", root, "--numeric-owner",
              "--xattrs", "--xattrs-include=*"])
     ids = derive_ids(key, target.table)
-    _run_playbook(root, bake_vars(target, site), tmp, run)
+    _run_playbook(root, bake_vars(target, site), tmp, run, target.architecture)
     _finalize(target, root, boot, ids, run)
     packages = _packages(root)
     (tmp / "bake.json").write_text(json.dumps({
@@ -93,9 +95,40 @@ def build_bake(target: Target, site: Site, rootfs_tar: Path, cache: Path,
     return out, False
 
 
-def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner) -> None:
+# Host architecture names as Debian spells them.
+_DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+
+
+def _host_python_mounts() -> tuple[str, str]:
+    """Shell commands that make this host's Python runnable inside a foreign-architecture chroot.
+
+    Module code is architecture-independent, but under qemu-user every module run costs seconds
+    (an emulated interpreter importing Ansible's module_utils). So for a foreign rootfs the host's
+    own interpreter, its standard library, its C library and dynamic loader are bind-mounted
+    read-only under the chroot's /run (a tmpfs private to this bake) and started through the loader;
+    whatever the modules execute (useradd, visudo, systemctl, ...) is still the target's own
+    binary, emulated. Returns (mount commands, interpreter path inside the chroot).
+    """
+    base = Path(sys.base_prefix)
+    exe = Path(sys._base_executable).resolve()  # the interpreter behind the venv
+    loader = Path("/lib64/ld-linux-x86-64.so.2") if platform.machine() == "x86_64" else \
+        Path("/lib/ld-linux-aarch64.so.1")
+    syslib = Path(f"/usr/lib/{platform.machine()}-linux-gnu")
+    h = "$R/run/iwhost"
+    binds = [(base, f"{h}/base"), (syslib, f"{h}/syslib"), (loader, f"{h}/ld.so")]
+    cmds = [f'mkdir -p "{h}/base" "{h}/syslib" && touch "{h}/ld.so"']
+    for src, dst in binds:
+        cmds.append(f'mount --bind "{src}" "{dst}" && mount -o remount,ro,bind "{dst}"')
+    rel = exe.relative_to(base)
+    cmds.append(
+        f"printf '#!/bin/sh\\nexec /run/iwhost/ld.so --library-path /run/iwhost/base/lib:/run/iwhost/syslib"
+        f" /run/iwhost/base/{rel} \"$@\"\\n' > \"{h}/python3\" && chmod 755 \"{h}/python3\""
+    )
+    return " && ".join(cmds), "/run/iwhost/python3"
+
+
+def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, architecture: str) -> None:
     vars_file = workdir / "vars.json"
-    vars_file.write_text(json.dumps(variables))
     policy = root / "usr/sbin/policy-rc.d"  # no service starts inside the chroot
     policy.write_text("#!/bin/sh\nexit 101\n")
     policy.chmod(0o755)
@@ -103,8 +136,13 @@ def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner) -> No
     if not (venv_bin / "ansible-playbook").exists():
         raise UserError(f"ansible-playbook is not installed next to {sys.executable}; run `make deps`")
     mounts = ('mount -t proc proc "$R/proc" && mount -t sysfs sysfs "$R/sys"'
-              ' && mount --rbind /dev "$R/dev" && mount -t tmpfs -o mode=0755 tmpfs "$R/run"'
-              ' && exec "$@"')
+              ' && mount --rbind /dev "$R/dev" && mount -t tmpfs -o mode=0755 tmpfs "$R/run"')
+    if architecture != _DEB_ARCH.get(platform.machine()):
+        host_mounts, interpreter = _host_python_mounts()
+        mounts += " && " + host_mounts
+        variables = {**variables, "ansible_python_interpreter": interpreter}
+        run.note(f"foreign rootfs ({architecture}): modules run with the host's Python, tools emulated")
+    vars_file.write_text(json.dumps(variables))
     env = {
         "R": str(root),
         "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
@@ -114,7 +152,7 @@ def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner) -> No
         "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
     }
     try:
-        run.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts, "sh",
+        run.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts + ' && exec "$@"', "sh",
                  venv_bin / "ansible-playbook", "-i", f"{root},", "-c", "community.general.chroot",
                  ROOT / "playbooks/bake.yml", "-e", f"@{vars_file}"], env=env, cwd=ROOT)
     finally:
@@ -167,6 +205,24 @@ def _finalize(target: Target, root: Path, boot: Path, ids: DiskIds, run: Runner)
         (boot / "loader/entries/idlewire.conf").write_text(
             f"title idlewire\nlinux /vmlinuz\ninitrd /initrd.img\noptions {cmdline}\n")
     run.note(f"kernel command line: {cmdline}")
+    _pin_atimes(root)
+    _pin_atimes(boot)
+
+
+#: mkfs.ext4 -d copies each file's access time, and reading a file for the copy updates it
+#: (relatime), so the first assemble of a bake would differ from the next. An access time in the
+#: future is never updated by relatime; the node mounts with noatime, so it stays a constant.
+PINNED_ATIME = 4102444800  # 2100-01-01T00:00:00Z
+
+
+def _pin_atimes(tree: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            os.utime(path, ns=(PINNED_ATIME * 10**9, st.st_mtime_ns), follow_symlinks=False)
+    st = os.lstat(tree)
+    os.utime(tree, ns=(PINNED_ATIME * 10**9, st.st_mtime_ns))
 
 
 def _kernel_files(root: Path) -> tuple[Path, Path]:

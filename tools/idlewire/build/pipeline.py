@@ -46,7 +46,7 @@ def preflight(target: Target, cache: Path) -> None:
 
 
 def build(target: Target, site: Site, out: Path, *, verbose: bool = False,
-          allow_no_login: bool = False, compress: bool = True,
+          allow_no_login: bool = False, xz_level: int | None = 1,
           console: Console | None = None) -> BuildResult:
     console = console or Console(stderr=True)
     if not site.ssh_authorized_keys and not allow_no_login:
@@ -103,7 +103,7 @@ def build(target: Target, site: Site, out: Path, *, verbose: bool = False,
             layout = stage("assemble", "partitions and filesystems", assemble, target, bake_dir,
                            image, run)
             made = stage("artifacts", "bmap, xz, sha256, manifest", make_artifacts, target, site,
-                         image, bake_dir, layout, rootfs_tar, run, compress)
+                         image, bake_dir, layout, rootfs_tar, run, xz_level)
         final = []
         for path in made:  # publish: final names appear only now, each by an atomic rename
             dest = out / path.name
