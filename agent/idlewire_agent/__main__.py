@@ -8,19 +8,22 @@ import signal
 import sys
 import threading
 
-from . import __version__, api
+from . import __version__
 from .config import ConfigError, load
 
 DEFAULT_CONFIG = "/etc/idlewire/node.toml"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="idlewire-agent", description="idlewire node agent")
+    parser = argparse.ArgumentParser(
+        prog="idlewire-agent", description="idlewire node agent: WireGuard sessions for buyers, a crash-safe "
+        "metering ledger, signed usage receipts and a local API.",
+        epilog="Example: idlewire-agent check-config /etc/idlewire/node.toml")
     parser.add_argument("--version", action="version", version=f"idlewire-agent {__version__}")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the agent (what the service does)")
-    run.add_argument("--config", default=DEFAULT_CONFIG)
-    check = sub.add_parser("check-config", help="validate a node.toml and report every error")
+    run.add_argument("--config", default=DEFAULT_CONFIG, help=f"node.toml to use (default {DEFAULT_CONFIG})")
+    check = sub.add_parser("check-config", help="validate a node.toml and report every error (exit 2 on errors)")
     check.add_argument("file")
     args = parser.parse_args(argv)
 
@@ -33,28 +36,75 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.file}: OK")
         return 0
     if args.command in (None, "run"):
-        path = getattr(args, "config", DEFAULT_CONFIG)
-        try:
-            cfg = load(path)
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-        logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        try:
-            servers = api.serve(cfg.api.listen, cfg.api.port)
-        except OSError as exc:
-            print(f"idlewire-agent: cannot listen on {cfg.api.listen} port {cfg.api.port}: "
-                  f"{exc.strerror}", file=sys.stderr)
-            return 1
-        stop.wait()
-        for s in servers:
-            s.shutdown()
-        return 0
+        return run_agent(getattr(args, "config", DEFAULT_CONFIG))
     parser.print_help()
     return 2
+
+
+def run_agent(path: str) -> int:
+    try:
+        cfg = load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
+    # The agent speaks plain HTTP on the LAN and never TLS: keep http.client from loading the ssl
+    # module (about 1 MB of RSS on a small node). Remove this if the agent ever needs https.
+    if "ssl" not in sys.modules:
+        sys.modules["ssl"] = None  # type: ignore[assignment]
+    from . import api
+    from .agent import Agent
+    from .wg import WgError
+
+    try:
+        agent = Agent(cfg)
+        agent.sync_interface()
+    except (OSError, ValueError, WgError) as exc:
+        print(f"idlewire-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
+    exposed = wan_addresses(cfg)
+    bad = [a for a in cfg.api.listen if a in exposed]
+    if bad:
+        print(f"idlewire-agent: api.listen: {', '.join(bad)} is on the WAN or tunnel interface; expected "
+              "management/LAN addresses only", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        servers = api.serve(cfg.api.listen, cfg.api.port, agent)
+    except OSError as exc:
+        print(f"idlewire-agent: cannot listen on {cfg.api.listen} port {cfg.api.port}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return 1
+    logging.getLogger("idlewire.agent").info("running: node key %s, interface %s, polling every %gs",
+                                             agent.node_pub, cfg.tunnel.interface, cfg.metering.poll_interval)
+    while not stop.wait(cfg.metering.poll_interval):
+        try:
+            agent.poll()
+        except Exception:  # keep metering: one bad cycle must not stop the agent
+            logging.getLogger("idlewire.agent").exception("poll cycle failed")
+    agent.poll()
+    for s in servers:
+        s.shutdown()
+    agent.ledger.close()
+    return 0
+
+
+def wan_addresses(cfg) -> set[str]:
+    """Addresses on the WAN and tunnel interfaces (`ip -j addr`), where the API must never listen."""
+    import json
+    import subprocess
+
+    out: set[str] = set()
+    for dev in (cfg.interfaces.wan, cfg.tunnel.interface):
+        p = subprocess.run(["ip", "-j", "addr", "show", "dev", dev], capture_output=True, text=True, check=False)
+        try:
+            for link in json.loads(p.stdout or "[]"):
+                out.update(a.get("local", "") for a in link.get("addr_info", []))
+        except ValueError:
+            continue
+    return out
 
 
 if __name__ == "__main__":

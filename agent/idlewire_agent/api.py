@@ -1,52 +1,282 @@
-"""The local HTTP API (standard library server). Listens on management/LAN addresses only."""
+"""The local HTTP API (standard library server). Listens on management/LAN addresses only.
+
+    GET    /health                       open      status, version, node keys
+    GET    /metrics                      open      Prometheus text format
+    POST   /sessions                     buyer     {"wg_public_key": KEY} -> session, address, node key
+    GET    /sessions[?state=open&limit=100&offset=0]  buyer|admin  own sessions, or all for the admin
+    GET    /sessions/ID                  buyer|admin
+    DELETE /sessions/ID                  buyer|admin  close (also POST /sessions/ID/close)
+    POST   /sessions/ID/usage            buyer     co-signed cumulative usage -> node receipt
+    GET    /receipts?session=ID          buyer|admin  the session's receipt chain
+    GET    /usage                        admin     lifetime, per day, per session totals
+
+Buyer calls are signed with the buyer's ed25519 key (receipts.sign_request: method, path, time,
+nonce and body hash; a nonce is accepted once, the time must be within 120 s). Admin calls carry
+`Authorization: Bearer TOKEN` from the 0600 token file. Bad input is a 4xx, never a 5xx.
+"""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
-from . import __version__
+from . import __version__, receipts
+from .agent import Agent, SessionError
 
 log = logging.getLogger("idlewire.api")
+
+CLOCK_SKEW = 120
+_NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_SID = re.compile(r"^[0-9a-f]{16}$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Nonces:
+    """Nonces seen within the accepted clock window: a signed request is good once."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def use(self, nonce: str, now: float) -> bool:
+        with self.lock:
+            if len(self.seen) > 10000 or int(now) % 30 == 0:
+                self.seen = {n: t for n, t in self.seen.items() if t > now}
+            if nonce in self.seen:
+                return False
+            self.seen[nonce] = now + 2 * CLOCK_SKEW
+            return True
 
 
 class Handler(BaseHTTPRequestHandler):
     server_version = f"idlewire-agent/{__version__}"
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # a broken request line still gets a status line back
+    timeout = 15  # a slow or silent client does not hold a thread for ever
 
     def log_message(self, fmt, *args):  # route to logging, not stderr
         log.debug("%s " + fmt, self.address_string(), *args)
 
-    def _send(self, code: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+    @property
+    def agent(self) -> Agent:
+        return self.server.agent  # type: ignore[attr-defined]
+
+    # --- plumbing -------------------------------------------------------------------------
+    def send_error(self, code, message=None, explain=None):
+        # The stdlib answers an unknown method with 501 and an HTTP/2+ request line with 505:
+        # both are the client's mistake here, so they are 4xx.
+        code = {501: 405, 505: 400}.get(code, code)
+        super().send_error(code, message, explain)
+
+    def _send(self, code: int, body: dict | list | str, ctype: str = "application/json") -> None:
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
         self.send_response(code)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        if code >= 400:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(data)
 
+    def _body(self) -> bytes:
+        te = self.headers.get("Transfer-Encoding")
+        if te:
+            raise ApiError(411, "Transfer-Encoding is not supported; send a Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        if not length.isdigit() or len(length) > 9:
+            raise ApiError(400, "Content-Length: expected a number of bytes")
+        n = int(length)
+        if n > self.agent.cfg.api.max_body:
+            raise ApiError(413, f"request body larger than {self.agent.cfg.api.max_body} bytes")
+        data = self.rfile.read(n)
+        if len(data) != n:
+            raise ApiError(400, "request body shorter than Content-Length")
+        return data
+
+    @staticmethod
+    def _json(body: bytes, fields: dict[str, type]) -> dict:
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ApiError(400, "body: expected a JSON object") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "body: expected a JSON object")
+        for k in data:
+            if k not in fields:
+                raise ApiError(400, f"body: unknown field {str(k)[:40]!r}; expected {', '.join(fields)}")
+        for k, kind in fields.items():
+            v = data.get(k)
+            if not isinstance(v, kind) or isinstance(v, bool):
+                raise ApiError(400, f"body.{k}: expected {kind.__name__}")
+            if kind is int and not 0 <= v < 1 << 62:
+                raise ApiError(400, f"body.{k}: expected an integer >= 0")
+            if kind is str and len(v) > 200:
+                raise ApiError(400, f"body.{k}: too long")
+        return data
+
+    def _admin(self) -> bool:
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            return False
+        if not hmac.compare_digest(auth[7:].strip().encode(), self.agent.admin_token.encode()):
+            raise ApiError(401, "Authorization: wrong admin token")
+        return True
+
+    def _buyer(self, method: str, body: bytes) -> str | None:
+        """The buyer key that signed this request, None when unsigned; 401 when signed badly."""
+        key = self.headers.get("X-Idlewire-Key")
+        if key is None:
+            return None
+        t, nonce = self.headers.get("X-Idlewire-Time", ""), self.headers.get("X-Idlewire-Nonce", "")
+        sig = self.headers.get("X-Idlewire-Signature", "")
+        if not t.isdigit() or len(t) > 12 or abs(int(t) - time.time()) > CLOCK_SKEW:
+            raise ApiError(401, f"X-Idlewire-Time: expected the current unix time (within {CLOCK_SKEW} s)")
+        if not _NONCE.match(nonce):
+            raise ApiError(401, "X-Idlewire-Nonce: expected 16-64 characters A-Z a-z 0-9 _ -")
+        if len(key) > 100 or len(sig) > 200 or not receipts.request_valid(key, sig, method, self.path, t, nonce,
+                                                                          body):
+            raise ApiError(401, "X-Idlewire-Signature: not a valid signature of this request by X-Idlewire-Key")
+        if not self.agent_nonces.use(nonce, time.time()):
+            raise ApiError(401, "X-Idlewire-Nonce: already used (replayed request)")
+        return key
+
+    @property
+    def agent_nonces(self) -> Nonces:
+        return self.server.nonces  # type: ignore[attr-defined]
+
+    def _who(self, method: str, body: bytes) -> tuple[bool, str | None]:
+        admin = self._admin()
+        buyer = None if admin else self._buyer(method, body)
+        if not admin and buyer is None:
+            raise ApiError(401, "sign the request with your buyer key (X-Idlewire-*) or send the admin token")
+        return admin, buyer
+
+    def _session(self, sid: str, admin: bool, buyer: str | None) -> dict:
+        if not _SID.match(sid):
+            raise ApiError(404, "no such session")
+        s = self.agent.ledger.session(sid)
+        if s is None or not (admin or s["buyer_key"] == buyer):
+            raise ApiError(404, "no such session")
+        return s
+
+    # --- dispatch -------------------------------------------------------------------------
+    def _handle(self, method: str) -> None:
+        try:
+            body = self._body()
+            self._route(method, body)
+        except ApiError as exc:
+            self._send(exc.status, {"error": str(exc)})
+        except SessionError as exc:
+            self._send(exc.status, {"error": str(exc)})
+        except Exception:
+            log.exception("%s %s", method, self.path[:200])
+            self._send(500, {"error": "internal error (logged)"})
+
+    def _route(self, method: str, body: bytes) -> None:
+        url = urlsplit(self.path)
+        parts = [p for p in url.path.split("/") if p]
+        query = parse_qs(url.query, max_num_fields=10)
+        a = self.agent
+        if method == "GET" and parts == ["health"]:
+            return self._send(200, {"status": "ok", "version": __version__, "node_key": a.node_pub,
+                                    "wg_public_key": a.wg_pub, "region": a.cfg.region,
+                                    "price_per_gb": a.cfg.price_per_gb})
+        if method == "GET" and parts == ["metrics"]:
+            return self._send(200, a.metrics(), "text/plain; version=0.0.4")
+        if not parts or parts[0] not in ("sessions", "usage", "receipts"):
+            raise ApiError(404, "not found; see /health, /metrics, /sessions, /usage, /receipts")
+        admin, buyer = self._who(method, body)
+        if parts == ["sessions"] and method == "POST":
+            if buyer is None:
+                raise ApiError(403, "sessions are opened by buyers: sign the request with your key")
+            data = self._json(body, {"wg_public_key": str})
+            return self._send(201, a.open_session(buyer, data["wg_public_key"]))
+        if parts == ["sessions"] and method == "GET":
+            state = query.get("state", [None])[0]
+            if state not in (None, "open", "closed"):
+                raise ApiError(400, "state: expected open or closed")
+            page = []
+            for name, default, top in (("limit", 100, 1000), ("offset", 0, 1 << 30)):
+                v = query.get(name, [str(default)])[0]
+                if not v.isdigit() or int(v) > top:
+                    raise ApiError(400, f"{name}: expected an integer 0-{top}")
+                page.append(int(v))
+            rows = a.ledger.sessions(state, None if admin else buyer, *page)
+            return self._send(200, [a.describe(s["id"]) for s in rows])
+        if len(parts) >= 2 and parts[0] == "sessions":
+            s = self._session(parts[1], admin, buyer)
+            if len(parts) == 2 and method == "GET":
+                return self._send(200, a.describe(s["id"]))
+            if (len(parts) == 2 and method == "DELETE") or (parts[2:] == ["close"] and method == "POST"):
+                return self._send(200, a.close_session(s["id"], "admin" if admin else "buyer"))
+            if parts[2:] == ["usage"] and method == "POST":
+                if buyer is None:
+                    raise ApiError(403, "usage is co-signed by the buyer")
+                data = self._json(body, {"up": int, "down": int, "time": int, "key": str, "sig": str})
+                return self._send(200, a.cosign(s["id"], buyer, data))
+            if parts[2:] == ["receipts"] and method == "GET":
+                return self._send(200, a.receipts(s["id"]))
+            raise ApiError(404 if method in ("GET", "POST", "DELETE") else 405, "not found")
+        if parts == ["receipts"] and method == "GET":
+            sid = query.get("session", [""])[0]
+            s = self._session(sid, admin, buyer)
+            return self._send(200, a.receipts(s["id"]))
+        if parts == ["usage"] and method == "GET":
+            if not admin:
+                raise ApiError(403, "usage totals are for the admin token")
+            return self._send(200, a.usage())
+        raise ApiError(405 if parts[0] in ("sessions", "usage", "receipts") else 404, "method not allowed here")
+
     def do_GET(self):
-        if self.path == "/health":
-            self._send(200, {"status": "ok", "version": __version__})
-        else:
-            self._send(404, {"error": "not found"})
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def do_DELETE(self):
+        self._handle("DELETE")
+
+    def do_PUT(self):
+        self._handle("PUT")
+
+    def do_PATCH(self):
+        self._handle("PATCH")
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
 
-def _server(addr: str, port: int) -> ThreadingHTTPServer:
+def _server(addr: str, port: int, agent: Agent) -> ThreadingHTTPServer:
     cls = type("S", (_Server,), {"address_family": socket.AF_INET6 if ":" in addr else socket.AF_INET})
-    return cls((addr, port), Handler)
+    srv = cls((addr, port), Handler)
+    srv.agent = agent  # type: ignore[attr-defined]
+    srv.nonces = Nonces()  # type: ignore[attr-defined]
+    return srv
 
 
-def serve(listen: list[str], port: int) -> list[ThreadingHTTPServer]:
-    servers = [_server(a, port) for a in listen]
+def serve(listen: list[str], port: int, agent: Agent) -> list[ThreadingHTTPServer]:
+    servers = [_server(a, port, agent) for a in listen]
+    nonces = servers[0].nonces  # type: ignore[attr-defined]
     for s in servers:
+        s.nonces = nonces  # type: ignore[attr-defined]  # one replay window across addresses
         threading.Thread(target=s.serve_forever, daemon=True, name=f"api-{s.server_address}").start()
-        log.info("API listening on %s port %d", s.server_address[0], port)
+        log.info("API listening on %s port %d", s.server_address[0], s.server_address[1])
     return servers

@@ -1,4 +1,6 @@
-"""Write roles/*/README.md from each role's meta/argument_specs.yml (the one source of truth).
+"""Write the variables part of roles/*/README.md from meta/argument_specs.yml (the one source).
+
+Text a person wrote above the marker line stays; everything below it is generated.
 
     python tools/scripts/role_docs.py          # rewrite the READMEs
     python tools/scripts/role_docs.py --check  # exit 1 if any README is out of date (make lint)
@@ -20,13 +22,20 @@ def _cell(value: object) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+MARKER = ("<!-- Generated below from meta/argument_specs.yml by tools/scripts/role_docs.py: "
+          "edit the specs, not this part. -->")
+
+
 def render(role: Path) -> str:
     specs = yaml.safe_load((role / "meta/argument_specs.yml").read_text())["argument_specs"]
-    lines = [f"# Role `{role.name}`", "", "<!-- Generated from meta/argument_specs.yml by "
-             "tools/scripts/role_docs.py: edit the specs, not this file. -->", ""]
+    readme = role / "README.md"
+    head = readme.read_text().split(MARKER)[0].rstrip() if readme.exists() else ""
+    if not head or head.startswith("<!--"):
+        head = f"# Role `{role.name}`"
+    lines = [head, "", MARKER, ""]
     for entry, spec in specs.items():
         title = spec.get("short_description", "")
-        lines += [f"## Entry point `{entry}`: {title}", ""]
+        lines += [f"## Variables of entry point `{entry}`: {title}", ""]
         desc = spec.get("description", [])
         for para in desc if isinstance(desc, list) else [desc]:
             lines += [para, ""]

@@ -1,0 +1,97 @@
+"""Node keys and secrets: created on first use, written 0600 via a temp file and a rename."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+try:  # the enums alone: the public `serialization` package also loads SSH/PKCS12 code (~0.6 MB RSS)
+    from cryptography.hazmat.primitives import _serialization as serialization
+except ImportError:  # pragma: no cover (a cryptography without the private module)
+    from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+_RAW = serialization.Encoding.Raw
+_RAWPRIV = serialization.PrivateFormat.Raw
+_RAWPUB = serialization.PublicFormat.Raw
+_NOENC = serialization.NoEncryption()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def write_secret(path: str, text: str) -> None:
+    """Write a secret atomically with mode 0600 (never world-readable, not even briefly)."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, mode=0o750, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_or_create(path: str, make) -> str:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        if text:
+            return text
+    except FileNotFoundError:
+        pass
+    text = make()
+    write_secret(path, text + "\n")
+    return text
+
+
+def ed25519_private(path: str) -> Ed25519PrivateKey:
+    """The node's signing key (base64 of the 32 raw bytes), created if missing."""
+    text = _read_or_create(path, lambda: b64(Ed25519PrivateKey.generate().private_bytes(_RAW, _RAWPRIV, _NOENC)))
+    try:
+        return Ed25519PrivateKey.from_private_bytes(base64.b64decode(text, validate=True))
+    except ValueError as exc:
+        raise ValueError(f"{path}: not an ed25519 key (base64 of 32 bytes): {exc}") from None
+
+
+def ed25519_public_b64(key: Ed25519PrivateKey) -> str:
+    return b64(key.public_key().public_bytes(_RAW, _RAWPUB))
+
+
+def ed25519_public_from_b64(text: str) -> Ed25519PublicKey:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != 32:
+        raise ValueError("an ed25519 public key is 32 bytes")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def wg_private(path: str) -> tuple[str, str]:
+    """The node's WireGuard key pair (private, public), base64 as `wg` writes it; created if missing."""
+    text = _read_or_create(path, lambda: b64(X25519PrivateKey.generate().private_bytes(_RAW, _RAWPRIV, _NOENC)))
+    priv = X25519PrivateKey.from_private_bytes(base64.b64decode(text, validate=True))
+    return text, b64(priv.public_key().public_bytes(_RAW, _RAWPUB))
+
+
+def wg_keypair() -> tuple[str, str]:
+    priv = X25519PrivateKey.generate()
+    return b64(priv.private_bytes(_RAW, _RAWPRIV, _NOENC)), b64(priv.public_key().public_bytes(_RAW, _RAWPUB))
+
+
+def admin_token(path: str) -> str:
+    """The admin API token, created (0600) if missing."""
+    return _read_or_create(path, lambda: base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode())
+
+
+def is_wg_key(text: str) -> bool:
+    try:
+        return len(text) == 44 and len(base64.b64decode(text, validate=True)) == 32
+    except ValueError:
+        return False

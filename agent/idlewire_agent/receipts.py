@@ -1,0 +1,195 @@
+"""Usage receipts and signed requests: the wire format shared by the agent and the host tools.
+
+A receipt is a JSON object, signed by the node's ed25519 key over its canonical encoding
+(sorted keys, no spaces) without the "sig" field:
+
+    {"v": 1, "node": NODE_PUBKEY_B64, "session": ID, "seq": N, "up": BYTES, "down": BYTES,
+     "time": UNIX_SECONDS, "prev": SHA256_HEX_OF_PREVIOUS_RECEIPT, "buyer": STATEMENT?, "sig": B64}
+
+`up`/`down` are cumulative bytes from/to the buyer. `prev` is the SHA-256 of the previous receipt's
+canonical encoding (with its "sig"), 64 zeros for seq 1. `buyer`, when present, is the buyer's
+co-signed usage statement {"up", "down", "time", "key", "sig"} that the receipt acknowledges
+(the buyer's payment promise), signed by the buyer's ed25519 key over
+canonical({"v": 1, "type": "usage", "session", "up", "down", "time"}).
+
+Buyer API calls carry headers X-Idlewire-Key/-Time/-Nonce/-Signature; the signature covers
+"idlewire-request-v1\\nMETHOD\\nPATH\\nTIME\\nNONCE\\nSHA256_HEX(BODY)".
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+VERSION = 1
+GENESIS = "0" * 64
+_FIELDS = {"v": int, "node": str, "session": str, "seq": int, "up": int, "down": int, "time": int, "prev": str,
+           "sig": str}
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def receipt_hash(receipt: dict) -> str:
+    return sha256_hex(canonical(receipt))
+
+
+def pub_b64(key: Ed25519PrivateKey) -> str:
+    from .keys import ed25519_public_b64
+
+    return ed25519_public_b64(key)
+
+
+def _pub(text: str) -> Ed25519PublicKey:
+    raw = base64.b64decode(text, validate=True)
+    if len(raw) != 32:
+        raise ValueError("not a 32-byte ed25519 key")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def _check_sig(pub: str, sig: str, msg: bytes) -> bool:
+    try:
+        _pub(pub).verify(base64.b64decode(sig, validate=True), msg)
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+# --- buyer usage statements ---------------------------------------------------------------------
+def usage_message(session: str, up: int, down: int, t: int) -> bytes:
+    return canonical({"v": VERSION, "type": "usage", "session": session, "up": up, "down": down, "time": t})
+
+
+def sign_usage(key: Ed25519PrivateKey, session: str, up: int, down: int, t: int) -> dict:
+    sig = key.sign(usage_message(session, up, down, t))
+    return {"up": up, "down": down, "time": t, "key": pub_b64(key), "sig": base64.b64encode(sig).decode()}
+
+
+def usage_valid(stmt: dict, session: str, buyer_key: str | None = None) -> bool:
+    try:
+        up, down, t, key, sig = stmt["up"], stmt["down"], stmt["time"], stmt["key"], stmt["sig"]
+    except (KeyError, TypeError):
+        return False
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (up, down, t)):
+        return False
+    if not isinstance(key, str) or not isinstance(sig, str) or (buyer_key and key != buyer_key):
+        return False
+    return _check_sig(key, sig, usage_message(session, up, down, t))
+
+
+# --- receipts -----------------------------------------------------------------------------------
+def make_receipt(key: Ed25519PrivateKey, session: str, seq: int, up: int, down: int, t: int, prev: str,
+                 buyer: dict | None = None) -> dict:
+    body = {"v": VERSION, "node": pub_b64(key), "session": session, "seq": seq, "up": up, "down": down,
+            "time": t, "prev": prev}
+    if buyer is not None:
+        body["buyer"] = buyer
+    return {**body, "sig": base64.b64encode(key.sign(canonical(body))).decode()}
+
+
+@dataclass
+class Problem:
+    index: int  # position in the list (0-based)
+    session: str
+    seq: object
+    reason: str
+
+    def __str__(self) -> str:
+        return f"receipt #{self.index + 1} (session {self.session}, seq {self.seq}): {self.reason}"
+
+
+def verify(receipts: list, node_key: str | None = None) -> Problem | None:
+    """Check every receipt in order; return the first problem, or None when all are good.
+
+    Per session: seq counts 1, 2, 3 ... with no gaps; prev is the hash of the previous receipt;
+    up, down and time never decrease; every signature (node's, and the buyer's when present) holds;
+    one node key throughout (the one given, when given).
+    """
+    last: dict[str, dict] = {}
+    for i, r in enumerate(receipts):
+        sess = r.get("session", "?") if isinstance(r, dict) else "?"
+        seq = r.get("seq", "?") if isinstance(r, dict) else "?"
+
+        def bad(reason: str, i=i, sess=sess, seq=seq) -> Problem:
+            return Problem(i, str(sess), seq, reason)
+
+        if not isinstance(r, dict):
+            return bad("not a JSON object")
+        for k, kind in _FIELDS.items():
+            if not isinstance(r.get(k), kind) or isinstance(r.get(k), bool):
+                return bad(f"field {k!r} missing or not a {kind.__name__}")
+        extra = set(r) - set(_FIELDS) - {"buyer"}
+        if extra:
+            return bad(f"unknown field(s) {', '.join(sorted(extra))}")
+        if r["v"] != VERSION:
+            return bad(f"unknown version {r['v']}")
+        if min(r["seq"], r["up"], r["down"], r["time"]) < 0:
+            return bad("negative number")
+        if node_key and r["node"] != node_key:
+            return bad("signed by another node key than the one given")
+        body = {k: v for k, v in r.items() if k != "sig"}
+        if not _check_sig(r["node"], r["sig"], canonical(body)):
+            return bad("bad node signature (tampered or forged)")
+        if "buyer" in r and not usage_valid(r["buyer"], r["session"]):
+            return bad("bad buyer co-signature")
+        prev = last.get(r["session"])
+        if prev is None:
+            if r["seq"] != 1:
+                return bad(f"first receipt of the session has seq {r['seq']}, expected 1")
+            if r["prev"] != GENESIS:
+                return bad("first receipt of the session must have prev = 64 zeros")
+        else:
+            if r["node"] != prev["node"]:
+                return bad("node key changed within the session")
+            if r["seq"] != prev["seq"] + 1:
+                return bad(f"seq {r['seq']} follows {prev['seq']} (missing, repeated or reordered)")
+            if r["prev"] != receipt_hash(prev):
+                return bad("prev is not the hash of the previous receipt (chain broken)")
+            for k in ("up", "down", "time"):
+                if r[k] < prev[k]:
+                    return bad(f"{k} went down from {prev[k]} to {r[k]}")
+        last[r["session"]] = r
+    return None
+
+
+def load_file(text: str) -> list:
+    """Receipts from a JSON array, a {"receipts": [...]} object, or JSON lines."""
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(data, dict) and "receipts" in data:
+        data = data["receipts"]
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list):
+        raise ValueError("expected a JSON array of receipts, {\"receipts\": [...]} or JSON lines")
+    return data
+
+
+# --- signed requests ----------------------------------------------------------------------------
+def request_message(method: str, path: str, t: str, nonce: str, body: bytes) -> bytes:
+    return f"idlewire-request-v1\n{method}\n{path}\n{t}\n{nonce}\n{sha256_hex(body)}".encode()
+
+
+def sign_request(key: Ed25519PrivateKey, method: str, path: str, body: bytes, t: int, nonce: str) -> dict:
+    sig = key.sign(request_message(method, path, str(t), nonce, body))
+    return {"X-Idlewire-Key": pub_b64(key), "X-Idlewire-Time": str(t), "X-Idlewire-Nonce": nonce,
+            "X-Idlewire-Signature": base64.b64encode(sig).decode()}
+
+
+def request_valid(key: str, sig: str, method: str, path: str, t: str, nonce: str, body: bytes) -> bool:
+    return _check_sig(key, sig, request_message(method, path, t, nonce, body))

@@ -1,0 +1,93 @@
+"""The WireGuard interface, driven through `ip` and `wg` (never restarted: peers come and go with
+`wg set`). Kernel WireGuard when the kernel has it, else wireguard-go."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger("idlewire.wg")
+
+
+class WgError(Exception):
+    pass
+
+
+@dataclass
+class Peer:
+    key: str
+    rx: int
+    tx: int
+    handshake: int
+
+
+def _run(*argv: str, input: str | None = None) -> str:
+    p = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
+    if p.returncode != 0:
+        raise WgError(f"{' '.join(argv[:4])}: {p.stderr.strip() or p.returncode}")
+    return p.stdout
+
+
+class Tunnel:
+    def __init__(self, ifname: str, port: int, private_key: str, address: str):
+        self.ifname = ifname
+        self.port = port
+        self.private_key = private_key
+        self.address = address  # the node's address with the pool's prefix, e.g. 10.99.0.1/16
+
+    # --- state ----------------------------------------------------------------------------
+    def ifindex(self) -> int | None:
+        try:
+            with open(f"/sys/class/net/{self.ifname}/ifindex") as f:
+                return int(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def dump(self) -> dict[str, Peer]:
+        """Per-peer counters from `wg show IF dump` (rx = from the peer, tx = to the peer)."""
+        out = _run("wg", "show", self.ifname, "dump")
+        peers: dict[str, Peer] = {}
+        for line in out.splitlines()[1:]:
+            f = line.split("\t")
+            if len(f) >= 8:
+                peers[f[0]] = Peer(f[0], int(f[5]), int(f[6]), int(f[4]))
+        return peers
+
+    # --- set-up ---------------------------------------------------------------------------
+    def ensure(self) -> bool:
+        """Create and configure the interface if it is missing; True when it was (re)created."""
+        created = False
+        if self.ifindex() is None:
+            created = True
+            ok = subprocess.run(["ip", "link", "add", self.ifname, "type", "wireguard"],
+                                capture_output=True, check=False).returncode == 0
+            if not ok:
+                if not shutil.which("wireguard-go"):
+                    raise WgError("no WireGuard kernel module and no wireguard-go: install one of them")
+                env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "LOG_LEVEL": "error"}
+                subprocess.run(["wireguard-go", self.ifname], env=env, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for _ in range(100):
+                    if self.ifindex() is not None:
+                        break
+                    time.sleep(0.05)
+                else:
+                    raise WgError(f"wireguard-go did not create {self.ifname}")
+            log.info("created WireGuard interface %s", self.ifname)
+        _run("wg", "set", self.ifname, "private-key", "/dev/stdin", "listen-port", str(self.port),
+             input=self.private_key + "\n")
+        _run("ip", "address", "replace", self.address, "dev", self.ifname)
+        _run("ip", "link", "set", self.ifname, "up")
+        return created
+
+    def add_peer(self, key: str, address: str) -> None:
+        host = ipaddress.ip_interface(address).ip
+        _run("wg", "set", self.ifname, "peer", key, "allowed-ips", f"{host}/{host.max_prefixlen}")
+
+    def remove_peer(self, key: str) -> None:
+        _run("wg", "set", self.ifname, "peer", key, "remove")

@@ -1,0 +1,171 @@
+"""One node, as declared: every expected value comes from the role variables (see iwnode.py).
+
+Each test is one fact an operator can act on; its name says which, its message says what
+differs. Checks for features a node does not deploy yet are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+from iwnode import BOOT_DIRS, STAMP_SECRETS, feature, parse_rate
+
+pytestmark = pytest.mark.infra
+
+AGENT = "idlewire-agent"
+
+
+def test_agent_service_active_and_enabled(node):
+    running, enabled = node.service(AGENT)
+    assert running, f"{AGENT} is not running"
+    assert enabled, f"{AGENT} is not enabled at boot"
+
+
+def test_api_listens_on_management_only(node):
+    port = int(node.v["agent_api_port"])
+    wanted = sorted(node.v["agent_api_listen"])
+    found = sorted(set(node.listeners("tcp", port)))
+    assert found, f"nothing listens on TCP port {port} (agent_api_port); expected {wanted}"
+    wild = [a for a in found if a in ("0.0.0.0", "::")]
+    assert not wild, f"the API listens on every address ({wild}) on port {port}; expected only {wanted}"
+    extra = [a for a in found if a not in wanted]
+    assert not extra, f"the API listens on {extra} besides agent_api_listen {wanted}"
+    missing = [a for a in wanted if a not in found]
+    assert not missing, f"the API does not listen on {missing} (agent_api_listen)"
+
+
+def test_api_health_ok(node):
+    addr = node.v["agent_api_listen"][0]
+    host = f"[{addr}]" if ":" in addr else addr
+    code, body = node.http_get(f"http://{host}:{int(node.v['agent_api_port'])}/health")
+    assert code == 200, f"/health answered {code}: {body[:200]}"
+    assert json.loads(body).get("status") == "ok", body[:200]
+
+
+def test_wireguard_port_on_wan(node):
+    var, port = feature(node.v, "tunnel_port")
+    if var is None:
+        pytest.skip("no tunnel port variable (agent_tunnel_port): the WireGuard tunnel is not deployed")
+    found = node.listeners("udp", int(port))
+    assert found, f"nothing listens on UDP port {port} ({var})"
+    wan_var, wan = feature(node.v, "wan_interface")
+    if wan and not any(a in ("0.0.0.0", "::") for a in found):
+        on_wan = set(node.addresses(wan)) & set(found)
+        assert on_wan, f"UDP {port} listens on {found}, not on {wan} ({wan_var})"
+
+
+def test_secret_files_private(node):
+    cfg = node.v["agent_config_dir"]
+    with node.root():  # one command: mode, owner and path of every file (busybox stat too)
+        res = node.sh(f"find {shlex.quote(cfg)} /etc/ssh -maxdepth 2 \\( -type f -o -type d \\) "
+                      "-exec stat -c '%a %U %n' {} + 2>/dev/null")
+    bad, cfg_mode = [], None
+    for line in res.stdout.splitlines():
+        mode, user, path = line.split(" ", 2)
+        if path.rstrip("/") == cfg.rstrip("/"):
+            cfg_mode = int(mode, 8)
+        elif re.search(r"\.(key|token|psk|secret)$|/ssh_host_[^/]*_key$", path) and \
+                (int(mode, 8) & 0o077 or user != "root"):
+            bad.append(f"{path} {mode} {user}")
+    assert not bad, f"secret files readable by others (want 0600 root): {bad}"
+    assert cfg_mode is not None, f"{cfg} (agent_config_dir) does not exist"
+    assert not cfg_mode & 0o007, f"{cfg} is {oct(cfg_mode)}: others may list or read it"
+
+
+def test_forwarding_sysctls(node):
+    wrong = {}
+    for key, value in node.v["base_sysctl"].items():
+        got = str(node.host.sysctl(key))
+        if got != str(value):
+            wrong[key] = f"{got} (want {value})"
+    assert not wrong, f"kernel settings differ from base_sysctl: {wrong}"
+
+
+def test_nft_isolation_table_loaded(node):
+    var, table = feature(node.v, "nft_table")
+    if var is None:
+        pytest.skip("no firewall_table variable: the nftables isolation role is not deployed")
+    with node.root():
+        res = node.sh(f"nft list table inet {shlex.quote(table)}")
+    assert res.rc == 0, f"nftables table inet {table} is not loaded ({var}): {res.stderr.strip()}"
+    ruleset = res.stdout
+    assert "chain" in ruleset and ("drop" in ruleset or "reject" in ruleset), \
+        f"table inet {table} has no filtering chain (flushed?)"
+    missing = [n for n in node.v.get("firewall_blocked_networks_v4", []) if n not in ruleset]
+    assert not missing, f"table inet {table} does not block {missing} (firewall_blocked_networks_v4)"
+    for port in node.v.get("firewall_blocked_tcp_ports", []):
+        assert re.search(rf"\b{int(port)}\b", ruleset), f"table inet {table} does not drop TCP port {port}"
+
+
+def _ceilings(node, dev: str) -> list[float]:
+    res = node.sh(f"tc class show dev {shlex.quote(dev)}")
+    return [parse_rate(m.group(1)) for m in re.finditer(r"\bceil (\S+)", res.stdout)]
+
+
+def test_tc_tree_on_wan_with_configured_caps(node):
+    _var, on = feature(node.v, "shaping")
+    if not on or str(on).lower() in ("false", "0", "no"):
+        pytest.skip("WAN shaping is not deployed (agent_shaping_enabled absent or false)")
+    _, wan = feature(node.v, "wan_interface")
+    assert wan, "shaping is enabled but no WAN interface variable (agent_shaping_wan_interface)"
+    qdisc = node.sh(f"tc qdisc show dev {shlex.quote(wan)}").stdout
+    assert re.search(r"qdisc htb \S+ root", qdisc), f"no HTB root qdisc on {wan}: {qdisc.strip()}"
+    for direction, dev in (("up", wan), ("down", None)):
+        cap_var, cap = feature(node.v, f"cap_{direction}_mbit")
+        if cap is None:
+            continue
+        if dev is None:  # download is shaped on the IFB that WAN's ingress is mirrored to
+            filt = node.sh(f"tc filter show dev {shlex.quote(wan)} ingress").stdout
+            m = re.search(r"to device (\S+)\)", filt)
+            assert m, f"WAN {wan} ingress is not redirected to an IFB (download not shaped)"
+            dev = m.group(1)
+        want = float(cap) * 1e6
+        ceilings = _ceilings(node, dev)
+        assert any(abs(c - want) <= want * 0.01 for c in ceilings), \
+            f"no class on {dev} has ceil {cap} Mbit/s ({cap_var}); ceilings: {[c / 1e6 for c in ceilings]}"
+
+
+def test_ssh_password_authentication_off(node):
+    if node.openwrt and not node.host.exists("sshd"):
+        assert node.uci_get("dropbear.@dropbear[0].PasswordAuth") in ("off", "0"), \
+            "dropbear allows password login (uci dropbear.@dropbear[0].PasswordAuth)"
+        return
+    with node.root():
+        res = node.sh("sshd -T 2>/dev/null || /usr/sbin/sshd -T")
+    assert res.rc == 0, f"sshd -T failed: {res.stderr.strip()}"
+    conf = dict(line.split(None, 1) for line in res.stdout.splitlines() if " " in line)
+    wrong = {k: conf.get(k) for k, want in (("passwordauthentication", "no"),
+                                             ("kbdinteractiveauthentication", "no"),
+                                             ("permitemptypasswords", "no"))
+             if conf.get(k) != want}
+    assert not wrong, f"sshd accepts passwords: {wrong}"
+
+
+def test_no_account_with_usable_password(node):
+    with node.root():
+        shadow = node.host.file("/etc/shadow").content_string
+    usable = [line.split(":")[0] for line in shadow.splitlines()
+              if line.count(":") >= 1 and not re.match(r"^[!*]", line.split(":")[1])]
+    assert not usable, f"accounts with a usable or empty password: {usable}"
+
+
+def test_stamp_secrets_gone(node):
+    if not node.host.file("/usr/local/sbin/idlewire-stamp").exists:
+        pytest.skip("no unit-stamp consumer (/usr/local/sbin/idlewire-stamp) on this node")
+    with node.root():
+        left = [f"{d}/idlewire/{n}" for d in BOOT_DIRS for n in STAMP_SECRETS
+                if node.host.file(f"{d}/idlewire/{n}").exists]
+    assert not left, f"first boot left stamp secrets on the boot partition: {left}"
+
+
+def test_no_private_key_on_boot_partition(node):
+    dirs = " ".join(d for d in BOOT_DIRS if node.host.file(d).is_directory)
+    if not dirs:
+        pytest.skip(f"no boot partition mounted at {' or '.join(BOOT_DIRS)}")
+    with node.root():
+        res = node.sh(f"grep -rlI 'PRIVATE KEY' {dirs}")
+    assert not res.stdout.strip(), f"private key material on the (FAT, unprotected) boot partition: " \
+                                   f"{res.stdout.split()}"

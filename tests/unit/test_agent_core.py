@@ -1,0 +1,232 @@
+"""Ledger, metering rules, sessions and receipts without namespaces (synthetic counter source)."""
+
+import base64
+import json
+import os
+import sqlite3
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from idlewire_agent import keys, receipts
+from idlewire_agent.agent import Agent, SessionError, counter_delta
+from idlewire_agent.config import parse
+from synthetic import SyntheticTunnel
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1_700_000_000.0
+
+    def __call__(self):
+        return self.t
+
+
+def wgkey() -> str:
+    return keys.wg_keypair()[1]
+
+
+@pytest.fixture
+def make(tmp_path):
+    def make(tunnel=None, clock=None, **over):
+        data = {"node": {"state_dir": str(tmp_path / "state"), "key_file": str(tmp_path / "node.key"),
+                         "price_per_gb": 2.0},
+                "tunnel": {"pool": "10.99.0.0/29", "private_key_file": str(tmp_path / "wg.key")},
+                "metering": {"poll_interval": 5, "line_rate_mbit": 8, "unpaid_cap_mb": 1},
+                "sessions": {"max": 3, "idle_timeout": 60, "expiry": 3600},
+                "api": {"admin_token_file": str(tmp_path / "admin.token")}}
+        for k, v in over.items():
+            sec, key = k.split("__")
+            data[sec][key] = v
+        return Agent(parse(data), tunnel or SyntheticTunnel(), clock or Clock())
+    return make
+
+
+def test_counter_delta_reset_and_clamp():
+    assert counter_delta(150, 100, 1e9) == (50, False, 0)
+    assert counter_delta(30, 100, 1e9) == (30, True, 0)  # went down: a reset, count the new value
+    assert counter_delta(100, 100, 1e9) == (0, False, 0)
+    assert counter_delta(5000, 0, 1000) == (1000, False, 4000)
+
+
+def test_poll_counts_once_across_restarts_and_resets(make):
+    t = SyntheticTunnel()
+    a = make(t)
+    buyer = Ed25519PrivateKey.generate()
+    s = a.open_session(receipts.pub_b64(buyer), k := wgkey())
+    assert s["address"] == "10.99.0.2/32" and t.calls[-1] == ("add", k, "10.99.0.2/32")
+    t.traffic(k, 1000, 2000)
+    a.poll()
+    t.traffic(k, 500, 0)
+    a.poll()
+    a.poll()  # nothing new: nothing added
+    assert (a.describe(s["session"])["up"], a.describe(s["session"])["down"]) == (1500, 2000)
+    # The agent restarts on the same ledger while the interface keeps its counters.
+    a.ledger.close()
+    b = make(t)
+    t.traffic(k, 100, 100)
+    b.poll()
+    assert (b.describe(s["session"])["up"], b.describe(s["session"])["down"]) == (1600, 2100)
+    # The interface is recreated: counters restart at zero, the peer is added back.
+    t.recreate()
+    b.poll()
+    assert k in t.peers
+    t.traffic(k, 10, 20)
+    b.poll()
+    assert (b.describe(s["session"])["up"], b.describe(s["session"])["down"]) == (1610, 2120)
+    assert b.ledger.lifetime() == (1610, 2120)
+    assert sum(d["rx"] for d in b.ledger.days()) == 1610
+    assert b.ledger.integrity() == "ok"
+
+
+def test_counter_going_down_without_a_new_interface(make):
+    t = SyntheticTunnel()
+    a = make(t)
+    s = a.open_session(receipts.pub_b64(Ed25519PrivateKey.generate()), k := wgkey())
+    t.traffic(k, 5000, 5000)
+    a.poll()
+    t.peers[k].rx, t.peers[k].tx = 300, 0  # went down
+    a.poll()
+    d = a.describe(s["session"])
+    assert (d["up"], d["down"]) == (5300, 5000)
+
+
+def test_delta_above_line_rate_is_clamped(make):
+    t = SyntheticTunnel()
+    a = make(t)  # 8 Mbit/s x 5 s = 5 MB per poll at most
+    s = a.open_session(receipts.pub_b64(Ed25519PrivateKey.generate()), k := wgkey())
+    a.poll()
+    t.traffic(k, 50_000_000, 0)
+    a.poll()
+    assert a.describe(s["session"])["up"] <= 5_000_000 * 1.2
+    assert a.stats.clamps == 1
+
+
+def test_session_limits_expiry_idle_and_unpaid(make):
+    t, clock = SyntheticTunnel(), Clock()
+    a = make(t, clock)
+    buyer = Ed25519PrivateKey.generate()
+    bk = receipts.pub_b64(buyer)
+    ids = [a.open_session(bk, wgkey())["session"] for _ in range(3)]
+    with pytest.raises(SessionError) as e:
+        a.open_session(bk, wgkey())
+    assert e.value.status == 503
+    with pytest.raises(SessionError) as e:
+        a.open_session(bk, "not-a-key")
+    assert e.value.status == 400
+    assert len({a.describe(i)["address"] for i in ids}) == 3
+    # Idle: no traffic from the buyer for longer than idle_timeout.
+    clock.t += 61
+    a.poll()
+    assert {a.describe(i)["reason"] for i in ids} == {"idle"}
+    assert not t.peers
+    # Closed sessions free their addresses; unpaid usage beyond the cap cuts a session off.
+    s = a.open_session(bk, k := wgkey())
+    t.traffic(k, 600_000, 600_000)
+    a.poll()
+    assert a.describe(s["session"])["state"] == "closed" and a.describe(s["session"])["reason"] == "unpaid"
+    # Co-signed usage is paid: the same traffic with a co-signature keeps the session open.
+    s = a.open_session(bk, k := wgkey())
+    t.traffic(k, 600_000, 600_000)
+    a.ledger.db.execute("UPDATE sessions SET rx = 1200000 WHERE id = ?", (s["session"],))  # as a poll would
+    r = a.cosign(s["session"], bk, receipts.sign_usage(buyer, s["session"], 1_200_000, 0, int(clock.t)))
+    assert r["agreed"] and r["receipt"]["seq"] == 1
+    a.ledger.db.execute("UPDATE peers SET rx_raw = 600000, tx_raw = 600000 WHERE wg_key = ?", (k,))
+    a.poll()
+    assert a.describe(s["session"])["state"] == "open"
+    clock.t += 3601
+    a.poll()
+    assert a.describe(s["session"])["reason"] == "expired"
+
+
+def test_cosign_rejects_bad_signatures_and_other_buyers(make):
+    a = make()
+    buyer, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    s = a.open_session(receipts.pub_b64(buyer), wgkey())["session"]
+    stmt = receipts.sign_usage(buyer, s, 10, 10, 1)
+    with pytest.raises(SessionError) as e:
+        a.cosign(s, receipts.pub_b64(other), stmt)
+    assert e.value.status == 404
+    forged = {**stmt, "up": 11}
+    with pytest.raises(SessionError) as e:
+        a.cosign(s, receipts.pub_b64(buyer), forged)
+    assert e.value.status == 400
+    a.cosign(s, receipts.pub_b64(buyer), stmt)
+    with pytest.raises(SessionError) as e:  # cumulative figures never go down
+        a.cosign(s, receipts.pub_b64(buyer), receipts.sign_usage(buyer, s, 5, 10, 2))
+    assert e.value.status == 409
+
+
+def _chain(n=4):
+    node = Ed25519PrivateKey.generate()
+    buyer = Ed25519PrivateKey.generate()
+    out, prev = [], receipts.GENESIS
+    for i in range(1, n + 1):
+        r = receipts.make_receipt(node, "abc", i, i * 100, i * 200, 1000 + i, prev,
+                                  receipts.sign_usage(buyer, "abc", i * 100, i * 200, 1000 + i))
+        out.append(r)
+        prev = receipts.receipt_hash(r)
+    return node, out
+
+
+def test_receipt_chain_verifies():
+    node, rs = _chain()
+    assert receipts.verify(rs) is None
+    assert receipts.verify(rs, receipts.pub_b64(node)) is None
+    assert "another node key" in receipts.verify(rs, receipts.pub_b64(Ed25519PrivateKey.generate())).reason
+
+
+@pytest.mark.parametrize("attack, index, words", [
+    ("tamper", 2, "signature"), ("reorder", 1, "seq"), ("forge", 2, "chain"), ("drop", 2, "seq"),
+    ("rollback", 2, "went down"), ("buyer", 1, "buyer"),
+])
+def test_receipt_attacks_name_the_first_bad_one(attack, index, words):
+    node, rs = _chain()
+    rs = [dict(r) for r in rs]
+    if attack == "tamper":
+        rs[2]["down"] += 1
+    elif attack == "reorder":
+        rs[1], rs[2] = rs[2], rs[1]
+    elif attack == "forge":  # a well-formed receipt signed by another key
+        other = Ed25519PrivateKey.generate()
+        rs[2] = receipts.make_receipt(other, "abc", 3, 300, 600, 1003, receipts.receipt_hash(rs[1]))
+        rs[2]["node"] = rs[1]["node"]
+        body = {k: v for k, v in rs[2].items() if k != "sig"}
+        rs[2]["sig"] = base64.b64encode(other.sign(receipts.canonical(body))).decode()
+        p = receipts.verify(rs)
+        assert p.index == 2 and "signature" in p.reason
+        # ... and one validly signed by the node but not chained is caught by the hash chain:
+        rs[2] = receipts.make_receipt(node, "abc", 3, 300, 600, 1003, "f" * 64)
+    elif attack == "drop":
+        del rs[1]
+        index = 1
+    elif attack == "rollback":
+        rs[2] = receipts.make_receipt(node, "abc", 3, 50, 600, 1003, receipts.receipt_hash(rs[1]))
+    elif attack == "buyer":
+        rs[1] = receipts.make_receipt(node, "abc", 2, 200, 400, 1002, receipts.receipt_hash(rs[0]),
+                                      {**rs[1]["buyer"], "up": 1})
+    p = receipts.verify(rs)
+    assert p is not None and p.index == index and words in p.reason, p
+
+
+def test_receipts_cli(tmp_path, make):
+    from idlewire.cli import app
+    from typer.testing import CliRunner
+
+    _, rs = _chain()
+    f = tmp_path / "r.json"
+    f.write_text("\n".join(json.dumps(r) for r in rs))
+    res = CliRunner().invoke(app, ["receipts", "verify", str(f), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["ok"]
+    rs[3]["time"] = 1
+    f.write_text(json.dumps(rs))
+    res = CliRunner().invoke(app, ["receipts", "verify", str(f)])
+    assert res.exit_code == 1 and "receipt #4" in res.stdout
+
+
+def test_ledger_file_is_wal_and_secrets_are_0600(make, tmp_path):
+    a = make()
+    a.poll()
+    db = sqlite3.connect(tmp_path / "state" / "ledger.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    for name in ("node.key", "admin.token"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600

@@ -1,0 +1,250 @@
+"""`idlewire client connect URL`: the reference buyer. Opens a session on a node, brings up
+WireGuard, co-signs usage periodically and prints throughput and cost."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
+
+import typer
+
+from .errors import UserError
+
+DEFAULT_KEY = Path.home() / ".config" / "idlewire" / "buyer.key"
+
+
+class NodeError(UserError):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def load_key(path: Path):
+    """The buyer's ed25519 key (base64 raw 32 bytes, 0600), created if missing."""
+    from idlewire_agent import keys
+
+    try:
+        return keys.ed25519_private(str(path))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot use the buyer key: {exc}; delete it to make a new one") from None
+
+
+class Buyer:
+    """Talks to a node's API with requests signed by the buyer's key."""
+
+    def __init__(self, url: str, key, timeout: float = 10):
+        self.url = url.rstrip("/")
+        self.key = key
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict | None = None, sign: bool = True):
+        from idlewire_agent import receipts
+
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        if sign:
+            headers.update(receipts.sign_request(self.key, method, path, data, int(time.time()),
+                                                 secrets.token_hex(16)))
+        req = urllib.request.Request(self.url + path, data=data if body is not None else None,  # noqa: S310
+                                     method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (URL given by the user)
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                msg = json.loads(exc.read()).get("error", "")
+            except ValueError:
+                msg = ""
+            raise NodeError(exc.code, f"{method} {self.url}{path}: HTTP {exc.code} {msg}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise NodeError(0, f"cannot reach the node at {self.url}: {reason}") from None
+
+    def open(self, wg_public_key: str) -> dict:
+        return self.request("POST", "/sessions", {"wg_public_key": wg_public_key})
+
+    def cosign(self, session: str, up: int, down: int) -> dict:
+        from idlewire_agent import receipts
+
+        stmt = receipts.sign_usage(self.key, session, up, down, int(time.time()))
+        return self.request("POST", f"/sessions/{session}/usage", stmt)
+
+    def close(self, session: str) -> dict:
+        return self.request("DELETE", f"/sessions/{session}")
+
+    def receipts(self, session: str) -> list:
+        return self.request("GET", f"/receipts?session={session}")
+
+
+def _run(*argv: str, input: str | None = None) -> str:
+    p = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
+    if p.returncode != 0:
+        raise UserError(f"{' '.join(argv[:4])} failed: {p.stderr.strip()}; are you root, with wireguard-tools?")
+    return p.stdout
+
+
+def bring_up(ifname: str, private_key: str, session: dict, endpoint_host: str, routes: list[str] = ()) -> None:
+    """A WireGuard interface for the session (kernel WireGuard, else wireguard-go), routing the node's
+    tunnel network and `routes` through it."""
+    if not shutil.which("wg"):
+        raise UserError("`wg` not found: install wireguard-tools")
+    if not Path(f"/sys/class/net/{ifname}").exists():
+        ok = subprocess.run(["ip", "link", "add", ifname, "type", "wireguard"], capture_output=True,
+                            check=False).returncode == 0
+        if not ok:
+            if not shutil.which("wireguard-go"):
+                raise UserError("no WireGuard kernel module and no wireguard-go: install one of them")
+            env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "LOG_LEVEL": "error"}
+            subprocess.run(["wireguard-go", ifname], env=env, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            for _ in range(100):
+                if Path(f"/sys/class/net/{ifname}").exists():
+                    break
+                time.sleep(0.05)
+    host = session.get("endpoint_host") or endpoint_host
+    endpoint = f"[{host}]:{session['endpoint_port']}" if ":" in host else f"{host}:{session['endpoint_port']}"
+    nets = [session["allowed_ips"], *routes]
+    _run("wg", "set", ifname, "private-key", "/dev/stdin", "peer", session["wg_public_key"], "endpoint", endpoint,
+         "allowed-ips", ",".join(nets), "persistent-keepalive", "25", input=private_key + "\n")
+    _run("ip", "address", "replace", session["address"], "dev", ifname)
+    _run("ip", "link", "set", ifname, "up")
+    for net in nets:
+        _run("ip", "route", "replace", net, "dev", ifname)
+
+
+def counters(ifname: str) -> tuple[int, int]:
+    """(up, down): bytes this buyer sent to / received from the node, per `wg show dump`."""
+    lines = _run("wg", "show", ifname, "dump").splitlines()[1:]
+    up = down = 0
+    for line in lines:
+        f = line.split("\t")
+        down += int(f[5])
+        up += int(f[6])
+    return up, down
+
+
+def tear_down(ifname: str) -> None:
+    subprocess.run(["ip", "link", "del", ifname], capture_output=True, check=False)
+
+
+def _wg_keypair() -> tuple[str, str]:
+    from idlewire_agent import keys
+
+    return keys.wg_keypair()
+
+
+def _routes(routes: list[str]) -> list[str]:
+    import ipaddress
+
+    out = []
+    for r in routes:
+        try:
+            out.append(str(ipaddress.ip_network(r, strict=False)))
+        except ValueError:
+            raise UserError(f"--route: expected a network like 192.0.2.0/24, got {r!r}") from None
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def register(app: typer.Typer) -> None:
+    client = typer.Typer(help="The reference buyer client: rent bandwidth from a node.", no_args_is_help=True)
+    app.add_typer(client, name="client")
+
+    @client.command()
+    def connect(
+        url: Annotated[str, typer.Argument(help="The node's API, e.g. http://192.168.1.20:8740")],
+        key: Annotated[Path, typer.Option("--key", help="Your buyer key (ed25519, made if missing, 0600).")] =
+            DEFAULT_KEY,
+        interface: Annotated[str, typer.Option("--interface", "-i", help="WireGuard interface to create.")] =
+            "iwbuyer0",
+        interval: Annotated[float, typer.Option("--interval", help="Seconds between co-signed usage reports.")] =
+            5.0,
+        duration: Annotated[float, typer.Option("--duration", help="Disconnect after this many seconds "
+                                                "(0 = until Ctrl-C).")] = 0,
+        receipts_out: Annotated[Path | None, typer.Option("--receipts", help="Save the session's receipts "
+                                                         "here at the end (for `idlewire receipts verify`).")] = None,
+        route: Annotated[list[str] | None, typer.Option("--route", help="Also send this network through the "
+                                                       "node (repeatable), e.g. 192.0.2.0/24.")] = None,
+        keep: Annotated[bool, typer.Option("--keep", help="Leave the session and interface up at exit.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="One JSON object per report on stdout.")] = False,
+    ):
+        """Open a session on the node at URL and route its tunnel network through WireGuard.
+
+        Every --interval seconds the client reads its own WireGuard counters, signs them (its payment
+        promise for the bytes so far) and sends them to the node, which answers with a signed receipt.
+        Prints throughput and the cost at the node's price. Needs root (it creates an interface).
+
+        Example:  sudo idlewire client connect http://192.168.1.20:8740 --duration 60 --receipts r.json
+        """
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
+            raise UserError(f"URL: expected http://HOST:PORT of the node's API, got {url!r}")
+        buyer = Buyer(url, load_key(key))
+        priv, pub = _wg_keypair()
+        s = buyer.open(pub)
+        sid = s["session"]
+        out = sys.stderr
+        print(f"session {sid}: address {s['address']}, node {s['wg_public_key']}, "
+              f"price {s['price_per_gb']}/GB", file=out)
+        try:
+            bring_up(interface, priv, s, urlsplit(url).hostname or "", _routes(route or []))
+            start = last_t = time.monotonic()
+            last_total = 0
+            while True:
+                time.sleep(interval)
+                up, down = counters(interface)
+                try:
+                    r = buyer.cosign(sid, up, down)
+                except NodeError as exc:
+                    if exc.status != 0:  # the node refused: the session is over
+                        raise
+                    print(f"warning: {exc}; retrying", file=out, flush=True)
+                    continue
+                now = time.monotonic()
+                rate = (up + down - last_total) * 8 / max(now - last_t, 1e-6) / 1e6
+                last_t, last_total = now, up + down
+                cost = (up + down) / 1e9 * s["price_per_gb"]
+                if as_json:
+                    print(json.dumps({"session": sid, "up": up, "down": down, "mbit_s": round(rate, 3),
+                                      "cost": round(cost, 9), "seq": r["receipt"]["seq"],
+                                      "agreed": r["agreed"]}), flush=True)
+                else:
+                    print(f"up {_human(up)}  down {_human(down)}  {rate:.2f} Mbit/s  cost {cost:.6f}  "
+                          f"receipt #{r['receipt']['seq']}{'' if r['agreed'] else ' (node counts more)'}",
+                          file=out, flush=True)
+                if r.get("state") != "open":
+                    print(f"the node closed the session ({r.get('reason')})", file=out, flush=True)
+                    break
+                if duration and now - start >= duration:
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if not keep:
+                try:
+                    buyer.close(sid)
+                except NodeError as exc:
+                    print(f"warning: {exc}", file=out)
+                tear_down(interface)
+        if receipts_out:
+            rs = buyer.receipts(sid)
+            tmp = receipts_out.with_suffix(receipts_out.suffix + ".tmp")
+            tmp.write_text(json.dumps(rs, indent=1))
+            tmp.replace(receipts_out)
+            print(f"{len(rs)} receipts saved to {receipts_out}", file=out)
