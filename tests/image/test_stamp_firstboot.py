@@ -40,10 +40,12 @@ def golden(tmp_path_factory) -> Path:
     return Path(json.loads(res.stdout)["image"])
 
 
-def _pub_of(pem: str) -> str:
+def _pub_of(node_key: str) -> str:
+    """Public key of /etc/idlewire/node.key (the agent's format: base64 of the 32 raw bytes)."""
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(node_key.strip()))
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode()
 
@@ -75,7 +77,7 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
         img = Path(u["image"])
         pem = st.read_boot_file(img, layout.boot_offset, "node.key").decode()
         toml = st.read_boot_file(img, layout.boot_offset, "stamp.toml").decode()
-        secrets[u["unit"]] = ([ln.encode() for ln in pem.splitlines() if "-----" not in ln],
+        secrets[u["unit"]] = ([ln.encode() for ln in pem.splitlines() if ln.strip()],
                               next(ln.split('"')[1] for ln in toml.splitlines() if ln.startswith("psk_hash")))
     # both units boot side by side (one boot each)
     vms = {u["unit"]: Vm(Path(u["image"]), "amd64", tmp_path / f"vm-{u['unit']}", key) for u in stamped}
@@ -89,6 +91,11 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
             assert vm.ssh("hostname").stdout.strip() == u["hostname"]
             node_key = vm.ssh("sudo cat /etc/idlewire/node.key").stdout
             assert _pub_of(node_key) == u["node_public_key"]
+            # the agent runs with the stamped key (it reads /etc/idlewire/node.key)
+            assert vm.ssh("systemctl is-active idlewire-agent", check=False).stdout.strip() == "active"
+            health = vm.ssh("python3 -c \"import urllib.request as u;"
+                            "print(u.urlopen('http://127.0.0.1:8740/health').read().decode())\"").stdout
+            assert json.loads(health)["node_key"] == u["node_public_key"], health
             modes = vm.ssh("sudo stat -c '%a %U' /etc/idlewire /etc/idlewire/node.key "
                            "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf").stdout.split("\n")
             assert modes[0].split()[0] in ("700", "750") and modes[1] == "600 root" and modes[2] == "600 root"

@@ -46,10 +46,11 @@ def golden_dos(tmp_path_factory) -> Path:
     return make_image(tmp_path_factory.mktemp("golden-dos") / "idlewire-test-1.img", table="dos")
 
 
-def _pub(pem: bytes) -> str:
+def _pub(node_key: bytes) -> str:
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    key = serialization.load_pem_private_key(pem, password=None)
+    key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(node_key.strip(), validate=True))
     return base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw,
                                                           serialization.PublicFormat.Raw)).decode()
 
@@ -88,6 +89,12 @@ def test_round_trip_and_only_the_boot_partition_changes(table, golden, golden_do
     toml = tomllib.loads(st.read_boot_file(out, layout.boot_offset, "stamp.toml").decode())
     pem = st.read_boot_file(out, layout.boot_offset, "node.key")
     assert _pub(pem) == pub == toml["node_public_key"]
+    # the agent reads the key in this format from /etc/idlewire/node.key
+    from idlewire_agent import keys
+
+    agent_key = tmp_path / "agent-node.key"
+    agent_key.write_bytes(pem)
+    assert keys.ed25519_public_b64(keys.ed25519_private(str(agent_key))) == pub
     assert toml["unit"] == "shop-1" and toml["hostname"] == "iw-1" and toml["ssh_authorized_keys"] == [KEY]
     assert toml["wifi"] == {"country": "DE", "ssid": "Cafe", "hidden": False,
                             "psk_hash": wpa_psk("Cafe", "correct horse")}

@@ -6,7 +6,7 @@ partition's byte offset (`mcopy -i IMAGE@@OFFSET`), the offset read from the par
 roles/base/templates/usr/local/sbin/idlewire-stamp.j2)::
 
     idlewire/stamp.toml   unit id, hostname, SSH keys, Wi-Fi (hashed PSK), payout address, caps
-    idlewire/node.key     the node's ed25519 private key (PEM, PKCS#8)
+    idlewire/node.key     the node's ed25519 private key (base64 of its 32 bytes: the agent's format)
 
 The output image is a sparse copy of the golden one (a reflink when the filesystem can, else
 copy_file_range of the mapped ranges only), and its .bmap is the golden one with the boot
@@ -39,33 +39,44 @@ RECORD_COLUMNS = ("unit", "hostname", "node_public_key", "image", "target", "sta
 
 # --- keys -----------------------------------------------------------------------------------
 
-def load_node_key(pem: bytes):
-    """An ed25519 private key from PEM (PKCS#8) or OpenSSH text; ValueError says what is wrong."""
+def load_node_key(data: bytes):
+    """An ed25519 private key from PEM (PKCS#8), OpenSSH, or the agent's own format (base64 of the
+    32 raw bytes, as /etc/idlewire/node.key holds it); ValueError says what is wrong."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    text = data.strip()
+    if text and b"-----" not in text:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except ValueError:
+            raw = b""
+        if len(raw) == 32:
+            return Ed25519PrivateKey.from_private_bytes(raw)
     try:
-        if b"OPENSSH PRIVATE KEY" in pem:
-            key = serialization.load_ssh_private_key(pem, password=None)
+        if b"OPENSSH PRIVATE KEY" in data:
+            key = serialization.load_ssh_private_key(data, password=None)
         else:
-            key = serialization.load_pem_private_key(pem, password=None)
+            key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, Exception) as exc:  # cryptography raises several kinds
-        raise ValueError(f"not an unencrypted private key in PEM or OpenSSH format ({exc})") from None
+        raise ValueError("not an unencrypted ed25519 private key (PEM, OpenSSH, or base64 of 32 bytes) "
+                         f"({exc})") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"expected an ed25519 key, got {type(key).__name__.removeprefix('_')}")
     return key
 
 
 def node_key(unit: Unit) -> tuple[bytes, str]:
-    """(PEM of the unit's private key, base64 of its raw public key); generated when absent."""
+    """(the private key as the agent reads it: base64 of 32 raw bytes + newline, base64 of the
+    raw public key); generated when the unit gives none."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = load_node_key(unit.node_key_pem) if unit.node_key_pem else Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    priv = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return pem, base64.b64encode(pub).decode()
+    return base64.b64encode(priv) + b"\n", base64.b64encode(pub).decode()
 
 
 # --- stamp content --------------------------------------------------------------------------
