@@ -40,7 +40,8 @@ def stamp(
     boot moves them into /etc/idlewire and erases them from the boot partition.
 
     unit.yml fields: unit, hostname, ssh_authorized_keys, wifi {country, ssid, psk, hidden},
-    payout_address, caps {up_mbit, down_mbit, monthly_gb, max_sessions}, node_key (PEM path).
+    payout_address, caps {up_mbit, down_mbit, monthly_gb, max_sessions}, node_key (path of an
+    ed25519 private key: PEM, OpenSSH, or base64 of its 32 bytes as /etc/idlewire/node.key holds it).
     units.csv columns: unit, hostname, ssh_authorized_keys (';' between keys), wifi_country,
     wifi_ssid, wifi_psk, wifi_hidden, payout_address, caps_up_mbit, caps_down_mbit,
     caps_monthly_gb, caps_max_sessions, node_key.

@@ -10,7 +10,7 @@ Two formats hold the same fields:
       wifi: {country: DE, ssid: "Cafe Luna", psk: "correct horse", hidden: false}
       payout_address: "bc1q…"
       caps: {up_mbit: 20, down_mbit: 100, monthly_gb: 500, max_sessions: 8}
-      node_key: keys/shop-0001.pem    # ed25519 private key (PEM); generated when absent
+      node_key: keys/shop-0001.key    # ed25519 private key (PEM, OpenSSH or base64); generated when absent
 
 - `units.csv`, one row per unit, a header row naming the columns (any order, unknown columns are
   refused, an empty cell means "not set"): ``unit, hostname, ssh_authorized_keys`` (several keys
