@@ -120,3 +120,19 @@ def test_cli_bad_unit_is_one_line_exit_2(tmp_path):
     assert res.returncode == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert lines and "wifi.psk" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_node_key_in_the_agent_format(tmp_path):
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    raw = Ed25519PrivateKey.generate().private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                                     serialization.NoEncryption())
+    (tmp_path / "node.key").write_bytes(base64.b64encode(raw) + b"\n")
+    p = tmp_path / "u.yml"
+    p.write_text("unit: a\nnode_key: node.key\n")
+    from idlewire.stamp import node_key
+
+    assert node_key(load_unit(p))[0].strip() == base64.b64encode(raw)
