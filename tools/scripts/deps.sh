@@ -11,7 +11,8 @@ pkgs_image=(mmdebstrap debian-archive-keyring arch-test qemu-user-static binfmt-
   dosfstools mtools faketime e2fsprogs fdisk xz-utils zstd bmap-tools python3-venv ca-certificates)
 # ... and for testing them: QEMU system emulators + firmware, SSH client, networking parts.
 pkgs_test=(qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 openssh-client
-  wireguard-tools wireguard-go nftables iperf3 iproute2 iputils-ping systemd-container)
+  wireguard-tools wireguard-go nftables iperf3 iproute2 iputils-ping systemd-container
+  strace bc)
 
 pkgs=("${pkgs_image[@]}")
 [ "$want" = test ] && pkgs+=("${pkgs_test[@]}")

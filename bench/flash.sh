@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Flash and stamp speed against the peers, measured here and printed as ratios.
+#
+#   sudo bench/flash.sh [RUNS]          (default 3 runs per tool and target; medians are printed)
+#
+# A 4 GiB image holding ~1 GiB of data (GPT, 256 MiB FAT boot, ext4 root) is made in a scratch
+# directory (BENCH_DIR, default /var/tmp/idlewire-bench, ~12 GiB free needed), then written to a
+# regular file and to a loop device by:
+#   idlewire flash (with and without --no-verify), bmaptool copy, dd bs=4M conv=fsync.
+# The image stays in the page cache for every tool alike; every run ends with its data on disk
+# (fsync). Then 100 units are stamped (`idlewire stamp --units`, in batches of 10 deleted as they
+# go) from BENCH_GOLDEN (a built image, e.g. out/idlewire-x86_64-0.1.0.img) or the bench image.
+# Goals: idlewire ≤ 0.9× bmaptool, ≥ 4× faster than dd, verify ≤ 30 % extra, stamping ≤ 1 s/unit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3}
+DIR=${BENCH_DIR:-/var/tmp/idlewire-bench}
+PY=${PYTHON:-.venv/bin/python}
+IDLEWIRE=(.venv/bin/idlewire)
+[ "$(id -u)" = 0 ] || { echo "error: run as root (loop devices)" >&2; exit 2; }
+for t in bmaptool dd losetup mkfs.ext4 mkfs.vfat sfdisk; do
+  command -v "$t" >/dev/null || { echo "error: $t missing (make deps-test)" >&2; exit 2; }
+done
+mkdir -p "$DIR"
+IMG=$DIR/idlewire-bench-1.img
+LOOP=""
+cleanup() { [ -n "$LOOP" ] && losetup -d "$LOOP" 2>/dev/null || true; rm -rf "$DIR/stamped" "$DIR/target.img" "$DIR/loop.img"; }
+trap cleanup EXIT
+
+if [ ! -e "$IMG" ]; then
+  echo "making $IMG (4 GiB, ~1 GiB of data)…" >&2
+  "$PY" - "$IMG" <<'EOF'
+import sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from imagelab import make_image
+make_image(Path(sys.argv[1]), size=4 << 30, boot_size=256 << 20, data_mib=1000)
+EOF
+fi
+"$PY" - "$IMG" <<'EOF' >&2
+import sys
+from pathlib import Path
+from idlewire import bmap
+b = bmap.parse(Path(sys.argv[1]).with_suffix(".bmap"))
+print(f"image: {b.image_size / 2**30:.1f} GiB, mapped {b.mapped_blocks * b.block_size / 2**30:.2f} GiB")
+EOF
+cat "$IMG" > /dev/null  # into the page cache, for every tool alike
+
+truncate -s 0 "$DIR/loop.img"; truncate -s 4200M "$DIR/loop.img"
+LOOP=$(losetup -f --show "$DIR/loop.img")
+
+secs() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+fresh() { if [ "$1" = file ]; then rm -f "$DIR/target.img"; fi; }
+target() { if [ "$1" = file ]; then echo "$DIR/target.img"; else echo "$LOOP"; fi; }
+
+# Runs are interleaved (run 1 of every tool, then run 2, …) so that the load other programs put
+# on a shared machine falls on every tool alike.
+TOOLS=(idlewire idlewire-noverify bmaptool dd)
+declare -A M R
+for kind in file loop; do
+  for _ in $(seq "$RUNS"); do
+    for tool in "${TOOLS[@]}"; do
+      fresh "$kind"; T=$(target "$kind")
+      case $tool in
+        idlewire) s=$(secs "${IDLEWIRE[@]}" flash "$IMG" "$T") ;;
+        idlewire-noverify) s=$(secs "${IDLEWIRE[@]}" flash --no-verify "$IMG" "$T") ;;
+        bmaptool) s=$(secs bmaptool copy "$IMG" "$T") ;;
+        dd) s=$(secs dd if="$IMG" of="$T" bs=4M conv=fsync) ;;
+      esac
+      R[$kind,$tool]="${R[$kind,$tool]:-} $s"
+    done
+  done
+  for tool in "${TOOLS[@]}"; do
+    # shellcheck disable=SC2086
+    M[$kind,$tool]=$(printf '%s\n' ${R[$kind,$tool]} | median)
+    # shellcheck disable=SC2086
+    printf '%-5s %-18s median %6.2fs  (runs: %s)\n' "$kind" "$tool" "${M[$kind,$tool]}" "$(printf '%.2f ' ${R[$kind,$tool]})"
+  done
+done
+# the flashes must really be right: the loop device holds the image (idlewire's own check, then cmp)
+"${IDLEWIRE[@]}" flash "$IMG" "$LOOP" >/dev/null 2>&1
+cmp -n "$(stat -c %s "$IMG")" "$IMG" "$LOOP" && echo "loop device == image: yes"
+
+echo
+for kind in file loop; do
+  printf '%-5s idlewire/bmaptool %.2fx, without read-back %.2fx (goal <= 0.9)   dd/idlewire %.1fx faster (goal >= 4)   verify +%.0f%% (goal <= 30%%)\n' \
+    "$kind" \
+    "$(echo "${M[$kind,idlewire]} / ${M[$kind,bmaptool]}" | bc -l)" \
+    "$(echo "${M[$kind,idlewire-noverify]} / ${M[$kind,bmaptool]}" | bc -l)" \
+    "$(echo "${M[$kind,dd]} / ${M[$kind,idlewire]}" | bc -l)" \
+    "$(echo "(${M[$kind,idlewire]} / ${M[$kind,idlewire-noverify]} - 1) * 100" | bc -l)"
+done
+
+GOLDEN=${BENCH_GOLDEN:-$IMG}
+echo
+echo "stamping 100 units of $GOLDEN (batches of 10, deleted as they go)…"
+total=0
+for batch in $(seq 0 9); do
+  csv=$DIR/units-$batch.csv
+  { echo "unit,payout_address"; for i in $(seq 0 9); do printf 'unit-%d%d,addr-%04d\n' "$batch" "$i" "$((batch * 10 + i))"; done; } > "$csv"
+  s=$(secs "${IDLEWIRE[@]}" stamp "$GOLDEN" --units "$csv" --out "$DIR/stamped")
+  total=$(echo "$total + $s" | bc -l)
+  rm -rf "$DIR/stamped" "$csv"
+done
+printf 'stamp: %.2fs for 100 units, %.3fs per unit (goal <= 1 s), whole command runs included\n' "$total" "$(echo "$total / 100" | bc -l)"

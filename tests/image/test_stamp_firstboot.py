@@ -1,0 +1,129 @@
+"""A golden x86_64 image (built with no login key) stamped for two units, each booted once.
+
+Each unit must: let the stamped SSH key log in, hold its node key in /etc/idlewire (0600, dir
+0700) matching the public key `idlewire stamp` recorded, carry the stamped hostname and Wi-Fi
+config (derived key only), and leave no secret on the boot partition (checked from the host on
+the raw bytes after a clean power-off). The two units differ in node key and SSH host key.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from qemu import Vm
+
+pytestmark = pytest.mark.image
+
+ROOT = Path(__file__).resolve().parents[2]
+IDLEWIRE = [sys.executable, "-m", "idlewire"]
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory) -> Path:
+    """IDLEWIRE_TEST_GOLDEN (a built x86_64 .img with no login key), else built here."""
+    given = os.environ.get("IDLEWIRE_TEST_GOLDEN")
+    if given:
+        return Path(given)
+    if os.geteuid() != 0:
+        pytest.skip("building images needs root")
+    out = tmp_path_factory.mktemp("golden")
+    res = subprocess.run([*IDLEWIRE, "build", "--target", "x86_64", "--allow-no-login", "--out", str(out),
+                          "--no-xz", "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, f"golden build failed:\n{res.stderr[-3000:]}"
+    return Path(json.loads(res.stdout)["image"])
+
+
+def _pub_of(node_key: str) -> str:
+    """Public key of /etc/idlewire/node.key (the agent's format: base64 of the 32 raw bytes)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.from_private_bytes(base64.b64decode(node_key.strip()))
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vendor", "-f", str(key)], check=True)
+    pub = key.with_suffix(".pub").read_text().strip()
+    units = tmp_path / "units.csv"
+    with units.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["unit", "hostname", "ssh_authorized_keys", "wifi_country", "wifi_ssid", "wifi_psk",
+                    "payout_address", "caps_monthly_gb"])
+        w.writerow(["unit-a", "iw-a", pub, "DE", "Cafe Luna", "passphrase-a-123", "addr-aaaa", "500"])
+        w.writerow(["unit-b", "iw-b", pub, "FR", "Atelier", "passphrase-b-456", "addr-bbbb", "900"])
+    out = tmp_path / "stamped"
+    res = subprocess.run([*IDLEWIRE, "stamp", str(golden), "--units", str(units), "--out", str(out), "--json"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    stamped = json.loads(res.stdout)["units"]
+    assert len({u["node_public_key"] for u in stamped}) == 2
+
+    from idlewire import stamp as st
+
+    layout = st.read_layout(golden)
+    facts = {}
+    secrets = {}
+    for u in stamped:
+        img = Path(u["image"])
+        pem = st.read_boot_file(img, layout.boot_offset, "node.key").decode()
+        toml = st.read_boot_file(img, layout.boot_offset, "stamp.toml").decode()
+        secrets[u["unit"]] = ([ln.encode() for ln in pem.splitlines() if ln.strip()],
+                              next(ln.split('"')[1] for ln in toml.splitlines() if ln.startswith("psk_hash")))
+    # both units boot side by side (one boot each)
+    vms = {u["unit"]: Vm(Path(u["image"]), "amd64", tmp_path / f"vm-{u['unit']}", key) for u in stamped}
+    try:
+        for vm in vms.values():
+            vm.start()
+        for u in stamped:
+            vm = vms[u["unit"]]
+            psk_hash = secrets[u["unit"]][1]
+            vm.wait_ssh(300)  # the golden image has no key: only the stamp lets us in
+            assert vm.ssh("hostname").stdout.strip() == u["hostname"]
+            node_key = vm.ssh("sudo cat /etc/idlewire/node.key").stdout
+            assert _pub_of(node_key) == u["node_public_key"]
+            # the agent runs with the stamped key (it reads /etc/idlewire/node.key)
+            assert vm.ssh("systemctl is-active idlewire-agent", check=False).stdout.strip() == "active"
+            health = vm.ssh("python3 -c \"import urllib.request as u;"
+                            "print(u.urlopen('http://127.0.0.1:8740/health').read().decode())\"").stdout
+            assert json.loads(health)["node_key"] == u["node_public_key"], health
+            modes = vm.ssh("sudo stat -c '%a %U' /etc/idlewire /etc/idlewire/node.key "
+                           "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf").stdout.split("\n")
+            assert modes[0].split()[0] in ("700", "750") and modes[1] == "600 root" and modes[2] == "600 root"
+            wpa = vm.ssh("sudo cat /etc/wpa_supplicant/wpa_supplicant-wlan0.conf").stdout
+            assert f"psk={psk_hash}" in wpa and "passphrase" not in wpa
+            unit_toml = vm.ssh("sudo cat /etc/idlewire/unit.toml").stdout
+            assert f'unit = "{u["unit"]}"' in unit_toml and "monthly_gb" in unit_toml
+            listing = vm.ssh("sudo ls /boot/efi/idlewire").stdout.split()
+            assert listing == ["stamp.done"], listing
+            hostkey = vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]
+            facts[u["unit"]] = (hostkey, u["node_public_key"])
+            vm.ssh("sudo systemctl poweroff", check=False)
+        for vm in vms.values():
+            assert vm.proc is not None
+            vm.proc.wait(timeout=120)
+    finally:
+        for vm in vms.values():
+            vm.stop()
+    # After a clean power-off, the raw boot partition holds no trace of the secrets.
+    for u in stamped:
+        with Path(u["image"]).open("rb") as f:
+            f.seek(layout.boot_offset)
+            raw = f.read(layout.boot_size)
+        key_lines, psk_hash = secrets[u["unit"]]
+        for line in key_lines:
+            assert line not in raw, "node key material left on the boot partition"
+        assert psk_hash.encode() not in raw, "Wi-Fi key left on the boot partition"
+        assert b"consumed_at" in raw  # the stamp.done marker is there
+    (a_host, a_node), (b_host, b_node) = facts.values()
+    assert a_host != b_host, "two units share an SSH host key"
+    assert a_node != b_node, "two units share a node key"

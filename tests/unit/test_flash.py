@@ -1,0 +1,291 @@
+"""`idlewire flash` on synthetic images, regular files and loop devices: formats, bmaptool both
+ways, stamping several cards at once, every refusal, damaged streams, interrupted writes."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from idlewire import flash as fl
+from idlewire import stamp as st
+from idlewire.errors import UserError
+from imagelab import can_loop, loop_device, make_image, run, write_sha256
+
+ROOT = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("mcopy", "sfdisk", "mkfs.vfat", "xz", "zstd")),
+                                reason="needs mtools, fdisk, dosfstools, xz-utils, zstd")
+needs_loop = pytest.mark.skipif(bool(can_loop()), reason=can_loop() or "")
+
+
+def idlewire(*args, check=True) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "idlewire", *map(str, args)], capture_output=True, text=True,
+                         cwd=ROOT)
+    if check:
+        assert res.returncode == 0, res.stderr
+    return res
+
+
+def refused(res: subprocess.CompletedProcess, words: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert words in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+    assert "nothing written" in res.stderr or "download" in res.stderr or "refusing" in res.stderr
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("golden")
+    img = make_image(d / "idlewire-test-1.img")
+    run("xz", "-T0", "-3", "-k", img)
+    run("zstd", "-q", "-k", img)
+    with img.open("rb") as src, gzip.open(d / "idlewire-test-1.img.gz", "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst)
+    write_sha256(img, *(d / f"idlewire-test-1.img.{s}" for s in ("xz", "gz", "zst")))
+    return img
+
+
+def same_as_image(img: Path, target: Path) -> bool:
+    size = img.stat().st_size
+    with img.open("rb") as a, target.open("rb") as b:
+        while size > 0:
+            n = min(size, 8 * MiB)
+            if a.read(n) != b.read(n):
+                return False
+            size -= n
+    return True
+
+
+@pytest.mark.parametrize("suffix", ["", ".xz", ".gz", ".zst"])
+def test_every_format_to_a_file(golden, tmp_path, suffix):
+    src = golden.with_name(golden.name + suffix)
+    out = tmp_path / "card.img"
+    summary = json.loads(idlewire("flash", src, out, "--json").stdout)
+    assert same_as_image(golden, out)
+    card = summary["cards"][0]
+    assert card["verified"] is True and card["mismatch_count"] == 0
+    assert card["written_bytes"] == summary["mapped_bytes"]
+    assert summary["sha256_checked"] is bool(suffix)
+
+
+def test_bmap_compatibility_both_ways(golden, tmp_path):
+    if not shutil.which("bmaptool"):
+        pytest.skip("bmaptool (bmap-tools) missing")
+    # ours → bmaptool (raw and xz)
+    for src in (golden, golden.with_name(golden.name + ".xz")):
+        out = tmp_path / f"bt-{src.suffix}.img"
+        run("bmaptool", "copy", "--bmap", golden.with_suffix(".bmap"), src, out)
+        assert same_as_image(golden, out)
+    # bmaptool's → ours
+    theirs = tmp_path / "theirs.bmap"
+    run("bmaptool", "create", "-o", theirs, golden)
+    out = tmp_path / "ours.img"
+    summary = json.loads(idlewire("flash", golden, out, "--bmap", theirs, "--json").stdout)
+    assert summary["cards"][0]["verified"] and same_as_image(golden, out)
+    out2 = tmp_path / "ours-xz.img"
+    idlewire("flash", golden.with_name(golden.name + ".xz"), out2, "--bmap", theirs)
+    assert same_as_image(golden, out2)
+
+
+@needs_loop
+def test_loop_devices_stamped_concurrently(golden, tmp_path):
+    units = tmp_path / "units.csv"
+    units.write_text("unit,hostname,payout_address\nskip-0,,\ncard-1,,addr-0001\ncard-2,,addr-0002\n")
+    backs = []
+    for i in (1, 2):
+        b = tmp_path / f"back{i}.img"
+        with b.open("wb") as f:
+            f.truncate(golden.stat().st_size + 16 * MiB)
+        backs.append(b)
+    with loop_device(backs[0]) as d1, loop_device(backs[1]) as d2:
+        res = idlewire("flash", golden.with_name(golden.name + ".zst"), d1, d2, "--units", units, "--start", "2",
+                       "--record", tmp_path / "rec.csv", "--json")
+        cards = json.loads(res.stdout)["cards"]
+        assert [c["unit"] for c in cards] == ["card-1", "card-2"]
+        assert all(c["verified"] for c in cards)
+        assert cards[0]["node_public_key"] != cards[1]["node_public_key"]
+        # each card: the stamp of its own unit; outside the boot partition, the image
+        layout = st.read_layout(golden)
+        for dev, c in zip((d1, d2), cards, strict=True):
+            toml = st.read_boot_file(dev, layout.boot_offset, "stamp.toml").decode()
+            assert f'unit = "{c["unit"]}"' in toml and c["node_public_key"] in toml
+        assert idlewire("flash", golden, d1, "--verify-only", "--skip-boot").returncode == 0
+        whole = idlewire("flash", golden, d1, "--verify-only", check=False)
+        assert whole.returncode == 1 and "differs" in whole.stderr
+    rec = (tmp_path / "rec.csv").read_text()
+    assert "card-1" in rec and "card-2" in rec and str(d2) in rec
+
+
+@needs_loop
+def test_refusals_on_devices(golden, tmp_path):
+    size = golden.stat().st_size
+    # a path under /dev that does not exist: refused, and no file appears there
+    ghost = Path("/dev/idlewire-test-no-such-card")
+    refused(idlewire("flash", golden, ghost, check=False), "no such device")
+    assert not ghost.exists()
+    refused(idlewire("flash", golden, "/dev/null", check=False), "not a block device")
+    # the image itself, directly or through a loop device
+    before = golden.read_bytes()[:MiB]
+    refused(idlewire("flash", golden, golden, check=False), "is the image")
+    with loop_device(golden) as dev:
+        refused(idlewire("flash", golden, dev, check=False), "over the image itself")
+    assert golden.read_bytes()[:MiB] == before
+    # smaller than the image
+    small = tmp_path / "small.img"
+    with small.open("wb") as f:
+        f.truncate(size - MiB)
+    with loop_device(small) as dev:
+        refused(idlewire("flash", golden, dev, check=False), "smaller than the image")
+    # a partition, a mounted partition, a device held open exclusively
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(golden, disk)
+    dev = run("losetup", "-f", "--show", "-P", disk, text=True).stdout.strip()
+    mnt = Path(tempfile.mkdtemp(prefix="idlewire-test-mnt-"))
+    try:
+        part = Path(f"{dev}p1")
+        sys_part = Path("/sys/block") / Path(dev).name / f"{Path(dev).name}p1" / "dev"
+        subprocess.run(["partx", "-a", dev], capture_output=True, check=False)  # when -P scanned nothing
+        for _ in range(50):
+            if part.exists() or sys_part.exists():
+                break
+            time.sleep(0.1)
+        if not part.exists():  # no udev here: make the node ourselves (outside /dev)
+            major, minor = map(int, sys_part.read_text().split(":"))
+            part = tmp_path / "part1"
+            os.mknod(part, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+        refused(idlewire("flash", golden, part, check=False), "is a partition")
+        root_part = Path(str(part)[:-1] + "2")
+        if not root_part.exists():
+            major, minor = map(int, Path(str(sys_part).replace("p1/dev", "p2/dev")).read_text().split(":"))
+            os.mknod(root_part, 0o600 | stat.S_IFBLK, os.makedev(major, minor))
+        run("mount", "-o", "ro", root_part, mnt)  # the ext4 root (this kernel has no vfat)
+        try:
+            before = disk.read_bytes()[:MiB]
+            refused(idlewire("flash", golden, dev, check=False), "is mounted on")
+            assert disk.read_bytes()[:MiB] == before
+        finally:
+            run("umount", mnt)
+        for _ in range(100):  # the mount's claim on the disk goes away shortly after umount
+            try:
+                fd = os.open(dev, os.O_RDONLY | os.O_EXCL)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"{dev} stayed busy after umount")
+        try:
+            res = idlewire("flash", golden, dev, check=False)
+            assert res.returncode == 2 and "in use" in res.stderr, res.stderr
+        finally:
+            os.close(fd)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+        mnt.rmdir()
+
+
+def test_refuses_the_system_disk_and_fixed_disks():
+    """Checked in-process with inspect_target, which never opens anything for writing."""
+    root_dev = os.stat("/").st_dev
+    disks = fl._disk_of(f"{os.major(root_dev)}:{os.minor(root_dev)}")
+    if not disks:
+        pytest.skip("/ is not on a block device here")
+    for name in disks:
+        with pytest.raises(UserError, match="root filesystem"):
+            fl.inspect_target(Path(f"/dev/{name}"), 1)
+    fixed = [p for p in Path("/sys/block").iterdir()
+             if p.name not in disks and (p / "removable").read_text().strip() == "0"
+             and not p.name.startswith(("loop", "mmcblk", "ram")) and "/usb" not in str(p.resolve())
+             and not any((p / "holders").iterdir()) and Path(f"/dev/{p.name}").exists()]
+    if fixed:
+        with pytest.raises(UserError, match="fixed"):
+            fl.inspect_target(Path(f"/dev/{fixed[0].name}"), 1)
+
+
+def test_damaged_images_are_refused_before_writing(golden, tmp_path):
+    d = tmp_path / "img"
+    d.mkdir()
+    out = tmp_path / "card.img"
+    # .sha256 does not match the .xz
+    xz = d / "idlewire-test-1.img.xz"
+    shutil.copyfile(golden.with_name(golden.name + ".xz"), xz)
+    shutil.copyfile(golden.with_suffix(".bmap"), d / "idlewire-test-1.bmap")
+    (d / "idlewire-test-1.sha256").write_text(f"{'0' * 64}  {xz.name}\n")
+    refused(idlewire("flash", xz, out, check=False), "sha256 does not match")
+    assert not out.exists()
+    # a truncated .xz (no .sha256 to catch it): the xz index is missing
+    (d / "idlewire-test-1.sha256").unlink()
+    data = xz.read_bytes()
+    xz.write_bytes(data[: len(data) // 2])
+    refused(idlewire("flash", xz, out, check=False), "truncated")
+    assert not out.exists()
+    # a raw image whose mapped data does not match its bmap
+    raw = d / "idlewire-test-1.img"
+    shutil.copyfile(golden, raw)
+    bmap_ranges = fl.bm.parse(d / "idlewire-test-1.bmap").ranges
+    victim = bmap_ranges[len(bmap_ranges) // 2][0] * 4096 + 100
+    with raw.open("r+b") as f:
+        f.seek(victim)
+        byte = f.read(1)
+        f.seek(victim)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    refused(idlewire("flash", raw, out, check=False), "do not match the checksum")
+    assert not out.exists()
+    # a bmap that belongs to another image
+    other = make_image(tmp_path / "other.img", size=160 * MiB)
+    refused(idlewire("flash", golden, out, "--bmap", other.with_suffix(".bmap"), check=False),
+            "belongs to another image")
+    assert not out.exists()
+
+
+@needs_loop
+def test_corrupt_stream_leaves_no_partition_table_and_verify_catches_it(golden, tmp_path):
+    d = tmp_path / "img"
+    d.mkdir()
+    xz = d / "idlewire-test-1.img.xz"
+    data = bytearray(golden.with_name(golden.name + ".xz").read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(64)  # damage inside a block: the index still reads fine
+    xz.write_bytes(bytes(data))
+    shutil.copyfile(golden.with_suffix(".bmap"), d / "idlewire-test-1.bmap")
+    back = tmp_path / "back.img"
+    shutil.copyfile(golden, back)  # the card held a good image before
+    with loop_device(back) as dev:
+        res = idlewire("flash", xz, dev, check=False)
+        assert res.returncode == 2 and "corrupt" in res.stderr and "Traceback" not in res.stderr, res.stderr
+        with open(dev, "rb") as f:
+            assert f.read(MiB) == bytes(MiB), "a partition table was left on a half-written card"
+        ver = idlewire("flash", golden, dev, "--verify-only", check=False)
+        assert ver.returncode == 1 and "differs" in ver.stderr
+
+
+@needs_loop
+def test_interrupted_write_is_caught_by_verify_only(golden, tmp_path):
+    if not shutil.which("strace"):
+        pytest.skip("strace missing")
+    back = tmp_path / "back.img"
+    with back.open("wb") as f:
+        f.truncate(golden.stat().st_size)
+    with loop_device(back) as dev:
+        # the kernel kills the flash at its 6th write (strace fault injection): a pulled card
+        res = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64,copy_file_range",
+                              "-e", "inject=pwrite64,copy_file_range:signal=SIGKILL:when=6",
+                              sys.executable, "-m", "idlewire", "flash", golden.with_name(golden.name + ".gz"),
+                              dev], capture_output=True, text=True, cwd=ROOT)
+        assert res.returncode != 0
+        ver = idlewire("flash", golden, dev, "--verify-only", "--json", check=False)
+        assert ver.returncode == 1 and json.loads(ver.stdout)["cards"][0]["mismatch_count"] > 0
+        idlewire("flash", golden, dev)
+        assert idlewire("flash", golden, dev, "--verify-only").returncode == 0
+        with contextlib.suppress(OSError), open(dev, "rb") as f:
+            assert f.read(512)[510:] == b"\x55\xaa"

@@ -1,0 +1,150 @@
+"""`idlewire flash`: sparse, verified, refusing writes of an image to cards (several at once)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+from .errors import UserError
+
+err = Console(stderr=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(flash)
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not enabled,
+                    transient=False)
+
+
+def flash(
+    image: Annotated[Path, typer.Argument(help="Image: .img, .img.xz, .img.gz or .img.zst (with its .bmap).")],
+    targets: Annotated[list[Path], typer.Argument(help="Card(s) (/dev/sdX, /dev/mmcblkN, /dev/loopN) or "
+                                                  "image file(s) to write.")],
+    bmap_file: Annotated[Path | None, typer.Option("--bmap", help="The block map (default: IMAGE's .bmap "
+                                                   "next to it).")] = None,
+    unit: Annotated[Path | None, typer.Option("--unit", "-u", help="Stamp the card with this unit.yml "
+                                              "while writing (one target).")] = None,
+    units: Annotated[Path | None, typer.Option("--units", help="Stamp each card with its own row of "
+                                               "units.csv (rows taken in order from --start).")] = None,
+    start: Annotated[int, typer.Option("--start", help="With --units: the first data row to use "
+                                       "(1 = the row after the header).", min=1)] = 1,
+    record: Annotated[Path | None, typer.Option("--record", help="With --unit/--units: CSV the cards' "
+                                                "public keys are appended to (default: ./stamped-units.csv).")] = None,
+    force_fixed: Annotated[bool, typer.Option("--force-fixed", help="Allow a non-removable disk "
+                                              "(never the one holding / or anything mounted).")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip reading the card back.")] = False,
+    verify_only: Annotated[bool, typer.Option("--verify-only", help="Write nothing: compare the card "
+                                              "with IMAGE (finds interrupted or failed writes).")] = False,
+    skip_boot: Annotated[bool, typer.Option("--skip-boot", help="With --verify-only: leave out the boot "
+                                            "partition (cards stamped while flashing differ there).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+):
+    """Write IMAGE to one or more cards: only the blocks its .bmap maps, partition table last,
+    then every written range read back from the card and checked against the bmap's sha256.
+
+    Refuses, with nothing written (exit 2): a target that does not exist (nothing is ever created
+    under /dev); a partition instead of a whole disk; the disk holding / or any mounted
+    partition or swap; a non-removable disk unless --force-fixed (SD/MMC, USB, removable disks
+    and loop devices count as removable); a target smaller than the image; a bmap that is
+    damaged or does not match the image; a compressed image that does not match its .sha256 or
+    whose stream is truncated (an uncompressed .img is checked range by range against the
+    bmap's sha256 before writing, rather than hashing its holes for the .sha256). A stream
+    corrupted mid-way stops the write before the partition table, so the card never boots
+    half-written. Verification failure exits 1.
+
+    Several cards: `idlewire flash IMAGE /dev/sdb /dev/sdc --units units.csv` writes them at
+    the same time from one read of IMAGE, each stamped with its own unit, and reports per card.
+    A regular file as TARGET is (re)created the size of the image.
+    """
+    from . import flash as fl
+    from . import stamp as st
+    from .units import load_unit, load_units
+
+    if unit and units:
+        raise UserError("give --unit or --units, not both")
+    if len(set(map(str, targets))) != len(targets):
+        raise UserError("the same target is named twice")
+    chosen = None
+    if unit:
+        if len(targets) != 1:
+            raise UserError(f"--unit stamps one card but {len(targets)} targets were given; use --units units.csv")
+        chosen = [load_unit(unit)]
+    elif units:
+        rows = load_units(units)
+        chosen = rows[start - 1:start - 1 + len(targets)]
+        if len(chosen) < len(targets):
+            raise UserError(f"{units}: {len(rows)} unit row(s); rows {start}-{start + len(targets) - 1} are "
+                            f"needed for {len(targets)} target(s); add rows or lower --start")
+    if verify_only and chosen:
+        raise UserError("--verify-only compares with IMAGE; to check a card stamped while flashing add "
+                        "--skip-boot instead of --unit/--units")
+    show = not as_json or sys.stderr.isatty()
+    t0 = time.monotonic()
+    with _progress(show) as progress:
+        pre = progress.add_task("check  image", total=None)
+        try:
+            src = fl.open_source(image, bmap_file, preverify=not verify_only,
+                                 progress=lambda n: progress.advance(pre, n))
+            done = progress.tasks[pre].completed or 1
+            progress.update(pre, total=done, completed=done)
+            mine = tuple(p for p in (image, src.bmap_path) if p)
+            infos = [fl.inspect_target(t, src.size, force_fixed=force_fixed, write=not verify_only, sources=mine)
+                     for t in targets]
+        except UserError as exc:
+            if "nothing written" in str(exc) or verify_only:
+                raise
+            raise UserError(f"{exc}; nothing written") from None
+        if verify_only:
+            reports = [fl.verify_only(src, info, skip_boot=skip_boot, progress=progress) for info in infos]
+            result = fl.FlashResult(str(image), str(src.bmap_path), src.sha256_checked,
+                                    src.bmap.mapped_blocks * src.bmap.block_size, time.monotonic() - t0, reports)
+        else:
+            result = fl.flash(src, infos, chosen, verify=not no_verify, progress=progress)
+    if chosen:
+        rec = record or Path("stamped-units.csv")
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        st.append_record(rec, [{"unit": c.unit, "hostname": c.hostname, "node_public_key": c.node_public_key,
+                                "image": str(image), "target": c.target, "stamped_at": now}
+                               for c in result.cards if c.unit])
+    failed = [c for c in result.cards if c.error or c.verified is False]
+    if as_json:
+        print(json.dumps({
+            "image": result.image, "bmap": result.bmap, "sha256_checked": result.sha256_checked,
+            "mapped_bytes": result.mapped_bytes, "seconds": round(result.seconds, 3),
+            "mode": "verify-only" if verify_only else "write",
+            "cards": [{"target": c.target, "unit": c.unit, "hostname": c.hostname,
+                       "node_public_key": c.node_public_key, "written_bytes": c.written_bytes,
+                       "write_seconds": round(c.write_seconds, 3), "verify_seconds": round(c.verify_seconds, 3),
+                       "verified": c.verified, "error": c.error,
+                       "mismatches": [list(m) for m in c.mismatches[:20]],
+                       "mismatch_count": len(c.mismatches)} for c in result.cards],
+        }, indent=1))
+    for c in result.cards:
+        who = f" ({c.unit}, node key {c.node_public_key})" if c.unit else ""
+        if c.error:
+            err.print(f"[red]failed[/red] {c.target}{who}: {c.error}", highlight=False)
+        elif c.verified is False:
+            first = c.mismatches[0] if c.mismatches else None
+            err.print(f"[red]differs[/red] {c.target}: {len(c.mismatches)} range(s) do not match the image"
+                      + (f", first at bytes {first[0]}-{first[1]}" if first else "")
+                      + ": the write was interrupted or the card is faulty; flash it again", highlight=False)
+        elif not as_json:
+            rate = c.written_bytes / c.write_seconds / (1 << 20) if c.write_seconds else 0
+            what = "verified" if verify_only else ("written and verified" if c.verified else "written (not verified)")
+            extra = "" if verify_only else f", {c.written_bytes >> 20} MiB in {c.write_seconds:.1f}s ({rate:.0f} MiB/s)"
+            err.print(f"[green]ok[/green] {c.target}{who}: {what}{extra}", highlight=False)
+            if c.unit:
+                print(f"{c.unit}\t{c.node_public_key}\t{c.target}")
+    if failed:
+        raise typer.Exit(1)

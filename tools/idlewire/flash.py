@@ -1,0 +1,978 @@
+"""Flashing: an image written to cards or files, only its mapped blocks, verified from the card.
+
+Order of work for every target (all targets of one run are written concurrently from one
+read of the image, each by its own thread):
+
+1. checks, before a byte is written (each refusal is a UserError, exit 2): the target exists
+   (nothing is ever created under /dev), is a whole disk or a regular file, is removable (or
+   --force-fixed), holds no mounted filesystem, swap or /, is large enough; the bmap is intact and
+   belongs to the image; a compressed image matches its .sha256 and its stream is complete; an
+   uncompressed image's mapped ranges match the bmap checksums;
+2. the first MiB of the target (the old partition table) is zeroed, so an interrupted write never
+   looks like a bootable card;
+3. the stamped boot partition (when stamping while flashing), then every mapped range outside the
+   first and last MiB, then fsync;
+4. the partition table regions (first MiB, last MiB: MBR, primary and backup GPT) LAST, fsync;
+5. every written range read back from the target (O_DIRECT, or the cache dropped) and compared
+   with the bmap's sha256 (or, for the stamped boot partition, the sha256 of what was written).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gzip
+import hashlib
+import itertools
+import lzma
+import mmap
+import os
+import queue
+import shutil
+import stat
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import bmap as bm
+from . import stamp as st
+from .errors import UserError
+from .units import Unit
+
+MiB = 1 << 20
+CHUNK = 8 * MiB
+TABLE = 1 * MiB  # first and last MiB hold MBR / primary GPT / backup GPT: written last
+BLKGETSIZE64 = 0x80081272
+BLKFLSBUF = 0x1261
+COMPRESSED = {".xz": "xz", ".gz": "gz", ".zst": "zst"}
+
+
+class VerifyError(Exception):
+    """The target does not hold what was written (exit 1)."""
+
+
+# --- source ----------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    path: Path
+    bmap: bm.BlockMap
+    bmap_path: Path | None
+    kind: str  # raw | xz | gz | zst
+    sha256_checked: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.bmap.image_size
+
+    def byte_ranges(self) -> list[tuple[int, int, str]]:
+        bs, size = self.bmap.block_size, self.bmap.image_size
+        return [(a * bs, min((b + 1) * bs, size), sha) for a, b, sha in self.bmap.ranges]
+
+
+def _kind(path: Path) -> str:
+    return COMPRESSED.get(path.suffix, "raw")
+
+
+def _sha256_listed(image: Path) -> tuple[Path, str] | None:
+    stem, d = st.companions(image)
+    for cand in (d / f"{stem}.sha256", d / f"{image.name}.sha256"):
+        if cand.exists():
+            for line in cand.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[1].lstrip("*") == image.name:
+                    return cand, parts[0].lower()
+    return None
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _uncompressed_size(path: Path, kind: str) -> int | None:
+    """The size the stream says it decompresses to; a damaged container is a UserError."""
+    if kind == "xz":
+        res = subprocess.run(["xz", "--robot", "--list", str(path)], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise UserError(f"{path}: corrupt or truncated xz file ({res.stderr.strip().split(': ')[-1]}); "
+                            "download or copy it again")
+        for line in res.stdout.splitlines():
+            f = line.split("\t")
+            if f[0] == "totals":
+                return int(f[4])
+    if kind == "zst":
+        res = subprocess.run(["zstd", "-lv", str(path)], capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise UserError(f"{path}: corrupt or truncated zstd file ({res.stderr.strip()[-120:]}); "
+                            "download or copy it again")
+        for line in res.stdout.splitlines():
+            if "Decompressed Size" in line and "(" in line:
+                return int(line.split("(")[1].split()[0])
+    if kind == "gz":
+        with path.open("rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return struct.unpack("<I", f.read(4))[0]  # modulo 4 GiB; compared modulo too
+    return None
+
+
+def open_source(image: Path, bmap_path: Path | None = None, *, preverify: bool = True,
+                progress: Callable[[int], None] | None = None) -> Source:
+    """Find the bmap, run every check that can refuse before anything is written."""
+    if not image.exists():
+        raise UserError(f"{image}: no such image")
+    if not image.is_file():
+        raise UserError(f"{image}: not a regular file")
+    kind = _kind(image)
+    if kind == "raw" and not image.name.endswith(".img") and image.suffix not in ("", ".raw", ".bin"):
+        raise UserError(f"{image}: unknown image type; expected .img, .img.xz, .img.gz or .img.zst")
+    if kind == "zst" and not shutil.which("zstd"):
+        raise UserError("reading .zst images needs the zstd command (Debian package 'zstd')")
+    bmap_path = bmap_path or st.find_bmap(image)
+    if bmap_path is None:
+        if kind != "raw":
+            raise UserError(f"{image}: no .bmap next to it (looked for {st.companions(image)[0]}.bmap); "
+                            "give --bmap FILE")
+        bmap_obj = bm.create(image)  # an uncompressed image is its own map
+    else:
+        bmap_obj = bm.parse(bmap_path)
+    src = Source(image, bmap_obj, bmap_path, kind)
+    if bmap_obj.block_size <= 0 or bmap_obj.block_size % 512:
+        raise UserError(f"{bmap_path}: block size {bmap_obj.block_size} is not a multiple of 512")
+    for a, b, sha in bmap_obj.ranges:
+        if b < a or b >= bmap_obj.blocks or len(sha) != 64:
+            raise UserError(f"{bmap_path}: range {a}-{b} lies outside the image or has no sha256 checksum")
+    if kind == "raw":
+        actual = image.stat().st_size
+        if actual != bmap_obj.image_size:
+            raise UserError(f"{image}: {actual} bytes, but {bmap_path} describes an image of "
+                            f"{bmap_obj.image_size} bytes: the bmap belongs to another image")
+    else:
+        listed = _sha256_listed(image)
+        if listed:
+            sums, want = listed
+            if _hash_file(image) != want:
+                raise UserError(f"{image}: sha256 does not match {sums}: the file is damaged or not the "
+                                "one built; download or copy it again")
+            src.sha256_checked = True
+        expect = _uncompressed_size(image, kind)
+        if expect is not None:
+            mod = (1 << 32) if kind == "gz" else None
+            if (bmap_obj.image_size % mod if mod else bmap_obj.image_size) != expect:
+                raise UserError(f"{image}: decompresses to {expect} bytes but {bmap_path} describes "
+                                f"{bmap_obj.image_size}: the bmap belongs to another image (or the file is truncated)")
+    if kind == "raw" and preverify and bmap_path is not None:
+        bad = _check_ranges(image, src.byte_ranges(), progress)
+        if bad:
+            raise UserError(f"{image}: bytes {bad[0]}-{bad[1]} do not match the checksum in {bmap_path}: "
+                            "the image is damaged or the bmap belongs to another image")
+    return src
+
+
+def split_work(items: list, size: Callable, ways: int) -> list[list]:
+    """Items dealt into `ways` lists of about equal total size (order kept inside each)."""
+    loads = [0] * ways
+    out: list[list] = [[] for _ in range(ways)]
+    for item in sorted(items, key=size, reverse=True):
+        i = loads.index(min(loads))
+        out[i].append(item)
+        loads[i] += size(item)
+    return [sorted(o, key=lambda x: x[0] if isinstance(x, tuple) else x.start) for o in out if o]
+
+
+def _check_ranges(image: Path, ranges: list[tuple[int, int, str]],
+                  progress: Callable[[int], None] | None) -> tuple[int, int] | None:
+    """The first range whose sha256 differs (hashing on every core: hashlib releases the GIL)."""
+    bad: list[tuple[int, int]] = []
+
+    def work(part: list[tuple[int, int, str]]) -> None:
+        fd = os.open(image, os.O_RDONLY)
+        buf = bytearray(2 * MiB)  # reused: a fresh 8 MiB bytes object per read costs page faults
+        view = memoryview(buf)
+        try:
+            for start, end, sha in part:
+                h = hashlib.sha256()
+                pos = start
+                while pos < end:
+                    n = os.preadv(fd, [view[:min(len(buf), end - pos)]], pos)
+                    if n <= 0:
+                        break
+                    h.update(view[:n])
+                    pos += n
+                    if progress:
+                        progress(n)
+                if h.hexdigest() != sha:
+                    bad.append((start, end))
+                    return
+        finally:
+            view.release()
+            os.close(fd)
+
+    parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(4, os.cpu_count() or 1)))
+    threads = [threading.Thread(target=work, args=(p,), daemon=True) for p in parts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return min(bad) if bad else None
+
+
+def _decompressor(src: Source) -> Iterator[bytes]:
+    """The decompressed image, streamed; a damaged stream is a UserError."""
+    path, kind = src.path, src.kind
+    if kind == "zst":
+        proc = subprocess.Popen(["zstd", "-dc", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None
+        try:
+            while chunk := proc.stdout.read(CHUNK):
+                yield chunk
+        finally:
+            proc.stdout.close()
+            rc = proc.wait()
+            errtext = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+        if rc != 0:
+            raise UserError(f"{path}: corrupt zstd stream ({errtext[-120:]}); download or copy it again")
+        return
+    new = (lambda: lzma.LZMADecompressor()) if kind == "xz" else (lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))
+    errors: tuple[type[BaseException], ...] = (lzma.LZMAError, zlib.error, gzip.BadGzipFile, EOFError)
+    d = new()
+    started = False
+    try:
+        with path.open("rb") as f:
+            while raw := f.read(1 * MiB):
+                while raw:
+                    if d.eof or not started:
+                        if d.eof:
+                            raw = raw.lstrip(b"\0") if kind == "xz" else raw  # xz stream padding
+                            if not raw:
+                                break
+                            d = new()  # the next stream (xz) or member (gzip)
+                        started = True
+                    # bounded output: a few KiB of zeros can expand to gigabytes
+                    yield d.decompress(raw, CHUNK)
+                    if kind == "xz":
+                        while not d.eof and not d.needs_input:
+                            yield d.decompress(b"", CHUNK)
+                        raw = d.unused_data if d.eof else b""
+                    else:
+                        while d.unconsumed_tail:
+                            yield d.decompress(d.unconsumed_tail, CHUNK)
+                        raw = d.unused_data if d.eof else b""
+        if not d.eof:
+            raise UserError(f"{path}: truncated {kind} stream (it ends before the image does); "
+                            "download or copy it again")
+    except errors as exc:
+        raise UserError(f"{path}: corrupt {kind} stream ({exc}); download or copy it again") from None
+
+
+def stream_ranges(src: Source, ranges: list[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    """(offset, data) of a compressed image restricted to byte `ranges` (sorted), in order."""
+    pos = 0
+    i = 0
+    for chunk in _decompressor(src):
+        cstart, cend = pos, pos + len(chunk)
+        pos = cend
+        while i < len(ranges) and ranges[i][1] <= cstart:
+            i += 1
+        j = i
+        while j < len(ranges) and ranges[j][0] < cend:
+            a, b = max(ranges[j][0], cstart), min(ranges[j][1], cend)
+            if a < b:
+                yield a, chunk[a - cstart:b - cstart]
+            j += 1
+        if i >= len(ranges):
+            # every wanted byte is out: keep reading to check the stream's integrity to its end
+            continue
+    if pos < src.size:
+        raise UserError(f"{src.path}: the stream ends at byte {pos} but the image has {src.size} bytes "
+                        "(truncated); download or copy it again")
+
+
+# --- targets ---------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    path: Path
+    is_block: bool
+    size: int  # bytes available (block device) or 0 for a file to be sized
+    name: str = ""  # kernel name of the disk (sdb, loop3, mmcblk0)
+    fd: int = -1
+    note: str = ""
+
+
+def _mount_devs() -> tuple[dict[str, str], str]:
+    """{'maj:min': mountpoint} of every mounted filesystem, and the maj:min of /."""
+    devs: dict[str, str] = {}
+    root = ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            devs.setdefault(parts[2], parts[4])
+            if parts[4] == "/":
+                root = parts[2]
+    return devs, root
+
+
+def _sys_block(devnum: str) -> Path | None:
+    p = Path("/sys/dev/block") / devnum
+    return p.resolve() if p.exists() else None
+
+
+def _disk_of(devnum: str, seen: set[str] | None = None) -> set[str]:
+    """Kernel names of the whole disks under a device (through partitions, dm, md slaves)."""
+    seen = set() if seen is None else seen
+    sysp = _sys_block(devnum)
+    if sysp is None:
+        return set()
+    disks: set[str] = set()
+    if (sysp / "partition").exists():
+        disks.add(sysp.parent.name)
+    else:
+        disks.add(sysp.name)
+    slaves = sysp / "slaves"
+    if slaves.is_dir():
+        for s in slaves.iterdir():
+            dev = (s / "dev").read_text().strip()
+            if dev not in seen:
+                seen.add(dev)
+                disks |= _disk_of(dev, seen)
+    return disks
+
+
+def _users_of_disk(name: str) -> list[str]:
+    """maj:min of the disk, its partitions, and everything stacked on them (holders)."""
+    base = Path("/sys/block") / name
+    out: list[str] = []
+    todo = [base] + [p for p in base.iterdir() if (p / "partition").exists()]
+    seen = set()
+    while todo:
+        node = todo.pop()
+        if node in seen or not (node / "dev").exists():
+            continue
+        seen.add(node)
+        out.append((node / "dev").read_text().strip())
+        holders = node / "holders"
+        if holders.is_dir():
+            todo += [h.resolve() for h in holders.iterdir()]
+    return out
+
+
+def inspect_target(path: Path, image_size: int, *, force_fixed: bool = False,
+                   write: bool = True, sources: tuple[Path, ...] = ()) -> Target:
+    """Every refusal that needs only the target; nothing is opened for writing here."""
+    text = str(path)
+    for src in sources:
+        if path.exists() and src.exists() and os.path.samefile(path, src):
+            raise UserError(f"{text}: is the image (or its bmap) itself; nothing written")
+    absolute = Path(os.path.abspath(path))
+    if not path.exists():
+        if str(absolute).startswith(("/dev/", "/proc/", "/sys/")) or not write:
+            raise UserError(f"{path}: no such device (check the name with `lsblk`); nothing written")
+        if not absolute.parent.is_dir():
+            raise UserError(f"{path}: directory {absolute.parent} does not exist; nothing written")
+        return Target(path, False, 0, note="new file")
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        if str(path.resolve()).startswith(("/dev/", "/proc/", "/sys/")):
+            raise UserError(f"{path}: a regular file under /dev, /proc or /sys is not a target; nothing written")
+        return Target(path, False, 0, note="file")
+    if not stat.S_ISBLK(mode):
+        raise UserError(f"{text}: not a block device or a regular file; nothing written")
+    rdev = os.stat(path).st_rdev
+    devnum = f"{os.major(rdev)}:{os.minor(rdev)}"
+    sysp = _sys_block(devnum)
+    if sysp is None:
+        raise UserError(f"{text}: block device {devnum} is unknown to the kernel (/sys/dev/block); nothing written")
+    if (sysp / "partition").exists():
+        raise UserError(f"{text}: is a partition of /dev/{sysp.parent.name}; give the whole disk "
+                        f"(/dev/{sysp.parent.name}); nothing written")
+    name = sysp.name
+    backing = sysp / "loop" / "backing_file"
+    if backing.exists():
+        held = backing.read_text().strip()
+        for src in sources:
+            if held and os.path.exists(held) and os.path.samefile(held, src):
+                raise UserError(f"{text}: is a loop device over the image itself ({held}); nothing written")
+    mounts, root = _mount_devs()
+    if name in _disk_of(root):
+        raise UserError(f"{text}: holds the running system's root filesystem (/); refusing; nothing written")
+    if write:
+        swaps = set()
+        with contextlib.suppress(OSError), open("/proc/swaps") as f:
+            for line in f.readlines()[1:]:
+                with contextlib.suppress(OSError):
+                    r = os.stat(line.split()[0]).st_rdev
+                    swaps.add(f"{os.major(r)}:{os.minor(r)}")
+        for dev in _users_of_disk(name):
+            if dev in mounts:
+                raise UserError(f"{text}: a partition of it is mounted on {mounts[dev]}; unmount it first "
+                                f"(`umount {mounts[dev]}`); nothing written")
+            if dev in swaps:
+                raise UserError(f"{text}: a partition of it is in use as swap; `swapoff` it first; nothing written")
+        removable = (sysp / "removable").read_text().strip() == "1" if (sysp / "removable").exists() else False
+        kind = "removable" if removable else ""
+        if name.startswith("loop"):
+            kind = "loop device"
+        elif name.startswith("mmcblk"):
+            kind = "SD/MMC card"
+        elif "/usb" in str(sysp):
+            kind = "USB disk"
+        if not kind and not force_fixed:
+            raise UserError(f"{text}: is a fixed (non-removable) disk; if you really mean to overwrite it, "
+                            "add --force-fixed; nothing written")
+    size = int((sysp / "size").read_text()) * 512
+    if size == 0:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                size = struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8))[0]
+            finally:
+                os.close(fd)
+    if size < image_size:
+        raise UserError(f"{text}: {size} bytes ({size / (1 << 30):.2f} GiB) is smaller than the image "
+                        f"({image_size} bytes, {image_size / (1 << 30):.2f} GiB); use a larger card; nothing written")
+    return Target(path, True, size, name, note="")
+
+
+def _open_target(t: Target, image_size: int, write: bool) -> int:
+    if t.is_block:
+        flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_EXCL | os.O_CLOEXEC
+        try:
+            return os.open(t.path, flags)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                raise UserError(f"{t.path}: in use (mounted, or opened by another program); nothing written") from None
+            raise UserError(f"{t.path}: cannot open: {exc.strerror}") from None
+    if not write:
+        try:
+            return os.open(t.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UserError(f"{t.path}: cannot open: {exc.strerror}") from None
+    fd = os.open(t.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    os.ftruncate(fd, 0)  # holes read as zeros: the file equals the image byte for byte
+    os.ftruncate(fd, image_size)
+    return fd
+
+
+# --- plan --------------------------------------------------------------------------------------
+
+@dataclass
+class Piece:
+    start: int
+    end: int
+    sha: str | None  # expected sha256 of target bytes [start, end)
+    where: str  # head | body | tail | boot (stamped boot partition)
+    src_fd: int = -1  # overlay file descriptor (boot pieces)
+
+
+def split_pieces(ranges: list[tuple[int, int, str]], size: int, skip: tuple[int, int] | None) -> list[Piece]:
+    """Pieces to write: ranges cut at the table regions and around `skip` (sha None where cut)."""
+    head_end, tail_start = min(TABLE, size), max(size - TABLE, TABLE)
+    cuts = sorted({head_end, tail_start, *(skip or ())})
+    pieces: list[Piece] = []
+    for start, end, sha in ranges:
+        bounds = [start] + [c for c in cuts if start < c < end] + [end]
+        for a, b in itertools.pairwise(bounds):
+            if skip and skip[0] <= a and b <= skip[1]:
+                continue
+            where = "head" if b <= head_end else "tail" if a >= tail_start else "body"
+            pieces.append(Piece(a, b, sha if (a, b) == (start, end) else None, where))
+    return pieces
+
+
+# --- stamping while flashing ------------------------------------------------------------------
+
+@dataclass
+class Overlay:
+    """A unit's stamped boot partition: a sparse temporary file the size of the image."""
+
+    unit: Unit
+    path: Path
+    pieces: list[Piece]
+    node_public_key: str
+    fd: int = -1
+
+
+def boot_prefix(src: Source, workdir: Path) -> tuple[Path, st.Layout]:
+    """A sparse file holding the image's table and boot partition (for stamping copies of it)."""
+    prefix = workdir / "golden-prefix.img"
+    ranges = src.byte_ranges()
+    with prefix.open("wb") as f:
+        f.truncate(src.size)
+    fd = os.open(prefix, os.O_WRONLY)
+    try:
+        if src.kind == "raw":
+            sfd = os.open(src.path, os.O_RDONLY)
+            try:
+                # the table first, to learn where the boot partition ends
+                for a, b, _ in ranges:
+                    if a < TABLE:
+                        os.pwrite(fd, os.pread(sfd, min(b, TABLE) - a, a), a)
+                os.fsync(fd)
+                layout = st.read_layout(prefix)
+                for a, b, _ in ranges:
+                    a, b = max(a, layout.boot_offset), min(b, layout.boot_end)
+                    off = a
+                    while off < b:
+                        n = os.copy_file_range(sfd, fd, b - off, off, off)
+                        if n == 0:
+                            break
+                        off += n
+            finally:
+                os.close(sfd)
+        else:
+            layout = None
+            for off, data in stream_prefix(src, ranges):
+                os.pwrite(fd, data, off)
+                if layout is None and off + len(data) >= TABLE:
+                    os.fsync(fd)
+                    layout = st.read_layout(prefix)
+                if layout is not None and off + len(data) >= layout.boot_end:
+                    break
+            if layout is None:
+                layout = st.read_layout(prefix)
+    finally:
+        os.close(fd)
+    return prefix, layout
+
+
+def stream_prefix(src: Source, ranges: list[tuple[int, int, str]]) -> Iterator[tuple[int, bytes]]:
+    gen = stream_ranges(src, [(a, b) for a, b, _ in ranges])
+    try:
+        yield from gen
+    finally:
+        gen.close()
+
+
+def make_overlay(prefix: Path, layout: st.Layout, unit: Unit, workdir: Path, block: int) -> Overlay:
+    path = workdir / f"boot-{unit.unit}.img"
+    st.sparse_copy(prefix, path)
+    pem, pub = st.node_key(unit)
+    st.write_stamp_files(path, layout.boot_offset, {"stamp.toml": st.stamp_toml(unit, pub), "node.key": pem})
+    fd = os.open(path, os.O_RDONLY)
+    pieces = []
+    try:
+        size = path.stat().st_size
+        for a, b in bm.data_ranges(fd, size, block):
+            start, end = max(a * block, layout.boot_offset), min((b + 1) * block, layout.boot_end)
+            if start < end:
+                h = hashlib.sha256()
+                pos = start
+                while pos < end:
+                    data = os.pread(fd, min(CHUNK, end - pos), pos)
+                    h.update(data)
+                    pos += len(data)
+                pieces.append(Piece(start, end, h.hexdigest(), "boot"))
+    except BaseException:
+        os.close(fd)
+        raise
+    ov = Overlay(unit, path, pieces, pub, fd)
+    for p in pieces:
+        p.src_fd = fd
+    return ov
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+@dataclass
+class CardReport:
+    target: str
+    unit: str | None = None
+    hostname: str | None = None
+    node_public_key: str | None = None
+    written_bytes: int = 0
+    write_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    verified: bool | None = None
+    error: str | None = None
+    mismatches: list[tuple[int, int]] = field(default_factory=list)
+
+
+class Writer(threading.Thread):
+    """One target: takes jobs from a queue, writes them, then flushes; errors are kept."""
+
+    def __init__(self, target: Target, fd: int, report: CardReport, advance: Callable[[int], None]):
+        super().__init__(daemon=True)
+        self.t, self.fd, self.report, self.advance = target, fd, report, advance
+        self.q: queue.Queue = queue.Queue(maxsize=6)
+        self.failed: BaseException | None = None
+        self.is_file = not target.is_block
+        # Block devices: aligned writes bypass the page cache (O_DIRECT) through a second,
+        # non-exclusive descriptor; the first keeps the O_EXCL claim and takes unaligned bits.
+        self.dfd, self.buf = -1, None
+        if target.is_block:
+            with contextlib.suppress(OSError):
+                self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                self.buf = mmap.mmap(-1, CHUNK)
+
+    def run(self) -> None:
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            if self.failed:
+                continue
+            try:
+                self._do(job)
+            except BaseException as exc:  # reported by the main thread
+                self.failed = exc
+
+    def _write(self, data, off: int) -> None:
+        mv = memoryview(data)
+        while mv:
+            n = len(mv)
+            if self.buf is not None and off % 4096 == 0 and n >= 4096:
+                n = min(n - n % 4096, CHUNK)
+                staged = memoryview(self.buf)[:n]
+                staged[:] = mv[:n]
+                n = os.pwrite(self.dfd, staged, off)
+            else:
+                n = os.pwrite(self.fd, mv, off)
+            mv, off = mv[n:], off + n
+
+    def close(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+        if self.buf is not None:
+            self.buf.close()
+            self.buf = None
+
+    def _do(self, job) -> None:
+        op = job[0]
+        if op in ("data", "zero"):
+            _, off, data = job
+            self._write(data, off)
+            if op == "data":
+                self.report.written_bytes += len(data)
+                self.advance(len(data))
+        elif op == "copy":
+            _, sfd, off, length = job
+            end = off + length
+            while off < end:
+                if self.is_file:
+                    n = os.copy_file_range(sfd, self.fd, min(end - off, 64 * MiB), off, off)
+                elif self.buf is not None and off % 4096 == 0 and end - off >= 4096:
+                    want = min(end - off, CHUNK)
+                    want -= want % 4096
+                    staged = memoryview(self.buf)[:want]
+                    n = os.preadv(sfd, [staged], off)
+                    if n == want:
+                        n = os.pwrite(self.dfd, staged, off)
+                    elif n > 0:
+                        self._write(bytes(staged[:n]), off)
+                else:
+                    data = os.pread(sfd, min(end - off, CHUNK), off)
+                    if data:
+                        self._write(data, off)
+                    n = len(data)
+                if n == 0:
+                    raise OSError(errno.EIO, f"short copy at byte {off}")
+                off += n
+                self.report.written_bytes += n
+                self.advance(n)
+        elif op == "sync":
+            if self.dfd >= 0:
+                os.fsync(self.dfd)
+            os.fsync(self.fd)
+            job[1].set()
+
+    def put(self, job) -> None:
+        if self.failed:
+            raise self.failed
+        self.q.put(job)
+
+    def sync(self) -> None:
+        done = threading.Event()
+        self.put(("sync", done))
+        while not done.wait(0.2):
+            if self.failed:
+                raise self.failed
+        if self.failed:
+            raise self.failed
+
+
+def read_back(fd: int, pieces: list[Piece], is_block: bool, advance: Callable[[int], None]) -> list[tuple[int, int]]:
+    """sha256 of every piece as the target holds it (page cache bypassed); mismatching ranges."""
+    dfd = -1
+    path = f"/proc/self/fd/{fd}"
+    with contextlib.suppress(OSError):
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    if dfd < 0:  # no O_DIRECT here (tmpfs …): drop the cache instead
+        os.fsync(fd)
+        if is_block:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(fd, BLKFLSBUF)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        dfd = os.open(path, os.O_RDONLY)
+    buf = mmap.mmap(-1, CHUNK)
+    bad = []
+    try:
+        for p in pieces:
+            h = hashlib.sha256()
+            pos = p.start - p.start % 4096
+            while pos < p.end:
+                want = min(CHUNK, -(-(p.end - pos) // 4096) * 4096)
+                n = os.preadv(dfd, [memoryview(buf)[:want]], pos)
+                if n <= 0:
+                    break
+                lo = max(p.start - pos, 0)
+                hi = min(n, p.end - pos)
+                if hi > lo:
+                    h.update(memoryview(buf)[lo:hi])
+                    advance(hi - lo)
+                pos += n
+            if h.hexdigest() != p.sha:
+                bad.append((p.start, p.end))
+    finally:
+        buf.close()
+        os.close(dfd)
+    return bad
+
+
+@dataclass
+class FlashResult:
+    image: str
+    bmap: str | None
+    sha256_checked: bool
+    mapped_bytes: int
+    seconds: float
+    cards: list[CardReport]
+
+
+def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *, verify: bool = True,
+          progress=None) -> FlashResult:
+    """Write `src` to every target concurrently (each stamped with its unit, if given), then verify."""
+    t0 = time.monotonic()
+    ranges = src.byte_ranges()
+    reports = [CardReport(str(t.path)) for t in targets]
+    if units is not None and len(units) != len(targets):
+        raise UserError(f"{len(units)} unit(s) for {len(targets)} target(s): give one unit per target")
+    work = Path(tempfile.mkdtemp(prefix="idlewire-flash-")) if units else None
+    overlays: list[Overlay] = []
+    fds: list[int] = []
+    writers: list[Writer] = []
+    sfd = os.open(src.path, os.O_RDONLY) if src.kind == "raw" else -1
+    try:
+        skip = None
+        if units:
+            assert work is not None
+            prefix, layout = boot_prefix(src, work)
+            skip = (layout.boot_offset, layout.boot_end)
+            for i, u in enumerate(units):
+                ov = make_overlay(prefix, layout, u, work, src.bmap.block_size)
+                overlays.append(ov)
+                reports[i].unit, reports[i].hostname, reports[i].node_public_key = u.unit, u.hostname, \
+                    ov.node_public_key
+            prefix.unlink()
+        pieces = split_pieces(ranges, src.size, skip)
+        # open every target (O_EXCL for block devices) only now that every check has passed
+        for t in targets:
+            fds.append(_open_target(t, src.size, write=True))
+        for i, t in enumerate(targets):
+            mine = pieces + (overlays[i].pieces if overlays else [])
+            task = progress.add_task(f"write  {t.path}", total=sum(p.end - p.start for p in mine)) \
+                if progress else None
+            adv = (lambda n, task=task: progress.advance(task, n)) if progress else (lambda n: None)
+            w = Writer(t, fds[i], reports[i], adv)
+            w.start()
+            writers.append(w)
+        zero = bytes(min(TABLE, src.size))
+        for w in writers:  # the old partition table goes first: a half-written card never boots
+            w.put(("zero", 0, zero))
+        for w, ov in zip(writers, overlays, strict=False):
+            for p in ov.pieces:
+                w.put(("copy", ov.fd, p.start, p.end - p.start))
+        deferred: list[tuple[int, bytes | None, int]] = []  # (offset, data or None for raw, length)
+        if src.kind == "raw":
+            _hash_split_raw(sfd, pieces)
+            for p in pieces:
+                if p.where == "body":
+                    for w in writers:
+                        w.put(("copy", sfd, p.start, p.end - p.start))
+                else:
+                    deferred.append((p.start, None, p.end - p.start))
+        else:
+            _stream_compressed(src, writers, pieces, deferred)
+        for w in writers:
+            w.sync()
+        for off, data, length in deferred:  # partition table regions: last
+            for w in writers:
+                w.put(("data", off, data) if data is not None else ("copy", sfd, off, length))
+        for w in writers:
+            w.sync()
+        for w, r in zip(writers, reports, strict=True):
+            r.write_seconds = time.monotonic() - t0
+            w.put(None)
+        for w in writers:
+            w.join()
+        if verify:
+            _verify_all(targets, fds, reports, [pieces + (ov.pieces if ov else []) for ov in
+                                                (overlays or [None] * len(targets))], progress)
+    except BaseException as exc:
+        for w in writers:
+            w.failed = w.failed or exc
+            with contextlib.suppress(Exception):
+                w.q.put_nowait(None)
+        raise
+    finally:
+        for w in writers:
+            with contextlib.suppress(OSError):
+                w.close()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if sfd >= 0:
+            os.close(sfd)
+        for ov in overlays:
+            if ov.fd >= 0:
+                os.close(ov.fd)
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+    return FlashResult(str(src.path), str(src.bmap_path) if src.bmap_path else None, src.sha256_checked,
+                       src.bmap.mapped_blocks * src.bmap.block_size, time.monotonic() - t0, reports)
+
+
+def _hash_split_raw(sfd: int, pieces: list[Piece]) -> None:
+    for p in pieces:
+        if p.sha is None:
+            h = hashlib.sha256()
+            pos = p.start
+            while pos < p.end:
+                data = os.pread(sfd, min(CHUNK, p.end - pos), pos)
+                h.update(data)
+                pos += len(data)
+            p.sha = h.hexdigest()
+
+
+def _stream_compressed(src: Source, writers: list[Writer], pieces: list[Piece], deferred: list) -> None:
+    """Decompress once; check every bmap range's sha256; hand pieces to the writers."""
+    ranges = src.byte_ranges()
+    hashers = {id(p): hashlib.sha256() for p in pieces if p.sha is None}
+    buffers: dict[int, bytearray] = {}
+    ri, pi = 0, 0
+    rh = hashlib.sha256()
+    for off, data in stream_ranges(src, [(a, b) for a, b, _ in ranges]):
+        end = off + len(data)
+        while ranges[ri][1] <= off:
+            ri += 1
+        rh.update(data)
+        if end == ranges[ri][1]:
+            if rh.hexdigest() != ranges[ri][2]:
+                raise UserError(f"{src.path}: bytes {ranges[ri][0]}-{ranges[ri][1]} do not match the checksum "
+                                f"in {src.bmap_path}: the image is damaged or the bmap belongs to another "
+                                "image; the targets got no partition table")
+            rh = hashlib.sha256()
+            ri += 1
+        while pi < len(pieces) and pieces[pi].end <= off:
+            pi += 1
+        j = pi
+        while j < len(pieces) and pieces[j].start < end:
+            p = pieces[j]
+            a, b = max(p.start, off), min(p.end, end)
+            if a < b:
+                part = data[a - off:b - off] if (a, b) != (off, end) else data
+                if id(p) in hashers:
+                    hashers[id(p)].update(part)
+                if p.where != "body":
+                    buffers.setdefault(id(p), bytearray()).extend(part)
+                else:
+                    for w in writers:
+                        w.put(("data", a, part))
+            j += 1
+    for p in pieces:
+        if id(p) in hashers:
+            p.sha = hashers[id(p)].hexdigest()
+        if id(p) in buffers:
+            deferred.append((p.start, bytes(buffers[id(p)]), p.end - p.start))
+
+
+def _verify_all(targets, fds, reports, per_target: list[list[Piece]], progress) -> None:
+    ways = max(1, min(4, (os.cpu_count() or 1) // len(targets)))
+
+    def one(i: int) -> None:
+        mine = per_target[i]
+        task = progress.add_task(f"verify {targets[i].path}", total=sum(p.end - p.start for p in mine)) \
+            if progress else None
+        adv = (lambda n: progress.advance(task, n)) if progress else (lambda n: None)
+        t1 = time.monotonic()
+        try:
+            reports[i].mismatches = read_back_parallel(fds[i], mine, targets[i].is_block, adv, ways)
+            reports[i].verified = not reports[i].mismatches
+        except OSError as exc:
+            reports[i].error = f"reading back failed: {exc}"
+            reports[i].verified = False
+        reports[i].verify_seconds = time.monotonic() - t1
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(targets))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def read_back_parallel(fd: int, pieces: list[Piece], is_block: bool, advance: Callable[[int], None],
+                       ways: int) -> list[tuple[int, int]]:
+    parts = split_work(pieces, lambda p: p.end - p.start, ways)
+    results: list[list[tuple[int, int]]] = [[] for _ in parts]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            results[k] = read_back(fd, parts[k], is_block, advance)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(parts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sorted(m for r in results for m in r)
+
+
+def verify_only(src: Source, target: Target, *, skip_boot: bool = False, progress=None) -> CardReport:
+    """Compare the target with the image's bmap (an interrupted or failed write shows here)."""
+    report = CardReport(str(target.path))
+    fd = _open_target(target, src.size, write=False)
+    try:
+        ranges = src.byte_ranges()
+        if skip_boot:
+            layout = _layout_of_target(fd)
+            ranges = [r for r in ranges if r[1] <= layout[0] or r[0] >= layout[1]]
+        pieces = [Piece(a, b, sha, "body") for a, b, sha in ranges]
+        task = progress.add_task(f"verify {target.path}", total=sum(p.end - p.start for p in pieces)) \
+            if progress else None
+        t1 = time.monotonic()
+        report.mismatches = read_back_parallel(fd, pieces, target.is_block, (lambda n: progress.advance(task, n))
+                                               if progress else (lambda n: None), max(1, min(4, os.cpu_count() or 1)))
+        report.verify_seconds = time.monotonic() - t1
+        report.verified = not report.mismatches
+    finally:
+        os.close(fd)
+    return report
+
+
+def _layout_of_target(fd: int) -> tuple[int, int]:
+    res = subprocess.run(["sfdisk", "-J", f"/proc/self/fd/{fd}"], capture_output=True, text=True,
+                         check=False, pass_fds=(fd,))
+    if res.returncode != 0:
+        raise UserError("the target has no partition table: it was not written completely; flash it again")
+    import json
+
+    pt = json.loads(res.stdout)["partitiontable"]
+    p = pt["partitions"][0]
+    sector = int(pt.get("sectorsize", 512))
+    return p["start"] * sector, (p["start"] + p["size"]) * sector

@@ -1,0 +1,347 @@
+"""Stamping: one unit's identity and settings written into a copy of the golden image.
+
+Only the FAT boot partition changes, and it is never mounted: the files go in with mtools at the
+partition's byte offset (`mcopy -i IMAGE@@OFFSET`), the offset read from the partition table with
+`sfdisk -J`. What lands on the boot partition (consumed and erased by the unit's first boot, see
+roles/base/templates/usr/local/sbin/idlewire-stamp.j2)::
+
+    idlewire/stamp.toml   unit id, hostname, SSH keys, Wi-Fi (hashed PSK), payout address, caps
+    idlewire/node.key     the node's ed25519 private key (base64 of its 32 bytes: the agent's format)
+
+The output image is a sparse copy of the golden one (a reflink when the filesystem can, else
+copy_file_range of the mapped ranges only), and its .bmap is the golden one with the boot
+partition's ranges recomputed.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import fcntl
+import io
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bmap
+from .errors import UserError
+from .units import Unit
+
+STAMP_DIR = "idlewire"
+STAMP_FORMAT = 1
+FICLONE = 0x40049409
+RECORD_COLUMNS = ("unit", "hostname", "node_public_key", "image", "target", "stamped_at")
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+def load_node_key(data: bytes):
+    """An ed25519 private key from PEM (PKCS#8), OpenSSH, or the agent's own format (base64 of the
+    32 raw bytes, as /etc/idlewire/node.key holds it); ValueError says what is wrong."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    text = data.strip()
+    if text and b"-----" not in text:
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except ValueError:
+            raw = b""
+        if len(raw) == 32:
+            return Ed25519PrivateKey.from_private_bytes(raw)
+    try:
+        if b"OPENSSH PRIVATE KEY" in data:
+            key = serialization.load_ssh_private_key(data, password=None)
+        else:
+            key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, Exception) as exc:  # cryptography raises several kinds
+        raise ValueError("not an unencrypted ed25519 private key (PEM, OpenSSH, or base64 of 32 bytes) "
+                         f"({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"expected an ed25519 key, got {type(key).__name__.removeprefix('_')}")
+    return key
+
+
+def node_key(unit: Unit) -> tuple[bytes, str]:
+    """(the private key as the agent reads it: base64 of 32 raw bytes + newline, base64 of the
+    raw public key); generated when the unit gives none."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = load_node_key(unit.node_key_pem) if unit.node_key_pem else Ed25519PrivateKey.generate()
+    priv = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(priv) + b"\n", base64.b64encode(pub).decode()
+
+
+# --- stamp content --------------------------------------------------------------------------
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a TOML basic string
+
+
+def stamp_toml(unit: Unit, public_key: str) -> bytes:
+    lines = [
+        "# idlewire unit stamp: read once at first boot into /etc/idlewire, then erased.",
+        f"format = {STAMP_FORMAT}",
+        f"unit = {_toml_str(unit.unit)}",
+        f"hostname = {_toml_str(unit.hostname)}",
+        f"node_public_key = {_toml_str(public_key)}",
+        f"stamped_at = {_toml_str(time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))}",
+        "ssh_authorized_keys = [" + ", ".join(_toml_str(k) for k in unit.ssh_authorized_keys) + "]",
+    ]
+    if unit.payout_address:
+        lines.append(f"payout_address = {_toml_str(unit.payout_address)}")
+    if unit.wifi:
+        w = unit.wifi
+        lines += ["", "[wifi]", f"country = {_toml_str(w.country)}", f"ssid = {_toml_str(w.ssid)}",
+                  f"psk_hash = {_toml_str(w.psk_hash)}", f"hidden = {'true' if w.hidden else 'false'}"]
+    if unit.caps:
+        lines += ["", "[caps]"] + [f"{k} = {v}" for k, v in sorted(unit.caps.items())]
+    return ("\n".join(lines) + "\n").encode()
+
+
+# --- the image ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    table: str  # gpt | dos
+    size: int
+    boot_offset: int
+    boot_size: int
+
+    @property
+    def boot_end(self) -> int:
+        return self.boot_offset + self.boot_size
+
+
+def read_layout(image: Path) -> Layout:
+    """Partition 1 (the FAT boot partition) of an image, from `sfdisk -J`."""
+    try:
+        out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        raise UserError("sfdisk is not installed (Debian package 'fdisk')") from None
+    if out.returncode != 0:
+        raise UserError(f"{image}: no partition table found ({out.stderr.strip().splitlines()[-1:]}); "
+                        "is this an idlewire image?")
+    pt = json.loads(out.stdout)["partitiontable"]
+    parts = pt.get("partitions") or []
+    sector = int(pt.get("sectorsize", 512))
+    if not parts:
+        raise UserError(f"{image}: the partition table is empty; is this an idlewire image?")
+    p = parts[0]
+    vfat = {"C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7", "c", "b", "e", "ef"}
+    if str(p.get("type", "")).upper() not in {t.upper() for t in vfat}:
+        raise UserError(f"{image}: partition 1 has type {p.get('type')}, not a FAT boot partition")
+    return Layout(pt["label"], image.stat().st_size, p["start"] * sector, p["size"] * sector)
+
+
+def _mtools(args: list[str], image: Path, offset: int, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "MTOOLS_NO_VFAT": "0", "TZ": "UTC"}
+    try:
+        res = subprocess.run([args[0], "-i", f"{image}@@{offset}", *args[1:]], capture_output=True,
+                             text=True, env=env, check=False)
+    except FileNotFoundError:
+        raise UserError(f"{args[0]} is not installed (Debian package 'mtools')") from None
+    if check and res.returncode != 0:
+        raise UserError(f"{image}: {args[0]} on the boot partition failed: "
+                        f"{(res.stderr or res.stdout).strip().splitlines()[-1:] or res.returncode}")
+    return res
+
+
+def boot_listing(image: Path, offset: int, path: str = f"::/{STAMP_DIR}") -> list[str]:
+    """File names in a directory of the boot partition ([] when it does not exist)."""
+    res = _mtools(["mdir", "-b", path], image, offset, check=False)
+    if res.returncode != 0:
+        return []
+    return sorted(line.rsplit("/", 1)[-1] for line in res.stdout.split() if line.strip())
+
+
+def read_boot_file(image: Path, offset: int, name: str) -> bytes:
+    res = subprocess.run(["mtype", "-i", f"{image}@@{offset}", f"::/{STAMP_DIR}/{name}"], capture_output=True,
+                         env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, check=False)
+    if res.returncode != 0:
+        raise UserError(f"{image}: no {STAMP_DIR}/{name} on the boot partition")
+    return res.stdout
+
+
+def write_stamp_files(image: Path, offset: int, files: dict[str, bytes]) -> None:
+    """Write files into ::/idlewire/ of the FAT at `offset`; refuses a partition already stamped."""
+    present = boot_listing(image, offset)
+    if "stamp.toml" in present or "stamp.done" in present:
+        raise UserError(f"{image}: already stamped (boot partition has {STAMP_DIR}/stamp.toml or "
+                        "stamp.done); stamp a copy of the golden image instead")
+    if not present:
+        _mtools(["mmd", "-D", "s", f"::/{STAMP_DIR}"], image, offset, check=False)
+    with tempfile.TemporaryDirectory(prefix="idlewire-stamp-") as tmp:
+        paths = []
+        for name, data in files.items():
+            p = Path(tmp) / name
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            paths.append(str(p))
+        _mtools(["mcopy", "-o", "-Q", *paths, f"::/{STAMP_DIR}/"], image, offset)
+
+
+# --- copies and block maps -------------------------------------------------------------------
+
+def sparse_copy(src: Path, dst: Path, ranges: list[tuple[int, int]] | None = None,
+                block: int = bmap.BLOCK) -> str:
+    """Copy `src` into a new `dst`: a reflink when possible, else only the mapped ranges.
+
+    Returns how it was done ("reflink" or "ranges"). `ranges` are inclusive block ranges; when
+    absent they are found with SEEK_DATA.
+    """
+    size = src.stat().st_size
+    sfd = os.open(src, os.O_RDONLY)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:
+                fcntl.ioctl(dfd, FICLONE, sfd)
+                return "reflink"
+            except OSError:
+                pass
+            os.ftruncate(dfd, size)
+            if ranges is None:
+                ranges = bmap.data_ranges(sfd, size, block)
+            for first, last in ranges:
+                off, end = first * block, min((last + 1) * block, size)
+                while off < end:
+                    n = os.copy_file_range(sfd, dfd, end - off, off, off)
+                    if n == 0:
+                        break
+                    off += n
+            return "ranges"
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+
+
+def rebased_bmap(golden: bmap.BlockMap, image: Path, start: int, end: int) -> bmap.BlockMap:
+    """`golden`'s ranges outside [start, end) plus the ranges `image` now has inside it."""
+    bs = golden.block_size
+    first_in, last_in = start // bs, (end - 1) // bs
+    size = image.stat().st_size
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        out: list[tuple[int, int, str]] = []
+        for first, last, sha in golden.ranges:
+            if last < first_in or first > last_in:
+                out.append((first, last, sha))
+                continue
+            for a, b in ((first, min(last, first_in - 1)), (max(first, last_in + 1), last)):
+                if a <= b:
+                    out.append((a, b, bmap._range_sha(fd, a, b, size, bs)))
+        inside = []
+        for a, b in bmap.data_ranges(fd, size, bs):
+            a, b = max(a, first_in), min(b, last_in)
+            if a <= b:
+                inside.append((a, b, bmap._range_sha(fd, a, b, size, bs)))
+    finally:
+        os.close(fd)
+    return bmap.BlockMap(size, bs, tuple(sorted(out + inside)))
+
+
+# --- one unit --------------------------------------------------------------------------------
+
+@dataclass
+class Stamped:
+    unit: Unit
+    image: Path
+    bmap: Path | None
+    node_public_key: str
+    copy: str
+    seconds: float
+
+
+def companions(image: Path) -> tuple[str, Path]:
+    """(stem, directory) of an artifact set: idlewire-x86_64-0.1.0.img → idlewire-x86_64-0.1.0."""
+    name = image.name
+    for suffix in (".img.xz", ".img.gz", ".img.zst", ".img"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)], image.parent
+    return image.stem, image.parent
+
+
+def find_bmap(image: Path) -> Path | None:
+    stem, d = companions(image)
+    for cand in (d / f"{stem}.bmap", d / f"{stem}.img.bmap", d / f"{image.name}.bmap"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def check_golden(image: Path) -> tuple[Layout, bmap.BlockMap | None]:
+    if not image.exists():
+        raise UserError(f"{image}: no such image")
+    if not image.name.endswith(".img"):
+        raise UserError(f"{image}: stamping needs the uncompressed .img (it writes a copy with one "
+                        "partition changed); decompress it first, or stamp while flashing with "
+                        "`idlewire flash IMAGE DEV --unit unit.yml`")
+    layout = read_layout(image)
+    bpath = find_bmap(image)
+    golden = bmap.parse(bpath) if bpath else None
+    if golden and golden.image_size != layout.size:
+        raise UserError(f"{bpath}: describes an image of {golden.image_size} bytes but {image} has "
+                        f"{layout.size}: the bmap belongs to another image")
+    present = boot_listing(image, layout.boot_offset)
+    if "stamp.toml" in present or "stamp.done" in present:
+        raise UserError(f"{image}: already stamped ({STAMP_DIR}/ on the boot partition); stamp the "
+                        "golden image instead")
+    return layout, golden
+
+
+def stamp_one(golden_img: Path, layout: Layout, golden: bmap.BlockMap | None, unit: Unit,
+              out: Path) -> Stamped:
+    t0 = time.monotonic()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tmp_bmap = None
+    try:
+        ranges = [(a, b) for a, b, _ in golden.ranges] if golden else None
+        how = sparse_copy(golden_img, tmp, ranges)
+        pem, pub = node_key(unit)
+        write_stamp_files(tmp, layout.boot_offset, {"stamp.toml": stamp_toml(unit, pub), "node.key": pem})
+        bpath = None
+        if golden:
+            new = rebased_bmap(golden, tmp, layout.boot_offset, layout.boot_end)
+            stem, _ = companions(out)
+            bpath = out.with_name(f"{stem}.bmap")
+            tmp_bmap = bpath.with_name(f".{bpath.name}.partial")
+            tmp_bmap.write_text(bmap.to_xml(new))
+            tmp_bmap.rename(bpath)
+        tmp.rename(out)
+        return Stamped(unit, out, bpath, pub, how, time.monotonic() - t0)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if tmp_bmap:
+            tmp_bmap.unlink(missing_ok=True)
+        raise
+
+
+def append_record(path: Path, rows: list[dict[str, str]]) -> None:
+    """Add rows to the vendor's CSV of stamped units (public keys), written whole then renamed."""
+    existing = ""
+    if path.exists():
+        existing = path.read_text()
+        first = existing.splitlines()[0] if existing else ""
+        if first and first.split(",") != list(RECORD_COLUMNS):
+            raise UserError(f"{path}: not an idlewire record (its header is not {','.join(RECORD_COLUMNS)}); "
+                            "give another --record file")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RECORD_COLUMNS, lineterminator="\n")
+    if not existing:
+        w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in RECORD_COLUMNS})
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(existing + buf.getvalue())
+    tmp.rename(path)
