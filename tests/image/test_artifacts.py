@@ -57,3 +57,32 @@ def test_no_partial_artifacts_left(build_image):
 def test_python_runs_module():
     assert subprocess.run([sys.executable, "-m", "idlewire", "--version"], capture_output=True,
                           text=True, check=True).stdout.startswith("idlewire ")
+
+
+def test_pi_boot_partition_has_what_the_firmware_loads(build_image):
+    """The Pi boot chain cannot be emulated: check what the firmware reads from the FAT partition."""
+    import os
+
+    built = build_image("rpi4-arm64")
+    img, layout = built.image, built.manifest["layout"]
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+
+    def cat(name: str) -> str:
+        return subprocess.run(["mtype", "-i", f"{img}@@{layout['boot_offset']}", f"::/{name}"], env=env,
+                              capture_output=True, text=True, check=True).stdout
+
+    listing = subprocess.run(["mdir", "-b", "-i", f"{img}@@{layout['boot_offset']}", "::/"], env=env,
+                             capture_output=True, text=True, check=True).stdout
+    names = {line.rsplit("/", 1)[-1] for line in listing.split()}
+    for needed in ("start4.elf", "fixup4.dat", "bootcode.bin", "bcm2711-rpi-4-b.dtb", "bcm2837-rpi-3-b.dtb",
+                   "bcm2711-rpi-400.dtb", "bcm2711-rpi-cm4-io.dtb", "config.txt", "cmdline.txt"):
+        assert needed in names, f"{needed} missing from the boot partition"
+    config = dict(line.replace("=", " ", 1).split(None, 1) for line in cat("config.txt").splitlines()
+                  if line.strip() and not line.startswith("#") and " " in line.replace("=", " ", 1))
+    assert config["arm_64bit"].strip() == "1"
+    assert config["kernel"].strip() in names and config["initramfs"].split()[0] in names
+    cmdline = cat("cmdline.txt").split()
+    assert f"root=PARTUUID={layout['ids']['root_partuuid']}" in cmdline
+    table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
+                                      check=True).stdout)["partitiontable"]
+    assert table["label"] == "dos" and table["partitions"][0]["type"] == "c"

@@ -140,7 +140,7 @@ def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, archi
     if architecture != _DEB_ARCH.get(platform.machine()):
         host_mounts, interpreter = _host_python_mounts()
         mounts += " && " + host_mounts
-        variables = {**variables, "ansible_python_interpreter": interpreter}
+        variables = {**variables, "ansible_python_interpreter": interpreter, "idlewire_emulated": True}
         run.note(f"foreign rootfs ({architecture}): modules run with the host's Python, tools emulated")
     vars_file.write_text(json.dumps(variables))
     env = {
