@@ -5,7 +5,7 @@ SHELL := /bin/bash
 TARGET ?= rpi4-arm64
 SITE ?= $(wildcard site.yml)
 OUT ?= out
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 VENV := .venv
 BIN := $(VENV)/bin
 
