@@ -34,6 +34,7 @@ from netlab import Lab, Netns, sh
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "idlewire"
+WG_GO = shutil.which("wireguard-go")
 
 
 def cache_dir() -> Path:
@@ -181,17 +182,19 @@ class Fleet:
     def start(self, h: Host) -> None:
         # The host's systemd (trixie) only runs on a unified cgroup hierarchy.
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
-        log = open(h.dir / "console.log", "ab")
-        h.proc = subprocess.Popen(
-            ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
-             "--console=passive", "--private-network",  # with the lab namespace below
-             "-D", str(h.root), "-M", f"{self.lab.prefix}-{h.name}",
-             f"--network-namespace-path=/run/netns/{h.ns.name}"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True)
-        log.close()
+        with open(h.dir / "console.log", "ab") as log:
+            h.proc = subprocess.Popen(
+                ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
+                 "--console=passive", "--private-network",  # with the lab namespace below
+                 # This machine's kernel has no WireGuard: lend the hosts wireguard-go and a tun.
+                 *([f"--bind-ro={WG_GO}:/usr/local/bin/wireguard-go", "--bind=/dev/net/tun"]
+                   if WG_GO else []),
+                 "-D", str(h.root), "-M", f"{self.lab.prefix}-{h.name}",
+                 f"--network-namespace-path=/run/netns/{h.ns.name}"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)
 
-    def stop(self, h: Host, timeout: float = 30) -> None:
+    def stop(self, h: Host, timeout: float = 10) -> None:
         if h.proc and h.proc.poll() is None:
             h.proc.send_signal(signal.SIGTERM)  # nspawn asks the host's systemd to power off
             try:

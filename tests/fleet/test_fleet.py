@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fleet import ROOT, Fleet, why_no_fleet
 from netlab import Lab
 
@@ -78,9 +77,11 @@ def test_verify_suite(fleet):
     res = fleet.run(sys.executable, "-m", "idlewire", "verify", "-i", str(fleet.inventory), "--json",
                     "--identity", str(fleet.key), check=False)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
-    hosts = json.loads(res.stdout)
-    names = {h["name"] if isinstance(h, dict) else h for h in (hosts if isinstance(hosts, list) else hosts.get("hosts", hosts))}
-    assert {h.name for h in fleet.hosts} <= names, res.stdout[:2000]
+    hosts = {h["host"]: h for h in json.loads(res.stdout)["hosts"]}
+    assert set(hosts) == {h.name for h in fleet.hosts}
+    for name, h in hosts.items():
+        assert h["status"] == "ok" and not h["failed"], (name, h["failed"])
+        assert len(h["passed"]) >= 5, (name, h)
 
 
 def test_upgrade_stops_at_the_unhealthy_batch(fleet, tmp_path):
