@@ -102,8 +102,12 @@ def test_upgrade_stops_at_the_unhealthy_batch(fleet, tmp_path):
     r = recap(out)
     assert r["node03"]["failed"] == 1
     assert "node05" not in r, "the roll went on past the failed batch"
+    assert "Check that the agent answers before touching the node" in out
     versions = {h.name: "9.9.9-fleettest" in fleet.ssh(h, f"cat {AGENT_INIT}").stdout for h in fleet.hosts}
-    assert versions == {"node01": True, "node02": True, "node03": False, "node04": True, "node05": False}
+    # Batch 1 upgraded; batch 2 stopped as a whole when node03 failed its pre-upgrade health check
+    # (max_fail_percentage 0 ends the play after that task, so node04 was not touched either);
+    # batch 3 never started.
+    assert versions == {"node01": True, "node02": True, "node03": False, "node04": False, "node05": False}
     # The upgraded agents run the new release (the health gate saw it).
     for h in fleet.hosts[:2]:
         health = fleet.ssh(h, "python3 -c \"import urllib.request as u;"
