@@ -75,7 +75,8 @@ def test_idempotence(fleet):
 
 def test_verify_suite(fleet):
     res = fleet.run(sys.executable, "-m", "idlewire", "verify", "-i", str(fleet.inventory), "--json",
-                    "--identity", str(fleet.key), check=False)
+                    "--identity", str(fleet.key), "--junit", str(fleet.workdir / "verify.xml"),
+                    check=False)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
     hosts = {h["host"]: h for h in json.loads(res.stdout)["hosts"]}
     assert set(hosts) == {h.name for h in fleet.hosts}
