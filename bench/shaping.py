@@ -34,19 +34,11 @@ from shapelab import (
     IPERF3,
     MBIT,
     ShapeLab,
+    cpu_stall_us,
     measured_transfer,
     ping_p95,
     received_bps,
 )
-
-
-def cpu_stall_us() -> int:
-    """Total µs some task waited for a CPU (Linux PSI); 0 when not reported."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return int(f.readline().split("total=")[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def pressured(fn):

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from idlewire import bmap
@@ -99,3 +100,12 @@ def can_loop() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return "no free loop device"
     return None
+
+
+def idlewire(*args, check=True) -> subprocess.CompletedProcess:
+    """Run the idlewire CLI from this checkout; with check, a non-zero exit fails the test."""
+    res = subprocess.run([sys.executable, "-m", "idlewire", *map(str, args)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    if check:
+        assert res.returncode == 0, res.stderr
+    return res

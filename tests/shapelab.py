@@ -254,3 +254,12 @@ def measured_transfer(client: Netns, server: str, seconds: float, reverse: bool,
         raise RuntimeError(f"iperf3 failed: {data.get('error') or err}")
     empty = sum(samples) / len(samples) if samples else 0.0
     return (b1 - b0) * 8 / (t1 - t0), received_bps(data), empty
+
+
+def cpu_stall_us() -> int:
+    """Total µs some task waited for a CPU (Linux PSI), 0 when the kernel does not report it."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return 0

@@ -33,6 +33,7 @@ from shapelab import (
     NODE_WAN,
     PRIVATE_TARGETS,
     ShapeLab,
+    cpu_stall_us,
     iperf,
     listen,
     measured_transfer,
@@ -67,14 +68,6 @@ def fresh_shaper(sl, **kw):
     shaper.add_session("buyer-1", [BUYER_TUN])
     return shaper
 
-
-def cpu_stall_us() -> int:
-    """Total µs some task waited for a CPU (Linux PSI), 0 when the kernel does not report it."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            return int(f.readline().split("total=")[1])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def check_rate(measure, limit: float, what: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 from idlewire import flash as fl
 from idlewire import stamp as st
 from idlewire.errors import UserError
-from imagelab import can_loop, loop_device, make_image, run, write_sha256
+from imagelab import can_loop, idlewire, loop_device, make_image, run, write_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -28,13 +28,6 @@ pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("mcopy", "sfdi
                                 reason="needs mtools, fdisk, dosfstools, xz-utils, zstd")
 needs_loop = pytest.mark.skipif(bool(can_loop()), reason=can_loop() or "")
 
-
-def idlewire(*args, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "idlewire", *map(str, args)], capture_output=True, text=True,
-                         cwd=ROOT)
-    if check:
-        assert res.returncode == 0, res.stderr
-    return res
 
 
 def refused(res: subprocess.CompletedProcess, words: str) -> None:

@@ -8,8 +8,6 @@ import csv
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from idlewire import bmap
 from idlewire import stamp as st
 from idlewire.units import wpa_psk
-from imagelab import make_image, run
+from imagelab import idlewire, make_image, run
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICCwTJHb49C0zwb8vi6tjbdXa2mX9kiOu2khkhPP5LMu vendor@desk"
@@ -26,13 +24,6 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICCwTJHb49C0zwb8vi6tjbdXa2mX9kiOu2khk
 pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("mcopy", "sfdisk", "mkfs.vfat")),
                                 reason="needs mtools, fdisk, dosfstools")
 
-
-def idlewire(*args, check=True) -> subprocess.CompletedProcess:
-    res = subprocess.run([sys.executable, "-m", "idlewire", *map(str, args)], capture_output=True, text=True,
-                         cwd=ROOT)
-    if check:
-        assert res.returncode == 0, res.stderr
-    return res
 
 
 @pytest.fixture(scope="module")
