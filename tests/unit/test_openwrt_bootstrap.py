@@ -5,6 +5,7 @@ logic (floors, messages, which packages it installs, check mode, apk-or-opkg det
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -229,3 +230,20 @@ def test_uci_ensure_check_changes_nothing(shell, tmp_path):
     assert (r.returncode, r.stdout, commits, after) == (0, "changed: system.@system[0].hostname\n", [], db)
     r, _, _ = uci_ensure(shell, tmp_path, db, "--apply", "no-equals-sign")
     assert (r.returncode, r.stderr) == (2, "error: no-equals-sign: expected PACKAGE.SECTION.OPTION=VALUE\n")
+
+
+def test_documented_floors_are_the_defaults():
+    """The budget table in roles/base/README.md and the floors in README.md are the role's defaults."""
+    import yaml
+
+    d = yaml.safe_load((ROOT / "roles/base/defaults/main.yml").read_text())
+    packages = {p["name"]: p["kib"] for p in d["base_openwrt_packages"]}
+    total = sum(packages.values())
+    floor = total + d["base_openwrt_flash_reserve_kib"]
+    role_readme = (ROOT / "roles/base/README.md").read_text()
+    rows = {name: int(kib) for name, kib in re.findall(r"^\| ([a-z0-9-]+) \| (\d+) \|", role_readme, re.M)}
+    assert rows == packages
+    assert f"| **sum** | **{total}** | + reserve {d['base_openwrt_flash_reserve_kib']} = **{floor} KiB**" in role_readme
+    assert f"**{floor} KiB" in role_readme and f"= **{d['base_openwrt_min_ram_kib']} KiB" in role_readme
+    main = (ROOT / "README.md").read_text()
+    assert f"{floor} KiB" in main and f"{d['base_openwrt_min_ram_kib']} KiB" in main
