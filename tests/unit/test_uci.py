@@ -94,3 +94,30 @@ def test_bad_lines_name_the_line(text, message):
     with pytest.raises(UciError) as exc:
         parse(text, "cfg")
     assert str(exc.value) == message
+
+
+def test_testinfra_helper_reads_uci_export(monkeypatch):
+    """tests/infra/iwnode.py's Node.uci_export parses what `uci export` prints on a router."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "infra"))
+    sys.modules.pop("iwnode", None)
+    from iwnode import Node
+
+    export = ("package idlewire\n\nconfig agent 'agent'\n\toption enabled '1'\n"
+              "\toption config '/etc/idlewire/node.toml'\n\n")
+    calls = []
+
+    def run(cmd):
+        calls.append(cmd)
+        return SimpleNamespace(rc=0 if cmd.endswith(" idlewire") else 1, stdout=export if cmd.endswith(" idlewire")
+                               else "")
+
+    node = Node(SimpleNamespace(run=run), "router-7", {})
+    cfg = node.uci_export("idlewire")
+    assert calls == ["uci -q export idlewire"]
+    assert (cfg.package, cfg.get("agent.enabled"), cfg.get("agent.config")) == ("idlewire", "1",
+                                                                                "/etc/idlewire/node.toml")
+    assert node.uci_export("nosuch") is None
