@@ -148,6 +148,13 @@ class Node:
         res = self.host.run(f"uci -q get {shlex.quote(key)}")
         return res.stdout.strip() if res.rc == 0 else None
 
+    def uci_export(self, package: str):
+        """A UCI package as `uci export` prints it, parsed (idlewire.uci.Config), or None."""
+        from idlewire.uci import parse  # host side: the tools package, as `idlewire verify` runs it
+
+        res = self.host.run(f"uci -q export {shlex.quote(package)}")
+        return parse(res.stdout, f"{self.name}: uci export {package}") if res.rc == 0 else None
+
     def ubus_call(self, path: str, method: str, args: dict | None = None) -> Any:
         cmd = f"ubus call {shlex.quote(path)} {shlex.quote(method)}"
         if args is not None:

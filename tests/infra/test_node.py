@@ -24,6 +24,16 @@ def test_agent_service_active_and_enabled(node):
     assert enabled, f"{AGENT} is not enabled at boot"
 
 
+def test_openwrt_agent_service_config_in_uci(node):
+    if not node.openwrt:
+        pytest.skip("not OpenWrt (procd and /etc/config/idlewire are OpenWrt's)")
+    cfg = node.uci_export("idlewire")
+    assert cfg is not None, "no UCI package idlewire (/etc/config/idlewire, roles/agent)"
+    assert cfg.get("agent.enabled") == "1", f"idlewire.agent.enabled is {cfg.get('agent.enabled')!r}, not '1'"
+    want = f"{node.v['agent_config_dir']}/node.toml"
+    assert cfg.get("agent.config") == want, f"idlewire.agent.config is {cfg.get('agent.config')!r}, not {want!r}"
+
+
 def test_api_listens_on_management_only(node):
     port = int(node.v["agent_api_port"])
     wanted = sorted(node.v["agent_api_listen"])
