@@ -20,7 +20,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BUSYBOX = shutil.which("busybox")
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not BUSYBOX or not shutil.which("chroot"),
+
+
+def _static(path: str | None) -> bool:
+    """A busybox that runs alone in a chroot: an ELF file without a PT_INTERP (dynamic loader)."""
+    return bool(path) and b"ld-linux" not in Path(path).read_bytes()[:4096]
+
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not _static(BUSYBOX) or not shutil.which("chroot"),
                                 reason="needs root, chroot and a static busybox (apt install busybox-static)")
 
 OPKG = r"""#!/bin/sh
