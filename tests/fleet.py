@@ -36,6 +36,9 @@ from netlab import Lab, Netns, sh
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "idlewire"
 WG_GO = shutil.which("wireguard-go")
+# The buyers' caps the fleet's inventory sets (Mbit/s; not the role defaults, so a check that
+# reads the defaults instead of the inventory fails).
+CAP_UP_MBIT, CAP_DOWN_MBIT = 8, 40
 
 
 def cache_dir() -> Path:
@@ -341,6 +344,13 @@ class Fleet:
             "          net.ipv4.ip_forward: 1",
             "          net.ipv6.conf.all.forwarding: 1",
             "          net.ipv4.conf.all.rp_filter: 2",
+            "        # Shaping on, with caps other than the defaults: the verify suite checks the tc",
+            "        # trees, the isolation table and the WireGuard port against these values.",
+            "        agent_shaping_enabled: true",
+            "        agent_wan_interface: eth0",
+            "        firewall_wan_interface: eth0",
+            f"        agent_cap_up_mbit: {CAP_UP_MBIT}",
+            f"        agent_cap_down_mbit: {CAP_DOWN_MBIT}",
         ]
         self.inventory.write_text("\n".join(lines) + "\n")
 
