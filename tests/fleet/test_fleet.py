@@ -113,21 +113,21 @@ def test_verify_suite(fleet):
 def test_verify_names_exactly_what_broke(fleet):
     """One thing broken by hand on each of four hosts; one run names exactly the matching checks."""
     n1, n2, n3, n4, n5 = fleet.hosts
-    breaks = {  # host: (break, restore)
-        n2: (f"sudo tc class change dev iw0 classid 1:1 htb rate {CAP_DOWN_MBIT // 2}mbit "
+    breaks = [  # (host, break, restore)
+        (n2, f"sudo tc class change dev iw0 classid 1:1 htb rate {CAP_DOWN_MBIT // 2}mbit "
              f"ceil {CAP_DOWN_MBIT // 2}mbit", "sudo systemctl restart idlewire-agent"),
-        n3: ("sudo nft flush table inet idlewire", "sudo systemctl restart idlewire-firewall"),
-        n4: ("sudo systemctl stop idlewire-agent", "sudo systemctl start idlewire-agent"),
-        n5: ("echo 'PasswordAuthentication yes' | sudo tee /etc/ssh/sshd_config.d/00-broken.conf "
+        (n3, "sudo nft flush table inet idlewire", "sudo systemctl restart idlewire-firewall"),
+        (n4, "sudo systemctl stop idlewire-agent", "sudo systemctl start idlewire-agent"),
+        (n5, "echo 'PasswordAuthentication yes' | sudo tee /etc/ssh/sshd_config.d/00-broken.conf "
              ">/dev/null && sudo systemctl reload ssh",
-             "sudo rm /etc/ssh/sshd_config.d/00-broken.conf && sudo systemctl reload ssh"),
-    }
+         "sudo rm /etc/ssh/sshd_config.d/00-broken.conf && sudo systemctl reload ssh"),
+    ]
     try:
-        for h, (broken, _) in breaks.items():
+        for h, broken, _ in breaks:
             fleet.ssh(h, broken)
         hosts = verify(fleet, "verify-broken")
     finally:
-        for h, (_, restore) in breaks.items():
+        for h, _, restore in breaks:
             fleet.ssh(h, restore, check=False)
     failed = {name: {f["test"]: f["message"] for f in h["failed"]} for name, h in hosts.items()}
     assert {name: set(f) for name, f in failed.items()} == {
