@@ -13,8 +13,11 @@ read of the image, each by its own thread):
 3. the stamped boot partition (when stamping while flashing), then every mapped range outside the
    first and last MiB, then fsync;
 4. the partition table regions (first MiB, last MiB: MBR, primary and backup GPT) LAST, fsync;
-5. every written range read back from the target (O_DIRECT, or the cache dropped) and compared
-   with the bmap's sha256 (or, for the stamped boot partition, the sha256 of what was written).
+5. every written range read back from the target and compared with the bmap's sha256 (or, for
+   the stamped boot partition, the sha256 of what was written). Writes and reads go around the
+   page cache (O_DIRECT), so the read-back of a range starts as soon as its write has returned
+   and runs while later ranges are written: a reader thread and a hashing thread per target.
+   Where O_DIRECT is refused (tmpfs), the read-back waits for the final fsync and drops the cache.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from .units import Unit
 
 MiB = 1 << 20
 CHUNK = 8 * MiB
+PAGE = 4096  # alignment of direct I/O (a multiple of every logical block size met)
 TABLE = 1 * MiB  # first and last MiB hold MBR / primary GPT / backup GPT: written last
 BLKGETSIZE64 = 0x80081272
 BLKFLSBUF = 0x1261
@@ -591,29 +595,160 @@ class CardReport:
     hostname: str | None = None
     node_public_key: str | None = None
     written_bytes: int = 0
-    write_seconds: float = 0.0
-    verify_seconds: float = 0.0
+    write_seconds: float = 0.0  # start → every byte written and flushed (fsync)
+    verify_seconds: float = 0.0  # the read-back's own wall time (it overlaps the write when it can)
+    verify_extra_seconds: float = 0.0  # what the read-back added after the write had finished
+    verify_overlapped: bool = False  # read back while writing (O_DIRECT) or only after the final flush
     verified: bool | None = None
     error: str | None = None
     mismatches: list[tuple[int, int]] = field(default_factory=list)
 
 
-class Writer(threading.Thread):
-    """One target: takes jobs from a queue, writes them, then flushes; errors are kept."""
+class ReadBack:
+    """Reads written ranges back from the target and checks each piece's sha256.
 
-    def __init__(self, target: Target, fd: int, report: CardReport, advance: Callable[[int], None]):
+    Fed (piece, offset, length) in write order. Reads go around the page cache: O_DIRECT
+    (a direct read of a range first makes the kernel write back anything still dirty in it, so
+    what is compared is what the device returns). Where O_DIRECT is refused (tmpfs …) the
+    read-back waits for `start()` after the final fsync, with the cache dropped.
+
+    Two threads: one reads into a few aligned buffers, one hashes (hashlib releases the GIL), so
+    the device and the CPU both stay busy, and both run while the writer goes on.
+    """
+
+    BUFFERS = 4
+
+    def __init__(self, fd: int, is_block: bool, advance: Callable[[int], None]):
+        self.fd, self.is_block, self.advance = fd, is_block, advance
+        self.rfd = -1
+        with contextlib.suppress(OSError):
+            self.rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        self.direct = self.rfd >= 0
+        self.jobs: queue.Queue = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()
+        self.bufs = [mmap.mmap(-1, CHUNK + 2 * PAGE) for _ in range(self.BUFFERS)]
+        for b in self.bufs:
+            self.free.put(b)
+        self.state: dict[int, tuple] = {}  # id(piece) → (sha256 so far, bytes fed, every byte read)
+        self.mismatches: list[tuple[int, int]] = []
+        self.error: BaseException | None = None
+        self.bytes = 0
+        self.t_first = self.t_last = 0.0
+        self.threads = [threading.Thread(target=self._reader, daemon=True),
+                        threading.Thread(target=self._hasher, daemon=True)]
+        self.started = False
+
+    def start(self) -> None:
+        """Begin reading (at once when O_DIRECT works; else after the writer's final fsync)."""
+        if self.started:
+            return
+        if not self.direct:  # drop what the page cache holds of the target, then read normally
+            os.fsync(self.fd)
+            if self.is_block:
+                with contextlib.suppress(OSError):
+                    fcntl.ioctl(self.fd, BLKFLSBUF)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            self.rfd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        self.started = True
+        for t in self.threads:
+            t.start()
+
+    def put(self, piece: Piece, off: int, length: int) -> None:
+        self.jobs.put((piece, off, length))
+
+    def put_piece(self, piece: Piece) -> None:
+        for off in range(piece.start, piece.end, CHUNK):
+            self.put(piece, off, min(CHUNK, piece.end - off))
+
+    def finish(self) -> list[tuple[int, int]]:
+        """Wait for every range fed so far; the mismatching pieces (start, end), sorted."""
+        self.start()
+        self.jobs.put(None)
+        for t in self.threads:
+            t.join()
+        if self.error:
+            raise self.error
+        return sorted(self.mismatches)
+
+    def close(self) -> None:
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            self.rfd = -1
+        for b in self.bufs:
+            with contextlib.suppress(BufferError):
+                b.close()
+
+    def _reader(self) -> None:
+        try:
+            while (job := self.jobs.get()) is not None:
+                piece, off, length = job
+                buf = self.free.get()
+                lo = off % PAGE  # direct reads start and end on page boundaries
+                pos, need = off - lo, lo + length
+                want = -(-need // PAGE) * PAGE
+                got = 0
+                if not self.t_first:
+                    self.t_first = time.monotonic()
+                with memoryview(buf) as mv:
+                    while got < need:
+                        n = self._pread(mv[got:want], pos + got)
+                        if n <= 0:
+                            break  # the target ends early: that piece cannot match
+                        got += n
+                self.ready.put((piece, buf, lo, min(got, need), length))
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self.ready.put(None)
+
+    def _pread(self, view: memoryview, off: int) -> int:
+        return os.preadv(self.rfd, [view], off)
+
+    def _hasher(self) -> None:
+        while (item := self.ready.get()) is not None:
+            piece, buf, lo, hi, length = item
+            try:
+                h, done, whole = self.state.get(id(piece)) or (hashlib.sha256(), 0, True)
+                if hi > lo:
+                    with memoryview(buf) as mv:
+                        h.update(mv[lo:hi])
+                    self.advance(hi - lo)
+                    self.bytes += hi - lo
+                done += length
+                whole = whole and hi - lo == length
+                if done < piece.end - piece.start:
+                    self.state[id(piece)] = (h, done, whole)
+                else:
+                    self.state.pop(id(piece), None)
+                    if not whole or h.hexdigest() != piece.sha:
+                        self.mismatches.append((piece.start, piece.end))
+            except BaseException as exc:
+                self.error = self.error or exc
+            finally:
+                self.free.put(buf)
+                self.t_last = time.monotonic()
+
+
+class Writer(threading.Thread):
+    """One target: takes jobs from a queue, writes them, hands written ranges to its ReadBack.
+
+    Aligned writes bypass the page cache (O_DIRECT) through a second, non-exclusive descriptor
+    (the first keeps the O_EXCL claim of a block device and takes unaligned bits). Data whose
+    address is page-aligned (an mmap of the source) is written straight from memory; the rest
+    (decompressed chunks) is staged through an aligned buffer.
+    """
+
+    def __init__(self, target: Target, fd: int, report: CardReport, advance: Callable[[int], None],
+                 readback: ReadBack | None):
         super().__init__(daemon=True)
-        self.t, self.fd, self.report, self.advance = target, fd, report, advance
-        self.q: queue.Queue = queue.Queue(maxsize=6)
+        self.t, self.fd, self.report, self.advance, self.rb = target, fd, report, advance, readback
+        self.q: queue.Queue = queue.Queue(maxsize=8)
         self.failed: BaseException | None = None
-        self.is_file = not target.is_block
-        # Block devices: aligned writes bypass the page cache (O_DIRECT) through a second,
-        # non-exclusive descriptor; the first keeps the O_EXCL claim and takes unaligned bits.
         self.dfd, self.buf = -1, None
-        if target.is_block:
-            with contextlib.suppress(OSError):
-                self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-                self.buf = mmap.mmap(-1, CHUNK)
+        with contextlib.suppress(OSError):
+            self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self.buf = mmap.mmap(-1, CHUNK)
 
     def run(self) -> None:
         while True:
@@ -627,17 +762,26 @@ class Writer(threading.Thread):
             except BaseException as exc:  # reported by the main thread
                 self.failed = exc
 
-    def _write(self, data, off: int) -> None:
+    def _write(self, data, off: int, aligned: bool) -> None:
+        """Write `data` at `off`; `aligned`: the data's address ≡ off (mod page size)."""
         mv = memoryview(data)
         while mv:
             n = len(mv)
-            if self.buf is not None and off % 4096 == 0 and n >= 4096:
-                n = min(n - n % 4096, CHUNK)
-                staged = memoryview(self.buf)[:n]
-                staged[:] = mv[:n]
-                n = os.pwrite(self.dfd, staged, off)
+            if self.dfd >= 0 and off % PAGE == 0 and n >= PAGE:
+                n -= n % PAGE
+                if aligned:
+                    n = os.pwrite(self.dfd, mv[:n], off)
+                else:
+                    n = min(n, CHUNK)
+                    with memoryview(self.buf)[:n] as staged:  # type: ignore[index]
+                        staged[:] = mv[:n]
+                        n = os.pwrite(self.dfd, staged, off)
             else:
-                n = os.pwrite(self.fd, mv, off)
+                if self.dfd >= 0 and off % PAGE:
+                    n = min(n, PAGE - off % PAGE)  # up to the next page, the rest goes direct
+                n = os.pwrite(self.fd, mv[:n], off)
+            if n <= 0:
+                raise OSError(errno.EIO, f"short write at byte {off}")
             mv, off = mv[n:], off + n
 
     def close(self) -> None:
@@ -650,37 +794,14 @@ class Writer(threading.Thread):
 
     def _do(self, job) -> None:
         op = job[0]
-        if op in ("data", "zero"):
-            _, off, data = job
-            self._write(data, off)
-            if op == "data":
+        if op == "data":
+            _, off, data, piece, aligned = job
+            self._write(data, off, aligned)
+            if piece is not None:
                 self.report.written_bytes += len(data)
                 self.advance(len(data))
-        elif op == "copy":
-            _, sfd, off, length = job
-            end = off + length
-            while off < end:
-                if self.is_file:
-                    n = os.copy_file_range(sfd, self.fd, min(end - off, 64 * MiB), off, off)
-                elif self.buf is not None and off % 4096 == 0 and end - off >= 4096:
-                    want = min(end - off, CHUNK)
-                    want -= want % 4096
-                    staged = memoryview(self.buf)[:want]
-                    n = os.preadv(sfd, [staged], off)
-                    if n == want:
-                        n = os.pwrite(self.dfd, staged, off)
-                    elif n > 0:
-                        self._write(bytes(staged[:n]), off)
-                else:
-                    data = os.pread(sfd, min(end - off, CHUNK), off)
-                    if data:
-                        self._write(data, off)
-                    n = len(data)
-                if n == 0:
-                    raise OSError(errno.EIO, f"short copy at byte {off}")
-                off += n
-                self.report.written_bytes += n
-                self.advance(n)
+                if self.rb is not None:
+                    self.rb.put(piece, off, len(data))
         elif op == "sync":
             if self.dfd >= 0:
                 os.fsync(self.dfd)
@@ -702,42 +823,13 @@ class Writer(threading.Thread):
             raise self.failed
 
 
-def read_back(fd: int, pieces: list[Piece], is_block: bool, advance: Callable[[int], None]) -> list[tuple[int, int]]:
-    """sha256 of every piece as the target holds it (page cache bypassed); mismatching ranges."""
-    dfd = -1
-    path = f"/proc/self/fd/{fd}"
-    with contextlib.suppress(OSError):
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    if dfd < 0:  # no O_DIRECT here (tmpfs …): drop the cache instead
-        os.fsync(fd)
-        if is_block:
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(fd, BLKFLSBUF)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        dfd = os.open(path, os.O_RDONLY)
-    buf = mmap.mmap(-1, CHUNK)
-    bad = []
-    try:
-        for p in pieces:
-            h = hashlib.sha256()
-            pos = p.start - p.start % 4096
-            while pos < p.end:
-                want = min(CHUNK, -(-(p.end - pos) // 4096) * 4096)
-                n = os.preadv(dfd, [memoryview(buf)[:want]], pos)
-                if n <= 0:
-                    break
-                lo = max(p.start - pos, 0)
-                hi = min(n, p.end - pos)
-                if hi > lo:
-                    h.update(memoryview(buf)[lo:hi])
-                    advance(hi - lo)
-                pos += n
-            if h.hexdigest() != p.sha:
-                bad.append((p.start, p.end))
-    finally:
-        buf.close()
-        os.close(dfd)
-    return bad
+def send_mapped(writers: list[Writer], view: memoryview, pieces: list[Piece]) -> None:
+    """Hand `pieces` of a mapped file (`view` maps it from offset 0) to every writer, in chunks."""
+    for p in pieces:
+        for off in range(p.start, p.end, CHUNK):
+            chunk = view[off:min(off + CHUNK, p.end)]
+            for w in writers:
+                w.put(("data", off, chunk, p, True))
 
 
 @dataclass
@@ -750,9 +842,20 @@ class FlashResult:
     cards: list[CardReport]
 
 
+def _map(fd: int) -> tuple[mmap.mmap | None, memoryview | None]:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return None, None
+    m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    with contextlib.suppress(AttributeError, OSError):
+        m.madvise(mmap.MADV_SEQUENTIAL)
+    return m, memoryview(m)
+
+
 def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *, verify: bool = True,
           progress=None) -> FlashResult:
-    """Write `src` to every target concurrently (each stamped with its unit, if given), then verify."""
+    """Write `src` to every target concurrently (each stamped with its unit, if given); each
+    target's written ranges are read back and checked while the later ones are being written."""
     t0 = time.monotonic()
     ranges = src.byte_ranges()
     reports = [CardReport(str(t.path)) for t in targets]
@@ -762,6 +865,8 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
     overlays: list[Overlay] = []
     fds: list[int] = []
     writers: list[Writer] = []
+    readbacks: list[ReadBack] = []
+    maps: list[tuple[mmap.mmap | None, memoryview | None]] = []
     sfd = os.open(src.path, os.O_RDONLY) if src.kind == "raw" else -1
     try:
         skip = None
@@ -781,34 +886,48 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             fds.append(_open_target(t, src.size, write=True))
         for i, t in enumerate(targets):
             mine = pieces + (overlays[i].pieces if overlays else [])
-            task = progress.add_task(f"write  {t.path}", total=sum(p.end - p.start for p in mine)) \
-                if progress else None
+            total = sum(p.end - p.start for p in mine)
+            rb = None
+            if verify:
+                vtask = progress.add_task(f"verify {t.path}", total=total) if progress else None
+                rb = ReadBack(fds[i], t.is_block, (lambda n, k=vtask: progress.advance(k, n)) if progress
+                              else (lambda n: None))
+                readbacks.append(rb)
+                reports[i].verify_overlapped = rb.direct
+                if rb.direct:
+                    rb.start()
+            task = progress.add_task(f"write  {t.path}", total=total) if progress else None
             adv = (lambda n, task=task: progress.advance(task, n)) if progress else (lambda n: None)
-            w = Writer(t, fds[i], reports[i], adv)
+            w = Writer(t, fds[i], reports[i], adv, rb)
             w.start()
             writers.append(w)
         zero = bytes(min(TABLE, src.size))
         for w in writers:  # the old partition table goes first: a half-written card never boots
-            w.put(("zero", 0, zero))
+            w.put(("data", 0, zero, None, False))
         for w, ov in zip(writers, overlays, strict=False):
-            for p in ov.pieces:
-                w.put(("copy", ov.fd, p.start, p.end - p.start))
-        deferred: list[tuple[int, bytes | None, int]] = []  # (offset, data or None for raw, length)
+            _, view = m = _map(ov.fd)
+            maps.append(m)
+            if view is not None:
+                send_mapped([w], view, ov.pieces)
+        deferred: list[tuple[Piece, bytes | None]] = []  # partition table regions (None: from the raw image)
+        src_view = memoryview(b"")
         if src.kind == "raw":
             _hash_split_raw(sfd, pieces)
-            for p in pieces:
-                if p.where == "body":
-                    for w in writers:
-                        w.put(("copy", sfd, p.start, p.end - p.start))
-                else:
-                    deferred.append((p.start, None, p.end - p.start))
+            _, src_view = m = _map(sfd)
+            maps.append(m)
+            assert src_view is not None
+            send_mapped(writers, src_view, [p for p in pieces if p.where == "body"])
+            deferred = [(p, None) for p in pieces if p.where != "body"]
         else:
             _stream_compressed(src, writers, pieces, deferred)
         for w in writers:
             w.sync()
-        for off, data, length in deferred:  # partition table regions: last
-            for w in writers:
-                w.put(("data", off, data) if data is not None else ("copy", sfd, off, length))
+        for p, data in deferred:  # partition table regions: last
+            if data is None:
+                send_mapped(writers, src_view, [p])
+            else:
+                for w in writers:
+                    w.put(("data", p.start, data, p, False))
         for w in writers:
             w.sync()
         for w, r in zip(writers, reports, strict=True):
@@ -817,8 +936,7 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
         for w in writers:
             w.join()
         if verify:
-            _verify_all(targets, fds, reports, [pieces + (ov.pieces if ov else []) for ov in
-                                                (overlays or [None] * len(targets))], progress)
+            _finish_readbacks(readbacks, reports, t0)
     except BaseException as exc:
         for w in writers:
             w.failed = w.failed or exc
@@ -829,6 +947,15 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
         for w in writers:
             with contextlib.suppress(OSError):
                 w.close()
+        for rb in readbacks:
+            with contextlib.suppress(OSError):
+                rb.close()
+        for m, view in maps:
+            if view is not None:
+                view.release()
+            if m is not None:
+                with contextlib.suppress(BufferError):
+                    m.close()
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -841,6 +968,21 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             shutil.rmtree(work, ignore_errors=True)
     return FlashResult(str(src.path), str(src.bmap_path) if src.bmap_path else None, src.sha256_checked,
                        src.bmap.mapped_blocks * src.bmap.block_size, time.monotonic() - t0, reports)
+
+
+def _finish_readbacks(readbacks: list[ReadBack], reports: list[CardReport], t0: float) -> None:
+    """Wait for every target's read-back (concurrently: each has its own threads)."""
+    for rb in readbacks:
+        rb.start()  # those that could not read while writing start now
+    for rb, r in zip(readbacks, reports, strict=True):
+        try:
+            r.mismatches = rb.finish()
+            r.verified = not r.mismatches
+        except OSError as exc:
+            r.error = f"reading back failed: {exc}"
+            r.verified = False
+        r.verify_seconds = max(rb.t_last - rb.t_first, 0.0)
+        r.verify_extra_seconds = max(rb.t_last - t0 - r.write_seconds, 0.0)
 
 
 def _hash_split_raw(sfd: int, pieces: list[Piece]) -> None:
@@ -884,69 +1026,24 @@ def _stream_compressed(src: Source, writers: list[Writer], pieces: list[Piece], 
                 part = data[a - off:b - off] if (a, b) != (off, end) else data
                 if id(p) in hashers:
                     hashers[id(p)].update(part)
+                    if b == p.end:  # known before its last bytes reach the read-back
+                        p.sha = hashers.pop(id(p)).hexdigest()
                 if p.where != "body":
                     buffers.setdefault(id(p), bytearray()).extend(part)
                 else:
                     for w in writers:
-                        w.put(("data", a, part))
+                        w.put(("data", a, part, p, False))
             j += 1
     for p in pieces:
-        if id(p) in hashers:
-            p.sha = hashers[id(p)].hexdigest()
         if id(p) in buffers:
-            deferred.append((p.start, bytes(buffers[id(p)]), p.end - p.start))
-
-
-def _verify_all(targets, fds, reports, per_target: list[list[Piece]], progress) -> None:
-    ways = max(1, min(4, (os.cpu_count() or 1) // len(targets)))
-
-    def one(i: int) -> None:
-        mine = per_target[i]
-        task = progress.add_task(f"verify {targets[i].path}", total=sum(p.end - p.start for p in mine)) \
-            if progress else None
-        adv = (lambda n: progress.advance(task, n)) if progress else (lambda n: None)
-        t1 = time.monotonic()
-        try:
-            reports[i].mismatches = read_back_parallel(fds[i], mine, targets[i].is_block, adv, ways)
-            reports[i].verified = not reports[i].mismatches
-        except OSError as exc:
-            reports[i].error = f"reading back failed: {exc}"
-            reports[i].verified = False
-        reports[i].verify_seconds = time.monotonic() - t1
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(targets))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-
-
-def read_back_parallel(fd: int, pieces: list[Piece], is_block: bool, advance: Callable[[int], None],
-                       ways: int) -> list[tuple[int, int]]:
-    parts = split_work(pieces, lambda p: p.end - p.start, ways)
-    results: list[list[tuple[int, int]]] = [[] for _ in parts]
-    errors: list[BaseException] = []
-
-    def work(k: int) -> None:
-        try:
-            results[k] = read_back(fd, parts[k], is_block, advance)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(parts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return sorted(m for r in results for m in r)
+            deferred.append((p, bytes(buffers[id(p)])))
 
 
 def verify_only(src: Source, target: Target, *, skip_boot: bool = False, progress=None) -> CardReport:
     """Compare the target with the image's bmap (an interrupted or failed write shows here)."""
     report = CardReport(str(target.path))
     fd = _open_target(target, src.size, write=False)
+    rb = None
     try:
         ranges = src.byte_ranges()
         if skip_boot:
@@ -956,11 +1053,16 @@ def verify_only(src: Source, target: Target, *, skip_boot: bool = False, progres
         task = progress.add_task(f"verify {target.path}", total=sum(p.end - p.start for p in pieces)) \
             if progress else None
         t1 = time.monotonic()
-        report.mismatches = read_back_parallel(fd, pieces, target.is_block, (lambda n: progress.advance(task, n))
-                                               if progress else (lambda n: None), max(1, min(4, os.cpu_count() or 1)))
+        rb = ReadBack(fd, target.is_block, (lambda n: progress.advance(task, n)) if progress else (lambda n: None))
+        rb.start()
+        for p in pieces:
+            rb.put_piece(p)
+        report.mismatches = rb.finish()
         report.verify_seconds = time.monotonic() - t1
         report.verified = not report.mismatches
     finally:
+        if rb is not None:
+            rb.close()
         os.close(fd)
     return report
 
