@@ -234,6 +234,12 @@ def test_damaged_images_are_refused_before_writing(golden, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     refused(idlewire("flash", raw, out, check=False), "do not match the checksum")
     assert not out.exists()
+    # a file target is checked while it is written aside: a damaged image leaves it as it was
+    out.write_bytes(b"the card's old content")
+    refused(idlewire("flash", raw, out, check=False), "do not match the checksum")
+    assert out.read_bytes() == b"the card's old content"
+    assert not (tmp_path / ".card.img.partial").exists()
+    out.unlink()
     # a bmap that belongs to another image
     other = make_image(tmp_path / "other.img", size=160 * MiB)
     refused(idlewire("flash", golden, out, "--bmap", other.with_suffix(".bmap"), check=False),

@@ -106,7 +106,7 @@ def _hash_file(path: Path) -> str:
 
 def _uncompressed_size(path: Path, kind: str) -> int | None:
     """The size the stream says it decompresses to; a damaged container is a UserError."""
-    if kind == "xz":
+    if kind == "xz" and shutil.which("xz"):  # without it, the stream is checked as it is read
         res = subprocess.run(["xz", "--robot", "--list", str(path)], capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise UserError(f"{path}: corrupt or truncated xz file ({res.stderr.strip().split(': ')[-1]}); "
@@ -175,12 +175,20 @@ def open_source(image: Path, bmap_path: Path | None = None, *, preverify: bool =
             if (bmap_obj.image_size % mod if mod else bmap_obj.image_size) != expect:
                 raise UserError(f"{image}: decompresses to {expect} bytes but {bmap_path} describes "
                                 f"{bmap_obj.image_size}: the bmap belongs to another image (or the file is truncated)")
-    if kind == "raw" and preverify and bmap_path is not None:
-        bad = _check_ranges(image, src.byte_ranges(), progress)
-        if bad:
-            raise UserError(f"{image}: bytes {bad[0]}-{bad[1]} do not match the checksum in {bmap_path}: "
-                            "the image is damaged or the bmap belongs to another image")
+    if preverify:
+        check_image(src, progress)
     return src
+
+
+def check_image(src: Source, progress: Callable[[int], None] | None = None, ways: int = 4) -> None:
+    """An uncompressed image's mapped ranges against the bmap's sha256 (compressed images are
+    checked as they stream); a mismatch is a UserError."""
+    if src.kind != "raw" or src.bmap_path is None:
+        return
+    bad = _check_ranges(src.path, src.byte_ranges(), progress, ways)
+    if bad:
+        raise UserError(f"{src.path}: bytes {bad[0]}-{bad[1]} do not match the checksum in {src.bmap_path}: "
+                        "the image is damaged or the bmap belongs to another image")
 
 
 def split_work(items: list, size: Callable, ways: int) -> list[list]:
@@ -195,7 +203,7 @@ def split_work(items: list, size: Callable, ways: int) -> list[list]:
 
 
 def _check_ranges(image: Path, ranges: list[tuple[int, int, str]],
-                  progress: Callable[[int], None] | None) -> tuple[int, int] | None:
+                  progress: Callable[[int], None] | None, ways: int = 4) -> tuple[int, int] | None:
     """The first range whose sha256 differs (hashing on every core: hashlib releases the GIL)."""
     bad: list[tuple[int, int]] = []
 
@@ -222,7 +230,7 @@ def _check_ranges(image: Path, ranges: list[tuple[int, int, str]],
             view.release()
             os.close(fd)
 
-    parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(4, os.cpu_count() or 1)))
+    parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(ways, os.cpu_count() or 1)))
     threads = [threading.Thread(target=work, args=(p,), daemon=True) for p in parts]
     for t in threads:
         t.start()
@@ -234,8 +242,11 @@ def _check_ranges(image: Path, ranges: list[tuple[int, int, str]],
 def _decompressor(src: Source) -> Iterator[bytes]:
     """The decompressed image, streamed; a damaged stream is a UserError."""
     path, kind = src.path, src.kind
-    if kind == "zst":
-        proc = subprocess.Popen(["zstd", "-dc", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # xz and zstd decompress in their own process (xz on every core: images are built with
+    # --threads=0, so their blocks decompress in parallel), off this process's CPU
+    tool = {"zst": ["zstd", "-dc"], "xz": ["xz", "-dc", "-T0"]}.get(kind)
+    if tool and shutil.which(tool[0]):
+        proc = subprocess.Popen([*tool, "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None
         try:
             while chunk := proc.stdout.read(CHUNK):
@@ -245,7 +256,8 @@ def _decompressor(src: Source) -> Iterator[bytes]:
             rc = proc.wait()
             errtext = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
         if rc != 0:
-            raise UserError(f"{path}: corrupt zstd stream ({errtext[-120:]}); download or copy it again")
+            raise UserError(f"{path}: corrupt {kind} stream ({errtext.split(': ')[-1][-120:]}); "
+                            "download or copy it again")
         return
     new = (lambda: lzma.LZMADecompressor()) if kind == "xz" else (lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))
     errors: tuple[type[BaseException], ...] = (lzma.LZMAError, zlib.error, gzip.BadGzipFile, EOFError)
@@ -312,6 +324,7 @@ class Target:
     name: str = ""  # kernel name of the disk (sdb, loop3, mmcblk0)
     fd: int = -1
     note: str = ""
+    partial: Path | None = None  # a file target is written here, then renamed over `path`
 
 
 def _mount_devs() -> tuple[dict[str, str], str]:
@@ -384,12 +397,13 @@ def inspect_target(path: Path, image_size: int, *, force_fixed: bool = False,
             raise UserError(f"{path}: no such device (check the name with `lsblk`); nothing written")
         if not absolute.parent.is_dir():
             raise UserError(f"{path}: directory {absolute.parent} does not exist; nothing written")
-        return Target(path, False, 0, note="new file")
+        return Target(path, False, 0, note="new file", partial=absolute.parent / f".{absolute.name}.partial")
     mode = os.stat(path).st_mode
     if stat.S_ISREG(mode):
-        if str(path.resolve()).startswith(("/dev/", "/proc/", "/sys/")):
+        real = path.resolve()
+        if str(real).startswith(("/dev/", "/proc/", "/sys/")):
             raise UserError(f"{path}: a regular file under /dev, /proc or /sys is not a target; nothing written")
-        return Target(path, False, 0, note="file")
+        return Target(path, False, 0, note="file", partial=real.parent / f".{real.name}.partial")
     if not stat.S_ISBLK(mode):
         raise UserError(f"{text}: not a block device or a regular file; nothing written")
     rdev = os.stat(path).st_rdev
@@ -462,10 +476,30 @@ def _open_target(t: Target, image_size: int, write: bool) -> int:
             return os.open(t.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise UserError(f"{t.path}: cannot open: {exc.strerror}") from None
-    fd = os.open(t.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    os.ftruncate(fd, 0)  # holes read as zeros: the file equals the image byte for byte
-    os.ftruncate(fd, image_size)
+    # a new file beside the target, renamed over it once written and read back: until then the
+    # target is untouched (an interrupted or refused write leaves it as it was)
+    try:
+        fd = os.open(t.partial or t.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UserError(f"{t.partial or t.path}: cannot create: {exc.strerror}; nothing written") from None
+    os.ftruncate(fd, image_size)  # holes read as zeros: the file equals the image byte for byte
     return fd
+
+
+def _publish(t: Target, ok: bool) -> None:
+    """A file target's partial file renamed over the target (ok), or removed."""
+    if t.partial is None:
+        return
+    if not ok:
+        t.partial.unlink(missing_ok=True)
+        return
+    final = t.path.resolve() if t.path.exists() else Path(os.path.abspath(t.path))
+    os.replace(t.partial, final)
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 # --- plan --------------------------------------------------------------------------------------
@@ -853,10 +887,17 @@ def _map(fd: int) -> tuple[mmap.mmap | None, memoryview | None]:
 
 
 def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *, verify: bool = True,
-          progress=None) -> FlashResult:
+          progress=None, check: bool = False, check_progress: Callable[[int], None] | None = None) -> FlashResult:
     """Write `src` to every target concurrently (each stamped with its unit, if given); each
-    target's written ranges are read back and checked while the later ones are being written."""
+    target's written ranges are read back and checked while the later ones are being written.
+
+    `check`: the (uncompressed) image's ranges are checked against the bmap while it is being
+    written, not before: only for targets that are files, written beside the target and renamed
+    at the end, so a damaged image still leaves every target untouched.
+    """
     t0 = time.monotonic()
+    if check and any(t.partial is None for t in targets):
+        raise ValueError("check while writing needs file targets (written aside, renamed at the end)")
     ranges = src.byte_ranges()
     reports = [CardReport(str(t.path)) for t in targets]
     if units is not None and len(units) != len(targets):
@@ -901,6 +942,17 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             w = Writer(t, fds[i], reports[i], adv, rb)
             w.start()
             writers.append(w)
+        checked: list[BaseException | None] = []
+        checker = None
+        if check:
+            def run_check() -> None:
+                try:
+                    check_image(src, check_progress, ways=2)
+                    checked.append(None)
+                except BaseException as exc:
+                    checked.append(exc)
+            checker = threading.Thread(target=run_check, daemon=True)
+            checker.start()
         zero = bytes(min(TABLE, src.size))
         for w in writers:  # the old partition table goes first: a half-written card never boots
             w.put(("data", 0, zero, None, False))
@@ -922,6 +974,12 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             _stream_compressed(src, writers, pieces, deferred)
         for w in writers:
             w.sync()
+        if checker is not None:  # the image must be sound before its partition table is written
+            checker.join()
+            if checked[0] is not None:
+                if isinstance(checked[0], UserError):
+                    raise UserError(f"{checked[0]}; nothing written") from None
+                raise checked[0]
         for p, data in deferred:  # partition table regions: last
             if data is None:
                 send_mapped(writers, src_view, [p])
@@ -937,11 +995,16 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             w.join()
         if verify:
             _finish_readbacks(readbacks, reports, t0)
+        for t, r in zip(targets, reports, strict=True):
+            _publish(t, ok=not r.error and r.verified is not False)
     except BaseException as exc:
         for w in writers:
             w.failed = w.failed or exc
             with contextlib.suppress(Exception):
                 w.q.put_nowait(None)
+        for t in targets[:len(fds)]:
+            with contextlib.suppress(OSError):
+                _publish(t, ok=False)
         raise
     finally:
         for w in writers:
