@@ -45,13 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import bmap as bm
+from . import rawio
 from . import stamp as st
 from .errors import UserError
 from .units import Unit
 
 MiB = 1 << 20
-CHUNK = 8 * MiB
-PAGE = 4096  # alignment of direct I/O (a multiple of every logical block size met)
+CHUNK = rawio.CHUNK
+PAGE = rawio.PAGE
 TABLE = 1 * MiB  # first and last MiB hold MBR / primary GPT / backup GPT: written last
 BLKGETSIZE64 = 0x80081272
 BLKFLSBUF = 0x1261
@@ -654,9 +655,7 @@ class ReadBack:
 
     def __init__(self, fd: int, is_block: bool, advance: Callable[[int], None]):
         self.fd, self.is_block, self.advance = fd, is_block, advance
-        self.rfd = -1
-        with contextlib.suppress(OSError):
-            self.rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        self.rfd = rawio.open_direct(fd, os.O_RDONLY)
         self.direct = self.rfd >= 0
         self.jobs: queue.Queue = queue.Queue()
         self.ready: queue.Queue = queue.Queue()
@@ -779,10 +778,8 @@ class Writer(threading.Thread):
         self.t, self.fd, self.report, self.advance, self.rb = target, fd, report, advance, readback
         self.q: queue.Queue = queue.Queue(maxsize=8)
         self.failed: BaseException | None = None
-        self.dfd, self.buf = -1, None
-        with contextlib.suppress(OSError):
-            self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-            self.buf = mmap.mmap(-1, CHUNK)
+        self.dfd = rawio.open_direct(fd, os.O_WRONLY)
+        self.buf = mmap.mmap(-1, CHUNK) if self.dfd >= 0 else None
 
     def run(self) -> None:
         while True:
@@ -796,28 +793,6 @@ class Writer(threading.Thread):
             except BaseException as exc:  # reported by the main thread
                 self.failed = exc
 
-    def _write(self, data, off: int, aligned: bool) -> None:
-        """Write `data` at `off`; `aligned`: the data's address ≡ off (mod page size)."""
-        mv = memoryview(data)
-        while mv:
-            n = len(mv)
-            if self.dfd >= 0 and off % PAGE == 0 and n >= PAGE:
-                n -= n % PAGE
-                if aligned:
-                    n = os.pwrite(self.dfd, mv[:n], off)
-                else:
-                    n = min(n, CHUNK)
-                    with memoryview(self.buf)[:n] as staged:  # type: ignore[index]
-                        staged[:] = mv[:n]
-                        n = os.pwrite(self.dfd, staged, off)
-            else:
-                if self.dfd >= 0 and off % PAGE:
-                    n = min(n, PAGE - off % PAGE)  # up to the next page, the rest goes direct
-                n = os.pwrite(self.fd, mv[:n], off)
-            if n <= 0:
-                raise OSError(errno.EIO, f"short write at byte {off}")
-            mv, off = mv[n:], off + n
-
     def close(self) -> None:
         if self.dfd >= 0:
             os.close(self.dfd)
@@ -830,7 +805,7 @@ class Writer(threading.Thread):
         op = job[0]
         if op == "data":
             _, off, data, piece, aligned = job
-            self._write(data, off, aligned)
+            rawio.write_at(self.fd, self.dfd, data, off, aligned=aligned, stage=self.buf)
             if piece is not None:
                 self.report.written_bytes += len(data)
                 self.advance(len(data))
@@ -876,16 +851,6 @@ class FlashResult:
     cards: list[CardReport]
 
 
-def _map(fd: int) -> tuple[mmap.mmap | None, memoryview | None]:
-    size = os.fstat(fd).st_size
-    if size == 0:
-        return None, None
-    m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-    with contextlib.suppress(AttributeError, OSError):
-        m.madvise(mmap.MADV_SEQUENTIAL)
-    return m, memoryview(m)
-
-
 def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *, verify: bool = True,
           progress=None, check: bool = False, check_progress: Callable[[int], None] | None = None) -> FlashResult:
     """Write `src` to every target concurrently (each stamped with its unit, if given); each
@@ -907,7 +872,7 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
     fds: list[int] = []
     writers: list[Writer] = []
     readbacks: list[ReadBack] = []
-    maps: list[tuple[mmap.mmap | None, memoryview | None]] = []
+    maps: list[tuple[mmap.mmap | None, memoryview]] = []
     sfd = os.open(src.path, os.O_RDONLY) if src.kind == "raw" else -1
     try:
         skip = None
@@ -957,17 +922,15 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
         for w in writers:  # the old partition table goes first: a half-written card never boots
             w.put(("data", 0, zero, None, False))
         for w, ov in zip(writers, overlays, strict=False):
-            _, view = m = _map(ov.fd)
+            _, view = m = rawio.map_file(ov.fd)
             maps.append(m)
-            if view is not None:
-                send_mapped([w], view, ov.pieces)
+            send_mapped([w], view, ov.pieces)
         deferred: list[tuple[Piece, bytes | None]] = []  # partition table regions (None: from the raw image)
         src_view = memoryview(b"")
         if src.kind == "raw":
             _hash_split_raw(sfd, pieces)
-            _, src_view = m = _map(sfd)
+            _, src_view = m = rawio.map_file(sfd)
             maps.append(m)
-            assert src_view is not None
             send_mapped(writers, src_view, [p for p in pieces if p.where == "body"])
             deferred = [(p, None) for p in pieces if p.where != "body"]
         else:
@@ -1014,11 +977,7 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             with contextlib.suppress(OSError):
                 rb.close()
         for m, view in maps:
-            if view is not None:
-                view.release()
-            if m is not None:
-                with contextlib.suppress(BufferError):
-                    m.close()
+            rawio.unmap(m, view)
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
