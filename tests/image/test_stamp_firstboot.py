@@ -89,7 +89,7 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
         for u in stamped:
             vm = vms[u["unit"]]
             psk_hash = secrets[u["unit"]][1]
-            vm.wait_ssh(300)  # the golden image has no key: only the stamp lets us in
+            vm.wait_ssh(600)  # no key in the golden image: only the stamp lets us in (two TCG boots at once)
             assert vm.ssh("hostname").stdout.strip() == u["hostname"]
             node_key = vm.ssh("sudo cat /etc/idlewire/node.key").stdout
             assert _pub_of(node_key) == u["node_public_key"]

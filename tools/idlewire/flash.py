@@ -893,6 +893,8 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
         for i, t in enumerate(targets):
             mine = pieces + (overlays[i].pieces if overlays else [])
             total = sum(p.end - p.start for p in mine)
+            task = progress.add_task(f"write  {t.path}", total=total) if progress else None
+            adv = (lambda n, task=task: progress.advance(task, n)) if progress else (lambda n: None)
             rb = None
             if verify:
                 vtask = progress.add_task(f"verify {t.path}", total=total) if progress else None
@@ -902,8 +904,6 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
                 reports[i].verify_overlapped = rb.direct
                 if rb.direct:
                     rb.start()
-            task = progress.add_task(f"write  {t.path}", total=total) if progress else None
-            adv = (lambda n, task=task: progress.advance(task, n)) if progress else (lambda n: None)
             w = Writer(t, fds[i], reports[i], adv, rb)
             w.start()
             writers.append(w)
