@@ -72,7 +72,7 @@ for kind in file loop; do
         idlewire)
           s=$(secs_to "$DIR/last.json" "${IDLEWIRE[@]}" flash --json "$IMG" "$T")
           # the read-back's own time and what it added after the write (it overlaps the write)
-          X[$kind]="${X[$kind]:-} $("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["cards"][0]; print(c["verify_extra_seconds"])' "$DIR/last.json")" ;;
+          X[$kind]="${X[$kind]:-} $("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["cards"][0]; print(c.get("verify_extra_seconds", "nan"))' "$DIR/last.json")" ;;
         idlewire-noverify) s=$(secs "${IDLEWIRE[@]}" flash --no-verify --json "$IMG" "$T") ;;
         bmaptool) s=$(secs bmaptool copy "$IMG" "$T") ;;
         dd) s=$(secs dd if="$IMG" of="$T" bs=4M conv=fsync) ;;
