@@ -231,7 +231,7 @@ def _check_ranges(image: Path, ranges: list[tuple[int, int, str]],
             view.release()
             os.close(fd)
 
-    parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(ways, os.cpu_count() or 1)))
+    parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(ways, len(os.sched_getaffinity(0)))))
     threads = [threading.Thread(target=work, args=(p,), daemon=True) for p in parts]
     for t in threads:
         t.start()
@@ -647,29 +647,24 @@ class ReadBack:
     what is compared is what the device returns). Where O_DIRECT is refused (tmpfs …) the
     read-back waits for `start()` after the final fsync, with the cache dropped.
 
-    Two threads: one reads into a few aligned buffers, one hashes (hashlib releases the GIL), so
-    the device and the CPU both stay busy, and both run while the writer goes on.
+    Pieces are dealt to `lanes` (one per CPU, at most LANES), each a reader thread filling a few
+    aligned buffers and a hashing thread (hashlib releases the GIL): the device and every core stay
+    busy, while the writer goes on. A piece's chunks stay in one lane, hashed in order.
     """
 
-    BUFFERS = 4
+    BUFFERS = 3  # per lane
+    LANES = 2
 
-    def __init__(self, fd: int, is_block: bool, advance: Callable[[int], None]):
+    def __init__(self, fd: int, is_block: bool, advance: Callable[[int], None], lanes: int | None = None):
         self.fd, self.is_block, self.advance = fd, is_block, advance
         self.rfd = rawio.open_direct(fd, os.O_RDONLY)
         self.direct = self.rfd >= 0
-        self.jobs: queue.Queue = queue.Queue()
-        self.ready: queue.Queue = queue.Queue()
-        self.free: queue.Queue = queue.Queue()
-        self.bufs = [mmap.mmap(-1, CHUNK + 2 * PAGE) for _ in range(self.BUFFERS)]
-        for b in self.bufs:
-            self.free.put(b)
-        self.state: dict[int, tuple] = {}  # id(piece) → (sha256 so far, bytes fed, every byte read)
+        n = max(1, min(lanes or self.LANES, len(os.sched_getaffinity(0))))
+        self.lanes = [_Lane(self) for _ in range(n)]
+        self.lane_of: dict[int, _Lane] = {}
         self.mismatches: list[tuple[int, int]] = []
         self.error: BaseException | None = None
-        self.bytes = 0
         self.t_first = self.t_last = 0.0
-        self.threads = [threading.Thread(target=self._reader, daemon=True),
-                        threading.Thread(target=self._hasher, daemon=True)]
         self.started = False
 
     def start(self) -> None:
@@ -684,11 +679,14 @@ class ReadBack:
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
             self.rfd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
         self.started = True
-        for t in self.threads:
-            t.start()
+        for lane in self.lanes:
+            lane.start()
 
     def put(self, piece: Piece, off: int, length: int) -> None:
-        self.jobs.put((piece, off, length))
+        lane = self.lane_of.get(id(piece))
+        if lane is None:  # the next lane in turn takes the whole piece
+            lane = self.lane_of[id(piece)] = self.lanes[len(self.lane_of) % len(self.lanes)]
+        lane.jobs.put((piece, off, length))
 
     def put_piece(self, piece: Piece) -> None:
         for off in range(piece.start, piece.end, CHUNK):
@@ -697,9 +695,10 @@ class ReadBack:
     def finish(self) -> list[tuple[int, int]]:
         """Wait for every range fed so far; the mismatching pieces (start, end), sorted."""
         self.start()
-        self.jobs.put(None)
-        for t in self.threads:
-            t.join()
+        for lane in self.lanes:
+            lane.jobs.put(None)
+        for lane in self.lanes:
+            lane.join()
         if self.error:
             raise self.error
         return sorted(self.mismatches)
@@ -708,11 +707,43 @@ class ReadBack:
         if self.rfd >= 0:
             os.close(self.rfd)
             self.rfd = -1
+        for lane in self.lanes:
+            lane.close()
+
+    def _pread(self, view: memoryview, off: int) -> int:
+        return os.preadv(self.rfd, [view], off)
+
+
+class _Lane:
+    """One reader and one hashing thread of a ReadBack, with their own buffers."""
+
+    def __init__(self, rb: ReadBack):
+        self.rb = rb
+        self.jobs: queue.Queue = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()
+        self.bufs = [mmap.mmap(-1, CHUNK + 2 * PAGE) for _ in range(ReadBack.BUFFERS)]
+        for b in self.bufs:
+            self.free.put(b)
+        self.state: dict[int, tuple] = {}  # id(piece) → (sha256 so far, bytes fed, every byte read)
+        self.threads = [threading.Thread(target=self._reader, daemon=True),
+                        threading.Thread(target=self._hasher, daemon=True)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+
+    def close(self) -> None:
         for b in self.bufs:
             with contextlib.suppress(BufferError):
                 b.close()
 
     def _reader(self) -> None:
+        rb = self.rb
         try:
             while (job := self.jobs.get()) is not None:
                 piece, off, length = job
@@ -721,24 +752,22 @@ class ReadBack:
                 pos, need = off - lo, lo + length
                 want = -(-need // PAGE) * PAGE
                 got = 0
-                if not self.t_first:
-                    self.t_first = time.monotonic()
+                if not rb.t_first:
+                    rb.t_first = time.monotonic()
                 with memoryview(buf) as mv:
                     while got < need:
-                        n = self._pread(mv[got:want], pos + got)
+                        n = rb._pread(mv[got:want], pos + got)
                         if n <= 0:
                             break  # the target ends early: that piece cannot match
                         got += n
                 self.ready.put((piece, buf, lo, min(got, need), length))
         except BaseException as exc:
-            self.error = exc
+            rb.error = rb.error or exc
         finally:
             self.ready.put(None)
 
-    def _pread(self, view: memoryview, off: int) -> int:
-        return os.preadv(self.rfd, [view], off)
-
     def _hasher(self) -> None:
+        rb = self.rb
         while (item := self.ready.get()) is not None:
             piece, buf, lo, hi, length = item
             try:
@@ -746,8 +775,7 @@ class ReadBack:
                 if hi > lo:
                     with memoryview(buf) as mv:
                         h.update(mv[lo:hi])
-                    self.advance(hi - lo)
-                    self.bytes += hi - lo
+                    rb.advance(hi - lo)
                 done += length
                 whole = whole and hi - lo == length
                 if done < piece.end - piece.start:
@@ -755,12 +783,12 @@ class ReadBack:
                 else:
                     self.state.pop(id(piece), None)
                     if not whole or h.hexdigest() != piece.sha:
-                        self.mismatches.append((piece.start, piece.end))
+                        rb.mismatches.append((piece.start, piece.end))
             except BaseException as exc:
-                self.error = self.error or exc
+                rb.error = rb.error or exc
             finally:
                 self.free.put(buf)
-                self.t_last = time.monotonic()
+                rb.t_last = max(rb.t_last, time.monotonic())
 
 
 class Writer(threading.Thread):
