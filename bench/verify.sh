@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# `idlewire verify` over N booted x86_64 nodes (QEMU/TCG): wall time one node after another vs in
-# parallel, and the per-host table. Needs root (image build), QEMU and OVMF (make deps-test).
-#   bench/verify.sh [N=5]        env: IDLEWIRE_CACHE, OUT (work dir), MEM (MiB per VM, 512)
-# VMs boot staggered (TCG boots are CPU-heavy); everything started here is stopped on exit.
+# `idlewire verify` over N nodes: wall time one node after another vs in parallel, and the
+# per-host table. Needs root.
+#   bench/verify.sh [N=5]        N booted x86_64 images (QEMU/TCG; needs QEMU and OVMF, make
+#                                deps-test); env: IDLEWIRE_CACHE, OUT (work dir), MEM (MiB per VM, 512)
+#                                VMs boot staggered (TCG boots are CPU-heavy).
+#   bench/verify.sh --fleet [-n 5] [--rounds 3]
+#                                N systemd-nspawn hosts (tests/fleet.py) converged once with
+#                                playbooks/site.yml (shaping on), then --workers 1 vs --workers N,
+#                                alternating, median of the rounds (bench/verify_fleet.py);
+#                                env: IDLEWIRE_CACHE (the x86_64 rootfs), PYTHON (default .venv/bin/python)
+# Everything started here is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--fleet" ]; then
+  shift
+  exec "${PYTHON:-.venv/bin/python}" bench/verify_fleet.py "$@"
+fi
 N=${1:-5}
 MEM=${MEM:-512}
 OUT=${OUT:-$(mktemp -d /tmp/idlewire-bench-verify.XXXXXX)}

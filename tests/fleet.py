@@ -11,7 +11,8 @@ account with the test key and passwordless sudo, nothing of ours installed.
     with Lab() as lab, Fleet(lab, n=5, workdir=tmp) as fleet:
         fleet.run("ansible-playbook", "-i", fleet.inventory, "playbooks/site.yml")
 
-Run as a script to keep a fleet up by hand: `python tests/fleet.py 5` (Ctrl-C tears it down).
+Run as a script to keep a fleet up by hand: `python tests/fleet.py 5` (Ctrl-C or SIGTERM tears it
+down).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,6 +36,9 @@ from netlab import Lab, Netns, sh
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN = "idlewire"
 WG_GO = shutil.which("wireguard-go")
+# The buyers' caps the fleet's inventory sets (Mbit/s; not the role defaults, so a check that
+# reads the defaults instead of the inventory fails).
+CAP_UP_MBIT, CAP_DOWN_MBIT = 8, 40
 
 
 def cache_dir() -> Path:
@@ -92,6 +96,60 @@ def template(tar: Path, cache: Path | None = None) -> Path:
         return dest
 
 
+def _cgroup_mounts() -> list[Path]:
+    """Where this process's cgroup is, per hierarchy nspawn uses: the unified (cgroup2) one and, on
+    a hybrid host, systemd's named v1 one."""
+    mounts: dict[str, Path] = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        pre, _, post = line.partition(" - ")
+        fstype, _src, opts = [*post.split(), "", ""][:3]
+        if fstype == "cgroup2":
+            mounts.setdefault("", Path(pre.split()[4]))
+        elif fstype == "cgroup" and "name=systemd" in opts.split(","):
+            mounts.setdefault("name=systemd", Path(pre.split()[4]))
+    out = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, ctl, path = line.split(":", 2)
+        if ctl in mounts:
+            out.append(mounts[ctl] / path.lstrip("/"))
+    return out
+
+
+def own_cgroups(name: str) -> list[Path]:
+    """A new cgroup NAME below this process's own, in each hierarchy (see Fleet.start)."""
+    made = []
+    for base in _cgroup_mounts():
+        cg = base / name
+        cg.mkdir(exist_ok=True)
+        made.append(cg)
+    return made
+
+
+def release_cgroups(cgroups: list[Path]) -> None:
+    """Remove a host's cgroups once it is stopped: whatever still runs in them (only that host's
+    processes can) is killed first."""
+    for cg in cgroups:
+        if not cg.exists():
+            continue
+        for _ in range(50):
+            dirs = sorted((d for d in cg.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts))
+            for d in [*dirs, cg]:
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+            if not cg.exists():
+                break
+            kill = cg / "cgroup.kill"
+            if kill.exists():
+                with contextlib.suppress(OSError):
+                    kill.write_text("1")
+            else:
+                for procs in cg.rglob("cgroup.procs"):
+                    for pid in procs.read_text().split():
+                        with contextlib.suppress(ProcessLookupError, ValueError):
+                            os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.1)
+
+
 @dataclass
 class Host:
     name: str
@@ -99,6 +157,7 @@ class Host:
     ns: Netns
     dir: Path
     proc: subprocess.Popen | None = None
+    cgroups: list[Path] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -182,9 +241,17 @@ class Fleet:
     def start(self, h: Host) -> None:
         # The host's systemd (trixie) only runs on a unified cgroup hierarchy.
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
+        # Its own cgroup first: `--keep-unit` puts the container below nspawn's cgroup (as
+        # .../payload); started from one shared cgroup, every host of every fleet on the machine
+        # would share .../payload/system.slice/X.service, and stopping X on one host waits 90 s
+        # for the other hosts' processes, which it can neither see nor kill.
+        h.cgroups = own_cgroups(f"{self.lab.prefix}-{h.name}")
+        env["IWFLEET_CGROUPS"] = " ".join(str(c) for c in h.cgroups)
         with open(h.dir / "console.log", "ab") as log:
             h.proc = subprocess.Popen(
-                ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
+                ["sh", "-c", 'for c in $IWFLEET_CGROUPS; do echo $$ > "$c/cgroup.procs" || exit 1; done; '
+                 'exec "$@"', "sh",
+                 "systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--quiet",
                  "--console=passive", "--private-network",  # with the lab namespace below
                  # This machine's kernel has no WireGuard: lend the hosts wireguard-go and a tun.
                  *([f"--bind-ro={WG_GO}:/usr/local/bin/wireguard-go", "--bind=/dev/net/tun"]
@@ -202,6 +269,8 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 h.proc.kill()
                 h.proc.wait()
+        release_cgroups(h.cgroups)
+        h.cgroups = []
 
     def down(self) -> None:
         with ThreadPoolExecutor(max(1, len(self.hosts))) as pool:
@@ -275,6 +344,13 @@ class Fleet:
             "          net.ipv4.ip_forward: 1",
             "          net.ipv6.conf.all.forwarding: 1",
             "          net.ipv4.conf.all.rp_filter: 2",
+            "        # Shaping on, with caps other than the defaults: the verify suite checks the tc",
+            "        # trees, the isolation table and the WireGuard port against these values.",
+            "        agent_shaping_enabled: true",
+            "        agent_wan_interface: eth0",
+            "        firewall_wan_interface: eth0",
+            f"        agent_cap_up_mbit: {CAP_UP_MBIT}",
+            f"        agent_cap_down_mbit: {CAP_DOWN_MBIT}",
         ]
         self.inventory.write_text("\n".join(lines) + "\n")
 
@@ -286,6 +362,8 @@ def main() -> int:
     with Lab() as lab, Fleet(lab, n, Path(tempfile.mkdtemp(prefix="iwfleet-"))) as fleet:
         print(f"fleet up: inventory {fleet.inventory}; controller namespace {fleet.ctl.name}")
         print(f"  ip netns exec {fleet.ctl.name} ansible-playbook -i {fleet.inventory} playbooks/site.yml")
+        # Ctrl-C, or SIGTERM when run in the background (where SIGINT is ignored).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
     return 0

@@ -40,7 +40,8 @@ def role_defaults(role: str, overrides: dict | None = None) -> dict:
         raw.update(yaml.safe_load(f.read_text()) or {})
     raw.update(overrides or {})
     env = _environment()
-    ctx = {"role_path": str(ROLES / role), "idlewire_baking": True}
+    # Facts as a Debian host gives them; override ROLE_platform to render the OpenWrt side.
+    ctx = {"role_path": str(ROLES / role), "idlewire_baking": True, "ansible_facts": {"os_family": "Debian"}}
     for _ in range(4):  # defaults may refer to each other
         for k, v in raw.items():
             ctx[k] = env.from_string(v).render(ctx) if isinstance(v, str) and "{{" in v else v

@@ -216,6 +216,15 @@ def tunnel_tree(sh: Shaping, dev: str, cap: int, session_cap: int, max_sessions:
     return objs
 
 
+def _same_default(live: str, spec: str) -> bool:
+    """Whether a live HTB root's default ('0x10', from tc -j) is the one in ``spec`` ('… default 10')."""
+    m = re.search(r"\bdefault (\S+)", spec)
+    try:
+        return bool(m) and int(live, 16) == int(m.group(1), 16)
+    except ValueError:
+        return False
+
+
 # --- reading what is live -------------------------------------------------------------------------
 
 _CLASS_RE = re.compile(r"^class htb (\S+) (?:parent (\S+)|root)")
@@ -263,6 +272,7 @@ class Shaper:
         self.leaf: str | None = None
         self.applied: dict[str, str] = {}
         self.last_batch: list[str] = []
+        self._root_default: dict[str, str] = {}  # dev → the live HTB root's default class (tc -j)
         self._load()
 
     # --- state -----------------------------------------------------------------------------------
@@ -351,6 +361,7 @@ class Shaper:
                 keys.add("ingress")
             elif e.get("root") and e.get("kind") == "htb" and e.get("handle") == "1:":
                 keys.add("root")
+                self._root_default[dev] = str((e.get("options") or {}).get("default", ""))
             elif e.get("parent", "").startswith("1:"):
                 keys.add(f"leaf:{e['parent']}")
         if "root" in keys:
@@ -385,6 +396,16 @@ class Shaper:
             new_applied[rec] = o.spec
             is_live = o.key in live[o.dev]
             if is_live and self.applied.get(rec) == o.spec:
+                continue
+            if o.key == "root" and is_live:
+                # HTB has no change operation (`qdisc replace` of a live HTB root fails): a live root
+                # with the wanted default class is kept, whatever the record says (it is lost after
+                # a failed batch); another one is rebuilt, with everything below it.
+                if _same_default(self._root_default.get(o.dev, ""), o.spec):
+                    continue
+                lines.append(f"qdisc del dev {o.dev} root")
+                live[o.dev] = {k for k in live[o.dev] if k == "ingress" or k.startswith("ffff::")}
+                lines.append(o.command("add"))
                 continue
             if o.kind == "qdisc":
                 lines.append(o.command("replace"))

@@ -53,6 +53,35 @@ def test_boot_two_copies(target, build_image, test_key, tmp_path):
         assert facts[0]["hostkey"] != facts[1]["hostkey"], "two units share an SSH host key"
         assert facts[0]["machine_id"] != facts[1]["machine_id"], "two units share a machine id"
         assert all(len(f["machine_id"]) == 32 for f in facts)
+        if target == "x86_64":
+            initrd_update_reaches_the_esp(vms[0], BOOT_TIMEOUT[target])
     finally:
         for vm in vms:
             vm.stop()
+
+
+ENTRY = "/boot/efi/loader/entries/idlewire.conf"
+#: systemd-boot tells the booted OS which entry it started, in this EFI variable (UTF-16).
+LOADER_ENTRY = "/sys/firmware/efi/efivars/LoaderEntrySelected-4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+
+
+def initrd_update_reaches_the_esp(vm: Vm, timeout: float) -> None:
+    """A new initrd (as a kernel or initramfs update writes one) is what the next boot loads."""
+    before = vm.ssh(f"sudo cat {ENTRY}").stdout
+    vm.ssh("sudo update-initramfs -u", timeout=900)
+    after = vm.ssh(f"sudo cat {ENTRY}").stdout
+    assert after != before, f"update-initramfs did not switch the ESP entry:\n{after}"
+    same = vm.ssh(f"sudo cmp /boot/initrd.img-$(uname -r) /boot/efi$(sudo sed -n 's/^initrd //p' {ENTRY})",
+                  check=False)
+    assert same.returncode == 0, f"the ESP's initrd is not the one /boot has: {same.stdout}{same.stderr}"
+    previous = vm.ssh(f"sudo cat {ENTRY.replace('idlewire.conf', 'idlewire-previous.conf')}").stdout
+    assert previous.splitlines()[1:3] == before.splitlines()[1:3], "the previous entry must boot the old files"
+    boot_id = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout
+    vm.ssh("sudo systemctl reboot", check=False)
+    vm.proc.wait(timeout=180)  # -no-reboot: QEMU exits when the guest reboots
+    vm.start()
+    vm.wait_ssh(timeout)
+    assert vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout != boot_id
+    res = vm.ssh("sudo python3 -c \"import sys; b = open(sys.argv[1], 'rb').read();"
+                 f" print(b[4:].decode('utf-16-le').rstrip(chr(0)))\" {LOADER_ENTRY}", check=False)
+    assert res.stdout.strip() == "idlewire.conf", f"systemd-boot started {res.stdout!r} {res.stderr}"

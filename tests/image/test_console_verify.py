@@ -176,9 +176,8 @@ def test_verify_names_flushed_nft_table_and_changed_cap(console_node, tmp_path):
         assert "test_nft_isolation_table_loaded" in {f["test"] for f in broken["failed"]}
     if shaping:
         _, wan = feature(v, "wan_interface")
-        out = node.ssh(f"tc class show dev {wan}").stdout
-        classid = out.split()[2]  # "class htb 1:1 root rate …": the first class
-        node.ssh(f"sudo tc class change dev {wan} classid {classid} htb rate 1mbit ceil 1mbit", check=False)
+        # The root class of the WAN tree runs at the line rate (agent_line_up_mbit).
+        node.ssh(f"sudo tc class change dev {wan} classid 1:1 htb rate 1mbit ceil 1mbit", check=False)
         try:
             broken = _verify(node, inv)
         finally:

@@ -23,17 +23,24 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Which variables switch a feature's checks on (first one present wins).
+# Which variables switch a feature's checks on, or give its expected values (first one present
+# wins): the roles' names, gathered here so a renamed variable is fixed in one place.
 FEATURES = {
-    # WireGuard listen port of the buyers' tunnel (agent, issue 3/4).
-    "tunnel_port": ("agent_tunnel_port", "agent_shaping_tunnel_port", "agent_wg_port"),
+    # WireGuard listen port of the buyers' tunnel (roles/agent).
+    "tunnel_port": ("agent_tunnel_port",),
+    "tunnel_interface": ("agent_tunnel_interface", "firewall_tunnel_interface"),
     # Buyer isolation table (roles/firewall): `nft list table inet NAME`.
     "nft_table": ("firewall_table",),
-    # WAN shaping (agent [shaping] section): on when true.
+    # Shaping (the agent's [shaping] section): on when true.
     "shaping": ("agent_shaping_enabled",),
-    "wan_interface": ("agent_shaping_wan_interface", "agent_wan_interface", "firewall_wan_interface"),
-    "cap_up_mbit": ("agent_shaping_cap_up_mbit", "agent_cap_up_mbit"),
-    "cap_down_mbit": ("agent_shaping_cap_down_mbit", "agent_cap_down_mbit"),
+    "wan_interface": ("agent_wan_interface", "firewall_wan_interface"),
+    # The line (owner-protecting trees on the WAN and its ingress IFB), Mbit/s.
+    "line_up_mbit": ("agent_line_up_mbit",),
+    "line_down_mbit": ("agent_line_down_mbit",),
+    # What buyers may use together (trees on the tunnel and its ingress IFB), Mbit/s.
+    "cap_up_mbit": ("agent_cap_up_mbit",),
+    "cap_down_mbit": ("agent_cap_down_mbit",),
+    "schedule": ("agent_schedule",),
 }
 BOOT_DIRS = ("/boot/firmware", "/boot/efi")
 STAMP_SECRETS = ("node.key", "stamp.toml")  # what `idlewire stamp` leaves on the boot partition
@@ -148,6 +155,13 @@ class Node:
         res = self.host.run(f"uci -q get {shlex.quote(key)}")
         return res.stdout.strip() if res.rc == 0 else None
 
+    def uci_export(self, package: str):
+        """A UCI package as `uci export` prints it, parsed (idlewire.uci.Config), or None."""
+        from idlewire.uci import parse  # host side: the tools package, as `idlewire verify` runs it
+
+        res = self.host.run(f"uci -q export {shlex.quote(package)}")
+        return parse(res.stdout, f"{self.name}: uci export {package}") if res.rc == 0 else None
+
     def ubus_call(self, path: str, method: str, args: dict | None = None) -> Any:
         cmd = f"ubus call {shlex.quote(path)} {shlex.quote(method)}"
         if args is not None:
@@ -172,6 +186,23 @@ class Node:
                     break
         return found
 
+    def htb_class(self, dev: str, classid: str = "1:1") -> dict[str, float] | None:
+        """rate and ceil (bit/s) of an HTB class on DEV, or None when DEV has no such class."""
+        with self.root():  # tc is in /usr/sbin, not on an ordinary user's PATH
+            res = self.sh(f"tc class show dev {shlex.quote(dev)} classid {shlex.quote(classid)}")
+        m = re.search(rf"^class htb {re.escape(classid)} .*\brate (\S+) .*\bceil (\S+)", res.stdout, re.M)
+        return {"rate": parse_rate(m.group(1)), "ceil": parse_rate(m.group(2))} if m else None
+
+    def link_exists(self, dev: str) -> bool:
+        return self.host.run(f"ip link show dev {shlex.quote(dev)}").rc == 0
+
+    def ingress_ifb(self, dev: str) -> str | None:
+        """The IFB that DEV's ingress is redirected to (`action mirred egress redirect dev X`)."""
+        with self.root():
+            res = self.sh(f"tc filter show dev {shlex.quote(dev)} ingress")
+        m = re.search(r"to device (\S+?)\)", res.stdout)
+        return m.group(1) if m else None
+
     def addresses(self, interface: str) -> list[str]:
         res = self.host.run(f"ip -o addr show dev {shlex.quote(interface)}")
         return [m.group(1).split("/")[0] for m in re.finditer(r"\binet6? (\S+)", res.stdout)]
@@ -180,7 +211,9 @@ class Node:
         """GET from the node itself (python3, curl, or busybox wget)."""
         q = shlex.quote(url)
         py = ("import sys,urllib.request as u\n"
-              "r=u.urlopen(sys.argv[1],timeout=5);print(r.status);print(r.read().decode())")
+              "try:\n r=u.urlopen(sys.argv[1],timeout=5)\n"
+              "except Exception as e:\n sys.exit(f'{sys.argv[1]}: {getattr(e, \"reason\", e)}')\n"
+              "print(r.status);print(r.read().decode())")
         for cmd in (f"python3 -c {shlex.quote(py)} {q}",
                     f"curl -fsS -m 5 -w '\\n%{{http_code}}' {q}",
                     f"uclient-fetch -q -O - {q} || wget -q -O - {q}"):

@@ -11,7 +11,7 @@ import re
 import shlex
 
 import pytest
-from iwnode import BOOT_DIRS, STAMP_SECRETS, feature, parse_rate
+from iwnode import BOOT_DIRS, STAMP_SECRETS, feature
 
 pytestmark = pytest.mark.infra
 
@@ -22,6 +22,16 @@ def test_agent_service_active_and_enabled(node):
     running, enabled = node.service(AGENT)
     assert running, f"{AGENT} is not running"
     assert enabled, f"{AGENT} is not enabled at boot"
+
+
+def test_openwrt_agent_service_config_in_uci(node):
+    if not node.openwrt:
+        pytest.skip("not OpenWrt (procd and /etc/config/idlewire are OpenWrt's)")
+    cfg = node.uci_export("idlewire")
+    assert cfg is not None, "no UCI package idlewire (/etc/config/idlewire, roles/agent)"
+    assert cfg.get("agent.enabled") == "1", f"idlewire.agent.enabled is {cfg.get('agent.enabled')!r}, not '1'"
+    want = f"{node.v['agent_config_dir']}/node.toml"
+    assert cfg.get("agent.config") == want, f"idlewire.agent.config is {cfg.get('agent.config')!r}, not {want!r}"
 
 
 def test_api_listens_on_management_only(node):
@@ -100,32 +110,51 @@ def test_nft_isolation_table_loaded(node):
         assert re.search(rf"\b{int(port)}\b", ruleset), f"table inet {table} does not drop TCP port {port}"
 
 
-def _ceilings(node, dev: str) -> list[float]:
-    res = node.sh(f"tc class show dev {shlex.quote(dev)}")
-    return [parse_rate(m.group(1)) for m in re.finditer(r"\bceil (\S+)", res.stdout)]
-
-
 def test_tc_tree_on_wan_with_configured_caps(node):
+    """The shaping trees of roles/agent (agent/idlewire_agent/shaping.py): on the WAN and the IFB of
+    its ingress, HTB trees whose root class runs at the line rate (the owner's protection); on the
+    tunnel and the IFB of its ingress, trees whose root class is the buyers' cap."""
     _var, on = feature(node.v, "shaping")
     if not on or str(on).lower() in ("false", "0", "no"):
-        pytest.skip("WAN shaping is not deployed (agent_shaping_enabled absent or false)")
-    _, wan = feature(node.v, "wan_interface")
-    assert wan, "shaping is enabled but no WAN interface variable (agent_shaping_wan_interface)"
-    qdisc = node.sh(f"tc qdisc show dev {shlex.quote(wan)}").stdout
-    assert re.search(r"qdisc htb \S+ root", qdisc), f"no HTB root qdisc on {wan}: {qdisc.strip()}"
-    for direction, dev in (("up", wan), ("down", None)):
-        cap_var, cap = feature(node.v, f"cap_{direction}_mbit")
-        if cap is None:
-            continue
-        if dev is None:  # download is shaped on the IFB that WAN's ingress is mirrored to
-            filt = node.sh(f"tc filter show dev {shlex.quote(wan)} ingress").stdout
-            m = re.search(r"to device (\S+)\)", filt)
-            assert m, f"WAN {wan} ingress is not redirected to an IFB (download not shaped)"
-            dev = m.group(1)
-        want = float(cap) * 1e6
-        ceilings = _ceilings(node, dev)
-        assert any(abs(c - want) <= want * 0.01 for c in ceilings), \
-            f"no class on {dev} has ceil {cap} Mbit/s ({cap_var}); ceilings: {[c / 1e6 for c in ceilings]}"
+        pytest.skip("shaping is not deployed (agent_shaping_enabled absent or false)")
+    wan_var, wan = feature(node.v, "wan_interface")
+    tun_var, tun = feature(node.v, "tunnel_interface")
+    assert wan, "shaping is enabled but no WAN interface variable (agent_wan_interface)"
+    _, rules = feature(node.v, "schedule")
+    problems = []
+
+    def check(dev: str | None, what: str, want_var: str, extra: tuple[float, ...] = ()) -> None:
+        var, mbit = feature(node.v, want_var)
+        if mbit is None or dev is None:
+            return
+        want = {float(mbit), *extra}
+        cls = node.htb_class(dev)
+        if cls is None:
+            problems.append(f"{dev} ({what}) has no HTB class 1:1")
+            return
+        if not any(abs(cls["ceil"] - w * 1e6) <= w * 1e4 for w in want):
+            sched = f" or a scheduled cap {sorted(extra)}" if extra else ""
+            problems.append(f"{dev} ({what}) ceil {cls['ceil'] / 1e6:g} Mbit/s, want {float(mbit):g} "
+                            f"Mbit/s{sched} ({var})")
+
+    wan_ifb = node.ingress_ifb(wan)
+    if wan_ifb is None:
+        problems.append(f"the ingress of {wan} ({wan_var}) is not redirected to an IFB: the line's "
+                        "download is not shaped")
+    check(wan, "the line's upload", "line_up_mbit")
+    check(wan_ifb, "the line's download", "line_down_mbit")
+    # No tunnel interface (the agent is down): no buyer can connect, and test_wireguard_port_on_wan
+    # says so; its trees come and go with the interface.
+    if tun and node.link_exists(tun):
+        tun_ifb = node.ingress_ifb(tun)
+        if tun_ifb is None:
+            problems.append(f"the ingress of {tun} ({tun_var}) is not redirected to an IFB: buyers' "
+                            "upload is not capped")
+        for direction, dev, what in (("down", tun, "buyers' download"), ("up", tun_ifb, "buyers' upload")):
+            scheduled = tuple(float(r[f"cap_{direction}_mbit"]) for r in rules or []
+                              if isinstance(r, dict) and f"cap_{direction}_mbit" in r)
+            check(dev, what, f"cap_{direction}_mbit", scheduled)
+    assert not problems, "; ".join(problems)
 
 
 def test_ssh_password_authentication_off(node):

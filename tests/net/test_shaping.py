@@ -279,6 +279,21 @@ def test_incremental_changes_touch_only_what_changed(sl, tmp_path):
     assert js["leaf_qdisc"] == "bfifo" and len(js["devices"]) == 4
 
 
+def test_lost_record_reasserts_the_tree(sl):
+    """After a failed batch the shaper forgets what it applied and re-asserts every object: a live
+    HTB root must then be kept (HTB cannot be `qdisc replace`d), and a class changed by hand is put
+    back. Before, every later apply failed and the agent could not start until the trees went."""
+    shaper = fresh_shaper(sl)
+    sl.node.run("tc", "class", "change", "dev", "wan0", "classid", "1:1", "htb", "rate", "5mbit", "ceil", "5mbit")
+    shaper.applied = {}
+    shaper._save()
+    again = sl.shaper(sl.shaping())  # the agent restarts with that record
+    lines = again.setup()
+    assert not any(" root " in x for x in lines), lines
+    assert "ceil 200Mbit" in sl.node.run("tc", "class", "show", "dev", "wan0", "classid", "1:1").stdout
+    assert again.setup() == []
+
+
 def test_buyer_reaches_the_internet_only(sl):
     fresh_shaper(sl)
     assert isolation.table_loaded("idlewire", sl.node.name)

@@ -39,13 +39,3 @@ def test_systemd_unit_is_hardened():
                  "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW", "ExecStart=/usr/bin/idlewire-agent run "
                  "--config /etc/idlewire/node.toml"):
         assert line in unit
-
-
-def test_openwrt_init_script():
-    text = render("etc/init.d/idlewire-agent.j2")
-    lines = text.splitlines()
-    assert lines[0] == "#!/bin/sh /etc/rc.common"
-    assert "USE_PROCD=1" in lines
-    assert '\tprocd_set_param command "$PROG" run --config "$CONF"' in lines
-    r = subprocess.run(["sh", "-n"], input=text, text=True, capture_output=True)
-    assert r.returncode == 0, r.stderr

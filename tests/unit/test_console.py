@@ -1,4 +1,7 @@
-"""`idlewire console` against fake serial consoles on a loopback socket (pyserial socket://).
+"""`idlewire console` against fake serial consoles: on a loopback socket (pyserial socket://), on
+a real tty device (the slave side of a pseudo-terminal, /dev/pts/N, as a USB serial adapter is a
+tty), and over RFC 2217 (a telnet COM-port server built on pyserial's PortManager in front of
+such a tty, the way console servers and ser2net export a UART).
 
 The fakes misbehave the way real lines do: garbage bytes and escape noise before the prompt,
 prompt look-alikes in the noise, a prompt that comes late, a password prompt, refused logins.
@@ -9,6 +12,7 @@ marker framing is tested against the real thing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pty
@@ -17,18 +21,74 @@ import select
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
+import tty
 from pathlib import Path
 
 import pytest
+import serial
+import serial.rfc2217
 from idlewire.console import Console, ConsoleError, classify, clean
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+class PtyLine:
+    """The node's end of a serial line that is the master side of a pseudo-terminal: the socket
+    calls FakeConsole makes, on a file descriptor. Like a UART, bytes sent while nobody listens on
+    the other end are lost rather than blocking the node."""
+
+    def __init__(self, fd: int, stop: threading.Event):
+        self.fd, self.stop = fd, stop
+        self.timeout: float | None = None
+        self.blocking = True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def __enter__(self) -> PtyLine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass  # the fd belongs to FakeConsole, closed once its threads are gone
+
+    def settimeout(self, t: float | None) -> None:
+        self.timeout, self.blocking = t, True
+
+    def setblocking(self, flag: bool) -> None:
+        self.timeout, self.blocking = None, flag
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and not self.stop.is_set():
+            if not select.select([], [self.fd], [], 0.5)[1]:
+                return  # nobody reads the line: the bytes are lost, as on a UART
+            view = view[os.write(self.fd, view):]
+
+    def recv(self, n: int) -> bytes:
+        end = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            if self.stop.is_set():
+                return b""
+            wait = 0.0 if not self.blocking else 0.1 if end is None else max(0.0, min(0.1, end - time.monotonic()))
+            if select.select([self.fd], [], [], wait)[0]:
+                try:
+                    return os.read(self.fd, n)
+                except OSError as exc:
+                    if exc.errno == errno.EIO:  # nobody has the tty open right now
+                        time.sleep(0.05)
+                        continue
+                    raise
+            if not self.blocking:
+                raise BlockingIOError
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError
+
+
 class FakeConsole:
-    """A TCP server that plays one scenario per connection."""
+    """A TCP server that plays one scenario per connection; or, with pty(), one scenario on a tty."""
 
     def __init__(self, scenario: str, garbage_s: float = 2.0, password: str | None = "s3cret"):  # noqa: S107
         self.scenario, self.garbage_s, self.password = scenario, garbage_s, password
@@ -40,6 +100,8 @@ class FakeConsole:
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         self.procs: list[subprocess.Popen] = []
+        self.fds: list[int] = []
+        self.slave: int | None = None
         self.rng = random.Random(7)
         t = threading.Thread(target=self._accept, daemon=True)
         t.start()
@@ -55,12 +117,37 @@ class FakeConsole:
             t.start()
             self.threads.append(t)
 
+    def pty(self) -> str:
+        """Play the scenario on a new pseudo-terminal; returns the tty device a client opens.
+
+        The slave is set raw (a UART has no line discipline of its own: no echo, no CR/LF
+        mapping) and held open here, so the line stays up between clients."""
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        self.fds += [master, slave]
+        self.slave = slave
+        t = threading.Thread(target=self._serve, args=(PtyLine(master, self.stop),), daemon=True)
+        t.start()
+        self.threads.append(t)
+        return os.ttyname(slave)
+
+    def tty_speed(self) -> int:
+        """The baud rate the client set on the tty (termios output speed)."""
+        speed = termios.tcgetattr(self.slave)[5]
+        return next(int(name[1:]) for name in dir(termios)
+                    if name.startswith("B") and name[1:].isdigit() and getattr(termios, name) == speed)
+
     def close(self) -> None:
         self.stop.set()
         self.sock.close()
         for p in self.procs:
             p.kill()
             p.wait()
+        for t in self.threads:
+            t.join(timeout=2)
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # ---- pieces ------------------------------------------------------------------------
     def _garbage(self, conn: socket.socket, seconds: float) -> None:
@@ -172,6 +259,102 @@ class FakeConsole:
                     return
                 time.sleep(0.2)
                 conn.sendall(b"\r\nLogin incorrect\r\n")
+
+
+class PtySerial(serial.Serial):
+    """A tty opened with pyserial that has no modem lines (a pty); a UART's would be set."""
+
+    def _update_dtr_state(self) -> None:
+        pass
+
+    def _update_rts_state(self) -> None:
+        pass
+
+    cts = dsr = cd = property(lambda self: True)
+    ri = property(lambda self: False)
+
+
+class Rfc2217Server:
+    """An RFC 2217 (telnet COM port control) server in front of a tty, like ser2net or a console
+    server in front of a UART: pyserial's PortManager per client, bytes pumped both ways, baud
+    rate and line settings applied to the tty as the client asks."""
+
+    def __init__(self, device: str, answer_set_control: bool = True):
+        self.device, self.answer_set_control = device, answer_set_control
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(2)
+        self.url = f"rfc2217://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.stop = threading.Event()
+        self.baudrates: list[int] = []  # what each client session ended with on the tty
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            t = threading.Thread(target=self._session, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _session(self, conn: socket.socket) -> None:
+        ser = PtySerial(self.device, timeout=0.05)
+        lock = threading.Lock()
+
+        class Net:  # what PortManager writes telnet answers to
+            @staticmethod
+            def write(data: bytes) -> None:
+                with lock:
+                    conn.sendall(data)
+
+        pm = serial.rfc2217.PortManager(ser, Net())
+        if not self.answer_set_control:  # like servers that never acknowledge SET_CONTROL
+            handle = pm._telnet_process_subnegotiation
+            pm._telnet_process_subnegotiation = lambda sub: None if sub[1:2] == serial.rfc2217.SET_CONTROL \
+                else handle(sub)
+        alive = threading.Event()
+        alive.set()
+
+        def tty_to_net() -> None:
+            while alive.is_set() and not self.stop.is_set():
+                try:
+                    data = ser.read(ser.in_waiting or 1)
+                    if data:
+                        Net.write(b"".join(pm.escape(data)))
+                except (OSError, serial.SerialException):
+                    break
+            alive.clear()
+
+        t = threading.Thread(target=tty_to_net, daemon=True)
+        t.start()
+        conn.settimeout(0.2)
+        try:
+            while alive.is_set() and not self.stop.is_set():
+                try:
+                    data = conn.recv(1024)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                ser.write(b"".join(pm.filter(data)))
+        except OSError:
+            pass
+        finally:
+            alive.clear()
+            t.join(timeout=2)
+            self.baudrates.append(ser.baudrate)
+            ser.close()
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        for t in self.threads:
+            t.join(timeout=3)
 
 
 @pytest.fixture
@@ -294,3 +477,101 @@ def test_cli_until_prompt_captures_the_boot(fake, tmp_path):
     assert json.loads(res.stdout)["prompt"] is True
     data = log.read_bytes()
     assert b"noise" in data and data.rstrip().endswith(b"fake login:")
+
+
+# ---- a real tty, and RFC 2217 ----------------------------------------------------------------
+def test_login_and_run_on_a_tty_device(fake):
+    f = fake("noisy", garbage_s=1.5)
+    dev = f.pty()
+    assert dev.startswith("/dev/pts/")
+    with Console(dev, baud=57600, quiet=0.6) as con:
+        assert f.tty_speed() == 57600  # the baud rate reached the tty
+        assert con.login("root", "s3cret", timeout=40) == "password login"
+        con.setup()
+        res = con.run("echo tty-$((6*7)); exit 3")
+        assert (res.status, res.output) == (3, "tty-42\n")
+
+
+def test_cli_on_a_tty_device(fake, tmp_path):
+    f = fake("noisy", garbage_s=1.0, password=None)
+    dev = f.pty()
+    log = tmp_path / "tty.log"
+    res = subprocess.run([sys.executable, "-m", "idlewire", "console", dev, "--baud", "9600", "--run", "uname -s",
+                          "--json", "--log", str(log), "--timeout", "30"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=90)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [(r["exit_status"], r["output"]) for r in out["results"]] == [(0, os.uname().sysname + "\n")]
+    assert b"fake login:" in log.read_bytes()
+    assert f.tty_speed() == 9600
+
+
+@pytest.fixture
+def rfc2217(fake):
+    made: list[Rfc2217Server] = []
+
+    def make(scenario: str, answer_set_control: bool = True, **kwargs) -> tuple[FakeConsole, Rfc2217Server]:
+        f = fake(scenario, **kwargs)
+        made.append(Rfc2217Server(f.pty(), answer_set_control))
+        return f, made[-1]
+
+    yield make
+    for srv in made:
+        srv.close()
+
+
+def test_login_and_run_over_rfc2217(rfc2217):
+    f, srv = rfc2217("noisy", garbage_s=1.5)
+    with Console(srv.url, baud=38400, quiet=0.6) as con:
+        assert con.login("root", "s3cret", timeout=40) == "password login"
+        con.setup()
+        res = con.run("printf '%s\\n' \"it's $((6*7))\" '" + "z" * 300 + "'")
+        assert (res.status, res.output) == (0, "it's 42\n" + "z" * 300 + "\n")
+        # 0xff is the telnet escape byte: it must cross the line doubled and arrive single.
+        res = con.run("printf 'a\\377b\\n' | od -An -tx1")
+        assert res.output.split() == ["61", "ff", "62", "0a"], res.output
+        assert f.tty_speed() == 38400  # the server applied the client's baud rate to its tty
+
+
+def test_cli_over_rfc2217_run_and_passthrough(rfc2217):
+    _, srv = rfc2217("noisy", garbage_s=1.0, password=None)
+    res = subprocess.run([sys.executable, "-m", "idlewire", "console", srv.url, "--run", "echo one",
+                          "--run", "sh -c 'exit 5'", "--json", "--timeout", "30"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=90)
+    assert res.returncode == 5, res.stderr
+    assert [(r["exit_status"], r["output"]) for r in json.loads(res.stdout)["results"]] == [(0, "one\n"), (5, "")]
+    _, srv2 = rfc2217("shell")
+    res = subprocess.run([sys.executable, "-m", "idlewire", "console", srv2.url],
+                         input="echo passthrough-$((2+3))\n", capture_output=True, text=True, cwd=ROOT,
+                         timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "passthrough-5" in res.stdout
+
+
+def test_rfc2217_refusals_are_one_line(tmp_path):
+    # A plain TCP port that never speaks telnet (a raw ser2net port, a wrong port number).
+    with socket.socket() as raw:
+        raw.bind(("127.0.0.1", 0))
+        raw.listen(1)
+        t0 = time.monotonic()
+        res = subprocess.run([sys.executable, "-m", "idlewire", "console",
+                              f"rfc2217://127.0.0.1:{raw.getsockname()[1]}", "--run", "true"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "RFC 2217" in res.stderr and "socket://" in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 20
+    res = subprocess.run([sys.executable, "-m", "idlewire", "console", "rfc2217://127.0.0.1:1", "--run", "true"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 1 and "cannot open serial console" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_rfc2217_server_that_ignores_set_control(rfc2217):
+    _, srv = rfc2217("shell", answer_set_control=False)
+    res = subprocess.run([sys.executable, "-m", "idlewire", "console", srv.url, "--run", "true"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "?ign_set_control" in res.stderr, res.stderr
+    res = subprocess.run([sys.executable, "-m", "idlewire", "console", srv.url + "?ign_set_control",
+                          "--run", "echo ok-$((1+1))", "--timeout", "30"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert res.returncode == 0 and res.stdout == "ok-2\n", res.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "infra"))
 
-from iwnode import expected_vars, parse_rate, playbook_roles, role_defaults  # noqa: E402
+from iwnode import FEATURES, expected_vars, feature, parse_rate, playbook_roles, role_defaults  # noqa: E402
 
 
 def idlewire(*args: str) -> subprocess.CompletedProcess:
@@ -34,6 +34,14 @@ def test_expected_values_come_from_roles_and_inventory():
                       {"agent_region": "eu"})
     assert (v["agent_api_port"], v["agent_api_listen"], v["agent_region"]) == (9000, ["10.1.1.1"], "eu")
     assert expected_vars("n2", {"agent_api_port": 1}, None)["agent_api_port"] == 1
+
+
+def test_every_feature_variable_is_a_role_variable():
+    """A renamed role variable must break here, not turn its check into a silent skip on every node."""
+    d = role_defaults()
+    missing = {f: names for f, names in FEATURES.items() if not any(n in d for n in names)}
+    assert not missing, f"FEATURES name no variable of roles/*/defaults: {missing}"
+    assert feature(d, "shaping") == ("agent_shaping_enabled", False)
 
 
 def test_parse_rate():

@@ -25,7 +25,10 @@ def register(app: typer.Typer) -> None:
 
 def console(
     port: Annotated[str, typer.Argument(help="Serial device (/dev/ttyUSB0, /dev/ttyAMA0) or pyserial URL "
-                                        "(socket://127.0.0.1:4555, rfc2217://HOST:PORT).")],
+                                        "(socket://127.0.0.1:4555 for a raw TCP port, rfc2217://HOST:PORT "
+                                        "for a console server; add ?timeout=10 on a slow link, "
+                                        "?ign_set_control for servers that do not acknowledge flow "
+                                        "control).")],
     bootstrap: Annotated[bool, typer.Option("--bootstrap", help="Log in, install an SSH key (--key) for "
                                             "--key-user, print the node's addresses.")] = False,
     run: Annotated[list[str] | None, typer.Option("--run", help="Log in and run CMD; repeatable. Exit "

@@ -102,12 +102,23 @@ class Console:
     def open(self) -> Console:
         import serial
 
+        rfc2217 = self.port.lower().startswith("rfc2217://")
+        # pyserial's RFC 2217 client refuses a write timeout (NotImplementedError); its writes go
+        # to a TCP socket that has its own timeout.
         try:
             self._ser = serial.serial_for_url(self.port, baudrate=self.baud, timeout=0.05,
-                                              write_timeout=10)
-        except (serial.SerialException, ValueError, OSError) as exc:
-            raise ConsoleError(f"cannot open serial console {self.port}: {exc}; give a device "
-                               "(/dev/ttyUSB0) or a pyserial URL (socket://HOST:PORT)") from None
+                                              write_timeout=None if rfc2217 else 10)
+        except (serial.SerialException, ValueError, OSError, NotImplementedError) as exc:
+            hint = "give a device (/dev/ttyUSB0) or a pyserial URL (socket://HOST:PORT)"
+            text = " ".join(str(exc).split())
+            if rfc2217 and "RFC2217" in text:
+                hint = ("the server did not negotiate RFC 2217 (telnet COM port control) in time: for a "
+                        "raw TCP port (ser2net 'raw') use socket://HOST:PORT; on a slow link allow "
+                        "longer with rfc2217://HOST:PORT?timeout=10")
+            elif rfc2217 and "control" in text:
+                hint = ("the server does not acknowledge flow-control settings (some ser2net versions): "
+                        "add ?ign_set_control to the URL")
+            raise ConsoleError(f"cannot open serial console {self.port}: {text}; {hint}") from None
         return self
 
     def close(self) -> None:

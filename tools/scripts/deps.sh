@@ -14,6 +14,10 @@ pkgs_test=(qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 openssh-client
   wireguard-tools wireguard-go nftables iperf3 iproute2 iputils-ping systemd-container
   strace bc)
 
+# The OpenWrt bootstrap tests run their script under busybox sh, as a router would; Debian's
+# busybox and busybox-static conflict, so either one does.
+command -v busybox >/dev/null || pkgs_test+=(busybox-static)
+
 pkgs=("${pkgs_image[@]}")
 [ "$want" = test ] && pkgs+=("${pkgs_test[@]}")
 

@@ -25,8 +25,10 @@ from .runner import Runner, require_tools
 
 BAKE_FORMAT = 1
 #: What the bake applies: a change to any file below these changes the bake key.
-BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent",
+BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent", "image/boot",
                "tools/idlewire/build/bake.py", "tools/idlewire/build/ids.py")
+#: Keeps the ESP's kernel and initrd in step with /boot (systemd-boot targets); see the script.
+ESP_SYNC = ROOT / "image/boot/idlewire-esp-sync"
 
 
 def tree_hash(paths: tuple[str, ...] = BAKE_INPUTS) -> str:
@@ -199,11 +201,21 @@ def _finalize(target: Target, root: Path, boot: Path, ids: DiskIds, run: Runner)
         shutil.copy2(efi, boot / "EFI/BOOT/BOOTX64.EFI")
         (boot / "loader/entries").mkdir(parents=True)
         (boot / "loader/loader.conf").write_text("default idlewire.conf\ntimeout 0\n")
-        kernel, initrd = _kernel_files(root)
-        shutil.copy2(kernel, boot / "vmlinuz")
-        shutil.copy2(initrd, boot / "initrd.img")
-        (boot / "loader/entries/idlewire.conf").write_text(
-            f"title idlewire\nlinux /vmlinuz\ninitrd /initrd.img\noptions {cmdline}\n")
+        _kernel_files(root)  # a clear error when the kernel or its initrd is missing
+        # The node's own kernel hooks run the same script on every kernel or initrd update.
+        (boot / "loader/entries/idlewire.conf").write_text(f"title idlewire\noptions {cmdline}\n")
+        out = subprocess.run([str(ESP_SYNC)], env={**os.environ, "IDLEWIRE_ESP": str(boot),
+                                                   "IDLEWIRE_BOOT": str(root / "boot")},
+                             capture_output=True, text=True, check=True)
+        run.note(out.stdout.strip())
+        sbin = root / "usr/local/sbin"
+        sbin.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ESP_SYNC, sbin / "idlewire-esp-sync")
+        for hooks in ("etc/kernel/postinst.d", "etc/initramfs/post-update.d"):
+            (root / hooks).mkdir(parents=True, exist_ok=True)
+            link = root / hooks / "zz-idlewire-esp"
+            link.unlink(missing_ok=True)
+            link.symlink_to("/usr/local/sbin/idlewire-esp-sync")
     run.note(f"kernel command line: {cmdline}")
     _pin_atimes(root)
     _pin_atimes(boot)
