@@ -11,12 +11,13 @@
 # (fsync). Then 100 units are stamped (`idlewire stamp --units`, in batches of 10 deleted as they
 # go) from BENCH_GOLDEN (a built image, e.g. out/idlewire-x86_64-0.1.0.img) or the bench image.
 # Goals: idlewire ≤ 0.9× bmaptool, ≥ 4× faster than dd, verify ≤ 30 % extra, stamping ≤ 1 s/unit.
+# The load average is printed before and after: on a shared machine, compare runs only at like load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 DIR=${BENCH_DIR:-/var/tmp/idlewire-bench}
 PY=${PYTHON:-.venv/bin/python}
-IDLEWIRE=(.venv/bin/idlewire)
+read -r -a IDLEWIRE <<< "${IDLEWIRE:-.venv/bin/idlewire}"  # e.g. IDLEWIRE="python -m idlewire"
 [ "$(id -u)" = 0 ] || { echo "error: run as root (loop devices)" >&2; exit 2; }
 for t in bmaptool dd losetup mkfs.ext4 mkfs.vfat sfdisk; do
   command -v "$t" >/dev/null || { echo "error: $t missing (make deps-test)" >&2; exit 2; }
@@ -45,11 +46,16 @@ b = bmap.parse(Path(sys.argv[1]).with_suffix(".bmap"))
 print(f"image: {b.image_size / 2**30:.1f} GiB, mapped {b.mapped_blocks * b.block_size / 2**30:.2f} GiB")
 EOF
 cat "$IMG" > /dev/null  # into the page cache, for every tool alike
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs)"
 
 truncate -s 0 "$DIR/loop.img"; truncate -s 4200M "$DIR/loop.img"
 LOOP=$(losetup -f --show "$DIR/loop.img")
 
-secs() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
+secs() { secs_to /dev/null "$@"; }
+secs_to() {  # secs_to FILE CMD…: wall seconds of CMD, its stdout into FILE
+  local t0 t1 out=$1; shift
+  t0=$(date +%s.%N); "$@" >"$out" 2>/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l
+}
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 fresh() { if [ "$1" = file ]; then rm -f "$DIR/target.img"; fi; }
 target() { if [ "$1" = file ]; then echo "$DIR/target.img"; else echo "$LOOP"; fi; }
@@ -57,14 +63,17 @@ target() { if [ "$1" = file ]; then echo "$DIR/target.img"; else echo "$LOOP"; f
 # Runs are interleaved (run 1 of every tool, then run 2, …) so that the load other programs put
 # on a shared machine falls on every tool alike.
 TOOLS=(idlewire idlewire-noverify bmaptool dd)
-declare -A M R
+declare -A M R X
 for kind in file loop; do
   for _ in $(seq "$RUNS"); do
     for tool in "${TOOLS[@]}"; do
       fresh "$kind"; T=$(target "$kind")
       case $tool in
-        idlewire) s=$(secs "${IDLEWIRE[@]}" flash "$IMG" "$T") ;;
-        idlewire-noverify) s=$(secs "${IDLEWIRE[@]}" flash --no-verify "$IMG" "$T") ;;
+        idlewire)
+          s=$(secs_to "$DIR/last.json" "${IDLEWIRE[@]}" flash --json "$IMG" "$T")
+          # the read-back's own time and what it added after the write (it overlaps the write)
+          X[$kind]="${X[$kind]:-} $("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["cards"][0]; print(c.get("verify_extra_seconds", "nan"))' "$DIR/last.json")" ;;
+        idlewire-noverify) s=$(secs "${IDLEWIRE[@]}" flash --no-verify --json "$IMG" "$T") ;;
         bmaptool) s=$(secs bmaptool copy "$IMG" "$T") ;;
         dd) s=$(secs dd if="$IMG" of="$T" bs=4M conv=fsync) ;;
       esac
@@ -83,24 +92,33 @@ done
 cmp -n "$(stat -c %s "$IMG")" "$IMG" "$LOOP" && echo "loop device == image: yes"
 
 echo
+echo "load after flashing: $(cut -d' ' -f1-3 /proc/loadavg)"
 for kind in file loop; do
-  printf '%-5s idlewire/bmaptool %.2fx, without read-back %.2fx (goal <= 0.9)   dd/idlewire %.1fx faster (goal >= 4)   verify +%.0f%% (goal <= 30%%)\n' \
+  # shellcheck disable=SC2086
+  xmed=$(printf '%s\n' ${X[$kind]} | median)
+  printf '%-5s idlewire/bmaptool %.2fx, without read-back %.2fx (goal <= 0.9)   dd/idlewire %.1fx faster (goal >= 4)\n' \
     "$kind" \
     "$(echo "${M[$kind,idlewire]} / ${M[$kind,bmaptool]}" | bc -l)" \
     "$(echo "${M[$kind,idlewire-noverify]} / ${M[$kind,bmaptool]}" | bc -l)" \
-    "$(echo "${M[$kind,dd]} / ${M[$kind,idlewire]}" | bc -l)" \
-    "$(echo "(${M[$kind,idlewire]} / ${M[$kind,idlewire-noverify]} - 1) * 100" | bc -l)"
+    "$(echo "${M[$kind,dd]} / ${M[$kind,idlewire]}" | bc -l)"
+  printf '%-5s read-back cost +%.0f%% (goal <= 30%%): %.2fs with, %.2fs without; after the write ended it still took %.2fs (median)\n' \
+    "$kind" "$(echo "(${M[$kind,idlewire]} / ${M[$kind,idlewire-noverify]} - 1) * 100" | bc -l)" \
+    "${M[$kind,idlewire]}" "${M[$kind,idlewire-noverify]}" "$xmed"
 done
 
 GOLDEN=${BENCH_GOLDEN:-$IMG}
 echo
 echo "stamping 100 units of $GOLDEN (batches of 10, deleted as they go)…"
-total=0
+total=0 inner=0
 for batch in $(seq 0 9); do
   csv=$DIR/units-$batch.csv
   { echo "unit,payout_address"; for i in $(seq 0 9); do printf 'unit-%d%d,addr-%04d\n' "$batch" "$i" "$((batch * 10 + i))"; done; } > "$csv"
-  s=$(secs "${IDLEWIRE[@]}" stamp "$GOLDEN" --units "$csv" --out "$DIR/stamped")
-  total=$(echo "$total + $s" | bc -l)
+  s=$(secs_to "$DIR/last.json" "${IDLEWIRE[@]}" stamp "$GOLDEN" --units "$csv" --out "$DIR/stamped" --json)
+  read -r sec how < <("$PY" -c 'import json,sys; d=json.load(open(sys.argv[1])); print(d["seconds"], d["units"][0]["copy"])' "$DIR/last.json")
+  total=$(echo "$total + $s" | bc -l); inner=$(echo "$inner + $sec" | bc -l)
   rm -rf "$DIR/stamped" "$csv"
 done
-printf 'stamp: %.2fs for 100 units, %.3fs per unit (goal <= 1 s), whole command runs included\n' "$total" "$(echo "$total / 100" | bc -l)"
+mapped=$("$PY" -c 'import sys; from pathlib import Path; from idlewire import bmap, stamp; b = stamp.find_bmap(Path(sys.argv[1])); m = bmap.parse(b) if b else None; print(f"{m.mapped_blocks * m.block_size / 2**20:.0f} MiB mapped" if m else "no bmap")' "$GOLDEN")
+printf 'stamp: %.2fs for 100 units, %.3fs per unit (goal <= 1 s), whole command runs included; %.3fs per unit inside the command (copies: %s, %s each)\n' \
+  "$total" "$(echo "$total / 100" | bc -l)" "$(echo "$inner / 100" | bc -l)" "$how" "$mapped"
+echo "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

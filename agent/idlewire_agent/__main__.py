@@ -23,8 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the agent (what the service does)")
     run.add_argument("--config", default=DEFAULT_CONFIG, help=f"node.toml to use (default {DEFAULT_CONFIG})")
-    check = sub.add_parser("check-config", help="validate a node.toml and report every error (exit 2 on errors)")
+    check = sub.add_parser("check-config", help="validate a node.toml and the unit file it names (unit.toml: "
+                           "the stamped payout address and caps); every error, exit 2 on errors",
+                           description="Validate node.toml, then the unit's stamped settings ([node] unit_file, "
+                           "default /etc/idlewire/unit.toml, when present): every error names its file and key. "
+                           "Prints what the unit's caps change.")
     check.add_argument("file")
+    check.add_argument("--unit", metavar="UNIT_TOML", help="check this unit file instead of the one node.toml "
+                       "names (it must exist)")
     shaping.add_cli(sub)
     args = parser.parse_args(argv)
 
@@ -33,11 +39,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "check-config":
         try:
-            load(args.file)
+            cfg = load(args.file, args.unit)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 2
         print(f"{args.file}: OK")
+        u = cfg.unit
+        if u.present:
+            print(f"{u.path}: OK: unit {u.unit or '?'}, payout address {u.payout_address or 'none'}")
+            for note in u.notes:
+                print(f"{u.path}: {note}")
         return 0
     if args.command in (None, "run"):
         return run_agent(getattr(args, "config", DEFAULT_CONFIG))

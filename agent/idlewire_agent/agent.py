@@ -85,6 +85,15 @@ class Agent:
             self.wg_pub = getattr(tunnel, "public_key", "")
         self.tunnel = tunnel
         self.stats = Stats()
+        u = cfg.unit
+        self.payout = (receipts.payout_statement(self.node_key, u.payout_address, u.unit)
+                       if u.payout_address else None)
+        if u.present:
+            log.info("unit %s (%s), payout address %s; %s", u.unit or "?", u.path, u.payout_address or "none",
+                     "; ".join(u.notes) or "no caps")
+            if u.node_public_key and u.node_public_key != self.node_pub:
+                log.warning("%s: node_public_key %s is not the key in %s (%s): the stamp and the key differ",
+                            u.path, u.node_public_key, cfg.key_file, self.node_pub)
         self._last_poll_mono: float | None = None
         # What the owner sells (policy.py): set up by start_policy(), absent in plain metering tests.
         self.shaper = None
@@ -393,6 +402,20 @@ class Agent:
         return {"lifetime": {"up": rx, "down": tx}, "days": self.ledger.days(),
                 "sessions": [{"session": s["id"], "state": s["state"], "up": s["rx"], "down": s["tx"]}
                              for s in self.ledger.sessions(limit=200)]}
+
+    def offer(self) -> dict:
+        """What /health tells a marketplace besides the keys: the unit, where its owner is paid
+        (signed by the node key, the key of its receipts) and the caps in force."""
+        u, pol = self.cfg.unit, self.cfg.policy
+        return {
+            "unit": {"unit": u.unit, "hostname": u.hostname, "payout_address": u.payout_address or None}
+            if u.present else None,
+            "payout": self.payout,
+            "caps": {"up_mbit": pol.shaping.cap_up / 1e6, "down_mbit": pol.shaping.cap_down / 1e6,
+                     "shaped": pol.shaping.enabled, "monthly_gb": pol.quota.monthly_bytes / 1e9,
+                     "max_sessions": pol.quota.max_sessions,
+                     "from_unit": sorted(u.caps)},
+        }
 
     def metrics(self) -> str:
         rx, tx = self.ledger.lifetime()

@@ -1,6 +1,6 @@
 """The local HTTP API (standard library server). Listens on management/LAN addresses only.
 
-    GET    /health                       open      status, version, node keys
+    GET    /health                       open      status, version, node keys, unit, signed payout, caps
     GET    /metrics                      open      Prometheus text format
     POST   /sessions                     buyer     {"wg_public_key": KEY} -> session, address, node key
     GET    /sessions[?state=open&limit=100&offset=0]  buyer|admin  own sessions, or all for the admin
@@ -195,7 +195,7 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET" and parts == ["health"]:
             return self._send(200, {"status": "ok", "version": __version__, "node_key": a.node_pub,
                                     "wg_public_key": a.wg_pub, "region": a.cfg.region,
-                                    "price_per_gb": a.cfg.price_per_gb})
+                                    "price_per_gb": a.cfg.price_per_gb, **a.offer()})
         if method == "GET" and parts == ["metrics"]:
             return self._send(200, a.metrics(), "text/plain; version=0.0.4")
         if not parts or parts[0] not in ("sessions", "usage", "receipts"):

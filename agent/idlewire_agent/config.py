@@ -2,18 +2,36 @@
 
 Sections (all optional; defaults in the dataclasses below):
 
-    [node]        region, price_per_gb, log_level, state_dir, key_file, marketplace
+    [node]        region, price_per_gb, log_level, state_dir, key_file, marketplace, unit_file
     [interfaces]  wan, lan, management (interface names)
     [tunnel]      interface, port, pool, endpoint, private_key_file
     [metering]    poll_interval, line_rate_mbit, unpaid_cap_mb, tolerance_percent
     [sessions]    max, expiry, idle_timeout
     [api]         listen, port, admin_token_file, max_body
     [shaping] [schedule] [quota] [firewall]   see policy.py
+
+and the unit's own settings, /etc/idlewire/unit.toml ([node] unit_file), written at first boot
+from the stamp `idlewire stamp` put on the boot partition (roles/base idlewire-stamp):
+
+    unit = "shop-0001"             # the vendor's id for this unit
+    hostname = "iw-0001"
+    node_public_key = "…"          # base64 ed25519 public key of node.key
+    payout_address = "bc1q…"       # where the owner is paid (reported, signed, in /health)
+    [caps]                         # the unit's limits; each replaces node.toml's value
+    up_mbit = 10                   #   shaping.cap_up_mbit   (also bounds schedule rules)
+    down_mbit = 50                 #   shaping.cap_down_mbit (also bounds schedule rules)
+    monthly_gb = 500               #   quota.monthly_gb
+    max_sessions = 8               #   quota.max_sessions
+
+A unit file that is absent is fine (a node provisioned live has none); one with a bad value is
+an error naming the unit file and the key, like node.toml's. A cap above the line rate is
+lowered to it, with a note.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -81,6 +99,25 @@ class SessionsConfig:
     idle_timeout: int = 900
 
 
+UNIT_FILE = "/etc/idlewire/unit.toml"
+UNIT_KEYS = ("unit", "hostname", "node_public_key", "payout_address", "caps")
+UNIT_CAPS = ("up_mbit", "down_mbit", "monthly_gb", "max_sessions")
+
+
+@dataclass
+class UnitConfig:
+    """The unit's stamped identity and caps (unit.toml); `present` False when there is none."""
+
+    path: str = ""
+    present: bool = False
+    unit: str = ""
+    hostname: str = ""
+    node_public_key: str = ""
+    payout_address: str = ""
+    caps: dict[str, float | int] = field(default_factory=dict)  # as stamped
+    notes: list[str] = field(default_factory=list)  # what the caps changed, one line each
+
+
 @dataclass
 class NodeConfig:
     region: str = "unset"
@@ -89,12 +126,14 @@ class NodeConfig:
     state_dir: str = "/var/lib/idlewire-agent"
     key_file: str = "/etc/idlewire/node.key"
     marketplace: str = ""
+    unit_file: str = UNIT_FILE
     interfaces: InterfacesConfig = field(default_factory=InterfacesConfig)
     tunnel: TunnelConfig = field(default_factory=TunnelConfig)
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     policy: policy.Policy = field(default_factory=policy.Policy)
+    unit: UnitConfig = field(default_factory=lambda: UnitConfig())
 
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
@@ -181,6 +220,7 @@ def parse(data: dict, path: str = "node.toml") -> NodeConfig:
         ("state_dir", str, _abs, "an absolute path"),
         ("key_file", str, _abs, "an absolute path"),
         ("marketplace", str, _url, 'an http(s):// URL or ""'),
+        ("unit_file", str, _abs, "an absolute path"),
     ])
     section("interfaces", cfg.interfaces, [
         ("wan", str, _ifname, "an interface name (1-15 characters)"),
@@ -230,11 +270,95 @@ def parse(data: dict, path: str = "node.toml") -> NodeConfig:
     return cfg
 
 
-def load(path: str | Path) -> NodeConfig:
-    path = str(path)
+_PAYOUT = re.compile(r"^[A-Za-z0-9:._@+-]{4,128}$")  # as `idlewire stamp` accepts it
+_B64KEY = re.compile(r"^[A-Za-z0-9+/]{43}=$")
+_UNIT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def parse_unit(data: dict, path: str = UNIT_FILE) -> tuple[UnitConfig, list[str]]:
+    """Validate a parsed unit.toml mapping: (unit settings, problems naming each key)."""
+    problems: list[str] = []
+    u = UnitConfig(path=path, present=True)
+    for key in sorted(set(data) - set(UNIT_KEYS)):
+        problems.append(f"{key}: unknown key; expected one of {', '.join(UNIT_KEYS)}")
+    for key, pattern, expect in (
+            ("unit", _UNIT_ID, "a unit id (letters, digits, _ . -, up to 64)"),
+            ("hostname", _HOSTNAME, "a host name (letters, digits, -)"),
+            ("node_public_key", _B64KEY, "the base64 ed25519 public key of node.key (44 characters)"),
+            ("payout_address", _PAYOUT, "4-128 characters of letters, digits and ':._@+-'")):
+        if key not in data:
+            continue
+        v = data[key]
+        if not isinstance(v, str) or not pattern.match(v):
+            problems.append(f"{key}: expected {expect}, got {v!r}")
+        else:
+            setattr(u, key, v)
+    caps = data.get("caps", {})
+    if not isinstance(caps, dict):
+        problems.append(f"caps: expected a [caps] table with {', '.join(UNIT_CAPS)}, got {caps!r}")
+        caps = {}
+    for key in sorted(set(caps) - set(UNIT_CAPS)):
+        problems.append(f"caps.{key}: unknown cap; expected one of {', '.join(UNIT_CAPS)}")
+    checks = {
+        "up_mbit": (lambda v: _num(v) and 0 < v < 100_000, "a rate in Mbit/s > 0 (e.g. 20 or 0.5)"),
+        "down_mbit": (lambda v: _num(v) and 0 < v < 100_000, "a rate in Mbit/s > 0 (e.g. 20 or 0.5)"),
+        "monthly_gb": (lambda v: _num(v) and v >= 0, "a number of GB >= 0 (0 = no quota)"),
+        "max_sessions": (lambda v: _int(v) and 1 <= v <= 3840, "a number of sessions 1-3840"),
+    }
+    for key in UNIT_CAPS:
+        if key in caps:
+            ok, expect = checks[key]
+            if ok(caps[key]):
+                u.caps[key] = caps[key]
+            else:
+                problems.append(f"caps.{key}: expected {expect}, got {caps[key]!r}")
+    return u, problems
+
+
+def _num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def apply_unit(cfg: NodeConfig, unit: UnitConfig) -> None:
+    """The unit's caps replace node.toml's (a cap above the line is lowered to it); notes say what."""
+    cfg.unit = unit
+    sh, quota = cfg.policy.shaping, cfg.policy.quota
+    for d in ("up", "down"):
+        key = f"{d}_mbit"
+        if key not in unit.caps:
+            continue
+        want = round(unit.caps[key] * policy.MBIT)
+        line = getattr(sh, f"line_{d}")
+        cap = min(want, line)
+        unit.notes.append(f"caps.{key} = {unit.caps[key]:g} replaces shaping.cap_{d}_mbit "
+                          f"({getattr(sh, f'cap_{d}') / policy.MBIT:g})"
+                          + (f"; lowered to shaping.line_{d}_mbit ({line / policy.MBIT:g}), the line's rate"
+                             if cap < want else ""))
+        setattr(sh, f"cap_{d}", cap)
+        for i, r in enumerate(cfg.policy.schedule):  # a rule may lower the cap, never raise it
+            if getattr(r, f"cap_{d}") > cap:
+                unit.notes.append(f"caps.{key} bounds schedule.rule[{i}].cap_{d}_mbit "
+                                  f"({getattr(r, f'cap_{d}') / policy.MBIT:g})")
+                setattr(r, f"cap_{d}", cap)
+    if "monthly_gb" in unit.caps:
+        unit.notes.append(f"caps.monthly_gb = {unit.caps['monthly_gb']:g} replaces quota.monthly_gb "
+                          f"({quota.monthly_bytes / 1e9:g})")
+        quota.monthly_bytes = round(unit.caps["monthly_gb"] * 1_000_000_000)
+    if "max_sessions" in unit.caps:
+        unit.notes.append(f"caps.max_sessions = {unit.caps['max_sessions']} replaces quota.max_sessions "
+                          f"({quota.max_sessions})")
+        quota.max_sessions = int(unit.caps["max_sessions"])
+
+
+def _read_toml(path: str, what: str) -> dict:
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(path, ["no such file"]) from None
     except PermissionError:
@@ -242,5 +366,18 @@ def load(path: str | Path) -> NodeConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
     except OSError as exc:
-        raise ConfigError(path, [f"cannot read: {exc.strerror}; expected a node.toml file"]) from None
-    return parse(data, path)
+        raise ConfigError(path, [f"cannot read: {exc.strerror}; expected a {what} file"]) from None
+
+
+def load(path: str | Path, unit_file: str | Path | None = None) -> NodeConfig:
+    """node.toml, then the unit file it names (or `unit_file`), whose caps win when it exists."""
+    path = str(path)
+    cfg = parse(_read_toml(path, "node.toml"), path)
+    upath = str(unit_file) if unit_file is not None else cfg.unit_file
+    if unit_file is None and not os.path.lexists(upath):
+        return cfg  # not a stamped unit (provisioned live): node.toml alone
+    unit, problems = parse_unit(_read_toml(upath, "unit.toml"), upath)
+    if problems:
+        raise ConfigError(upath, problems)
+    apply_unit(cfg, unit)
+    return cfg

@@ -12,6 +12,9 @@ co-signed usage statement {"up", "down", "time", "key", "sig"} that the receipt 
 (the buyer's payment promise), signed by the buyer's ed25519 key over
 canonical({"v": 1, "type": "usage", "session", "up", "down", "time"}).
 
+A payout statement (GET /health, "payout") binds the node key to the owner's payout address:
+{"v": 1, "type": "payout", "node", "unit", "address", "sig"}, signed like a receipt.
+
 Buyer API calls carry headers X-Idlewire-Key/-Time/-Nonce/-Signature; the signature covers
 "idlewire-request-v1\\nMETHOD\\nPATH\\nTIME\\nNONCE\\nSHA256_HEX(BODY)".
 """
@@ -85,6 +88,27 @@ def usage_valid(stmt: dict, session: str, buyer_key: str | None = None) -> bool:
     if not isinstance(key, str) or not isinstance(sig, str) or (buyer_key and key != buyer_key):
         return False
     return _check_sig(key, sig, usage_message(session, up, down, t))
+
+
+# --- payout statement ---------------------------------------------------------------------------
+def payout_statement(key: Ed25519PrivateKey, address: str, unit: str = "") -> dict:
+    """The node's signed word that receipts signed by its key are paid to `address` (reported in
+    /health). {"v":1, "type":"payout", "node", "unit", "address", "sig"}: ed25519 by the node key
+    over the canonical JSON without "sig"; the same key signs the receipts."""
+    body = {"v": VERSION, "type": "payout", "node": pub_b64(key), "unit": unit, "address": address}
+    return {**body, "sig": base64.b64encode(key.sign(canonical(body))).decode()}
+
+
+def payout_valid(stmt: dict, node_key: str | None = None) -> bool:
+    """A payout statement whose signature holds (and made by `node_key`, when given)."""
+    if not isinstance(stmt, dict) or set(stmt) != {"v", "type", "node", "unit", "address", "sig"}:
+        return False
+    if stmt["v"] != VERSION or stmt["type"] != "payout" or (node_key and stmt["node"] != node_key):
+        return False
+    if not all(isinstance(stmt[k], str) for k in ("node", "unit", "address", "sig")):
+        return False
+    body = {k: v for k, v in stmt.items() if k != "sig"}
+    return _check_sig(stmt["node"], stmt["sig"], canonical(body))
 
 
 # --- receipts -----------------------------------------------------------------------------------

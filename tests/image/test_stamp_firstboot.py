@@ -2,7 +2,8 @@
 
 Each unit must: let the stamped SSH key log in, hold its node key in /etc/idlewire (0600, dir
 0700) matching the public key `idlewire stamp` recorded, carry the stamped hostname and Wi-Fi
-config (derived key only), and leave no secret on the boot partition (checked from the host on
+config (derived key only), run the agent with the unit's payout address (signed, in /health) and
+caps, and leave no secret on the boot partition (checked from the host on
 the raw bytes after a clean power-off). The two units differ in node key and SSH host key.
 """
 
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from idlewire_agent import receipts
 from qemu import Vm
 
 pytestmark = pytest.mark.image
@@ -58,9 +60,9 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
     with units.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["unit", "hostname", "ssh_authorized_keys", "wifi_country", "wifi_ssid", "wifi_psk",
-                    "payout_address", "caps_monthly_gb"])
-        w.writerow(["unit-a", "iw-a", pub, "DE", "Cafe Luna", "passphrase-a-123", "addr-aaaa", "500"])
-        w.writerow(["unit-b", "iw-b", pub, "FR", "Atelier", "passphrase-b-456", "addr-bbbb", "900"])
+                    "payout_address", "caps_monthly_gb", "caps_up_mbit"])
+        w.writerow(["unit-a", "iw-a", pub, "DE", "Cafe Luna", "passphrase-a-123", "addr-aaaa", "500", "3"])
+        w.writerow(["unit-b", "iw-b", pub, "FR", "Atelier", "passphrase-b-456", "addr-bbbb", "900", ""])
     out = tmp_path / "stamped"
     res = subprocess.run([*IDLEWIRE, "stamp", str(golden), "--units", str(units), "--out", str(out), "--json"],
                          capture_output=True, text=True, cwd=ROOT)
@@ -87,7 +89,7 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
         for u in stamped:
             vm = vms[u["unit"]]
             psk_hash = secrets[u["unit"]][1]
-            vm.wait_ssh(300)  # the golden image has no key: only the stamp lets us in
+            vm.wait_ssh(600)  # no key in the golden image: only the stamp lets us in (two TCG boots at once)
             assert vm.ssh("hostname").stdout.strip() == u["hostname"]
             node_key = vm.ssh("sudo cat /etc/idlewire/node.key").stdout
             assert _pub_of(node_key) == u["node_public_key"]
@@ -95,7 +97,21 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
             assert vm.ssh("systemctl is-active idlewire-agent", check=False).stdout.strip() == "active"
             health = vm.ssh("python3 -c \"import urllib.request as u;"
                             "print(u.urlopen('http://127.0.0.1:8740/health').read().decode())\"").stdout
-            assert json.loads(health)["node_key"] == u["node_public_key"], health
+            health = json.loads(health)
+            assert health["node_key"] == u["node_public_key"], health
+            # … and with the unit's settings: payout address (signed by the node key), stamped caps
+            payout = {"unit-a": "addr-aaaa", "unit-b": "addr-bbbb"}[u["unit"]]
+            assert health["unit"] == {"unit": u["unit"], "hostname": u["hostname"], "payout_address": payout}
+            assert receipts.payout_valid(health["payout"], u["node_public_key"])
+            assert health["payout"]["address"] == payout
+            caps = health["caps"]
+            assert caps["monthly_gb"] == {"unit-a": 500, "unit-b": 900}[u["unit"]], caps
+            if u["unit"] == "unit-a":
+                assert caps["up_mbit"] == 3 and caps["from_unit"] == ["monthly_gb", "up_mbit"], caps
+            else:
+                assert caps["from_unit"] == ["monthly_gb"], caps
+            checked = vm.ssh("sudo idlewire-agent check-config /etc/idlewire/node.toml").stdout
+            assert f"/etc/idlewire/unit.toml: OK: unit {u['unit']}, payout address {payout}" in checked, checked
             modes = vm.ssh("sudo stat -c '%a %U' /etc/idlewire /etc/idlewire/node.key "
                            "/etc/wpa_supplicant/wpa_supplicant-wlan0.conf").stdout.split("\n")
             assert modes[0].split()[0] in ("700", "750") and modes[1] == "600 root" and modes[2] == "600 root"

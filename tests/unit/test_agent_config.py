@@ -76,3 +76,99 @@ def test_api_inside_tunnel_pool_refused():
         assert "inside tunnel.pool" in str(exc)
     else:
         raise AssertionError("accepted")
+
+
+POLICY = """
+[shaping]
+enabled = true
+line_up_mbit = 20
+line_down_mbit = 100
+cap_up_mbit = 10
+cap_down_mbit = 50
+[[schedule.rule]]
+start = "01:00"
+end = "06:00"
+cap_up_mbit = 15
+cap_down_mbit = 80
+[quota]
+monthly_gb = 500
+max_sessions = 8
+"""
+
+UNIT = """
+# written at first boot from the unit stamp (idlewire stamp)
+unit = "shop-0007"
+hostname = "iw-0007"
+node_public_key = "Ct3jL6k0fVq0i5t8Y2TrWNqZ3Ku6l9Pl0lqZ3Kx7mX0="
+payout_address = "bc1qexamplepayout0007"
+
+[caps]
+down_mbit = 250
+max_sessions = 4
+monthly_gb = 300
+up_mbit = 5
+"""
+
+
+def node_with_unit(tmp_path, unit_text: str | None):
+    unit = tmp_path / "unit.toml"
+    if unit_text is not None:
+        unit.write_text(unit_text)
+    node = tmp_path / "node.toml"
+    node.write_text(GOOD.replace('marketplace = "https://market.example/api"',
+                                 f'marketplace = "https://market.example/api"\nunit_file = "{unit}"') + POLICY)
+    return node, unit
+
+
+def test_unit_caps_replace_the_roles_and_are_bounded_by_the_line(tmp_path):
+    from idlewire_agent.config import load
+
+    node, unit = node_with_unit(tmp_path, UNIT)
+    cfg = load(node)
+    sh, q = cfg.policy.shaping, cfg.policy.quota
+    assert (sh.cap_up, sh.cap_down) == (5_000_000, 100_000_000)  # down: 250 asked, the line is 100
+    assert [(r.cap_up, r.cap_down) for r in cfg.policy.schedule] == [(5_000_000, 80_000_000)]
+    assert (q.monthly_bytes, q.max_sessions) == (300_000_000_000, 4)
+    assert cfg.unit.present and cfg.unit.payout_address == "bc1qexamplepayout0007" and cfg.unit.unit == "shop-0007"
+    assert any("lowered to shaping.line_down_mbit (100)" in n for n in cfg.unit.notes), cfg.unit.notes
+    # without a unit file, node.toml alone (a node provisioned live)
+    unit.unlink()
+    cfg = load(node)
+    assert not cfg.unit.present and (cfg.policy.shaping.cap_up, cfg.policy.quota.max_sessions) == (10_000_000, 8)
+    # check-config reports the unit and what its caps change
+    unit.write_text(UNIT)
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(node)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"{unit}: OK: unit shop-0007, payout address bc1qexamplepayout0007" in r.stdout
+    assert f"{unit}: caps.up_mbit = 5 replaces shaping.cap_up_mbit (10)" in r.stdout
+    # the shaper is built with the unit's caps (what `shaping show` prints, trees present or not)
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "shaping", "show", "--config", str(node),
+                        "--state", str(tmp_path / "no-state.json")], capture_output=True, text=True)
+    assert "buyer caps: up 5 Mbit/s, down 100 Mbit/s" in r.stdout, r.stdout + r.stderr
+
+
+def test_bad_unit_values_name_the_unit_file_and_key(tmp_path):
+    bad = (UNIT.replace("up_mbit = 5", "up_mbit = -3").replace("max_sessions = 4", "max_sessions = 1.5")
+           .replace('payout_address = "bc1qexamplepayout0007"', 'payout_address = "no spaces allowed"')
+           .replace("[caps]", 'wifi_psk = "x"\n[caps]\nspeed = 1'))
+    node, unit = node_with_unit(tmp_path, bad)
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(node)], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    for key in ("caps.up_mbit", "caps.max_sessions", "payout_address", "wifi_psk", "caps.speed"):
+        assert any(line.startswith(f"{unit}: {key}:") and ("expected" in line) for line in lines), (key, lines)
+    assert len(lines) == 5
+    # the agent refuses to start on it, with the same lines
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "run", "--config", str(node)], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and f"{unit}: caps.up_mbit: expected a rate in Mbit/s > 0" in r.stderr
+    # --unit names a file that must exist; broken TOML is named too
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(node), "--unit",
+                        str(tmp_path / "none.toml")], capture_output=True, text=True)
+    assert r.returncode == 2 and f"{tmp_path / 'none.toml'}: no such file" in r.stderr
+    unit.write_text("[caps\n")
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(node)], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and f"{unit}: not valid TOML" in r.stderr

@@ -230,3 +230,33 @@ def test_ledger_file_is_wal_and_secrets_are_0600(make, tmp_path):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     for name in ("node.key", "admin.token"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600
+
+
+def test_health_offers_the_units_signed_payout_address_and_caps(make, tmp_path):
+    from idlewire_agent.config import apply_unit, parse_unit
+
+    plain = make()
+    assert plain.offer()["unit"] is None and plain.offer()["payout"] is None
+    plain.ledger.close()
+    data = {"node": {"state_dir": str(tmp_path / "state2"), "key_file": str(tmp_path / "node.key"),
+                     "unit_file": str(tmp_path / "unit.toml")},
+            "tunnel": {"pool": "10.99.0.0/29", "private_key_file": str(tmp_path / "wg.key")},
+            "api": {"admin_token_file": str(tmp_path / "admin.token")},
+            "shaping": {"line_up_mbit": 20, "line_down_mbit": 100, "cap_up_mbit": 10, "cap_down_mbit": 50}}
+    cfg = parse(data)
+    unit, problems = parse_unit({"unit": "shop-9", "hostname": "iw-9", "payout_address": "bc1qowner9",
+                                 "caps": {"up_mbit": 4, "monthly_gb": 0}}, str(tmp_path / "unit.toml"))
+    assert problems == []
+    apply_unit(cfg, unit)
+    a = Agent(cfg, SyntheticTunnel(), Clock())
+    offer = a.offer()
+    assert offer["unit"] == {"unit": "shop-9", "hostname": "iw-9", "payout_address": "bc1qowner9"}
+    stmt = offer["payout"]
+    assert stmt["address"] == "bc1qowner9" and stmt["node"] == a.node_pub and stmt["unit"] == "shop-9"
+    assert receipts.payout_valid(stmt, a.node_pub)  # signed by the key that signs the receipts
+    assert not receipts.payout_valid({**stmt, "address": "bc1qthief"}, a.node_pub)
+    assert not receipts.payout_valid(stmt, receipts.pub_b64(Ed25519PrivateKey.generate()))
+    caps = offer["caps"]
+    assert (caps["up_mbit"], caps["down_mbit"], caps["monthly_gb"]) == (4, 50, 0)
+    assert caps["from_unit"] == ["monthly_gb", "up_mbit"]
+    json.dumps(offer)  # what /health sends

@@ -234,6 +234,12 @@ def test_damaged_images_are_refused_before_writing(golden, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     refused(idlewire("flash", raw, out, check=False), "do not match the checksum")
     assert not out.exists()
+    # a file target is checked while it is written aside: a damaged image leaves it as it was
+    out.write_bytes(b"the card's old content")
+    refused(idlewire("flash", raw, out, check=False), "do not match the checksum")
+    assert out.read_bytes() == b"the card's old content"
+    assert not (tmp_path / ".card.img.partial").exists()
+    out.unlink()
     # a bmap that belongs to another image
     other = make_image(tmp_path / "other.img", size=160 * MiB)
     refused(idlewire("flash", golden, out, "--bmap", other.with_suffix(".bmap"), check=False),
@@ -282,3 +288,69 @@ def test_interrupted_write_is_caught_by_verify_only(golden, tmp_path):
         assert idlewire("flash", golden, dev, "--verify-only").returncode == 0
         with contextlib.suppress(OSError), open(dev, "rb") as f:
             assert f.read(512)[510:] == b"\x55\xaa"
+
+
+def _flash_in_process(golden: Path, target: Path) -> fl.FlashResult:
+    src = fl.open_source(golden)
+    return fl.flash(src, [fl.inspect_target(target, src.size)])
+
+
+@pytest.mark.parametrize("kind", ["file", "loop"])
+def test_readback_mismatch_while_writing_is_caught_and_named(golden, tmp_path, monkeypatch, kind):
+    """The device returns one wrong byte inside a range read back while later ranges are still
+    being written: that range, and only it, is reported."""
+    if kind == "loop" and can_loop():
+        pytest.skip(can_loop())
+    src = fl.open_source(golden)
+    body = [(a, b) for a, b, _ in src.byte_ranges() if a >= MiB and b - a >= 2 * 4096]
+    start, end = body[0]  # the first body range: read back long before the last is written
+    victim = start + 4096 + 7
+    seen = []
+    real = fl.ReadBack._pread
+
+    def lying_device(self, view, off):
+        n = real(self, view, off)
+        if off <= victim < off + n:
+            view[victim - off] ^= 0x55
+            seen.append(self.direct)
+        return n
+
+    monkeypatch.setattr(fl.ReadBack, "_pread", lying_device)
+    if kind == "file":
+        res = _flash_in_process(golden, tmp_path / "card.img")
+    else:
+        back = tmp_path / "back.img"
+        with back.open("wb") as f:
+            f.truncate(golden.stat().st_size)
+        with loop_device(back) as dev:
+            res = _flash_in_process(golden, Path(dev))
+    card = res.cards[0]
+    assert seen == [True], "the lie was not read back, or not through O_DIRECT"
+    assert card.verify_overlapped and card.verified is False
+    assert card.mismatches == [(start, end)], card.mismatches
+
+
+@needs_loop
+def test_corruption_after_the_write_is_caught_by_verify_only(golden, tmp_path):
+    src = fl.open_source(golden)
+    start, end, _ = max(src.byte_ranges(), key=lambda r: r[1] - r[0])
+    victim = (start + end) // 2
+    back = tmp_path / "back.img"
+    with back.open("wb") as f:
+        f.truncate(golden.stat().st_size)
+    file_target = tmp_path / "card.img"
+    idlewire("flash", golden, file_target)
+    with loop_device(back) as dev:
+        idlewire("flash", golden, dev)
+        assert idlewire("flash", golden, dev, file_target, "--verify-only").returncode == 0
+        for where in (back, file_target):  # one byte flipped behind the flasher's back
+            with where.open("r+b") as f:
+                f.seek(victim)
+                byte = f.read(1)
+                f.seek(victim)
+                f.write(bytes([byte[0] ^ 1]))
+        res = idlewire("flash", golden, dev, file_target, "--verify-only", "--json", check=False)
+    assert res.returncode == 1
+    cards = json.loads(res.stdout)["cards"]
+    assert [c["mismatches"] for c in cards] == [[[start, end]]] * 2
+    assert f"first at bytes {start}-{end}" in res.stderr

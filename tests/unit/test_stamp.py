@@ -7,6 +7,7 @@ import base64
 import csv
 import hashlib
 import json
+import os
 import shutil
 import time
 import tomllib
@@ -150,3 +151,48 @@ def test_refusals(golden, tmp_path):
     nodir = idlewire("stamp", golden, "--units", tmp_path / "none.csv", "--out", tmp_path / "o", check=False)
     assert nodir.returncode == 2 and "no such file" in nodir.stderr
     assert "Traceback" not in again.stderr + restamp.stderr + xz.stderr + both.stderr + nodir.stderr
+
+
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_assembled_copy_is_the_golden_image_outside_the_boot_partition(golden, tmp_path, monkeypatch, mode):
+    """Each unit's copy is assembled from the golden image and a stamped scratch copy of its
+    boot partition, with O_DIRECT or, where the filesystem refuses it, buffered writes."""
+    from idlewire import rawio
+    from idlewire.units import load_unit
+
+    if mode == "buffered":
+        monkeypatch.setattr(rawio, "open_direct", lambda fd, flags: -1)
+    unit = tmp_path / "u.yml"
+    unit.write_text("unit: asm-1\npayout_address: addr-0042\n")
+    with st.Golden(golden) as g:
+        made = [g.stamp(load_unit(unit), tmp_path / f"asm-{i}.img") for i in range(2)]
+        work = g.work
+    assert not work.exists(), "the scratch directory (node keys) outlives the run"
+    layout = st.read_layout(golden)
+    for s in made:
+        assert s.copy == mode
+        assert _differs_outside(golden, s.image, layout.boot_offset, layout.boot_end) == []
+        toml = tomllib.loads(st.read_boot_file(s.image, layout.boot_offset, "stamp.toml").decode())
+        assert toml["payout_address"] == "addr-0042" and toml["node_public_key"] == s.node_public_key
+        new = bmap.parse(s.bmap)
+        with s.image.open("rb") as f:
+            for a, b, sha in new.ranges:
+                f.seek(a * new.block_size)
+                assert hashlib.sha256(f.read((b - a + 1) * new.block_size)).hexdigest() == sha
+        # sparse like the golden image: nothing mapped beyond what the bmap lists
+        fd = os.open(s.image, os.O_RDONLY)
+        try:
+            assert bmap.data_ranges(fd, new.image_size) == [(a, b) for a, b, _ in _merged(new.ranges)]
+        finally:
+            os.close(fd)
+    assert made[0].node_public_key != made[1].node_public_key
+
+
+def _merged(ranges):
+    out = []
+    for a, b, sha in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(b, out[-1][1]), "")
+        else:
+            out.append((a, b, sha))
+    return out

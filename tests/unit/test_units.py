@@ -61,6 +61,7 @@ def test_hostname_defaults_to_the_unit_id(tmp_path):
     ("unit: a\ncaps: {monthly_gb: 1.5}\n", "caps.monthly_gb"),
     ("unit: a\ncaps: {up_mbit: -1}\n", "caps.up_mbit"),
     ("unit: a\ncaps: {speed: 1}\n", "caps.speed"),
+    ("unit: a\ncaps: {max_sessions: 5000}\n", "caps.max_sessions"),  # the agent would refuse it at boot
     ("unit: a\nnode_key: missing.pem\n", "node_key"),
     ("unit: a\ncolour: red\n", "colour"),
 ])

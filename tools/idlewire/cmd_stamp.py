@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -56,7 +57,27 @@ def stamp(
     if (unit is None) == (units is None):
         raise UserError("give exactly one of --unit unit.yml or --units units.csv")
     todo = [load_unit(unit)] if unit else load_units(units)  # type: ignore[arg-type]
-    layout, golden = st.check_golden(image)
+    t0 = time.monotonic()
+    golden = st.Golden(image)  # every check of the image; its boot partition set aside once
+    try:
+        done, record = _stamp_all(golden, image, todo, units, out, record, as_json)
+        total = time.monotonic() - t0
+    finally:
+        golden.close()
+    if as_json:
+        print(json.dumps({"golden": str(image), "record": str(record), "seconds": round(total, 3),
+                          "units": [{"unit": s.unit.unit, "hostname": s.unit.hostname, "image": str(s.image),
+                                     "bmap": str(s.bmap) if s.bmap else None,
+                                     "node_public_key": s.node_public_key, "copy": s.copy,
+                                     "seconds": round(s.seconds, 3)} for s in done]}, indent=1))
+    else:
+        err.print(f"{len(done)} unit(s) in {total:.1f}s ({total / len(done):.2f}s each); public keys in {record}")
+
+
+def _stamp_all(golden, image: Path, todo: list, units: Path | None, out: Path | None, record: Path | None,
+               as_json: bool):
+    from . import stamp as st
+
     stem, _ = st.companions(image)
     if units:
         if out is None:
@@ -77,25 +98,22 @@ def stamp(
         if t.exists():
             raise UserError(f"{t}: already exists; remove it or give another --out (stamping never overwrites)")
     record = record or targets[0].parent / "stamped-units.csv"
-    done = []
-    t0 = time.monotonic()
-    with err.status("stamping") as status:
-        for i, (u, t) in enumerate(zip(todo, targets, strict=True), start=1):
-            status.update(f"stamping {u.unit} ({i}/{len(todo)})")
-            s = st.stamp_one(image, layout, golden, u, t)
-            done.append(s)
-            if not as_json:
-                print(f"{u.unit}\t{s.node_public_key}\t{t}", flush=True)
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    st.append_record(record, [{"unit": s.unit.unit, "hostname": s.unit.hostname,
-                               "node_public_key": s.node_public_key, "image": str(s.image),
-                               "stamped_at": now} for s in done])
-    total = time.monotonic() - t0
-    if as_json:
-        print(json.dumps({"golden": str(image), "record": str(record), "seconds": round(total, 3),
-                          "units": [{"unit": s.unit.unit, "hostname": s.unit.hostname, "image": str(s.image),
-                                     "bmap": str(s.bmap) if s.bmap else None,
-                                     "node_public_key": s.node_public_key, "copy": s.copy,
-                                     "seconds": round(s.seconds, 3)} for s in done]}, indent=1))
-    else:
-        err.print(f"{len(done)} unit(s) in {total:.1f}s ({total / len(done):.2f}s each); public keys in {record}")
+    done: list = []
+    # two units at a time: one's mtools, key and hashing run while the other's copy is written
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        with err.status("stamping") as status:
+            for i, (u, s) in enumerate(zip(todo, pool.map(golden.stamp, todo, targets), strict=True), start=1):
+                status.update(f"stamping ({i}/{len(todo)} done, {u.unit})")
+                done.append(s)
+                if not as_json:
+                    print(f"{u.unit}\t{s.node_public_key}\t{s.image}", flush=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        # the units stamped before a failure are recorded too: their images exist
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        if done:
+            st.append_record(record, [{"unit": s.unit.unit, "hostname": s.unit.hostname,
+                                       "node_public_key": s.node_public_key, "image": str(s.image),
+                                       "stamped_at": now} for s in done])
+    return done, record

@@ -13,8 +13,11 @@ read of the image, each by its own thread):
 3. the stamped boot partition (when stamping while flashing), then every mapped range outside the
    first and last MiB, then fsync;
 4. the partition table regions (first MiB, last MiB: MBR, primary and backup GPT) LAST, fsync;
-5. every written range read back from the target (O_DIRECT, or the cache dropped) and compared
-   with the bmap's sha256 (or, for the stamped boot partition, the sha256 of what was written).
+5. every written range read back from the target and compared with the bmap's sha256 (or, for
+   the stamped boot partition, the sha256 of what was written). Writes and reads go around the
+   page cache (O_DIRECT), so the read-back of a range starts as soon as its write has returned
+   and runs while later ranges are written: a reader thread and a hashing thread per target.
+   Where O_DIRECT is refused (tmpfs), the read-back waits for the final fsync and drops the cache.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import bmap as bm
+from . import rawio
 from . import stamp as st
 from .errors import UserError
 from .units import Unit
 
 MiB = 1 << 20
-CHUNK = 8 * MiB
+CHUNK = rawio.CHUNK
+PAGE = rawio.PAGE
 TABLE = 1 * MiB  # first and last MiB hold MBR / primary GPT / backup GPT: written last
 BLKGETSIZE64 = 0x80081272
 BLKFLSBUF = 0x1261
@@ -102,7 +107,7 @@ def _hash_file(path: Path) -> str:
 
 def _uncompressed_size(path: Path, kind: str) -> int | None:
     """The size the stream says it decompresses to; a damaged container is a UserError."""
-    if kind == "xz":
+    if kind == "xz" and shutil.which("xz"):  # without it, the stream is checked as it is read
         res = subprocess.run(["xz", "--robot", "--list", str(path)], capture_output=True, text=True, check=False)
         if res.returncode != 0:
             raise UserError(f"{path}: corrupt or truncated xz file ({res.stderr.strip().split(': ')[-1]}); "
@@ -171,12 +176,20 @@ def open_source(image: Path, bmap_path: Path | None = None, *, preverify: bool =
             if (bmap_obj.image_size % mod if mod else bmap_obj.image_size) != expect:
                 raise UserError(f"{image}: decompresses to {expect} bytes but {bmap_path} describes "
                                 f"{bmap_obj.image_size}: the bmap belongs to another image (or the file is truncated)")
-    if kind == "raw" and preverify and bmap_path is not None:
-        bad = _check_ranges(image, src.byte_ranges(), progress)
-        if bad:
-            raise UserError(f"{image}: bytes {bad[0]}-{bad[1]} do not match the checksum in {bmap_path}: "
-                            "the image is damaged or the bmap belongs to another image")
+    if preverify:
+        check_image(src, progress)
     return src
+
+
+def check_image(src: Source, progress: Callable[[int], None] | None = None, ways: int = 4) -> None:
+    """An uncompressed image's mapped ranges against the bmap's sha256 (compressed images are
+    checked as they stream); a mismatch is a UserError."""
+    if src.kind != "raw" or src.bmap_path is None:
+        return
+    bad = _check_ranges(src.path, src.byte_ranges(), progress, ways)
+    if bad:
+        raise UserError(f"{src.path}: bytes {bad[0]}-{bad[1]} do not match the checksum in {src.bmap_path}: "
+                        "the image is damaged or the bmap belongs to another image")
 
 
 def split_work(items: list, size: Callable, ways: int) -> list[list]:
@@ -191,7 +204,7 @@ def split_work(items: list, size: Callable, ways: int) -> list[list]:
 
 
 def _check_ranges(image: Path, ranges: list[tuple[int, int, str]],
-                  progress: Callable[[int], None] | None) -> tuple[int, int] | None:
+                  progress: Callable[[int], None] | None, ways: int = 4) -> tuple[int, int] | None:
     """The first range whose sha256 differs (hashing on every core: hashlib releases the GIL)."""
     bad: list[tuple[int, int]] = []
 
@@ -218,7 +231,7 @@ def _check_ranges(image: Path, ranges: list[tuple[int, int, str]],
             view.release()
             os.close(fd)
 
-    parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(4, os.cpu_count() or 1)))
+    parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(ways, len(os.sched_getaffinity(0)))))
     threads = [threading.Thread(target=work, args=(p,), daemon=True) for p in parts]
     for t in threads:
         t.start()
@@ -230,8 +243,11 @@ def _check_ranges(image: Path, ranges: list[tuple[int, int, str]],
 def _decompressor(src: Source) -> Iterator[bytes]:
     """The decompressed image, streamed; a damaged stream is a UserError."""
     path, kind = src.path, src.kind
-    if kind == "zst":
-        proc = subprocess.Popen(["zstd", "-dc", "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # xz and zstd decompress in their own process (xz on every core: images are built with
+    # --threads=0, so their blocks decompress in parallel), off this process's CPU
+    tool = {"zst": ["zstd", "-dc"], "xz": ["xz", "-dc", "-T0"]}.get(kind)
+    if tool and shutil.which(tool[0]):
+        proc = subprocess.Popen([*tool, "--", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None
         try:
             while chunk := proc.stdout.read(CHUNK):
@@ -241,7 +257,8 @@ def _decompressor(src: Source) -> Iterator[bytes]:
             rc = proc.wait()
             errtext = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
         if rc != 0:
-            raise UserError(f"{path}: corrupt zstd stream ({errtext[-120:]}); download or copy it again")
+            raise UserError(f"{path}: corrupt {kind} stream ({errtext.split(': ')[-1][-120:]}); "
+                            "download or copy it again")
         return
     new = (lambda: lzma.LZMADecompressor()) if kind == "xz" else (lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))
     errors: tuple[type[BaseException], ...] = (lzma.LZMAError, zlib.error, gzip.BadGzipFile, EOFError)
@@ -308,6 +325,7 @@ class Target:
     name: str = ""  # kernel name of the disk (sdb, loop3, mmcblk0)
     fd: int = -1
     note: str = ""
+    partial: Path | None = None  # a file target is written here, then renamed over `path`
 
 
 def _mount_devs() -> tuple[dict[str, str], str]:
@@ -380,12 +398,13 @@ def inspect_target(path: Path, image_size: int, *, force_fixed: bool = False,
             raise UserError(f"{path}: no such device (check the name with `lsblk`); nothing written")
         if not absolute.parent.is_dir():
             raise UserError(f"{path}: directory {absolute.parent} does not exist; nothing written")
-        return Target(path, False, 0, note="new file")
+        return Target(path, False, 0, note="new file", partial=absolute.parent / f".{absolute.name}.partial")
     mode = os.stat(path).st_mode
     if stat.S_ISREG(mode):
-        if str(path.resolve()).startswith(("/dev/", "/proc/", "/sys/")):
+        real = path.resolve()
+        if str(real).startswith(("/dev/", "/proc/", "/sys/")):
             raise UserError(f"{path}: a regular file under /dev, /proc or /sys is not a target; nothing written")
-        return Target(path, False, 0, note="file")
+        return Target(path, False, 0, note="file", partial=real.parent / f".{real.name}.partial")
     if not stat.S_ISBLK(mode):
         raise UserError(f"{text}: not a block device or a regular file; nothing written")
     rdev = os.stat(path).st_rdev
@@ -458,10 +477,30 @@ def _open_target(t: Target, image_size: int, write: bool) -> int:
             return os.open(t.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise UserError(f"{t.path}: cannot open: {exc.strerror}") from None
-    fd = os.open(t.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    os.ftruncate(fd, 0)  # holes read as zeros: the file equals the image byte for byte
-    os.ftruncate(fd, image_size)
+    # a new file beside the target, renamed over it once written and read back: until then the
+    # target is untouched (an interrupted or refused write leaves it as it was)
+    try:
+        fd = os.open(t.partial or t.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise UserError(f"{t.partial or t.path}: cannot create: {exc.strerror}; nothing written") from None
+    os.ftruncate(fd, image_size)  # holes read as zeros: the file equals the image byte for byte
     return fd
+
+
+def _publish(t: Target, ok: bool) -> None:
+    """A file target's partial file renamed over the target (ok), or removed."""
+    if t.partial is None:
+        return
+    if not ok:
+        t.partial.unlink(missing_ok=True)
+        return
+    final = t.path.resolve() if t.path.exists() else Path(os.path.abspath(t.path))
+    os.replace(t.partial, final)
+    dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 # --- plan --------------------------------------------------------------------------------------
@@ -591,29 +630,184 @@ class CardReport:
     hostname: str | None = None
     node_public_key: str | None = None
     written_bytes: int = 0
-    write_seconds: float = 0.0
-    verify_seconds: float = 0.0
+    write_seconds: float = 0.0  # start → every byte written and flushed (fsync)
+    verify_seconds: float = 0.0  # the read-back's own wall time (it overlaps the write when it can)
+    verify_extra_seconds: float = 0.0  # what the read-back added after the write had finished
+    verify_overlapped: bool = False  # read back while writing (O_DIRECT) or only after the final flush
     verified: bool | None = None
     error: str | None = None
     mismatches: list[tuple[int, int]] = field(default_factory=list)
 
 
-class Writer(threading.Thread):
-    """One target: takes jobs from a queue, writes them, then flushes; errors are kept."""
+class ReadBack:
+    """Reads written ranges back from the target and checks each piece's sha256.
 
-    def __init__(self, target: Target, fd: int, report: CardReport, advance: Callable[[int], None]):
+    Fed (piece, offset, length) in write order. Reads go around the page cache: O_DIRECT
+    (a direct read of a range first makes the kernel write back anything still dirty in it, so
+    what is compared is what the device returns). Where O_DIRECT is refused (tmpfs …) the
+    read-back waits for `start()` after the final fsync, with the cache dropped.
+
+    Pieces are dealt to `lanes` (one per CPU, at most LANES), each a reader thread filling a few
+    aligned buffers and a hashing thread (hashlib releases the GIL): the device and every core stay
+    busy, while the writer goes on. A piece's chunks stay in one lane, hashed in order.
+    """
+
+    BUFFERS = 3  # per lane
+    LANES = 2
+
+    def __init__(self, fd: int, is_block: bool, advance: Callable[[int], None], lanes: int | None = None):
+        self.fd, self.is_block, self.advance = fd, is_block, advance
+        self.rfd = rawio.open_direct(fd, os.O_RDONLY)
+        self.direct = self.rfd >= 0
+        n = max(1, min(lanes or self.LANES, len(os.sched_getaffinity(0))))
+        self.lanes = [_Lane(self) for _ in range(n)]
+        self.lane_of: dict[int, _Lane] = {}
+        self.mismatches: list[tuple[int, int]] = []
+        self.error: BaseException | None = None
+        self.t_first = self.t_last = 0.0
+        self.started = False
+
+    def start(self) -> None:
+        """Begin reading (at once when O_DIRECT works; else after the writer's final fsync)."""
+        if self.started:
+            return
+        if not self.direct:  # drop what the page cache holds of the target, then read normally
+            os.fsync(self.fd)
+            if self.is_block:
+                with contextlib.suppress(OSError):
+                    fcntl.ioctl(self.fd, BLKFLSBUF)
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            self.rfd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        self.started = True
+        for lane in self.lanes:
+            lane.start()
+
+    def put(self, piece: Piece, off: int, length: int) -> None:
+        lane = self.lane_of.get(id(piece))
+        if lane is None:  # the next lane in turn takes the whole piece
+            lane = self.lane_of[id(piece)] = self.lanes[len(self.lane_of) % len(self.lanes)]
+        lane.jobs.put((piece, off, length))
+
+    def put_piece(self, piece: Piece) -> None:
+        for off in range(piece.start, piece.end, CHUNK):
+            self.put(piece, off, min(CHUNK, piece.end - off))
+
+    def finish(self) -> list[tuple[int, int]]:
+        """Wait for every range fed so far; the mismatching pieces (start, end), sorted."""
+        self.start()
+        for lane in self.lanes:
+            lane.jobs.put(None)
+        for lane in self.lanes:
+            lane.join()
+        if self.error:
+            raise self.error
+        return sorted(self.mismatches)
+
+    def close(self) -> None:
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            self.rfd = -1
+        for lane in self.lanes:
+            lane.close()
+
+    def _pread(self, view: memoryview, off: int) -> int:
+        return os.preadv(self.rfd, [view], off)
+
+
+class _Lane:
+    """One reader and one hashing thread of a ReadBack, with their own buffers."""
+
+    def __init__(self, rb: ReadBack):
+        self.rb = rb
+        self.jobs: queue.Queue = queue.Queue()
+        self.ready: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()
+        self.bufs = [mmap.mmap(-1, CHUNK + 2 * PAGE) for _ in range(ReadBack.BUFFERS)]
+        for b in self.bufs:
+            self.free.put(b)
+        self.state: dict[int, tuple] = {}  # id(piece) → (sha256 so far, bytes fed, every byte read)
+        self.threads = [threading.Thread(target=self._reader, daemon=True),
+                        threading.Thread(target=self._hasher, daemon=True)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join()
+
+    def close(self) -> None:
+        for b in self.bufs:
+            with contextlib.suppress(BufferError):
+                b.close()
+
+    def _reader(self) -> None:
+        rb = self.rb
+        try:
+            while (job := self.jobs.get()) is not None:
+                piece, off, length = job
+                buf = self.free.get()
+                lo = off % PAGE  # direct reads start and end on page boundaries
+                pos, need = off - lo, lo + length
+                want = -(-need // PAGE) * PAGE
+                got = 0
+                if not rb.t_first:
+                    rb.t_first = time.monotonic()
+                with memoryview(buf) as mv:
+                    while got < need:
+                        n = rb._pread(mv[got:want], pos + got)
+                        if n <= 0:
+                            break  # the target ends early: that piece cannot match
+                        got += n
+                self.ready.put((piece, buf, lo, min(got, need), length))
+        except BaseException as exc:
+            rb.error = rb.error or exc
+        finally:
+            self.ready.put(None)
+
+    def _hasher(self) -> None:
+        rb = self.rb
+        while (item := self.ready.get()) is not None:
+            piece, buf, lo, hi, length = item
+            try:
+                h, done, whole = self.state.get(id(piece)) or (hashlib.sha256(), 0, True)
+                if hi > lo:
+                    with memoryview(buf) as mv:
+                        h.update(mv[lo:hi])
+                    rb.advance(hi - lo)
+                done += length
+                whole = whole and hi - lo == length
+                if done < piece.end - piece.start:
+                    self.state[id(piece)] = (h, done, whole)
+                else:
+                    self.state.pop(id(piece), None)
+                    if not whole or h.hexdigest() != piece.sha:
+                        rb.mismatches.append((piece.start, piece.end))
+            except BaseException as exc:
+                rb.error = rb.error or exc
+            finally:
+                self.free.put(buf)
+                rb.t_last = max(rb.t_last, time.monotonic())
+
+
+class Writer(threading.Thread):
+    """One target: takes jobs from a queue, writes them, hands written ranges to its ReadBack.
+
+    Aligned writes bypass the page cache (O_DIRECT) through a second, non-exclusive descriptor
+    (the first keeps the O_EXCL claim of a block device and takes unaligned bits). Data whose
+    address is page-aligned (an mmap of the source) is written straight from memory; the rest
+    (decompressed chunks) is staged through an aligned buffer.
+    """
+
+    def __init__(self, target: Target, fd: int, report: CardReport, advance: Callable[[int], None],
+                 readback: ReadBack | None):
         super().__init__(daemon=True)
-        self.t, self.fd, self.report, self.advance = target, fd, report, advance
-        self.q: queue.Queue = queue.Queue(maxsize=6)
+        self.t, self.fd, self.report, self.advance, self.rb = target, fd, report, advance, readback
+        self.q: queue.Queue = queue.Queue(maxsize=8)
         self.failed: BaseException | None = None
-        self.is_file = not target.is_block
-        # Block devices: aligned writes bypass the page cache (O_DIRECT) through a second,
-        # non-exclusive descriptor; the first keeps the O_EXCL claim and takes unaligned bits.
-        self.dfd, self.buf = -1, None
-        if target.is_block:
-            with contextlib.suppress(OSError):
-                self.dfd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-                self.buf = mmap.mmap(-1, CHUNK)
+        self.dfd = rawio.open_direct(fd, os.O_WRONLY)
+        self.buf = mmap.mmap(-1, CHUNK) if self.dfd >= 0 else None
 
     def run(self) -> None:
         while True:
@@ -627,19 +821,6 @@ class Writer(threading.Thread):
             except BaseException as exc:  # reported by the main thread
                 self.failed = exc
 
-    def _write(self, data, off: int) -> None:
-        mv = memoryview(data)
-        while mv:
-            n = len(mv)
-            if self.buf is not None and off % 4096 == 0 and n >= 4096:
-                n = min(n - n % 4096, CHUNK)
-                staged = memoryview(self.buf)[:n]
-                staged[:] = mv[:n]
-                n = os.pwrite(self.dfd, staged, off)
-            else:
-                n = os.pwrite(self.fd, mv, off)
-            mv, off = mv[n:], off + n
-
     def close(self) -> None:
         if self.dfd >= 0:
             os.close(self.dfd)
@@ -650,37 +831,14 @@ class Writer(threading.Thread):
 
     def _do(self, job) -> None:
         op = job[0]
-        if op in ("data", "zero"):
-            _, off, data = job
-            self._write(data, off)
-            if op == "data":
+        if op == "data":
+            _, off, data, piece, aligned = job
+            rawio.write_at(self.fd, self.dfd, data, off, aligned=aligned, stage=self.buf)
+            if piece is not None:
                 self.report.written_bytes += len(data)
                 self.advance(len(data))
-        elif op == "copy":
-            _, sfd, off, length = job
-            end = off + length
-            while off < end:
-                if self.is_file:
-                    n = os.copy_file_range(sfd, self.fd, min(end - off, 64 * MiB), off, off)
-                elif self.buf is not None and off % 4096 == 0 and end - off >= 4096:
-                    want = min(end - off, CHUNK)
-                    want -= want % 4096
-                    staged = memoryview(self.buf)[:want]
-                    n = os.preadv(sfd, [staged], off)
-                    if n == want:
-                        n = os.pwrite(self.dfd, staged, off)
-                    elif n > 0:
-                        self._write(bytes(staged[:n]), off)
-                else:
-                    data = os.pread(sfd, min(end - off, CHUNK), off)
-                    if data:
-                        self._write(data, off)
-                    n = len(data)
-                if n == 0:
-                    raise OSError(errno.EIO, f"short copy at byte {off}")
-                off += n
-                self.report.written_bytes += n
-                self.advance(n)
+                if self.rb is not None:
+                    self.rb.put(piece, off, len(data))
         elif op == "sync":
             if self.dfd >= 0:
                 os.fsync(self.dfd)
@@ -702,42 +860,13 @@ class Writer(threading.Thread):
             raise self.failed
 
 
-def read_back(fd: int, pieces: list[Piece], is_block: bool, advance: Callable[[int], None]) -> list[tuple[int, int]]:
-    """sha256 of every piece as the target holds it (page cache bypassed); mismatching ranges."""
-    dfd = -1
-    path = f"/proc/self/fd/{fd}"
-    with contextlib.suppress(OSError):
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    if dfd < 0:  # no O_DIRECT here (tmpfs …): drop the cache instead
-        os.fsync(fd)
-        if is_block:
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(fd, BLKFLSBUF)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        dfd = os.open(path, os.O_RDONLY)
-    buf = mmap.mmap(-1, CHUNK)
-    bad = []
-    try:
-        for p in pieces:
-            h = hashlib.sha256()
-            pos = p.start - p.start % 4096
-            while pos < p.end:
-                want = min(CHUNK, -(-(p.end - pos) // 4096) * 4096)
-                n = os.preadv(dfd, [memoryview(buf)[:want]], pos)
-                if n <= 0:
-                    break
-                lo = max(p.start - pos, 0)
-                hi = min(n, p.end - pos)
-                if hi > lo:
-                    h.update(memoryview(buf)[lo:hi])
-                    advance(hi - lo)
-                pos += n
-            if h.hexdigest() != p.sha:
-                bad.append((p.start, p.end))
-    finally:
-        buf.close()
-        os.close(dfd)
-    return bad
+def send_mapped(writers: list[Writer], view: memoryview, pieces: list[Piece]) -> None:
+    """Hand `pieces` of a mapped file (`view` maps it from offset 0) to every writer, in chunks."""
+    for p in pieces:
+        for off in range(p.start, p.end, CHUNK):
+            chunk = view[off:min(off + CHUNK, p.end)]
+            for w in writers:
+                w.put(("data", off, chunk, p, True))
 
 
 @dataclass
@@ -751,9 +880,17 @@ class FlashResult:
 
 
 def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *, verify: bool = True,
-          progress=None) -> FlashResult:
-    """Write `src` to every target concurrently (each stamped with its unit, if given), then verify."""
+          progress=None, check: bool = False, check_progress: Callable[[int], None] | None = None) -> FlashResult:
+    """Write `src` to every target concurrently (each stamped with its unit, if given); each
+    target's written ranges are read back and checked while the later ones are being written.
+
+    `check`: the (uncompressed) image's ranges are checked against the bmap while it is being
+    written, not before: only for targets that are files, written beside the target and renamed
+    at the end, so a damaged image still leaves every target untouched.
+    """
     t0 = time.monotonic()
+    if check and any(t.partial is None for t in targets):
+        raise ValueError("check while writing needs file targets (written aside, renamed at the end)")
     ranges = src.byte_ranges()
     reports = [CardReport(str(t.path)) for t in targets]
     if units is not None and len(units) != len(targets):
@@ -762,6 +899,8 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
     overlays: list[Overlay] = []
     fds: list[int] = []
     writers: list[Writer] = []
+    readbacks: list[ReadBack] = []
+    maps: list[tuple[mmap.mmap | None, memoryview]] = []
     sfd = os.open(src.path, os.O_RDONLY) if src.kind == "raw" else -1
     try:
         skip = None
@@ -781,34 +920,63 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             fds.append(_open_target(t, src.size, write=True))
         for i, t in enumerate(targets):
             mine = pieces + (overlays[i].pieces if overlays else [])
-            task = progress.add_task(f"write  {t.path}", total=sum(p.end - p.start for p in mine)) \
-                if progress else None
+            total = sum(p.end - p.start for p in mine)
+            task = progress.add_task(f"write  {t.path}", total=total) if progress else None
             adv = (lambda n, task=task: progress.advance(task, n)) if progress else (lambda n: None)
-            w = Writer(t, fds[i], reports[i], adv)
+            rb = None
+            if verify:
+                vtask = progress.add_task(f"verify {t.path}", total=total) if progress else None
+                rb = ReadBack(fds[i], t.is_block, (lambda n, k=vtask: progress.advance(k, n)) if progress
+                              else (lambda n: None))
+                readbacks.append(rb)
+                reports[i].verify_overlapped = rb.direct
+                if rb.direct:
+                    rb.start()
+            w = Writer(t, fds[i], reports[i], adv, rb)
             w.start()
             writers.append(w)
+        checked: list[BaseException | None] = []
+        checker = None
+        if check:
+            def run_check() -> None:
+                try:
+                    check_image(src, check_progress, ways=2)
+                    checked.append(None)
+                except BaseException as exc:
+                    checked.append(exc)
+            checker = threading.Thread(target=run_check, daemon=True)
+            checker.start()
         zero = bytes(min(TABLE, src.size))
         for w in writers:  # the old partition table goes first: a half-written card never boots
-            w.put(("zero", 0, zero))
+            w.put(("data", 0, zero, None, False))
         for w, ov in zip(writers, overlays, strict=False):
-            for p in ov.pieces:
-                w.put(("copy", ov.fd, p.start, p.end - p.start))
-        deferred: list[tuple[int, bytes | None, int]] = []  # (offset, data or None for raw, length)
+            _, view = m = rawio.map_file(ov.fd)
+            maps.append(m)
+            send_mapped([w], view, ov.pieces)
+        deferred: list[tuple[Piece, bytes | None]] = []  # partition table regions (None: from the raw image)
+        src_view = memoryview(b"")
         if src.kind == "raw":
             _hash_split_raw(sfd, pieces)
-            for p in pieces:
-                if p.where == "body":
-                    for w in writers:
-                        w.put(("copy", sfd, p.start, p.end - p.start))
-                else:
-                    deferred.append((p.start, None, p.end - p.start))
+            _, src_view = m = rawio.map_file(sfd)
+            maps.append(m)
+            send_mapped(writers, src_view, [p for p in pieces if p.where == "body"])
+            deferred = [(p, None) for p in pieces if p.where != "body"]
         else:
             _stream_compressed(src, writers, pieces, deferred)
         for w in writers:
             w.sync()
-        for off, data, length in deferred:  # partition table regions: last
-            for w in writers:
-                w.put(("data", off, data) if data is not None else ("copy", sfd, off, length))
+        if checker is not None:  # the image must be sound before its partition table is written
+            checker.join()
+            if checked[0] is not None:
+                if isinstance(checked[0], UserError):
+                    raise UserError(f"{checked[0]}; nothing written") from None
+                raise checked[0]
+        for p, data in deferred:  # partition table regions: last
+            if data is None:
+                send_mapped(writers, src_view, [p])
+            else:
+                for w in writers:
+                    w.put(("data", p.start, data, p, False))
         for w in writers:
             w.sync()
         for w, r in zip(writers, reports, strict=True):
@@ -817,18 +985,27 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
         for w in writers:
             w.join()
         if verify:
-            _verify_all(targets, fds, reports, [pieces + (ov.pieces if ov else []) for ov in
-                                                (overlays or [None] * len(targets))], progress)
+            _finish_readbacks(readbacks, reports, t0)
+        for t, r in zip(targets, reports, strict=True):
+            _publish(t, ok=not r.error and r.verified is not False)
     except BaseException as exc:
         for w in writers:
             w.failed = w.failed or exc
             with contextlib.suppress(Exception):
                 w.q.put_nowait(None)
+        for t in targets[:len(fds)]:
+            with contextlib.suppress(OSError):
+                _publish(t, ok=False)
         raise
     finally:
         for w in writers:
             with contextlib.suppress(OSError):
                 w.close()
+        for rb in readbacks:
+            with contextlib.suppress(OSError):
+                rb.close()
+        for m, view in maps:
+            rawio.unmap(m, view)
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -841,6 +1018,21 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             shutil.rmtree(work, ignore_errors=True)
     return FlashResult(str(src.path), str(src.bmap_path) if src.bmap_path else None, src.sha256_checked,
                        src.bmap.mapped_blocks * src.bmap.block_size, time.monotonic() - t0, reports)
+
+
+def _finish_readbacks(readbacks: list[ReadBack], reports: list[CardReport], t0: float) -> None:
+    """Wait for every target's read-back (concurrently: each has its own threads)."""
+    for rb in readbacks:
+        rb.start()  # those that could not read while writing start now
+    for rb, r in zip(readbacks, reports, strict=True):
+        try:
+            r.mismatches = rb.finish()
+            r.verified = not r.mismatches
+        except OSError as exc:
+            r.error = f"reading back failed: {exc}"
+            r.verified = False
+        r.verify_seconds = max(rb.t_last - rb.t_first, 0.0)
+        r.verify_extra_seconds = max(rb.t_last - t0 - r.write_seconds, 0.0)
 
 
 def _hash_split_raw(sfd: int, pieces: list[Piece]) -> None:
@@ -884,69 +1076,24 @@ def _stream_compressed(src: Source, writers: list[Writer], pieces: list[Piece], 
                 part = data[a - off:b - off] if (a, b) != (off, end) else data
                 if id(p) in hashers:
                     hashers[id(p)].update(part)
+                    if b == p.end:  # known before its last bytes reach the read-back
+                        p.sha = hashers.pop(id(p)).hexdigest()
                 if p.where != "body":
                     buffers.setdefault(id(p), bytearray()).extend(part)
                 else:
                     for w in writers:
-                        w.put(("data", a, part))
+                        w.put(("data", a, part, p, False))
             j += 1
     for p in pieces:
-        if id(p) in hashers:
-            p.sha = hashers[id(p)].hexdigest()
         if id(p) in buffers:
-            deferred.append((p.start, bytes(buffers[id(p)]), p.end - p.start))
-
-
-def _verify_all(targets, fds, reports, per_target: list[list[Piece]], progress) -> None:
-    ways = max(1, min(4, (os.cpu_count() or 1) // len(targets)))
-
-    def one(i: int) -> None:
-        mine = per_target[i]
-        task = progress.add_task(f"verify {targets[i].path}", total=sum(p.end - p.start for p in mine)) \
-            if progress else None
-        adv = (lambda n: progress.advance(task, n)) if progress else (lambda n: None)
-        t1 = time.monotonic()
-        try:
-            reports[i].mismatches = read_back_parallel(fds[i], mine, targets[i].is_block, adv, ways)
-            reports[i].verified = not reports[i].mismatches
-        except OSError as exc:
-            reports[i].error = f"reading back failed: {exc}"
-            reports[i].verified = False
-        reports[i].verify_seconds = time.monotonic() - t1
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(len(targets))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-
-
-def read_back_parallel(fd: int, pieces: list[Piece], is_block: bool, advance: Callable[[int], None],
-                       ways: int) -> list[tuple[int, int]]:
-    parts = split_work(pieces, lambda p: p.end - p.start, ways)
-    results: list[list[tuple[int, int]]] = [[] for _ in parts]
-    errors: list[BaseException] = []
-
-    def work(k: int) -> None:
-        try:
-            results[k] = read_back(fd, parts[k], is_block, advance)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(parts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return sorted(m for r in results for m in r)
+            deferred.append((p, bytes(buffers[id(p)])))
 
 
 def verify_only(src: Source, target: Target, *, skip_boot: bool = False, progress=None) -> CardReport:
     """Compare the target with the image's bmap (an interrupted or failed write shows here)."""
     report = CardReport(str(target.path))
     fd = _open_target(target, src.size, write=False)
+    rb = None
     try:
         ranges = src.byte_ranges()
         if skip_boot:
@@ -956,11 +1103,16 @@ def verify_only(src: Source, target: Target, *, skip_boot: bool = False, progres
         task = progress.add_task(f"verify {target.path}", total=sum(p.end - p.start for p in pieces)) \
             if progress else None
         t1 = time.monotonic()
-        report.mismatches = read_back_parallel(fd, pieces, target.is_block, (lambda n: progress.advance(task, n))
-                                               if progress else (lambda n: None), max(1, min(4, os.cpu_count() or 1)))
+        rb = ReadBack(fd, target.is_block, (lambda n: progress.advance(task, n)) if progress else (lambda n: None))
+        rb.start()
+        for p in pieces:
+            rb.put_piece(p)
+        report.mismatches = rb.finish()
         report.verify_seconds = time.monotonic() - t1
         report.verified = not report.mismatches
     finally:
+        if rb is not None:
+            rb.close()
         os.close(fd)
     return report
 

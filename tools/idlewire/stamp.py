@@ -18,22 +18,26 @@ from __future__ import annotations
 import base64
 import csv
 import fcntl
+import hashlib
 import io
+import itertools
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bmap
+from . import bmap, rawio
 from .errors import UserError
 from .units import Unit
 
 STAMP_DIR = "idlewire"
 STAMP_FORMAT = 1
 FICLONE = 0x40049409
+STAMP_CHUNK = 32 << 20  # direct writes of a stamped copy, from a mapping of the golden image
 RECORD_COLUMNS = ("unit", "hostname", "node_public_key", "image", "target", "stamped_at")
 
 
@@ -170,9 +174,10 @@ def read_boot_file(image: Path, offset: int, name: str) -> bytes:
     return res.stdout
 
 
-def write_stamp_files(image: Path, offset: int, files: dict[str, bytes]) -> None:
-    """Write files into ::/idlewire/ of the FAT at `offset`; refuses a partition already stamped."""
-    present = boot_listing(image, offset)
+def write_stamp_files(image: Path, offset: int, files: dict[str, bytes], present: list[str] | None = None) -> None:
+    """Write files into ::/idlewire/ of the FAT at `offset`; refuses a partition already stamped.
+    `present`: the directory's listing when already known (a copy of a checked golden image)."""
+    present = boot_listing(image, offset) if present is None else present
     if "stamp.toml" in present or "stamp.done" in present:
         raise UserError(f"{image}: already stamped (boot partition has {STAMP_DIR}/stamp.toml or "
                         "stamp.done); stamp a copy of the golden image instead")
@@ -225,31 +230,6 @@ def sparse_copy(src: Path, dst: Path, ranges: list[tuple[int, int]] | None = Non
         os.close(sfd)
 
 
-def rebased_bmap(golden: bmap.BlockMap, image: Path, start: int, end: int) -> bmap.BlockMap:
-    """`golden`'s ranges outside [start, end) plus the ranges `image` now has inside it."""
-    bs = golden.block_size
-    first_in, last_in = start // bs, (end - 1) // bs
-    size = image.stat().st_size
-    fd = os.open(image, os.O_RDONLY)
-    try:
-        out: list[tuple[int, int, str]] = []
-        for first, last, sha in golden.ranges:
-            if last < first_in or first > last_in:
-                out.append((first, last, sha))
-                continue
-            for a, b in ((first, min(last, first_in - 1)), (max(first, last_in + 1), last)):
-                if a <= b:
-                    out.append((a, b, bmap._range_sha(fd, a, b, size, bs)))
-        inside = []
-        for a, b in bmap.data_ranges(fd, size, bs):
-            a, b = max(a, first_in), min(b, last_in)
-            if a <= b:
-                inside.append((a, b, bmap._range_sha(fd, a, b, size, bs)))
-    finally:
-        os.close(fd)
-    return bmap.BlockMap(size, bs, tuple(sorted(out + inside)))
-
-
 # --- one unit --------------------------------------------------------------------------------
 
 @dataclass
@@ -279,7 +259,8 @@ def find_bmap(image: Path) -> Path | None:
     return None
 
 
-def check_golden(image: Path) -> tuple[Layout, bmap.BlockMap | None]:
+def check_golden(image: Path) -> tuple[Layout, bmap.BlockMap | None, list[str]]:
+    """The golden image's layout, its .bmap (None when there is none) and its ::/idlewire listing."""
     if not image.exists():
         raise UserError(f"{image}: no such image")
     if not image.name.endswith(".img"):
@@ -296,35 +277,147 @@ def check_golden(image: Path) -> tuple[Layout, bmap.BlockMap | None]:
     if "stamp.toml" in present or "stamp.done" in present:
         raise UserError(f"{image}: already stamped ({STAMP_DIR}/ on the boot partition); stamp the "
                         "golden image instead")
-    return layout, golden
+    return layout, golden, present
 
 
-def stamp_one(golden_img: Path, layout: Layout, golden: bmap.BlockMap | None, unit: Unit,
-              out: Path) -> Stamped:
-    t0 = time.monotonic()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp_bmap = None
-    try:
-        ranges = [(a, b) for a, b, _ in golden.ranges] if golden else None
-        how = sparse_copy(golden_img, tmp, ranges)
-        pem, pub = node_key(unit)
-        write_stamp_files(tmp, layout.boot_offset, {"stamp.toml": stamp_toml(unit, pub), "node.key": pem})
-        bpath = None
-        if golden:
-            new = rebased_bmap(golden, tmp, layout.boot_offset, layout.boot_end)
-            stem, _ = companions(out)
-            bpath = out.with_name(f"{stem}.bmap")
-            tmp_bmap = bpath.with_name(f".{bpath.name}.partial")
-            tmp_bmap.write_text(bmap.to_xml(new))
-            tmp_bmap.rename(bpath)
-        tmp.rename(out)
-        return Stamped(unit, out, bpath, pub, how, time.monotonic() - t0)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        if tmp_bmap:
-            tmp_bmap.unlink(missing_ok=True)
-        raise
+class Golden:
+    """A golden image made ready, once, for stamping any number of units.
+
+    Each unit's copy is assembled rather than copied and edited: the blocks around the boot
+    partition come from a small per-unit scratch file (a sparse copy of the golden boot
+    partition, stamped with mtools), every other mapped block straight from the golden image.
+    The output is written with O_DIRECT from a mapping of the golden image (no page-cache copy,
+    no writeback stalls), or is a reflink of it where the filesystem can. Its .bmap is the
+    golden one with the boot partition's ranges recomputed from the scratch file.
+    """
+
+    def __init__(self, image: Path):
+        self.image = image
+        self.layout, self.bmap, self.listing = check_golden(image)
+        self.size = self.layout.size
+        self.bs = self.bmap.block_size if self.bmap else bmap.BLOCK
+        self.first_in = self.layout.boot_offset // self.bs  # blocks touching the boot partition
+        self.last_in = (self.layout.boot_end - 1) // self.bs
+        self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        self.work = Path(tempfile.mkdtemp(prefix="idlewire-stamp-"))  # 0700: node keys pass here
+        self.count = itertools.count(1)
+        self.map, self.view = None, memoryview(b"")
+        try:
+            self.map, self.view = rawio.map_file(self.fd)  # once: unmapping a big mapping is not free
+            blocks = ([(a, b) for a, b, _ in self.bmap.ranges] if self.bmap
+                      else bmap.data_ranges(self.fd, self.size, self.bs))
+            # golden ranges outside the boot blocks (with checksums when there is a bmap) …
+            self.outside: list[tuple[int, int, str]] = []
+            for i, (a, b) in enumerate(blocks):
+                whole = self.bmap.ranges[i][2] if self.bmap else ""
+                if b < self.first_in or a > self.last_in:
+                    self.outside.append((a, b, whole))
+                    continue
+                for x, y in ((a, min(b, self.first_in - 1)), (max(a, self.last_in + 1), b)):
+                    if x <= y:
+                        self.outside.append((x, y, bmap._range_sha(self.fd, x, y, self.size, self.bs)
+                                             if self.bmap else ""))
+            # … and the boot blocks' data in a sparse prefix file, copied per unit
+            self.prefix = self.work / "golden-boot.img"
+            pfd = os.open(self.prefix, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(pfd, self.size)
+                for a, b in blocks:
+                    x, y = max(a, self.first_in), min(b, self.last_in)
+                    off, end = x * self.bs, min((y + 1) * self.bs, self.size)
+                    while off < end:
+                        n = os.copy_file_range(self.fd, pfd, end - off, off, off)
+                        if n == 0:
+                            break
+                        off += n
+            finally:
+                os.close(pfd)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        rawio.unmap(self.map, self.view)
+        self.map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def __enter__(self) -> Golden:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stamp(self, unit: Unit, out: Path) -> Stamped:
+        """One unit's stamped copy at `out` (+ its .bmap when the golden image has one)."""
+        t0 = time.monotonic()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.partial")
+        tmp_bmap = None
+        scratch = self.work / f"boot-{next(self.count)}.img"
+        try:
+            sparse_copy(self.prefix, scratch)
+            pem, pub = node_key(unit)
+            write_stamp_files(scratch, self.layout.boot_offset,
+                              {"stamp.toml": stamp_toml(unit, pub), "node.key": pem}, present=self.listing)
+            sfd = os.open(scratch, os.O_RDONLY | os.O_CLOEXEC)
+            smap, sview = rawio.map_file(sfd)
+            try:
+                inside = []
+                for a, b in bmap.data_ranges(sfd, self.size, self.bs):
+                    a, b = max(a, self.first_in), min(b, self.last_in)
+                    if a <= b:
+                        piece = sview[a * self.bs:min((b + 1) * self.bs, self.size)]
+                        inside.append((a, b, hashlib.sha256(piece).hexdigest() if self.bmap else ""))
+                        piece.release()
+                how = self._assemble(tmp, sview, inside)
+            finally:
+                rawio.unmap(smap, sview)
+                os.close(sfd)
+            bpath = None
+            if self.bmap:
+                new = bmap.BlockMap(self.size, self.bs, tuple(sorted(self.outside + inside)))
+                stem, _ = companions(out)
+                bpath = out.with_name(f"{stem}.bmap")
+                tmp_bmap = bpath.with_name(f".{bpath.name}.partial")
+                tmp_bmap.write_text(bmap.to_xml(new))
+                tmp_bmap.rename(bpath)
+            tmp.rename(out)
+            return Stamped(unit, out, bpath, pub, how, time.monotonic() - t0)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if tmp_bmap:
+                tmp_bmap.unlink(missing_ok=True)
+            raise
+        finally:
+            scratch.unlink(missing_ok=True)
+
+    def _assemble(self, tmp: Path, sview: memoryview, inside: list[tuple[int, int, str]]) -> str:
+        """Write the unit's image to `tmp`: golden blocks outside the boot partition, the stamped
+        scratch blocks (`sview` maps the scratch file) inside it. Returns how: reflink | direct |
+        buffered."""
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        dfd = -1
+        try:
+            try:
+                fcntl.ioctl(fd, FICLONE, self.fd)  # shares the golden blocks: only the boot ones differ
+                how, todo = "reflink", [(sview, inside)]
+            except OSError:
+                os.ftruncate(fd, self.size)
+                dfd = rawio.open_direct(fd, os.O_WRONLY)
+                how, todo = ("direct" if dfd >= 0 else "buffered"), [(self.view, self.outside), (sview, inside)]
+            for view, ranges in todo:
+                for a, b, _ in ranges:
+                    off, end = a * self.bs, min((b + 1) * self.bs, self.size)
+                    for pos in range(off, end, STAMP_CHUNK):
+                        rawio.write_at(fd, dfd, view[pos:min(pos + STAMP_CHUNK, end)], pos, aligned=True)
+            return how
+        finally:
+            if dfd >= 0:
+                os.close(dfd)
+            os.close(fd)
 
 
 def append_record(path: Path, rows: list[dict[str, str]]) -> None:

@@ -41,6 +41,7 @@ _HEX64_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _PAYOUT_RE = re.compile(r"^[A-Za-z0-9:._@+-]{4,128}$")
 
 CAPS = {"up_mbit": float, "down_mbit": float, "monthly_gb": int, "max_sessions": int}
+CAPS_BELOW = {"up_mbit": 100_000, "down_mbit": 100_000, "monthly_gb": 10**9, "max_sessions": 3841}
 CSV_COLUMNS = ("unit", "hostname", "ssh_authorized_keys", "wifi_country", "wifi_ssid", "wifi_psk",
                "wifi_hidden", "payout_address", "caps_up_mbit", "caps_down_mbit", "caps_monthly_gb",
                "caps_max_sessions", "node_key")
@@ -147,12 +148,13 @@ def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
         if key not in CAPS:
             raise w.fail(f"caps.{key}", f"unknown cap; known ones are {', '.join(CAPS)}")
         kind = CAPS[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        top = CAPS_BELOW[key]  # the agent refuses to start beyond these (idlewire_agent.config)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < top
         if kind is int and ok and value != int(value):
             ok = False
         if not ok:
             what = "a whole number > 0" if kind is int else "a number > 0"
-            raise w.fail(f"caps.{key}", f"expected {what}, got {value!r}")
+            raise w.fail(f"caps.{key}", f"expected {what} and below {top}, got {value!r}")
         caps[key] = kind(value)
 
     pem = None
