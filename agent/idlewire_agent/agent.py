@@ -97,16 +97,20 @@ class Agent:
         The interfaces and tunnel port come from [interfaces]/[tunnel] (one source of truth); the
         shaping trees are brought in line with the sessions that survived a restart.
         """
-        from . import quota, schedule, shaping
+        from . import quota
+        from .policy import SHAPING_STATE_PATH
 
         pol = self.cfg.policy
         self.quota = quota.QuotaKeeper(pol.quota, os.path.join(self.cfg.state_dir, "quota.json"),
                                        on_exhausted=self.close_all)
         sh = dataclasses.replace(pol.shaping, wan_interface=self.cfg.interfaces.wan,
                                  tunnel_interface=self.cfg.tunnel.interface, tunnel_port=self.cfg.tunnel.port)
-        if not sh.enabled:
-            if os.path.exists(shaping.STATE_PATH):  # shaping was on before: take the trees down
-                shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions).teardown()
+        if not sh.enabled and not os.path.exists(SHAPING_STATE_PATH):
+            return  # shaping off: its code (~1 MB of RSS) is not even imported
+        from . import schedule, shaping
+
+        if not sh.enabled:  # shaping was on before: take the trees down
+            shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions).teardown()
             return
         self.shaper = shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions)
         self.shaper.setup()

@@ -14,10 +14,10 @@ Sections (all optional; defaults in the dataclasses below):
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import policy
 
@@ -230,8 +230,8 @@ def parse(data: dict, path: str = "node.toml") -> NodeConfig:
     return cfg
 
 
-def load(path: str | Path) -> NodeConfig:
-    path = str(path)
+def load(path: str | os.PathLike) -> NodeConfig:
+    path = os.fspath(path)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -24,10 +24,16 @@ def b64(data: bytes) -> str:
 
 def write_secret(path: str, text: str) -> None:
     """Write a secret atomically with mode 0600 (never world-readable, not even briefly)."""
+    write_atomic(path, text, 0o600)
+
+
+def write_atomic(path: str | os.PathLike, text: str, mode: int = 0o600) -> None:
+    """Write a file via a temp file, fsync and rename: readers see the old or the new content."""
+    path = os.fspath(path)
     d = os.path.dirname(path) or "."
     os.makedirs(d, mode=0o750, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

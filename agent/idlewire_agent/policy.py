@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SECTIONS = ("shaping", "schedule", "quota", "firewall")
+SHAPING_STATE_PATH = "/run/idlewire/shaping.json"  # shaping.STATE_PATH (here: no need to import shaping)
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MBIT = 1_000_000
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")

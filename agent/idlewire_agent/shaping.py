@@ -64,9 +64,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .policy import SHAPING_STATE_PATH as STATE_PATH
 from .policy import Firewall, Shaping
 
-STATE_PATH = "/run/idlewire/shaping.json"
 WG_OVERHEAD = 60 + 16  # outer IPv4 20 + UDP 8 + WireGuard 32, + up to 15 bytes of padding
 ETH_HEADER = 14
 MIN_RATE = 8000  # bit/s; HTB needs a positive rate

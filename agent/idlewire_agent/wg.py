@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -18,12 +17,17 @@ class WgError(Exception):
     pass
 
 
-@dataclass
+@dataclass(slots=True)
 class Peer:
     key: str
     rx: int
     tx: int
     handshake: int
+
+
+def _which(name: str) -> bool:
+    """Is `name` an executable on PATH? (shutil.which without importing shutil, ~0.5 MB of RSS)"""
+    return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", os.defpath).split(":") if d)
 
 
 def _run(*argv: str, input: str | None = None) -> str:
@@ -67,7 +71,7 @@ class Tunnel:
             ok = subprocess.run(["ip", "link", "add", self.ifname, "type", "wireguard"],
                                 capture_output=True, check=False).returncode == 0
             if not ok:
-                if not shutil.which("wireguard-go"):
+                if not _which("wireguard-go"):
                     raise WgError("no WireGuard kernel module and no wireguard-go: install one of them")
                 env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "LOG_LEVEL": "error"}
                 subprocess.run(["wireguard-go", self.ifname], env=env, check=True,

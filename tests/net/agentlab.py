@@ -139,7 +139,7 @@ class NodeLab:
         }
         for key, value in overrides.items():
             sec, k = key.split("__")
-            sections[sec][k] = value
+            sections.setdefault(sec, {})[k] = value
         self.cfg.write_text(_toml(sections))
         self.proc: subprocess.Popen | None = None
         # How the agent is started; bench/meter.py uses Debian's python3 and python3-cryptography,
