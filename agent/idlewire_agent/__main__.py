@@ -19,10 +19,11 @@ def _run_config(argv: list[str]) -> str | None:
     The service always starts the agent this way: it is parsed without argparse (and without the
     shaping CLI), whose modules would stay in the agent's memory for its whole life (~2 MB RSS).
     """
-    if argv[:1] == ["run"]:
-        argv = argv[1:]
-    elif argv:
+    if not argv:
+        return DEFAULT_CONFIG
+    if argv[0] != "run":
         return None
+    argv = argv[1:]
     if not argv:
         return DEFAULT_CONFIG
     if len(argv) == 2 and argv[0] == "--config" and not argv[1].startswith("-"):
