@@ -74,7 +74,7 @@ def real(args) -> dict:
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="iw-bench-") as tmp:
         node = NodeLab(lab, Path(tmp), 170, sessions__max=args.sessions + 10, tunnel__pool="10.170.64.0/18",
                        metering__poll_interval=args.poll, sessions__idle_timeout=3600)
-        node.python = ["env", f"PYTHONPATH={REPO / 'agent'}", "MALLOC_ARENA_MAX=2", "/usr/bin/python3"]
+        node.python = ["env", f"PYTHONPATH={REPO / 'agent'}", "MALLOC_ARENA_MAX=1", "/usr/bin/python3"]
         node.start()
         pid = node.proc.pid
         rss0 = rss_kb(pid)[0]

@@ -6,18 +6,17 @@ rules never interleave half-way.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 from . import keys, receipts
 from .config import NodeConfig
 from .ledger import Delta, Ledger
+from .record import Record, field
 from .wg import Peer, Tunnel, WgError
 
 log = logging.getLogger("idlewire.agent")
@@ -31,8 +30,7 @@ class SessionError(Exception):
         self.status = status
 
 
-@dataclass
-class Stats:
+class Stats(Record):
     polls: int = 0
     poll_cpu: float = 0.0  # seconds of CPU (this thread + `wg` children) spent polling
     last_poll_cpu: float = 0.0
@@ -103,7 +101,7 @@ class Agent:
         pol = self.cfg.policy
         self.quota = quota.QuotaKeeper(pol.quota, os.path.join(self.cfg.state_dir, "quota.json"),
                                        on_exhausted=self.close_all)
-        sh = dataclasses.replace(pol.shaping, wan_interface=self.cfg.interfaces.wan,
+        sh = pol.shaping.replace(wan_interface=self.cfg.interfaces.wan,
                                  tunnel_interface=self.cfg.tunnel.interface, tunnel_port=self.cfg.tunnel.port)
         if not sh.enabled and not os.path.exists(SHAPING_STATE_PATH):
             return  # shaping off: its code (~1 MB of RSS) is not even imported

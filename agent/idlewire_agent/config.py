@@ -1,6 +1,6 @@
 """/etc/idlewire/node.toml: loading and validation. Every error names its key and what is expected.
 
-Sections (all optional; defaults in the dataclasses below):
+Sections (all optional; defaults in the records below):
 
     [node]        region, price_per_gb, log_level, state_dir, key_file, marketplace
     [interfaces]  wan, lan, management (interface names)
@@ -17,9 +17,9 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
 
 from . import policy
+from .record import Record, field
 
 
 class ConfigError(Exception):
@@ -30,23 +30,20 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@dataclass
-class ApiConfig:
+class ApiConfig(Record):
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     port: int = 8740
     admin_token_file: str = "/etc/idlewire/admin.token"  # noqa: S105 (a path, not a secret)
     max_body: int = 16384
 
 
-@dataclass
-class InterfacesConfig:
+class InterfacesConfig(Record):
     wan: str = "eth0"
     lan: str = ""
     management: str = ""
 
 
-@dataclass
-class TunnelConfig:
+class TunnelConfig(Record):
     interface: str = "iw0"
     port: int = 51820
     pool: str = "10.99.0.0/16"
@@ -58,8 +55,7 @@ class TunnelConfig:
         return ipaddress.ip_network(self.pool, strict=False)
 
 
-@dataclass
-class MeteringConfig:
+class MeteringConfig(Record):
     poll_interval: float = 5.0
     line_rate_mbit: float = 1000.0
     unpaid_cap_mb: float = 50.0
@@ -74,15 +70,13 @@ class MeteringConfig:
         return int(self.unpaid_cap_mb * 1_000_000)
 
 
-@dataclass
-class SessionsConfig:
+class SessionsConfig(Record):
     max: int = 50
     expiry: int = 86400
     idle_timeout: int = 900
 
 
-@dataclass
-class NodeConfig:
+class NodeConfig(Record):
     region: str = "unset"
     price_per_gb: float = 0.0
     log_level: str = "info"

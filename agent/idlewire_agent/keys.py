@@ -22,6 +22,19 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+# cryptography >= 40 has *_bytes_raw(); its public_bytes()/private_bytes() import the whole public
+# `serialization` package (SSH, PKCS#12, bcrypt: ~2 MB of RSS) on first use. Older ones (Debian
+# bookworm's 38) only have the general methods.
+def _raw_public(key) -> bytes:
+    raw = getattr(key, "public_bytes_raw", None)
+    return raw() if raw else key.public_bytes(_RAW, _RAWPUB)
+
+
+def _raw_private(key) -> bytes:
+    raw = getattr(key, "private_bytes_raw", None)
+    return raw() if raw else key.private_bytes(_RAW, _RAWPRIV, _NOENC)
+
+
 def write_secret(path: str, text: str) -> None:
     """Write a secret atomically with mode 0600 (never world-readable, not even briefly)."""
     write_atomic(path, text, 0o600)
@@ -61,7 +74,7 @@ def _read_or_create(path: str, make) -> str:
 
 def ed25519_private(path: str) -> Ed25519PrivateKey:
     """The node's signing key (base64 of the 32 raw bytes), created if missing."""
-    text = _read_or_create(path, lambda: b64(Ed25519PrivateKey.generate().private_bytes(_RAW, _RAWPRIV, _NOENC)))
+    text = _read_or_create(path, lambda: b64(_raw_private(Ed25519PrivateKey.generate())))
     try:
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(text, validate=True))
     except ValueError as exc:
@@ -69,7 +82,7 @@ def ed25519_private(path: str) -> Ed25519PrivateKey:
 
 
 def ed25519_public_b64(key: Ed25519PrivateKey) -> str:
-    return b64(key.public_key().public_bytes(_RAW, _RAWPUB))
+    return b64(_raw_public(key.public_key()))
 
 
 def ed25519_public_from_b64(text: str) -> Ed25519PublicKey:
@@ -81,14 +94,14 @@ def ed25519_public_from_b64(text: str) -> Ed25519PublicKey:
 
 def wg_private(path: str) -> tuple[str, str]:
     """The node's WireGuard key pair (private, public), base64 as `wg` writes it; created if missing."""
-    text = _read_or_create(path, lambda: b64(X25519PrivateKey.generate().private_bytes(_RAW, _RAWPRIV, _NOENC)))
+    text = _read_or_create(path, lambda: b64(_raw_private(X25519PrivateKey.generate())))
     priv = X25519PrivateKey.from_private_bytes(base64.b64decode(text, validate=True))
-    return text, b64(priv.public_key().public_bytes(_RAW, _RAWPUB))
+    return text, b64(_raw_public(priv.public_key()))
 
 
 def wg_keypair() -> tuple[str, str]:
     priv = X25519PrivateKey.generate()
-    return b64(priv.private_bytes(_RAW, _RAWPRIV, _NOENC)), b64(priv.public_key().public_bytes(_RAW, _RAWPUB))
+    return b64(_raw_private(priv)), b64(_raw_public(priv.public_key()))
 
 
 def admin_token(path: str) -> str:

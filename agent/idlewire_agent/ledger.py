@@ -17,7 +17,8 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+
+from .record import Record
 
 SCHEMA = 1
 
@@ -58,8 +59,7 @@ CREATE TABLE IF NOT EXISTS receipts (
 """
 
 
-@dataclass
-class Delta:
+class Delta(Record):
     wg_key: str
     session: str
     rx_raw: int
@@ -80,7 +80,7 @@ class Ledger:
         # FULL: every commit (one per poll cycle, so one fsync per cycle) survives a power cut too,
         # so a crash of any kind loses at most the cycle in progress.
         self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.execute("PRAGMA cache_size=-1024")  # 1 MB page cache: the ledger is small
+        self.db.execute("PRAGMA cache_size=-256")  # 256 KB page cache: the ledger is small
         self.db.executescript(_DDL)  # idempotent (IF NOT EXISTS)
         with self.tx():
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))

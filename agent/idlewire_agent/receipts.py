@@ -21,10 +21,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .record import Record
 
 VERSION = 1
 GENESIS = "0" * 64
@@ -97,8 +98,7 @@ def make_receipt(key: Ed25519PrivateKey, session: str, seq: int, up: int, down: 
     return {**body, "sig": base64.b64encode(key.sign(canonical(body))).decode()}
 
 
-@dataclass
-class Problem:
+class Problem(Record):
     index: int  # position in the list (0-based)
     session: str
     seq: object

@@ -8,7 +8,8 @@ import logging
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+
+from .record import Record
 
 log = logging.getLogger("idlewire.wg")
 
@@ -17,8 +18,7 @@ class WgError(Exception):
     pass
 
 
-@dataclass(slots=True)
-class Peer:
+class Peer(Record):
     key: str
     rx: int
     tx: int

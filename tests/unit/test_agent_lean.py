@@ -1,7 +1,8 @@
 """The agent's memory budget (<= 30 MB RSS with 1,000 sessions) rests on what it does NOT import:
 the service's command line, the API and the metering core stay clear of argparse, http.server (and
-the email/html/mimetypes it brings), shutil, tempfile and the shaping code (imported only when
-[shaping] is enabled). bench/meter.py measures the RSS; this keeps the imports from creeping back."""
+the email/html/mimetypes it brings), dataclasses (inspect, ast, dis), shutil, tempfile and the
+shaping code (imported only when [shaping] is enabled). bench/meter.py measures the RSS; this
+keeps the imports from creeping back."""
 
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 from idlewire_agent.__main__ import DEFAULT_CONFIG, _run_config
 
-HEAVY = ("argparse", "http.server", "http.client", "email", "html", "mimetypes", "shutil", "tempfile",
+HEAVY = ("argparse", "http.server", "http.client", "email", "html", "mimetypes", "shutil", "tempfile", "dataclasses",
          "idlewire_agent.shaping", "idlewire_agent.schedule", "idlewire.cli", "typer", "rich")
 
 
@@ -40,3 +41,23 @@ def test_other_command_lines_still_get_argparse(capsys):
         main(["run", "--help"])
     assert exc.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_records_behave_like_the_dataclasses_they_replace():
+    from idlewire_agent.policy import Firewall, Policy, Quota, Rule
+
+    assert Quota() == Quota(0, 1, 8) == Quota(max_sessions=8)
+    assert Quota(monthly_bytes=5) != Quota()
+    assert repr(Quota()) == "Quota(monthly_bytes=0, reset_day=1, max_sessions=8)"
+    a, b = Policy(), Policy()
+    assert a.schedule is not b.schedule  # a fresh default list per instance
+    assert a.replace(quota=Quota(1)).quota.monthly_bytes == 1 and a.quota.monthly_bytes == 0
+    assert Firewall(nat_port_low=61440).nat_port_mask == 0xF000
+    with pytest.raises(TypeError, match="missing argument 'start'"):
+        Rule((0,))
+    with pytest.raises(TypeError, match="unexpected"):
+        Quota(nope=1)
+    with pytest.raises(TypeError, match="multiple values"):
+        Quota(1, monthly_bytes=2)
+    with pytest.raises(TypeError):
+        hash(Quota())
