@@ -162,14 +162,14 @@ class Agent:
                 self.ledger.set_meta(db, "boot_id", boot)
             self.stats.resets += 1
 
-    def _open_peers(self) -> dict[str, tuple]:
-        """wg_key -> (session, rx_raw, tx_raw, address) of every open session."""
-        with self.lock:
-            cur = self.ledger.db.execute(
-                "SELECT p.wg_key, p.session, p.rx_raw, p.tx_raw, s.address FROM peers p "
-                "JOIN sessions s ON s.id = p.session WHERE s.state = 'open'")
-            cur.row_factory = None
-            return {r[0]: r[1:] for r in cur}
+    def _open_peers(self, only: str | None = None):
+        """Rows (wg_key, session, rx_raw, tx_raw) of every open session's peer (or of `only`), as a
+        cursor: with 1,000 sessions a poll never holds them all at once. Call with the lock held."""
+        q = ("SELECT p.wg_key, p.session, p.rx_raw, p.tx_raw FROM peers p JOIN sessions s ON s.id = p.session "
+             "WHERE s.state = 'open'")
+        cur = self.ledger.db.execute(q + " AND p.wg_key = ?", (only,)) if only else self.ledger.db.execute(q)
+        cur.row_factory = None
+        return cur
 
     # --- metering -------------------------------------------------------------------------
     def poll(self) -> list[Delta]:
@@ -195,7 +195,7 @@ class Agent:
         self.stats.last_poll_cpu = cpu
         return deltas
 
-    def _record(self, dump: dict[str, Peer], peers: dict[str, tuple], only: str | None = None) -> list[Delta]:
+    def _record(self, dump: dict[str, Peer], rows, only: str | None = None) -> list[Delta]:
         now = self.clock()
         mono = time.monotonic()
         if self._last_poll_mono is None:
@@ -208,16 +208,17 @@ class Agent:
         if only is None:
             self._last_poll_mono = mono
         deltas: list[Delta] = []
+        missing: list[tuple[str, str]] = []
+        seen: set[str] = set()
         resets = clamped_total = 0
-        for key, p in peers.items():
+        for key, session, rx_raw, tx_raw in rows:
             if only is not None and key != only:
                 continue
+            seen.add(key)
             peer = dump.get(key)
             if peer is None:
-                if only is None:
-                    self._readd(key, p)
+                missing.append((key, session))
                 continue
-            session, rx_raw, tx_raw, _ = p
             if peer.rx == rx_raw and peer.tx == tx_raw:
                 continue
             rx, r1, c1 = counter_delta(peer.rx, rx_raw, limit)
@@ -229,7 +230,9 @@ class Agent:
             clamped_total += c1 + c2
             deltas.append(Delta(key, session, peer.rx, peer.tx, rx, tx))
         if only is None:
-            for key in set(dump) - set(peers):
+            for key, session in missing:
+                self._readd(key, session)
+            for key in dump.keys() - seen:
                 log.info("removing stale peer %s (no open session)", key)
                 self._try(self.tunnel.remove_peer, key)
         if deltas or only is None:
@@ -237,10 +240,11 @@ class Agent:
         self.stats.resets += resets
         return deltas
 
-    def _readd(self, key: str, p: tuple) -> None:
+    def _readd(self, key: str, session: str) -> None:
         """An open session's peer is missing from the interface: add it back, counting from zero."""
-        log.info("session %s: peer missing from %s, adding it back", p[0], self.tunnel.ifname)
-        if self._try(self.tunnel.add_peer, key, p[3]):
+        log.info("session %s: peer missing from %s, adding it back", session, self.tunnel.ifname)
+        row = self.ledger.db.execute("SELECT address FROM sessions WHERE id = ?", (session,)).fetchone()
+        if row and self._try(self.tunnel.add_peer, key, row[0]):
             self.ledger.reset_baselines([key])
 
     @staticmethod
@@ -315,7 +319,7 @@ class Agent:
                 return self.describe(sid)
             # Count what the peer carried since the last poll before it disappears.
             try:
-                self._record(self.tunnel.dump(), self._open_peers(), only=s["wg_key"])
+                self._record(self.tunnel.dump(), self._open_peers(s["wg_key"]), only=s["wg_key"])
             except WgError as exc:
                 log.warning("close %s: final read failed: %s", sid, exc)
             self._try(self.tunnel.remove_peer, s["wg_key"])
