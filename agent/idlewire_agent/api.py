@@ -11,7 +11,8 @@
     GET    /usage                        admin     lifetime, per day, per session totals
 
 Buyer calls are signed with the buyer's ed25519 key (receipts.sign_request: method, path, time,
-nonce and body hash; a nonce is accepted once, the time must be within 120 s). Admin calls carry
+nonce and body hash; the time must be within 120 s and a nonce is accepted once: the ledger keeps
+it while its time is in that window, across restarts). Admin calls carry
 `Authorization: Bearer TOKEN` from the 0600 token file. Bad input is a 4xx, never a 5xx.
 """
 
@@ -42,23 +43,6 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-class Nonces:
-    """Nonces seen within the accepted clock window: a signed request is good once."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, float] = {}
-        self.lock = threading.Lock()
-
-    def use(self, nonce: str, now: float) -> bool:
-        with self.lock:
-            if len(self.seen) > 10000 or int(now) % 30 == 0:
-                self.seen = {n: t for n, t in self.seen.items() if t > now}
-            if nonce in self.seen:
-                return False
-            self.seen[nonce] = now + 2 * CLOCK_SKEW
-            return True
 
 
 class Headers(dict):
@@ -241,13 +225,10 @@ class Handler(socketserver.StreamRequestHandler):
         if len(key) > 100 or len(sig) > 200 or not receipts.request_valid(key, sig, method, self.path, t, nonce,
                                                                           body):
             raise ApiError(401, "X-Idlewire-Signature: not a valid signature of this request by X-Idlewire-Key")
-        if not self.agent_nonces.use(nonce, time.time()):
+        # Remembered (in the ledger, across restarts) for as long as the time stays in the window.
+        if not self.agent.ledger.use_nonce(nonce, int(t) + CLOCK_SKEW + 1, time.time()):
             raise ApiError(401, "X-Idlewire-Nonce: already used (replayed request)")
         return key
-
-    @property
-    def agent_nonces(self) -> Nonces:
-        return self.server.nonces  # type: ignore[attr-defined]
 
     def _who(self, method: str, body: bytes) -> tuple[bool, str | None]:
         admin = self._admin()
@@ -349,15 +330,12 @@ def _server(addr: str, port: int, agent: Agent) -> _Server:
     cls = type("S", (_Server,), {"address_family": socket.AF_INET6 if ":" in addr else socket.AF_INET})
     srv = cls((addr, port), Handler)
     srv.agent = agent  # type: ignore[attr-defined]
-    srv.nonces = Nonces()  # type: ignore[attr-defined]
     return srv
 
 
 def serve(listen: list[str], port: int, agent: Agent) -> list[_Server]:
     servers = [_server(a, port, agent) for a in listen]
-    nonces = servers[0].nonces  # type: ignore[attr-defined]
     for s in servers:
-        s.nonces = nonces  # type: ignore[attr-defined]  # one replay window across addresses
         threading.Thread(target=s.serve_forever, daemon=True, name=f"api-{s.server_address}").start()
         log.info("API listening on %s port %d", s.server_address[0], s.server_address[1])
     return servers

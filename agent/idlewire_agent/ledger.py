@@ -7,7 +7,8 @@ neither: nothing is counted twice, and what is lost is at most the uncommitted p
 even that is picked up at the next poll, as long as the interface's counters survived).
 
 Tables: sessions (one row per buyer session, with its totals), peers (raw counter baselines),
-daily (totals per UTC day), meta (lifetime totals, interface index, schema), receipts.
+daily (totals per UTC day), meta (lifetime totals, interface index, schema), receipts, nonces
+(of signed API requests, so that a replay is refused across restarts too).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ CREATE TABLE IF NOT EXISTS receipts (
     session TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (session, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nonces (   -- signed API requests seen, until their time is out of the window
+    nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires);
 """
 
 
@@ -72,6 +77,7 @@ class Ledger:
 
     def __init__(self, path: str, synchronous: str = "FULL"):
         self.path = path
+        self.synchronous = synchronous
         self.lock = threading.RLock()
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self.db.row_factory = sqlite3.Row
@@ -142,6 +148,25 @@ class Ledger:
                     self.set_meta(db, k, v)
             db.execute("INSERT INTO meta VALUES ('last_poll', ?) ON CONFLICT(key) DO UPDATE "
                        "SET value = excluded.value", (now,))
+            db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+
+    # --- replay protection ----------------------------------------------------------------
+    def use_nonce(self, nonce: str, expires: float, now: float) -> bool:
+        """Record a signed request's nonce until `expires`; False if it is already there (a replay).
+
+        Committed before the request is served, so a restart does not forget it. This commit does
+        not wait for an fsync (one per API call would be a lot on an SD card): in WAL mode it is
+        safe from a crash of the agent at once, and from a power cut with the next poll's commit.
+        """
+        with self.lock:
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self.tx() as db:
+                    cur = db.execute("INSERT INTO nonces VALUES (?, ?) ON CONFLICT(nonce) DO UPDATE SET "
+                                     "expires = excluded.expires WHERE nonces.expires < ?", (nonce, expires, now))
+                    return cur.rowcount == 1
+            finally:
+                self.db.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def reset_baselines(self, keys: list[str] | None = None) -> None:
         """The counters of these peers (all when None) restart from zero (peer re-added, new interface)."""

@@ -148,3 +148,21 @@ def test_keep_alive_and_header_limits(node):
     assert raw(node, b"HEAD /health HTTP/1.1\r\n\r\n") == 405
     assert raw(node, b"GET /health HTTP/1.0\r\n\r\n") == 200
     assert healthy(node)
+
+
+def test_replay_after_a_restart_is_refused(node):
+    """A signed request is good once, also when the agent restarted (kill -9) in between."""
+    body = json.dumps({"wg_public_key": keys.wg_keypair()[1]}).encode()
+    h = signed("POST", "/sessions", body)
+    assert raw(node, request("POST", "/sessions", body, h)) == 201
+    sid = next(s["session"] for s in node.open_sessions() if s["buyer_wg_key"] == json.loads(body)["wg_public_key"])
+    token = node.token_file.read_text().strip()
+    assert raw(node, request("DELETE", f"/sessions/{sid}", b"", {"Authorization": f"Bearer {token}"})) == 200
+    node.kill9()
+    node.start()
+    # The same request again: without the nonce it would open the session a second time.
+    assert raw(node, request("POST", "/sessions", body, h)) == 401
+    assert sid not in [s["session"] for s in node.open_sessions()]
+    assert not [s for s in node.open_sessions() if s["buyer_wg_key"] == json.loads(body)["wg_public_key"]]
+    h2 = signed("POST", "/sessions", body)  # a fresh signature works
+    assert raw(node, request("POST", "/sessions", body, h2)) == 201

@@ -230,3 +230,19 @@ def test_ledger_file_is_wal_and_secrets_are_0600(make, tmp_path):
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     for name in ("node.key", "admin.token"):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600
+
+
+def test_nonces_outlive_a_restart_and_expire(tmp_path):
+    from idlewire_agent.ledger import Ledger
+
+    path = str(tmp_path / "ledger.sqlite")
+    led = Ledger(path)
+    assert led.use_nonce("n" * 16, expires=1100, now=1000)
+    assert not led.use_nonce("n" * 16, expires=1101, now=1001)  # a replay
+    led.db.close()  # as after kill -9: nothing but what was committed
+    led = Ledger(path)
+    assert not led.use_nonce("n" * 16, expires=1102, now=1050)  # still refused after the restart
+    assert led.use_nonce("n" * 16, expires=1300, now=1200)  # its time is out of the window anyway
+    assert led.use_nonce("m" * 16, expires=1150, now=1100)
+    led.record([], 1250)  # a poll prunes what expired
+    assert [r[0] for r in led.db.execute("SELECT nonce FROM nonces")] == ["n" * 16]
