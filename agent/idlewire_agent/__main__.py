@@ -123,6 +123,10 @@ def run_agent(path: str) -> int:
             agent.poll()
         except Exception:  # keep metering: one bad cycle must not stop the agent
             logging.getLogger("idlewire.agent").exception("poll cycle failed")
+        try:  # between polls: one short step of receipt retention
+            agent.prune_receipts()
+        except Exception:
+            logging.getLogger("idlewire.agent").exception("receipt retention failed")
     agent.poll()
     for s in servers:
         s.shutdown()

@@ -351,9 +351,14 @@ class Agent:
     def _issue(self, db, s: dict, buyer: dict | None) -> dict:
         row = db.execute("SELECT seq, body FROM receipts WHERE session = ? ORDER BY seq DESC LIMIT 1",
                          (s["id"],)).fetchone()
-        seq, prev = (row[0] + 1, receipts.receipt_hash(json.loads(row[1]))) if row else (1, receipts.GENESIS)
+        seq, prev = 1, receipts.GENESIS
+        if row:
+            last = json.loads(row[1])
+            seq, prev = row[0] + 1, last["hash"] if receipts.is_checkpoint(last) else receipts.receipt_hash(last)
         r = receipts.make_receipt(self.node_key, s["id"], seq, s["rx"], s["tx"], int(self.clock()), prev, buyer)
         db.execute("INSERT INTO receipts VALUES (?, ?, ?)", (s["id"], seq, json.dumps(r, sort_keys=True)))
+        if s["state"] == "closed":  # co-signed after the close: retention trims the chain again
+            db.execute("UPDATE sessions SET retention = 0 WHERE id = ?", (s["id"],))
         return r
 
     def cosign(self, sid: str, buyer_key: str, stmt: dict) -> dict:
@@ -362,6 +367,9 @@ class Agent:
             s = self.ledger.session(sid)
             if s is None or s["buyer_key"] != buyer_key:
                 raise SessionError(404, f"no session {sid} for this buyer key")
+            if s["retention"] == 2:
+                raise SessionError(409, f"session {sid} closed more than {self.cfg.receipts.keep_days:g} days ago: "
+                                        "its receipts are deleted")
             if not receipts.usage_valid(stmt, sid, buyer_key):
                 raise SessionError(400, "usage: bad signature or fields (expected up, down, time, key, sig)")
             if stmt["up"] < s["paid_up"] or stmt["down"] < s["paid_down"]:
@@ -386,6 +394,52 @@ class Agent:
                             ours, tol * 100)
         return {"receipt": r, "agreed": agreed, "node_bytes": ours, "buyer_bytes": theirs, "state": s["state"],
                 "reason": s["reason"]}
+
+    def prune_receipts(self, batch: int = 1000) -> bool:
+        """One step of receipt retention (node.toml [receipts]); False when there is nothing to do.
+
+        Called between polls, never inside one: each step is one short transaction on one closed
+        session, deleting at most `batch` receipts. Every committed state still verifies: a chain
+        is cut from its end (deleted `keep_days` after the close), or from its start behind a fresh
+        node-signed checkpoint (trimmed to the last `keep_closed` once the session is closed).
+        Open sessions keep every receipt.
+        """
+        keep, days = self.cfg.receipts.keep_closed, self.cfg.receipts.keep_days
+        db = self.ledger.db
+        with self.lock:
+            if days:
+                row = db.execute("SELECT id FROM sessions WHERE state = 'closed' AND retention < 2 AND closed_at < ? "
+                                 "ORDER BY closed_at LIMIT 1", (self.clock() - days * 86400,)).fetchone()
+                if row:
+                    with self.ledger.tx():
+                        db.execute("DELETE FROM receipts WHERE session = ?1 AND seq > (SELECT max(seq) FROM receipts "
+                                   "WHERE session = ?1) - ?2", (row[0], batch))
+                        if not db.execute("SELECT 1 FROM receipts WHERE session = ?", (row[0],)).fetchone():
+                            db.execute("UPDATE sessions SET retention = 2 WHERE id = ?", (row[0],))
+                            log.info("session %s: receipts deleted (closed over %g days ago)", row[0], days)
+                    return True
+            if not keep:
+                return False
+            row = db.execute("SELECT id FROM sessions WHERE state = 'closed' AND retention < 2 AND retention = 0 "
+                             "LIMIT 1").fetchone()
+            if not row:
+                return False
+            sid = row[0]
+            lo, hi = db.execute("SELECT min(seq), max(seq) FROM receipts WHERE session = ?", (sid,)).fetchone()
+            target = (hi or 0) - keep  # the receipt a checkpoint will stand for, at the end
+            with self.ledger.tx():
+                if lo is not None and target > lo:
+                    c = min(target, lo + batch)
+                    r = json.loads(db.execute("SELECT body FROM receipts WHERE session = ? AND seq = ?",
+                                              (sid, c)).fetchone()[0])
+                    db.execute("UPDATE receipts SET body = ? WHERE session = ? AND seq = ?",
+                               (json.dumps(receipts.make_checkpoint(self.node_key, r), sort_keys=True), sid, c))
+                    db.execute("DELETE FROM receipts WHERE session = ? AND seq < ?", (sid, c))
+                    if c < target:
+                        return True
+                    log.info("session %s: receipts before seq %d pruned (kept the last %d)", sid, c + 1, keep)
+                db.execute("UPDATE sessions SET retention = 1 WHERE id = ?", (sid,))
+            return True
 
     def receipts(self, sid: str) -> list[dict]:
         return json.loads("".join(self.receipts_json(sid)))

@@ -8,6 +8,7 @@ Sections (all optional; defaults in the records below):
     [metering]    poll_interval, line_rate_mbit, unpaid_cap_mb, tolerance_percent
     [sessions]    max, expiry, idle_timeout
     [api]         listen, port, admin_token_file, max_body
+    [receipts]    keep_closed, keep_days
     [shaping] [schedule] [quota] [firewall]   see policy.py
 """
 
@@ -76,6 +77,15 @@ class SessionsConfig(Record):
     idle_timeout: int = 900
 
 
+class ReceiptsConfig(Record):
+    """Retention. Open sessions keep every receipt. A closed one keeps its last `keep_closed` (the
+    closing receipt included) behind a node-signed checkpoint that stands for the ones before, and
+    all of them go `keep_days` after the close. 0 = keep (all of them / for ever)."""
+
+    keep_closed: int = 100
+    keep_days: float = 90.0
+
+
 class NodeConfig(Record):
     region: str = "unset"
     price_per_gb: float = 0.0
@@ -88,11 +98,12 @@ class NodeConfig(Record):
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
     policy: policy.Policy = field(default_factory=policy.Policy)
 
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_OWN_SECTIONS = ("node", "interfaces", "tunnel", "metering", "sessions", "api")
+_OWN_SECTIONS = ("node", "interfaces", "tunnel", "metering", "sessions", "api", "receipts")
 
 
 def _ifname(v: str) -> bool:
@@ -204,6 +215,11 @@ def parse(data: dict, path: str = "node.toml") -> NodeConfig:
         ("port", int, lambda v: 0 < v < 65536, "a TCP port 1-65535"),
         ("admin_token_file", str, _abs, "an absolute path"),
         ("max_body", int, lambda v: 256 <= v <= 1 << 20, "bytes between 256 and 1048576"),
+    ])
+    section("receipts", cfg.receipts, [
+        ("keep_closed", int, lambda v: 0 <= v <= 10_000_000,
+         "an integer >= 0 (receipts kept per closed session; 0 = all)"),
+        ("keep_days", num, lambda v: 0 <= v <= 36600, "a number of days >= 0 (0 = for ever)"),
     ])
     cfg.price_per_gb = float(cfg.price_per_gb)
     for name in _OWN_SECTIONS:

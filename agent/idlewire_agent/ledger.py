@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from typing import NamedTuple
 
-SCHEMA = 1
+SCHEMA = 2  # 2: sessions.retention, nonces
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     tx INTEGER NOT NULL DEFAULT 0,    -- bytes to the buyer (buyer's download)
     paid_up INTEGER NOT NULL DEFAULT 0,    -- buyer-signed cumulative figures
     paid_down INTEGER NOT NULL DEFAULT 0,
-    paid_time REAL NOT NULL DEFAULT 0
+    paid_time REAL NOT NULL DEFAULT 0,
+    retention INTEGER NOT NULL DEFAULT 0   -- receipts of a closed session: 0 all, 1 trimmed, 2 deleted
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_open_addr ON sessions(address) WHERE state = 'open';
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_open_wg ON sessions(wg_key) WHERE state = 'open';
@@ -87,8 +88,13 @@ class Ledger:
         self.db.execute(f"PRAGMA synchronous={synchronous}")
         self.db.execute("PRAGMA cache_size=-256")  # 256 KB page cache: the ledger is small
         self.db.executescript(_DDL)  # idempotent (IF NOT EXISTS)
+        if "retention" not in {r[1] for r in self.db.execute("PRAGMA table_info(sessions)")}:  # schema 1
+            self.db.execute("ALTER TABLE sessions ADD COLUMN retention INTEGER NOT NULL DEFAULT 0")
+        # Closed sessions whose receipts retention has not finished with: what prune looks for.
+        self.db.execute("CREATE INDEX IF NOT EXISTS sessions_retention ON sessions(retention, closed_at) "
+                        "WHERE state = 'closed' AND retention < 2")
         with self.tx():
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
+            self.set_meta(self.db, "schema", SCHEMA)
             for k in ("lifetime_rx", "lifetime_tx", "clamped_bytes", "resets"):
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (k,))
 
