@@ -145,6 +145,8 @@ class NodeLab:
         # How the agent is started; bench/meter.py uses Debian's python3 and python3-cryptography,
         # as on a node.
         self.python: list[str] = [sys.executable]
+        # ... and its entry point; bench/meter.py uses what the role's /usr/bin/idlewire-agent runs.
+        self.entry: list[str] = ["-m", "idlewire_agent"]
         self.log = tmp / "agent.log"
         self.fwd: Forwarder | None = None
         self._down_server = ""
@@ -154,7 +156,7 @@ class NodeLab:
     # --- the agent ------------------------------------------------------------------------
     def start(self) -> None:
         logf = open(self.log, "a")  # noqa: SIM115 (kept open for the process)
-        self.proc = self.node.popen(*self.python, "-m", "idlewire_agent", "run", "--config", str(self.cfg),
+        self.proc = self.node.popen(*self.python, *self.entry, "run", "--config", str(self.cfg),
                                     stdout=logf, stderr=subprocess.STDOUT)
         if self.fwd is None:
             self.fwd = Forwarder(self.node.name, f"{self.lan}.1", self.api_port)
