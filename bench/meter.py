@@ -4,16 +4,23 @@
     sudo .venv/bin/python bench/meter.py [--sessions 1000] [--megabytes 200] [--kills 10]
 
 Part 1 (real): the agent runs as on a node (Debian's /usr/bin/python3 with python3-cryptography,
-PYTHONPATH=agent) in a network namespace with a wireguard-go interface; 1,000 sessions are opened
-through the signed API (1,000 real WireGuard peers), plus one real buyer (`idlewire client connect`
-on wireguard-go) that sends MEGABYTES through the tunnel with iperf3. Reports the agent's CPU per
-poll cycle (its own /metrics: poll thread + the `wg show dump` child), its RSS, and the metering
-error against the bytes the buyer's WireGuard put on the wire. Then kills the agent with SIGKILL
-KILLS times mid-transfer and reports double counting, loss and `PRAGMA integrity_check`.
+PYTHONPATH=agent, the unit's MALLOC_ARENA_MAX, the role's entry script) in a network namespace with
+a wireguard-go interface; 1,000 sessions are opened through the signed API (1,000 real WireGuard
+peers), plus one real buyer (`idlewire client connect` on wireguard-go) that sends MEGABYTES up and
+half as much down through the tunnel with iperf3, paced at --bitrate as the node's shaping paces a
+session at its cap. Reports the agent's CPU per poll cycle (its own /metrics: poll thread + the
+`wg show transfer` child), its RSS, and the metering error against the bytes the buyer's WireGuard
+counted: raw, and beside it net of the UDP datagrams a receiving kernel dropped (reported, not
+what the goal is judged on). Then kills the agent with SIGKILL KILLS times mid-transfer and reports
+double counting, loss and `PRAGMA integrity_check`.
 
-Part 2 (synthetic): the same poll code in-process against a synthetic `wg show dump` source in
-which all 1,000 peers' counters change every cycle (the worst case for ledger writes, which idle
-real peers do not exercise). Reports CPU per poll cycle.
+Part 2 (synthetic): the same poll code in-process against a synthetic counter source in which all
+1,000 peers' counters change every cycle (the worst case for ledger writes, which idle real peers
+do not exercise). Reports CPU per poll cycle.
+
+Run it from the checkout it should measure, with that checkout first on PYTHONPATH (the buyer
+client runs as a subprocess):
+    sudo PYTHONPATH=$PWD/tools:$PWD/agent:$PWD/tests .venv/bin/python bench/meter.py
 """
 
 from __future__ import annotations
@@ -73,8 +80,11 @@ def real(args) -> dict:
     out: dict = {}
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="iw-bench-") as tmp:
         node = NodeLab(lab, Path(tmp), 170, sessions__max=args.sessions + 10, tunnel__pool="10.170.64.0/18",
-                       metering__poll_interval=args.poll, sessions__idle_timeout=3600)
-        node.python = ["env", f"PYTHONPATH={REPO / 'agent'}", "MALLOC_ARENA_MAX=2", "/usr/bin/python3"]
+                       metering__poll_interval=args.poll, sessions__idle_timeout=3600,
+                       quota__max_sessions=args.sessions + 10)
+        # As the service runs it: the role's unit environment and its /usr/bin/idlewire-agent script.
+        node.python = ["env", f"PYTHONPATH={REPO / 'agent'}", "MALLOC_ARENA_MAX=1", args.agent_python]
+        node.entry = ["-c", "import sys; from idlewire_agent.__main__ import main; sys.exit(main())"]
         node.start()
         pid = node.proc.pid
         rss0 = rss_kb(pid)[0]
@@ -94,8 +104,8 @@ def real(args) -> dict:
         node.wait_tunnel(30)
         sid = json.loads(client.stdout.readline())["session"]  # its first co-signed report
         d0n, d0b = node.udp_drops(node.node), node.udp_drops(node.buyer)
-        print(f"sending {args.megabytes} MB up and {args.megabytes // 2} MB down through the tunnel ...",
-              file=sys.stderr)
+        print(f"sending {args.megabytes} MB up and {args.megabytes // 2} MB down through the tunnel, paced at "
+              f"{args.bitrate}bit/s ...", file=sys.stderr)
         p0, c0 = metric(node, "idlewire_polls_total"), metric(node, "idlewire_poll_cpu_seconds_total")
         t0 = time.time()
         up = node.iperf(args.megabytes, bitrate=args.bitrate)
@@ -109,17 +119,17 @@ def real(args) -> dict:
         ses = node.session(sid)
         drops_up = (node.udp_drops(node.node) - d0n) * WG_DATA
         drops_down = (node.udp_drops(node.buyer) - d0b) * WG_DATA
-        out["transfer"] = {"seconds": round(secs, 1), "iperf_mbit_s": round(
+        out["transfer"] = {"seconds": round(secs, 1), "paced_at": args.bitrate, "iperf_mbit_s": round(
             json.loads(up.stdout)["end"]["sum_sent"]["bits_per_second"] / 1e6, 1)}
         out["wire_up_bytes"] = b_up
         out["wire_down_bytes"] = b_down
         out["metered_up_bytes"] = ses["up"]
         out["metered_down_bytes"] = ses["down"]
         out["udp_dropped_bytes_up_down"] = [drops_up, drops_down]
-        out["error_up_percent_raw"] = round((ses["up"] - b_up) / b_up * 100, 3)
-        out["error_down_percent_raw"] = round((ses["down"] - b_down) / b_down * 100, 3)
-        out["error_up_percent_net_of_udp_drops"] = round((ses["up"] - (b_up - drops_up)) / b_up * 100, 3)
-        out["error_down_percent_net_of_udp_drops"] = round((ses["down"] - (b_down + drops_down)) / b_down * 100, 3)
+        out["error_up_percent_raw"] = round((ses["up"] - b_up) / b_up * 100, 4)
+        out["error_down_percent_raw"] = round((ses["down"] - b_down) / b_down * 100, 4)
+        out["error_up_percent_net_of_udp_drops"] = round((ses["up"] - (b_up - drops_up)) / b_up * 100, 4)
+        out["error_down_percent_net_of_udp_drops"] = round((ses["down"] - (b_down + drops_down)) / b_down * 100, 4)
         rss, hwm = rss_kb(pid)
         roll = {ln.split(":")[0]: int(ln.split()[1]) for ln in Path(f"/proc/{pid}/smaps_rollup").read_text()
                 .splitlines()[1:]}
@@ -127,7 +137,7 @@ def real(args) -> dict:
                                "peak": round(hwm / 1024, 1),
                                "private_uss": round((roll["Private_Clean"] + roll["Private_Dirty"]) / 1024, 1),
                                "shared_with_other_processes": round(roll["Shared_Clean"] / 1024, 1)}
-        out["agent_python"] = subprocess.run(["/usr/bin/python3", "-c", "import sys, cryptography; print("
+        out["agent_python"] = subprocess.run([args.agent_python, "-c", "import sys, cryptography; print("
                                               "sys.version.split()[0], 'cryptography', cryptography.__version__)"],
                                              capture_output=True, text=True).stdout.strip()
         if args.kills:
@@ -143,8 +153,8 @@ def kills(node, sid: str, args) -> dict:
     rate = 80
     before_b, _ = node.buyer_counters()
     before_n = node.session(sid)["up"]
-    iperf = node.buyer.popen("iperf3", "-c", f"{node.wan}.2", "-t", str(int(args.kills * 1.6 + 3)), "-b",
-                             f"{rate}M", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    iperf = node.buyer.popen("iperf3", "-c", f"{node.wan}.2", "-t", str(int(args.kills * 2.5 + 5)), "-b",
+                             f"{rate}M", "--fq-rate", f"{rate}M", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     d0 = node.udp_drops(node.node)
     for i in range(args.kills):
         time.sleep(1.0 + secrets.randbelow(500) / 1000)
@@ -156,10 +166,11 @@ def kills(node, sid: str, args) -> dict:
     time.sleep(args.poll * 2 + 0.5)
     b_up, _ = node.buyer_counters()
     n_up = node.session(sid)["up"]
-    sent = b_up - before_b - (node.udp_drops(node.node) - d0) * WG_DATA
+    sent = b_up - before_b
     counted = n_up - before_n
     return {"kills": args.kills, "sent_bytes": sent, "counted_bytes": counted,
-            "difference_bytes": counted - sent, "one_poll_interval_bytes_at_rate": int(rate * 1e6 / 8 * args.poll),
+            "difference_bytes": counted - sent, "udp_dropped_bytes": (node.udp_drops(node.node) - d0) * WG_DATA,
+            "one_poll_interval_bytes_at_rate": int(rate * 1e6 / 8 * args.poll),
             "integrity_check": node.integrity()}
 
 
@@ -190,7 +201,7 @@ def synthetic(args) -> dict:
             cpu.append(time.thread_time() - c0)
         total = sum(a.describe(s["id"])["up"] for s in a.ledger.sessions("open", limit=1 << 30))
         cpu.sort()
-        return {"source": "synthetic wg dump (all peers change every cycle)", "sessions": args.sessions,
+        return {"source": "synthetic counter source (all peers change every cycle)", "sessions": args.sessions,
                 "cycles": args.cycles, "cpu_ms_per_poll_median": round(cpu[len(cpu) // 2] * 1000, 2),
                 "cpu_ms_per_poll_p95": round(cpu[int(len(cpu) * 0.95)] * 1000, 2),
                 "counted_exactly": total == args.sessions * args.cycles * 1_000_000}
@@ -200,7 +211,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sessions", type=int, default=1000)
     p.add_argument("--megabytes", type=int, default=200)
-    p.add_argument("--bitrate", default="200M", help="iperf3 -b for the metered transfer (0 = unlimited)")
+    p.add_argument("--bitrate", default="50M", help="pace of the metered transfer (iperf3 -b and --fq-rate), as "
+                   "the node's shaping paces a session at its cap; 0 = as fast as it goes")
+    p.add_argument("--agent-python", default="/usr/bin/python3", help="the interpreter the agent runs on "
+                   "(default: Debian's, with python3-cryptography)")
     p.add_argument("--poll", type=float, default=5.0, help="agent poll interval, seconds")
     p.add_argument("--kills", type=int, default=10)
     p.add_argument("--cycles", type=int, default=40, help="synthetic poll cycles")
@@ -217,7 +231,7 @@ def main() -> int:
     print(json.dumps(res, indent=1))
     s, r = res["synthetic"], res.get("real")
     print("\nsummary (goal in brackets)")
-    print(f"  CPU per poll, {s['sessions']} peers all changing (synthetic dump): "
+    print(f"  CPU per poll, {s['sessions']} peers all changing (synthetic counters): "
           f"{s['cpu_ms_per_poll_median']} ms median, {s['cpu_ms_per_poll_p95']} ms p95  [<= 50 ms]")
     if r:
         print(f"  CPU per poll, {r['peers_on_interface']} real wireguard-go peers, idle: "
@@ -226,14 +240,15 @@ def main() -> int:
         print(f"  agent RSS ({r['agent_python']}): {r['agent_rss_mb']['now']} MB now, "
               f"{r['agent_rss_mb']['peak']} MB peak, of which {r['agent_rss_mb']['shared_with_other_processes']} MB "
               f"shared libraries; private {r['agent_rss_mb']['private_uss']} MB  [<= 30 MB]")
-        print(f"  metering error vs the buyer's WireGuard bytes: up {r['error_up_percent_raw']} %, down "
-              f"{r['error_down_percent_raw']} % raw; net of UDP drops: up {r['error_up_percent_net_of_udp_drops']} %,"
-              f" down {r['error_down_percent_net_of_udp_drops']} %  [<= 1 %]")
+        print(f"  metering error vs the buyer's WireGuard bytes, paced at {r['transfer']['paced_at']}: up "
+              f"{r['error_up_percent_raw']} %, down {r['error_down_percent_raw']} % raw  [<= 1 %]; UDP bytes the "
+              f"receiving kernel dropped: {r['udp_dropped_bytes_up_down']}, net of them: up "
+              f"{r['error_up_percent_net_of_udp_drops']} %, down {r['error_down_percent_net_of_udp_drops']} %")
         if "kill9" in r:
             k = r["kill9"]
             print(f"  kill -9 x{k['kills']}: counted {k['counted_bytes']} of {k['sent_bytes']} bytes sent "
-                  f"(difference {k['difference_bytes']}, one poll interval = {k['one_poll_interval_bytes_at_rate']}); "
-                  f"integrity_check {k['integrity_check']}")
+                  f"(difference {k['difference_bytes']}, of which UDP dropped {k['udp_dropped_bytes']}; one poll "
+                  f"interval = {k['one_poll_interval_bytes_at_rate']}); integrity_check {k['integrity_check']}")
     return 0
 
 

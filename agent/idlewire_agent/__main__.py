@@ -2,19 +2,46 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
 import threading
 
-from . import __version__, shaping
+from . import __version__
 from .config import ConfigError, load
 
 DEFAULT_CONFIG = "/etc/idlewire/node.toml"
 
 
+def _run_config(argv: list[str]) -> str | None:
+    """The config path of a plain `run [--config FILE]` command line, else None.
+
+    The service always starts the agent this way: it is parsed without argparse (and without the
+    shaping CLI), whose modules would stay in the agent's memory for its whole life (~2 MB RSS).
+    """
+    if not argv:
+        return DEFAULT_CONFIG
+    if argv[0] != "run":
+        return None
+    argv = argv[1:]
+    if not argv:
+        return DEFAULT_CONFIG
+    if len(argv) == 2 and argv[0] == "--config" and not argv[1].startswith("-"):
+        return argv[1]
+    if len(argv) == 1 and argv[0].startswith("--config=") and len(argv[0]) > 9:
+        return argv[0][9:]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = _run_config(argv)
+    if path is not None:
+        return run_agent(path)
+    import argparse
+
+    from . import shaping
+
     parser = argparse.ArgumentParser(
         prog="idlewire-agent", description="idlewire node agent: WireGuard sessions for buyers, a crash-safe "
         "metering ledger, signed usage receipts and a local API.",
@@ -88,7 +115,10 @@ def run_agent(path: str) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         agent.start_policy(stop)
-    except (OSError, shaping.TcError) as exc:
+    except Exception as exc:  # OSError, or shaping.TcError (shaping is imported only when enabled)
+        shaping = sys.modules.get(f"{__package__}.shaping")
+        if not isinstance(exc, OSError) and not (shaping and isinstance(exc, shaping.TcError)):
+            raise
         print(f"idlewire-agent: cannot set up shaping: {exc}", file=sys.stderr)
         return 1
     try:
@@ -104,6 +134,10 @@ def run_agent(path: str) -> int:
             agent.poll()
         except Exception:  # keep metering: one bad cycle must not stop the agent
             logging.getLogger("idlewire.agent").exception("poll cycle failed")
+        try:  # between polls: one short step of receipt retention
+            agent.prune_receipts()
+        except Exception:
+            logging.getLogger("idlewire.agent").exception("receipt retention failed")
     agent.poll()
     for s in servers:
         s.shutdown()

@@ -6,18 +6,17 @@ rules never interleave half-way.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 from . import keys, receipts
 from .config import NodeConfig
 from .ledger import Delta, Ledger
+from .record import Record, field
 from .wg import Peer, Tunnel, WgError
 
 log = logging.getLogger("idlewire.agent")
@@ -31,8 +30,7 @@ class SessionError(Exception):
         self.status = status
 
 
-@dataclass
-class Stats:
+class Stats(Record):
     polls: int = 0
     poll_cpu: float = 0.0  # seconds of CPU (this thread + `wg` children) spent polling
     last_poll_cpu: float = 0.0
@@ -106,16 +104,20 @@ class Agent:
         The interfaces and tunnel port come from [interfaces]/[tunnel] (one source of truth); the
         shaping trees are brought in line with the sessions that survived a restart.
         """
-        from . import quota, schedule, shaping
+        from . import quota
+        from .policy import SHAPING_STATE_PATH
 
         pol = self.cfg.policy
         self.quota = quota.QuotaKeeper(pol.quota, os.path.join(self.cfg.state_dir, "quota.json"),
                                        on_exhausted=self.close_all)
-        sh = dataclasses.replace(pol.shaping, wan_interface=self.cfg.interfaces.wan,
+        sh = pol.shaping.replace(wan_interface=self.cfg.interfaces.wan,
                                  tunnel_interface=self.cfg.tunnel.interface, tunnel_port=self.cfg.tunnel.port)
-        if not sh.enabled:
-            if os.path.exists(shaping.STATE_PATH):  # shaping was on before: take the trees down
-                shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions).teardown()
+        if not sh.enabled and not os.path.exists(SHAPING_STATE_PATH):
+            return  # shaping off: its code (~1 MB of RSS) is not even imported
+        from . import schedule, shaping
+
+        if not sh.enabled:  # shaping was on before: take the trees down
+            shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions).teardown()
             return
         self.shaper = shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions)
         self.shaper.setup()
@@ -169,14 +171,14 @@ class Agent:
                 self.ledger.set_meta(db, "boot_id", boot)
             self.stats.resets += 1
 
-    def _open_peers(self) -> dict[str, tuple]:
-        """wg_key -> (session, rx_raw, tx_raw, address) of every open session."""
-        with self.lock:
-            cur = self.ledger.db.execute(
-                "SELECT p.wg_key, p.session, p.rx_raw, p.tx_raw, s.address FROM peers p "
-                "JOIN sessions s ON s.id = p.session WHERE s.state = 'open'")
-            cur.row_factory = None
-            return {r[0]: r[1:] for r in cur}
+    def _open_peers(self, only: str | None = None):
+        """Rows (wg_key, session, rx_raw, tx_raw) of every open session's peer (or of `only`), as a
+        cursor: with 1,000 sessions a poll never holds them all at once. Call with the lock held."""
+        q = ("SELECT p.wg_key, p.session, p.rx_raw, p.tx_raw FROM peers p JOIN sessions s ON s.id = p.session "
+             "WHERE s.state = 'open'")
+        cur = self.ledger.db.execute(q + " AND p.wg_key = ?", (only,)) if only else self.ledger.db.execute(q)
+        cur.row_factory = None
+        return cur
 
     # --- metering -------------------------------------------------------------------------
     def poll(self) -> list[Delta]:
@@ -202,7 +204,7 @@ class Agent:
         self.stats.last_poll_cpu = cpu
         return deltas
 
-    def _record(self, dump: dict[str, Peer], peers: dict[str, tuple], only: str | None = None) -> list[Delta]:
+    def _record(self, dump: dict[str, Peer], rows, only: str | None = None) -> list[Delta]:
         now = self.clock()
         mono = time.monotonic()
         if self._last_poll_mono is None:
@@ -215,16 +217,17 @@ class Agent:
         if only is None:
             self._last_poll_mono = mono
         deltas: list[Delta] = []
+        missing: list[tuple[str, str]] = []
+        seen: set[str] = set()
         resets = clamped_total = 0
-        for key, p in peers.items():
+        for key, session, rx_raw, tx_raw in rows:
             if only is not None and key != only:
                 continue
+            seen.add(key)
             peer = dump.get(key)
             if peer is None:
-                if only is None:
-                    self._readd(key, p)
+                missing.append((key, session))
                 continue
-            session, rx_raw, tx_raw, _ = p
             if peer.rx == rx_raw and peer.tx == tx_raw:
                 continue
             rx, r1, c1 = counter_delta(peer.rx, rx_raw, limit)
@@ -236,7 +239,9 @@ class Agent:
             clamped_total += c1 + c2
             deltas.append(Delta(key, session, peer.rx, peer.tx, rx, tx))
         if only is None:
-            for key in set(dump) - set(peers):
+            for key, session in missing:
+                self._readd(key, session)
+            for key in dump.keys() - seen:
                 log.info("removing stale peer %s (no open session)", key)
                 self._try(self.tunnel.remove_peer, key)
         if deltas or only is None:
@@ -244,10 +249,11 @@ class Agent:
         self.stats.resets += resets
         return deltas
 
-    def _readd(self, key: str, p: tuple) -> None:
+    def _readd(self, key: str, session: str) -> None:
         """An open session's peer is missing from the interface: add it back, counting from zero."""
-        log.info("session %s: peer missing from %s, adding it back", p[0], self.tunnel.ifname)
-        if self._try(self.tunnel.add_peer, key, p[3]):
+        log.info("session %s: peer missing from %s, adding it back", session, self.tunnel.ifname)
+        row = self.ledger.db.execute("SELECT address FROM sessions WHERE id = ?", (session,)).fetchone()
+        if row and self._try(self.tunnel.add_peer, key, row[0]):
             self.ledger.reset_baselines([key])
 
     @staticmethod
@@ -322,7 +328,7 @@ class Agent:
                 return self.describe(sid)
             # Count what the peer carried since the last poll before it disappears.
             try:
-                self._record(self.tunnel.dump(), self._open_peers(), only=s["wg_key"])
+                self._record(self.tunnel.dump(), self._open_peers(s["wg_key"]), only=s["wg_key"])
             except WgError as exc:
                 log.warning("close %s: final read failed: %s", sid, exc)
             self._try(self.tunnel.remove_peer, s["wg_key"])
@@ -354,9 +360,14 @@ class Agent:
     def _issue(self, db, s: dict, buyer: dict | None) -> dict:
         row = db.execute("SELECT seq, body FROM receipts WHERE session = ? ORDER BY seq DESC LIMIT 1",
                          (s["id"],)).fetchone()
-        seq, prev = (row[0] + 1, receipts.receipt_hash(json.loads(row[1]))) if row else (1, receipts.GENESIS)
+        seq, prev = 1, receipts.GENESIS
+        if row:
+            last = json.loads(row[1])
+            seq, prev = row[0] + 1, last["hash"] if receipts.is_checkpoint(last) else receipts.receipt_hash(last)
         r = receipts.make_receipt(self.node_key, s["id"], seq, s["rx"], s["tx"], int(self.clock()), prev, buyer)
         db.execute("INSERT INTO receipts VALUES (?, ?, ?)", (s["id"], seq, json.dumps(r, sort_keys=True)))
+        if s["state"] == "closed":  # co-signed after the close: retention trims the chain again
+            db.execute("UPDATE sessions SET retention = 0 WHERE id = ?", (s["id"],))
         return r
 
     def cosign(self, sid: str, buyer_key: str, stmt: dict) -> dict:
@@ -365,6 +376,9 @@ class Agent:
             s = self.ledger.session(sid)
             if s is None or s["buyer_key"] != buyer_key:
                 raise SessionError(404, f"no session {sid} for this buyer key")
+            if s["retention"] == 2:
+                raise SessionError(409, f"session {sid} closed more than {self.cfg.receipts.keep_days:g} days ago: "
+                                        "its receipts are deleted")
             if not receipts.usage_valid(stmt, sid, buyer_key):
                 raise SessionError(400, "usage: bad signature or fields (expected up, down, time, key, sig)")
             if stmt["up"] < s["paid_up"] or stmt["down"] < s["paid_down"]:
@@ -390,11 +404,72 @@ class Agent:
         return {"receipt": r, "agreed": agreed, "node_bytes": ours, "buyer_bytes": theirs, "state": s["state"],
                 "reason": s["reason"]}
 
-    def receipts(self, sid: str) -> list[dict]:
+    def prune_receipts(self, batch: int = 1000) -> bool:
+        """One step of receipt retention (node.toml [receipts]); False when there is nothing to do.
+
+        Called between polls, never inside one: each step is one short transaction on one closed
+        session, deleting at most `batch` receipts. Every committed state still verifies: a chain
+        is cut from its end (deleted `keep_days` after the close), or from its start behind a fresh
+        node-signed checkpoint (trimmed to the last `keep_closed` once the session is closed).
+        Open sessions keep every receipt.
+        """
+        keep, days = self.cfg.receipts.keep_closed, self.cfg.receipts.keep_days
+        db = self.ledger.db
         with self.lock:
-            rows = self.ledger.db.execute("SELECT body FROM receipts WHERE session = ? ORDER BY seq",
-                                          (sid,)).fetchall()
-        return [json.loads(r[0]) for r in rows]
+            if days:
+                row = db.execute("SELECT id FROM sessions WHERE state = 'closed' AND retention < 2 AND closed_at < ? "
+                                 "ORDER BY closed_at LIMIT 1", (self.clock() - days * 86400,)).fetchone()
+                if row:
+                    with self.ledger.tx():
+                        db.execute("DELETE FROM receipts WHERE session = ?1 AND seq > (SELECT max(seq) FROM receipts "
+                                   "WHERE session = ?1) - ?2", (row[0], batch))
+                        if not db.execute("SELECT 1 FROM receipts WHERE session = ?", (row[0],)).fetchone():
+                            db.execute("UPDATE sessions SET retention = 2 WHERE id = ?", (row[0],))
+                            log.info("session %s: receipts deleted (closed over %g days ago)", row[0], days)
+                    return True
+            if not keep:
+                return False
+            row = db.execute("SELECT id FROM sessions WHERE state = 'closed' AND retention < 2 AND retention = 0 "
+                             "LIMIT 1").fetchone()
+            if not row:
+                return False
+            sid = row[0]
+            lo, hi = db.execute("SELECT min(seq), max(seq) FROM receipts WHERE session = ?", (sid,)).fetchone()
+            target = (hi or 0) - keep  # the receipt a checkpoint will stand for, at the end
+            with self.ledger.tx():
+                if lo is not None and target > lo:
+                    c = min(target, lo + batch)
+                    r = json.loads(db.execute("SELECT body FROM receipts WHERE session = ? AND seq = ?",
+                                              (sid, c)).fetchone()[0])
+                    db.execute("UPDATE receipts SET body = ? WHERE session = ? AND seq = ?",
+                               (json.dumps(receipts.make_checkpoint(self.node_key, r), sort_keys=True), sid, c))
+                    db.execute("DELETE FROM receipts WHERE session = ? AND seq < ?", (sid, c))
+                    if c < target:
+                        return True
+                    log.info("session %s: receipts before seq %d pruned (kept the last %d)", sid, c + 1, keep)
+                db.execute("UPDATE sessions SET retention = 1 WHERE id = ?", (sid,))
+            return True
+
+    def receipts(self, sid: str) -> list[dict]:
+        return json.loads("".join(self.receipts_json(sid)))
+
+    def receipts_json(self, sid: str, page: int = 256):
+        """The session's receipts as a JSON array, in pieces: a page of stored bodies at a time, so a
+        long chain (17,280 a day at one co-signature every 5 s) never sits in memory whole."""
+        yield "["
+        seq, sep = -1, ""
+        while True:
+            with self.lock:
+                cur = self.ledger.db.execute("SELECT seq, body FROM receipts WHERE session = ? AND seq > ? "
+                                             "ORDER BY seq LIMIT ?", (sid, seq, page))
+                cur.row_factory = None
+                rows = cur.fetchall()
+            if rows:
+                yield sep + ",".join(r[1] for r in rows)
+                seq, sep = rows[-1][0], ","
+            if len(rows) < page:
+                break
+        yield "]"
 
     # --- reporting ------------------------------------------------------------------------
     def usage(self) -> dict:

@@ -1,4 +1,4 @@
-"""The local HTTP API (standard library server). Listens on management/LAN addresses only.
+"""The local HTTP API (stdlib socketserver + a small HTTP/1.1 parser). Listens on management/LAN addresses only.
 
     GET    /health                       open      status, version, node keys, unit, signed payout, caps
     GET    /metrics                      open      Prometheus text format
@@ -11,7 +11,8 @@
     GET    /usage                        admin     lifetime, per day, per session totals
 
 Buyer calls are signed with the buyer's ed25519 key (receipts.sign_request: method, path, time,
-nonce and body hash; a nonce is accepted once, the time must be within 120 s). Admin calls carry
+nonce and body hash; the time must be within 120 s and a nonce is accepted once: the ledger keeps
+it while its time is in that window, across restarts). Admin calls carry
 `Authorization: Bearer TOKEN` from the 0600 token file. Bad input is a 4xx, never a 5xx.
 """
 
@@ -22,9 +23,10 @@ import json
 import logging
 import re
 import socket
+import socketserver
+import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from . import __version__, receipts
@@ -43,53 +45,125 @@ class ApiError(Exception):
         self.status = status
 
 
-class Nonces:
-    """Nonces seen within the accepted clock window: a signed request is good once."""
+class Headers(dict):
+    """Request headers by lower-case name (the first of repeated ones), `get` case-insensitive."""
 
-    def __init__(self) -> None:
-        self.seen: dict[str, float] = {}
-        self.lock = threading.Lock()
-
-    def use(self, nonce: str, now: float) -> bool:
-        with self.lock:
-            if len(self.seen) > 10000 or int(now) % 30 == 0:
-                self.seen = {n: t for n, t in self.seen.items() if t > now}
-            if nonce in self.seen:
-                return False
-            self.seen[nonce] = now + 2 * CLOCK_SKEW
-            return True
+    def get(self, name: str, default=None):
+        return super().get(name.lower(), default)
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = f"idlewire-agent/{__version__}"
-    protocol_version = "HTTP/1.1"
-    default_request_version = "HTTP/1.0"  # a broken request line still gets a status line back
+_STATUS = {100: "Continue", 200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized",
+           403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
+           409: "Conflict", 411: "Length Required", 413: "Content Too Large", 414: "URI Too Long",
+           431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
+MAX_LINE = 8192
+MAX_HEADERS = 64
+
+
+class Handler(socketserver.StreamRequestHandler):
+    """A small HTTP/1.1 server: request line, headers, a Content-Length body; keep-alive.
+
+    Not http.server: that module brings email, html and mimetypes with it (~2 MB of the agent's
+    RSS, for the whole life of the process) to parse a handful of headers. Anything this parser
+    does not understand is a 4xx and the connection is closed.
+    """
+
     timeout = 15  # a slow or silent client does not hold a thread for ever
+    server_version = f"idlewire-agent/{__version__}"
 
-    def log_message(self, fmt, *args):  # route to logging, not stderr
-        log.debug("%s " + fmt, self.address_string(), *args)
+    def handle(self) -> None:
+        self.close_connection = False
+        try:
+            while not self.close_connection:
+                try:
+                    if not self._read_request():
+                        return
+                except ApiError as exc:
+                    self.close_connection = True
+                    self._send(exc.status, {"error": str(exc)})
+                    return
+                self._handle(self.command)
+        except (TimeoutError, ConnectionError):  # the client went away or fell silent
+            return
+
+    def _read_request(self) -> bool:
+        """Parse the next request's line and headers; False at a clean end of the connection."""
+        line = self.rfile.readline(MAX_LINE + 1)
+        if line in (b"\r\n", b"\n"):  # one empty line before a request is allowed (RFC 9112 2.2)
+            line = self.rfile.readline(MAX_LINE + 1)
+        if not line:
+            return False
+        if len(line) > MAX_LINE:
+            raise ApiError(414, f"request line longer than {MAX_LINE} bytes")
+        words = line.decode("latin-1").rstrip("\r\n").split(" ")
+        if len(words) != 3 or not _TOKEN.match(words[0]) or not words[1].startswith("/"):
+            raise ApiError(400, "bad request line; expected METHOD /PATH HTTP/1.1")
+        version = _VERSION.match(words[2])
+        if not version or not (1, 0) <= (int(version[1]), int(version[2])) < (2, 0):
+            raise ApiError(400, f"unsupported protocol {words[2][:20]!r}; expected HTTP/1.1 or HTTP/1.0")
+        self.command, self.path, self.request_version = words
+        headers = Headers()
+        for n in range(MAX_HEADERS + 1):
+            line = self.rfile.readline(MAX_LINE + 1)
+            if len(line) > MAX_LINE:
+                raise ApiError(431, f"header line longer than {MAX_LINE} bytes")
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if n == MAX_HEADERS:
+                raise ApiError(431, f"more than {MAX_HEADERS} headers")
+            name, sep, value = line.decode("latin-1").partition(":")
+            if not sep or not _TOKEN.match(name):
+                raise ApiError(400, "bad header line; expected Name: value")
+            name, value = name.lower(), value.strip()
+            if name in headers and name in ("content-length", "transfer-encoding", "host"):
+                raise ApiError(400, f"{name}: given twice")
+            headers.setdefault(name, value)
+        self.headers = headers
+        conn = headers.get("connection", "").lower()
+        self.close_connection = conn == "close" or (self.request_version == "HTTP/1.0" and conn != "keep-alive")
+        if headers.get("expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def address_string(self) -> str:
+        return str(self.client_address[0])
 
     @property
     def agent(self) -> Agent:
         return self.server.agent  # type: ignore[attr-defined]
 
     # --- plumbing -------------------------------------------------------------------------
-    def send_error(self, code, message=None, explain=None):
-        # The stdlib answers an unknown method with 501 and an HTTP/2+ request line with 505:
-        # both are the client's mistake here, so they are 4xx.
-        code = {501: 405, 505: 400}.get(code, code)
-        super().send_error(code, message, explain)
+    def _head(self, code: int, ctype: str, length: int | None) -> bytes:
+        lines = [f"HTTP/1.1 {code} {_STATUS.get(code, '')}", f"Server: {self.server_version}",
+                 "Date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime()), f"Content-Type: {ctype}"]
+        if length is None:  # the body ends when the connection does
+            self.close_connection = True
+        else:
+            lines.append(f"Content-Length: {length}")
+        if code >= 400:
+            self.close_connection = True
+        if self.close_connection:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _send(self, code: int, body: dict | list | str, ctype: str = "application/json") -> None:
         data = (body if isinstance(body, str) else json.dumps(body)).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        if code >= 400:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
+        log.debug("%s %s %s -> %d", self.address_string(), getattr(self, "command", "-"),
+                  getattr(self, "path", "-")[:200], code)
+        self.wfile.write(self._head(code, ctype, len(data)) + data)
+
+    def _send_stream(self, chunks) -> None:
+        """200 with a JSON body written piece by piece (large receipt chains never sit in memory)."""
+        self.wfile.write(self._head(200, "application/json", None))
+        try:
+            for chunk in chunks:
+                self.wfile.write(chunk.encode())
+        except (TimeoutError, ConnectionError):
+            raise
+        except Exception:  # the status line is out: all that is left is to cut the body short
+            log.exception("%s %s: streaming the answer failed", self.command, self.path[:200])
 
     def _body(self) -> bytes:
         te = self.headers.get("Transfer-Encoding")
@@ -151,13 +225,10 @@ class Handler(BaseHTTPRequestHandler):
         if len(key) > 100 or len(sig) > 200 or not receipts.request_valid(key, sig, method, self.path, t, nonce,
                                                                           body):
             raise ApiError(401, "X-Idlewire-Signature: not a valid signature of this request by X-Idlewire-Key")
-        if not self.agent_nonces.use(nonce, time.time()):
+        # Remembered (in the ledger, across restarts) for as long as the time stays in the window.
+        if not self.agent.ledger.use_nonce(nonce, int(t) + CLOCK_SKEW + 1, time.time()):
             raise ApiError(401, "X-Idlewire-Nonce: already used (replayed request)")
         return key
-
-    @property
-    def agent_nonces(self) -> Nonces:
-        return self.server.nonces  # type: ignore[attr-defined]
 
     def _who(self, method: str, body: bytes) -> tuple[bool, str | None]:
         admin = self._admin()
@@ -177,6 +248,8 @@ class Handler(BaseHTTPRequestHandler):
     # --- dispatch -------------------------------------------------------------------------
     def _handle(self, method: str) -> None:
         try:
+            if method not in ("GET", "POST", "DELETE", "PUT", "PATCH"):
+                raise ApiError(405, f"method {method[:20]} not allowed; expected GET, POST or DELETE")
             body = self._body()
             self._route(method, body)
         except ApiError as exc:
@@ -230,53 +303,39 @@ class Handler(BaseHTTPRequestHandler):
                 data = self._json(body, {"up": int, "down": int, "time": int, "key": str, "sig": str})
                 return self._send(200, a.cosign(s["id"], buyer, data))
             if parts[2:] == ["receipts"] and method == "GET":
-                return self._send(200, a.receipts(s["id"]))
+                return self._send_stream(a.receipts_json(s["id"]))
             raise ApiError(404 if method in ("GET", "POST", "DELETE") else 405, "not found")
         if parts == ["receipts"] and method == "GET":
             sid = query.get("session", [""])[0]
             s = self._session(sid, admin, buyer)
-            return self._send(200, a.receipts(s["id"]))
+            return self._send_stream(a.receipts_json(s["id"]))
         if parts == ["usage"] and method == "GET":
             if not admin:
                 raise ApiError(403, "usage totals are for the admin token")
             return self._send(200, a.usage())
         raise ApiError(405 if parts[0] in ("sessions", "usage", "receipts") else 404, "method not allowed here")
 
-    def do_GET(self):
-        self._handle("GET")
-
-    def do_POST(self):
-        self._handle("POST")
-
-    def do_DELETE(self):
-        self._handle("DELETE")
-
-    def do_PUT(self):
-        self._handle("PUT")
-
-    def do_PATCH(self):
-        self._handle("PATCH")
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
 
+    def handle_error(self, request, client_address):  # one line in the log, never a traceback on stderr
+        log.warning("API connection from %s: %s", client_address[0], sys.exc_info()[1])
 
-def _server(addr: str, port: int, agent: Agent) -> ThreadingHTTPServer:
+
+def _server(addr: str, port: int, agent: Agent) -> _Server:
     cls = type("S", (_Server,), {"address_family": socket.AF_INET6 if ":" in addr else socket.AF_INET})
     srv = cls((addr, port), Handler)
     srv.agent = agent  # type: ignore[attr-defined]
-    srv.nonces = Nonces()  # type: ignore[attr-defined]
     return srv
 
 
-def serve(listen: list[str], port: int, agent: Agent) -> list[ThreadingHTTPServer]:
+def serve(listen: list[str], port: int, agent: Agent) -> list[_Server]:
     servers = [_server(a, port, agent) for a in listen]
-    nonces = servers[0].nonces  # type: ignore[attr-defined]
     for s in servers:
-        s.nonces = nonces  # type: ignore[attr-defined]  # one replay window across addresses
         threading.Thread(target=s.serve_forever, daemon=True, name=f"api-{s.server_address}").start()
         log.info("API listening on %s port %d", s.server_address[0], s.server_address[1])
     return servers

@@ -1,6 +1,6 @@
 """/etc/idlewire/node.toml: loading and validation. Every error names its key and what is expected.
 
-Sections (all optional; defaults in the dataclasses below):
+Sections (all optional; defaults in the records below):
 
     [node]        region, price_per_gb, log_level, state_dir, key_file, marketplace, unit_file
     [interfaces]  wan, lan, management (interface names)
@@ -8,6 +8,7 @@ Sections (all optional; defaults in the dataclasses below):
     [metering]    poll_interval, line_rate_mbit, unpaid_cap_mb, tolerance_percent
     [sessions]    max, expiry, idle_timeout
     [api]         listen, port, admin_token_file, max_body
+    [receipts]    keep_closed, keep_days
     [shaping] [schedule] [quota] [firewall]   see policy.py
 
 and the unit's own settings, /etc/idlewire/unit.toml ([node] unit_file), written at first boot
@@ -34,10 +35,9 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import policy
+from .record import Record, field
 
 
 class ConfigError(Exception):
@@ -48,23 +48,20 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@dataclass
-class ApiConfig:
+class ApiConfig(Record):
     listen: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     port: int = 8740
     admin_token_file: str = "/etc/idlewire/admin.token"  # noqa: S105 (a path, not a secret)
     max_body: int = 16384
 
 
-@dataclass
-class InterfacesConfig:
+class InterfacesConfig(Record):
     wan: str = "eth0"
     lan: str = ""
     management: str = ""
 
 
-@dataclass
-class TunnelConfig:
+class TunnelConfig(Record):
     interface: str = "iw0"
     port: int = 51820
     pool: str = "10.99.0.0/16"
@@ -76,8 +73,7 @@ class TunnelConfig:
         return ipaddress.ip_network(self.pool, strict=False)
 
 
-@dataclass
-class MeteringConfig:
+class MeteringConfig(Record):
     poll_interval: float = 5.0
     line_rate_mbit: float = 1000.0
     unpaid_cap_mb: float = 50.0
@@ -92,8 +88,7 @@ class MeteringConfig:
         return int(self.unpaid_cap_mb * 1_000_000)
 
 
-@dataclass
-class SessionsConfig:
+class SessionsConfig(Record):
     max: int = 50
     expiry: int = 86400
     idle_timeout: int = 900
@@ -104,8 +99,7 @@ UNIT_KEYS = ("unit", "hostname", "node_public_key", "payout_address", "caps")
 UNIT_CAPS = ("up_mbit", "down_mbit", "monthly_gb", "max_sessions")
 
 
-@dataclass
-class UnitConfig:
+class UnitConfig(Record):
     """The unit's stamped identity and caps (unit.toml); `present` False when there is none."""
 
     path: str = ""
@@ -118,8 +112,16 @@ class UnitConfig:
     notes: list[str] = field(default_factory=list)  # what the caps changed, one line each
 
 
-@dataclass
-class NodeConfig:
+class ReceiptsConfig(Record):
+    """Retention. Open sessions keep every receipt. A closed one keeps its last `keep_closed` (the
+    closing receipt included) behind a node-signed checkpoint that stands for the ones before, and
+    all of them go `keep_days` after the close. 0 = keep (all of them / for ever)."""
+
+    keep_closed: int = 100
+    keep_days: float = 90.0
+
+
+class NodeConfig(Record):
     region: str = "unset"
     price_per_gb: float = 0.0
     log_level: str = "info"
@@ -132,12 +134,13 @@ class NodeConfig:
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    receipts: ReceiptsConfig = field(default_factory=ReceiptsConfig)
     policy: policy.Policy = field(default_factory=policy.Policy)
     unit: UnitConfig = field(default_factory=lambda: UnitConfig())
 
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_OWN_SECTIONS = ("node", "interfaces", "tunnel", "metering", "sessions", "api")
+_OWN_SECTIONS = ("node", "interfaces", "tunnel", "metering", "sessions", "api", "receipts")
 
 
 def _ifname(v: str) -> bool:
@@ -250,6 +253,11 @@ def parse(data: dict, path: str = "node.toml") -> NodeConfig:
         ("port", int, lambda v: 0 < v < 65536, "a TCP port 1-65535"),
         ("admin_token_file", str, _abs, "an absolute path"),
         ("max_body", int, lambda v: 256 <= v <= 1 << 20, "bytes between 256 and 1048576"),
+    ])
+    section("receipts", cfg.receipts, [
+        ("keep_closed", int, lambda v: 0 <= v <= 10_000_000,
+         "an integer >= 0 (receipts kept per closed session; 0 = all)"),
+        ("keep_days", num, lambda v: 0 <= v <= 36600, "a number of days >= 0 (0 = for ever)"),
     ])
     cfg.price_per_gb = float(cfg.price_per_gb)
     for name in _OWN_SECTIONS:
@@ -369,11 +377,11 @@ def _read_toml(path: str, what: str) -> dict:
         raise ConfigError(path, [f"cannot read: {exc.strerror}; expected a {what} file"]) from None
 
 
-def load(path: str | Path, unit_file: str | Path | None = None) -> NodeConfig:
+def load(path: str | os.PathLike, unit_file: str | os.PathLike | None = None) -> NodeConfig:
     """node.toml, then the unit file it names (or `unit_file`), whose caps win when it exists."""
-    path = str(path)
+    path = os.fspath(path)
     cfg = parse(_read_toml(path, "node.toml"), path)
-    upath = str(unit_file) if unit_file is not None else cfg.unit_file
+    upath = os.fspath(unit_file) if unit_file is not None else cfg.unit_file
     if unit_file is None and not os.path.lexists(upath):
         return cfg  # not a stamped unit (provisioned live): node.toml alone
     unit, problems = parse_unit(_read_toml(upath, "unit.toml"), upath)

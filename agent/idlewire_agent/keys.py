@@ -22,12 +22,31 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+# cryptography >= 40 has *_bytes_raw(); its public_bytes()/private_bytes() import the whole public
+# `serialization` package (SSH, PKCS#12, bcrypt: ~2 MB of RSS) on first use. Older ones (Debian
+# bookworm's 38) only have the general methods.
+def _raw_public(key) -> bytes:
+    raw = getattr(key, "public_bytes_raw", None)
+    return raw() if raw else key.public_bytes(_RAW, _RAWPUB)
+
+
+def _raw_private(key) -> bytes:
+    raw = getattr(key, "private_bytes_raw", None)
+    return raw() if raw else key.private_bytes(_RAW, _RAWPRIV, _NOENC)
+
+
 def write_secret(path: str, text: str) -> None:
     """Write a secret atomically with mode 0600 (never world-readable, not even briefly)."""
+    write_atomic(path, text, 0o600)
+
+
+def write_atomic(path: str | os.PathLike, text: str, mode: int = 0o600) -> None:
+    """Write a file via a temp file, fsync and rename: readers see the old or the new content."""
+    path = os.fspath(path)
     d = os.path.dirname(path) or "."
     os.makedirs(d, mode=0o750, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -55,7 +74,7 @@ def _read_or_create(path: str, make) -> str:
 
 def ed25519_private(path: str) -> Ed25519PrivateKey:
     """The node's signing key (base64 of the 32 raw bytes), created if missing."""
-    text = _read_or_create(path, lambda: b64(Ed25519PrivateKey.generate().private_bytes(_RAW, _RAWPRIV, _NOENC)))
+    text = _read_or_create(path, lambda: b64(_raw_private(Ed25519PrivateKey.generate())))
     try:
         return Ed25519PrivateKey.from_private_bytes(base64.b64decode(text, validate=True))
     except ValueError as exc:
@@ -63,7 +82,7 @@ def ed25519_private(path: str) -> Ed25519PrivateKey:
 
 
 def ed25519_public_b64(key: Ed25519PrivateKey) -> str:
-    return b64(key.public_key().public_bytes(_RAW, _RAWPUB))
+    return b64(_raw_public(key.public_key()))
 
 
 def ed25519_public_from_b64(text: str) -> Ed25519PublicKey:
@@ -75,14 +94,14 @@ def ed25519_public_from_b64(text: str) -> Ed25519PublicKey:
 
 def wg_private(path: str) -> tuple[str, str]:
     """The node's WireGuard key pair (private, public), base64 as `wg` writes it; created if missing."""
-    text = _read_or_create(path, lambda: b64(X25519PrivateKey.generate().private_bytes(_RAW, _RAWPRIV, _NOENC)))
+    text = _read_or_create(path, lambda: b64(_raw_private(X25519PrivateKey.generate())))
     priv = X25519PrivateKey.from_private_bytes(base64.b64decode(text, validate=True))
-    return text, b64(priv.public_key().public_bytes(_RAW, _RAWPUB))
+    return text, b64(_raw_public(priv.public_key()))
 
 
 def wg_keypair() -> tuple[str, str]:
     priv = X25519PrivateKey.generate()
-    return b64(priv.private_bytes(_RAW, _RAWPRIV, _NOENC)), b64(priv.public_key().public_bytes(_RAW, _RAWPUB))
+    return b64(_raw_private(priv)), b64(_raw_public(priv.public_key()))
 
 
 def admin_token(path: str) -> str:

@@ -7,7 +7,8 @@ neither: nothing is counted twice, and what is lost is at most the uncommitted p
 even that is picked up at the next poll, as long as the interface's counters survived).
 
 Tables: sessions (one row per buyer session, with its totals), peers (raw counter baselines),
-daily (totals per UTC day), meta (lifetime totals, interface index, schema), receipts.
+daily (totals per UTC day), meta (lifetime totals, interface index, schema), receipts, nonces
+(of signed API requests, so that a replay is refused across restarts too).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
-SCHEMA = 1
+SCHEMA = 2  # 2: sessions.retention, nonces
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     tx INTEGER NOT NULL DEFAULT 0,    -- bytes to the buyer (buyer's download)
     paid_up INTEGER NOT NULL DEFAULT 0,    -- buyer-signed cumulative figures
     paid_down INTEGER NOT NULL DEFAULT 0,
-    paid_time REAL NOT NULL DEFAULT 0
+    paid_time REAL NOT NULL DEFAULT 0,
+    retention INTEGER NOT NULL DEFAULT 0   -- receipts of a closed session: 0 all, 1 trimmed, 2 deleted
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_open_addr ON sessions(address) WHERE state = 'open';
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_open_wg ON sessions(wg_key) WHERE state = 'open';
@@ -55,11 +57,14 @@ CREATE TABLE IF NOT EXISTS receipts (
     session TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
     PRIMARY KEY (session, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nonces (   -- signed API requests seen, until their time is out of the window
+    nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires);
 """
 
 
-@dataclass
-class Delta:
+class Delta(NamedTuple):  # a tuple: a poll with 1,000 changing peers makes 1,000 of them
     wg_key: str
     session: str
     rx_raw: int
@@ -73,6 +78,7 @@ class Ledger:
 
     def __init__(self, path: str, synchronous: str = "FULL"):
         self.path = path
+        self.synchronous = synchronous
         self.lock = threading.RLock()
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self.db.row_factory = sqlite3.Row
@@ -80,10 +86,15 @@ class Ledger:
         # FULL: every commit (one per poll cycle, so one fsync per cycle) survives a power cut too,
         # so a crash of any kind loses at most the cycle in progress.
         self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.execute("PRAGMA cache_size=-1024")  # 1 MB page cache: the ledger is small
+        self.db.execute("PRAGMA cache_size=-256")  # 256 KB page cache: the ledger is small
         self.db.executescript(_DDL)  # idempotent (IF NOT EXISTS)
+        if "retention" not in {r[1] for r in self.db.execute("PRAGMA table_info(sessions)")}:  # schema 1
+            self.db.execute("ALTER TABLE sessions ADD COLUMN retention INTEGER NOT NULL DEFAULT 0")
+        # Closed sessions whose receipts retention has not finished with: what prune looks for.
+        self.db.execute("CREATE INDEX IF NOT EXISTS sessions_retention ON sessions(retention, closed_at) "
+                        "WHERE state = 'closed' AND retention < 2")
         with self.tx():
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
+            self.set_meta(self.db, "schema", SCHEMA)
             for k in ("lifetime_rx", "lifetime_tx", "clamped_bytes", "resets"):
                 self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (k,))
 
@@ -143,6 +154,25 @@ class Ledger:
                     self.set_meta(db, k, v)
             db.execute("INSERT INTO meta VALUES ('last_poll', ?) ON CONFLICT(key) DO UPDATE "
                        "SET value = excluded.value", (now,))
+            db.execute("DELETE FROM nonces WHERE expires < ?", (now,))
+
+    # --- replay protection ----------------------------------------------------------------
+    def use_nonce(self, nonce: str, expires: float, now: float) -> bool:
+        """Record a signed request's nonce until `expires`; False if it is already there (a replay).
+
+        Committed before the request is served, so a restart does not forget it. This commit does
+        not wait for an fsync (one per API call would be a lot on an SD card): in WAL mode it is
+        safe from a crash of the agent at once, and from a power cut with the next poll's commit.
+        """
+        with self.lock:
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self.tx() as db:
+                    cur = db.execute("INSERT INTO nonces VALUES (?, ?) ON CONFLICT(nonce) DO UPDATE SET "
+                                     "expires = excluded.expires WHERE nonces.expires < ?", (nonce, expires, now))
+                    return cur.rowcount == 1
+            finally:
+                self.db.execute(f"PRAGMA synchronous={self.synchronous}")
 
     def reset_baselines(self, keys: list[str] | None = None) -> None:
         """The counters of these peers (all when None) restart from zero (peer re-added, new interface)."""

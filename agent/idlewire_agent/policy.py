@@ -43,18 +43,19 @@ and what is expected. Rates are in Mbit/s in the file (floats allowed) and bits/
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
+from .record import Record, field
+
 SECTIONS = ("shaping", "schedule", "quota", "firewall")
+SHAPING_STATE_PATH = "/run/idlewire/shaping.json"  # shaping.STATE_PATH (here: no need to import shaping)
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MBIT = 1_000_000
 _IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$|^24:00$")
 
 
-@dataclass
-class Shaping:
+class Shaping(Record):
     enabled: bool = False
     wan_interface: str = "eth0"
     tunnel_interface: str = "wg0"
@@ -71,8 +72,7 @@ class Shaping:
     session_cap_down: int = 0
 
 
-@dataclass
-class Rule:
+class Rule(Record):
     days: tuple[int, ...]  # 0 = Monday
     start: int  # minutes after midnight
     end: int  # minutes after midnight; end <= start wraps past midnight
@@ -80,15 +80,13 @@ class Rule:
     cap_down: int
 
 
-@dataclass
-class Quota:
+class Quota(Record):
     monthly_bytes: int = 0  # 0 = no quota
     reset_day: int = 1
     max_sessions: int = 8
 
 
-@dataclass
-class Firewall:
+class Firewall(Record):
     table: str = "idlewire"
     required: bool = True
     nat_port_low: int = 61440
@@ -100,8 +98,7 @@ class Firewall:
         return 0xFFFF & ~(self.nat_port_high - self.nat_port_low)
 
 
-@dataclass
-class Policy:
+class Policy(Record):
     shaping: Shaping = field(default_factory=Shaping)
     schedule: list[Rule] = field(default_factory=list)
     quota: Quota = field(default_factory=Quota)

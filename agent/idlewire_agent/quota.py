@@ -22,11 +22,10 @@ import datetime as dt
 import json
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
+from .keys import write_atomic
 from .policy import Quota
 
 log = logging.getLogger("idlewire.quota")
@@ -45,25 +44,15 @@ def period_start(today: dt.date, reset_day: int) -> dt.date:
     return start_in(year, month)
 
 
-def atomic_write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_json(path: str | os.PathLike, data: dict) -> None:
+    write_atomic(path, json.dumps(data, sort_keys=True))
 
 
 class QuotaKeeper:
     def __init__(self, quota: Quota, state_path: str | os.PathLike, *,
                  on_exhausted: Callable[[str], object] | None = None,
                  clock: Callable[[], dt.datetime] = dt.datetime.now):
-        self.quota, self.path, self.clock = quota, Path(state_path), clock
+        self.quota, self.path, self.clock = quota, os.fspath(state_path), clock
         self.on_exhausted = on_exhausted
         self.lock = threading.Lock()
         self.period = period_start(clock().date(), quota.reset_day)
@@ -73,7 +62,8 @@ class QuotaKeeper:
 
     def _load(self) -> None:
         try:
-            st = json.loads(self.path.read_text())
+            with open(self.path) as f:
+                st = json.load(f)
             start = dt.date.fromisoformat(st["period_start"])
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             return

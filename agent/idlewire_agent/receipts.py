@@ -15,6 +15,15 @@ canonical({"v": 1, "type": "usage", "session", "up", "down", "time"}).
 A payout statement (GET /health, "payout") binds the node key to the owner's payout address:
 {"v": 1, "type": "payout", "node", "unit", "address", "sig"}, signed like a receipt.
 
+When the node prunes the start of a closed session's chain (retention, node.toml [receipts]), the
+first entry it keeps is a checkpoint in place of the last pruned receipt, signed by the node:
+
+    {"v": 1, "type": "checkpoint", "node", "session", "seq": N, "up", "down", "time",
+     "hash": SHA256_HEX_OF_RECEIPT_N, "sig": B64}
+
+It carries receipt N's counts and hash: the chain goes on from it (receipt N+1's prev is that hash)
+and is verified from there. A checkpoint is only valid as the first entry of its session.
+
 Buyer API calls carry headers X-Idlewire-Key/-Time/-Nonce/-Signature; the signature covers
 "idlewire-request-v1\\nMETHOD\\nPATH\\nTIME\\nNONCE\\nSHA256_HEX(BODY)".
 """
@@ -24,10 +33,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .record import Record
 
 VERSION = 1
 GENESIS = "0" * 64
@@ -121,8 +131,28 @@ def make_receipt(key: Ed25519PrivateKey, session: str, seq: int, up: int, down: 
     return {**body, "sig": base64.b64encode(key.sign(canonical(body))).decode()}
 
 
-@dataclass
-class Problem:
+CHECKPOINT_FIELDS = {"v": int, "type": str, "node": str, "session": str, "seq": int, "up": int, "down": int,
+                     "time": int, "hash": str, "sig": str}
+
+
+def is_checkpoint(entry) -> bool:
+    return isinstance(entry, dict) and entry.get("type") == "checkpoint"
+
+
+def make_checkpoint(key: Ed25519PrivateKey, receipt: dict) -> dict:
+    """The signed stand-in for `receipt` when it and everything before it are pruned."""
+    body = {"v": VERSION, "type": "checkpoint", "node": pub_b64(key), "session": receipt["session"],
+            "seq": receipt["seq"], "up": receipt["up"], "down": receipt["down"], "time": receipt["time"],
+            "hash": receipt_hash(receipt)}
+    return {**body, "sig": base64.b64encode(key.sign(canonical(body))).decode()}
+
+
+def checkpoints(entries: list) -> dict[str, int]:
+    """session -> seq of the checkpoint its chain starts from (sessions whose start was pruned)."""
+    return {e["session"]: e["seq"] for e in entries if is_checkpoint(e) and isinstance(e.get("session"), str)}
+
+
+class Problem(Record):
     index: int  # position in the list (0-based)
     session: str
     seq: object
@@ -135,11 +165,13 @@ class Problem:
 def verify(receipts: list, node_key: str | None = None) -> Problem | None:
     """Check every receipt in order; return the first problem, or None when all are good.
 
-    Per session: seq counts 1, 2, 3 ... with no gaps; prev is the hash of the previous receipt;
-    up, down and time never decrease; every signature (node's, and the buyer's when present) holds;
-    one node key throughout (the one given, when given).
+    Per session: seq counts 1, 2, 3 ... with no gaps (or N+1, N+2 ... after a checkpoint for N, see
+    above); prev is the hash of the previous receipt; up, down and time never decrease; every
+    signature (node's, and the buyer's when present) holds; one node key throughout (the one
+    given, when given).
     """
     last: dict[str, dict] = {}
+    last_hash: dict[str, str] = {}
     for i, r in enumerate(receipts):
         sess = r.get("session", "?") if isinstance(r, dict) else "?"
         seq = r.get("seq", "?") if isinstance(r, dict) else "?"
@@ -149,6 +181,12 @@ def verify(receipts: list, node_key: str | None = None) -> Problem | None:
 
         if not isinstance(r, dict):
             return bad("not a JSON object")
+        if is_checkpoint(r):
+            why = _checkpoint_problem(r, node_key, r.get("session") in last)
+            if why:
+                return bad(why)
+            last[r["session"]], last_hash[r["session"]] = r, r["hash"]
+            continue
         for k, kind in _FIELDS.items():
             if not isinstance(r.get(k), kind) or isinstance(r.get(k), bool):
                 return bad(f"field {k!r} missing or not a {kind.__name__}")
@@ -169,7 +207,8 @@ def verify(receipts: list, node_key: str | None = None) -> Problem | None:
         prev = last.get(r["session"])
         if prev is None:
             if r["seq"] != 1:
-                return bad(f"first receipt of the session has seq {r['seq']}, expected 1")
+                return bad(f"first receipt of the session has seq {r['seq']}, expected 1 (or, when the node "
+                           "pruned the start, its signed checkpoint before it)")
             if r["prev"] != GENESIS:
                 return bad("first receipt of the session must have prev = 64 zeros")
         else:
@@ -177,12 +216,35 @@ def verify(receipts: list, node_key: str | None = None) -> Problem | None:
                 return bad("node key changed within the session")
             if r["seq"] != prev["seq"] + 1:
                 return bad(f"seq {r['seq']} follows {prev['seq']} (missing, repeated or reordered)")
-            if r["prev"] != receipt_hash(prev):
+            if r["prev"] != last_hash[r["session"]]:
                 return bad("prev is not the hash of the previous receipt (chain broken)")
             for k in ("up", "down", "time"):
                 if r[k] < prev[k]:
                     return bad(f"{k} went down from {prev[k]} to {r[k]}")
         last[r["session"]] = r
+        last_hash[r["session"]] = receipt_hash(r)
+    return None
+
+
+def _checkpoint_problem(c: dict, node_key: str | None, mid_chain: bool) -> str | None:
+    for k, kind in CHECKPOINT_FIELDS.items():
+        if not isinstance(c.get(k), kind) or isinstance(c.get(k), bool):
+            return f"checkpoint field {k!r} missing or not a {kind.__name__}"
+    extra = set(c) - set(CHECKPOINT_FIELDS)
+    if extra:
+        return f"unknown checkpoint field(s) {', '.join(sorted(extra))}"
+    if c["v"] != VERSION:
+        return f"unknown version {c['v']}"
+    if mid_chain:
+        return "checkpoint inside the chain (only the first entry of a session may be one)"
+    if min(c["seq"], c["up"], c["down"], c["time"]) < 0 or c["seq"] < 1:
+        return "negative number or seq below 1"
+    if len(c["hash"]) != 64:
+        return "checkpoint hash is not a SHA-256 hex digest"
+    if node_key and c["node"] != node_key:
+        return "signed by another node key than the one given"
+    if not _check_sig(c["node"], c["sig"], canonical({k: v for k, v in c.items() if k != "sig"})):
+        return "bad node signature on the checkpoint (tampered or forged)"
     return None
 
 

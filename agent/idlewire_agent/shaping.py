@@ -59,14 +59,14 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 import threading
-from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
+from .keys import write_atomic
+from .policy import SHAPING_STATE_PATH as STATE_PATH
 from .policy import Firewall, Shaping
+from .record import Record
 
-STATE_PATH = "/run/idlewire/shaping.json"
 WG_OVERHEAD = 60 + 16  # outer IPv4 20 + UDP 8 + WireGuard 32, + up to 15 bytes of padding
 ETH_HEADER = 14
 MIN_RATE = 8000  # bit/s; HTB needs a positive rate
@@ -115,14 +115,12 @@ def leaf_spec(kind: str, ceil: int, packet: int, ms: int = 10) -> str:
     return f"bfifo limit {max(4 * packet, ceil * ms // 8000)}"
 
 
-@dataclass
-class Session:
+class Session(Record):
     slot: int
     addresses: list[str]
 
 
-@dataclass(frozen=True)
-class Obj:
+class Obj(NamedTuple):
     """One tc object: ``key`` identifies it on its device, ``spec`` is everything after ``dev X``."""
 
     dev: str
@@ -264,7 +262,7 @@ class Shaper:
     def __init__(self, shaping: Shaping, firewall: Firewall, max_sessions: int, *,
                  state_path: str | os.PathLike = STATE_PATH, netns: str | None = None):
         self.sh, self.fw, self.max_sessions = shaping, firewall, max_sessions
-        self.state_path = Path(state_path)
+        self.state_path = os.fspath(state_path)
         self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.lock = threading.RLock()
         self.sessions: dict[str, Session] = {}
@@ -278,7 +276,8 @@ class Shaper:
     # --- state -----------------------------------------------------------------------------------
     def _load(self) -> None:
         try:
-            st = json.loads(self.state_path.read_text())
+            with open(self.state_path) as f:
+                st = json.load(f)
         except (FileNotFoundError, ValueError):
             return
         self.sessions = {k: Session(v["slot"], list(v["addresses"])) for k, v in st.get("sessions", {}).items()}
@@ -290,11 +289,7 @@ class Shaper:
     def _save(self) -> None:
         st = {"sessions": {k: {"slot": s.slot, "addresses": s.addresses} for k, s in self.sessions.items()},
               "cap_up": self.cap_up, "cap_down": self.cap_down, "leaf": self.leaf, "applied": self.applied}
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.state_path.parent, prefix=".shaping.")
-        with os.fdopen(fd, "w") as f:
-            json.dump(st, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.state_path)
+        write_atomic(self.state_path, json.dumps(st, indent=1, sort_keys=True))
 
     # --- running tc ------------------------------------------------------------------------------
     def _run(self, *argv: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -497,7 +492,7 @@ class Shaper:
                 self._run("ip", "link", "del", dev, check=False)
             self.applied, self.sessions = {}, {}
             with contextlib.suppress(FileNotFoundError):
-                self.state_path.unlink()
+                os.unlink(self.state_path)
 
     # --- show ------------------------------------------------------------------------------------
     def snapshot(self) -> dict:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger("idlewire.wg")
 
@@ -18,12 +17,15 @@ class WgError(Exception):
     pass
 
 
-@dataclass
-class Peer:
+class Peer(NamedTuple):  # a tuple: 1,000 of them every poll
     key: str
-    rx: int
-    tx: int
-    handshake: int
+    rx: int  # bytes from the peer
+    tx: int  # bytes to the peer
+
+
+def _which(name: str) -> bool:
+    """Is `name` an executable on PATH? (shutil.which without importing shutil, ~0.5 MB of RSS)"""
+    return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", os.defpath).split(":") if d)
 
 
 def _run(*argv: str, input: str | None = None) -> str:
@@ -49,13 +51,21 @@ class Tunnel:
             return None
 
     def dump(self) -> dict[str, Peer]:
-        """Per-peer counters from `wg show IF dump` (rx = from the peer, tx = to the peer)."""
-        out = _run("wg", "show", self.ifname, "dump")
+        """Per-peer counters from `wg show IF transfer` (rx = from the peer, tx = to the peer).
+
+        Read line by line from the pipe: with 1,000 peers the whole output never sits in memory
+        (and, unlike `wg show dump`, it does not carry the interface's private key).
+        """
+        argv = ("wg", "show", self.ifname, "transfer")
         peers: dict[str, Peer] = {}
-        for line in out.splitlines()[1:]:
-            f = line.split("\t")
-            if len(f) >= 8:
-                peers[f[0]] = Peer(f[0], int(f[5]), int(f[6]), int(f[4]))
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+            for line in p.stdout:
+                f = line.split("\t")
+                if len(f) == 3:
+                    peers[f[0]] = Peer(f[0], int(f[1]), int(f[2]))
+            err = p.stderr.read()
+        if p.returncode != 0:
+            raise WgError(f"{' '.join(argv)}: {err.strip() or p.returncode}")
         return peers
 
     # --- set-up ---------------------------------------------------------------------------
@@ -67,7 +77,7 @@ class Tunnel:
             ok = subprocess.run(["ip", "link", "add", self.ifname, "type", "wireguard"],
                                 capture_output=True, check=False).returncode == 0
             if not ok:
-                if not shutil.which("wireguard-go"):
+                if not _which("wireguard-go"):
                     raise WgError("no WireGuard kernel module and no wireguard-go: install one of them")
                 env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "LOG_LEVEL": "error"}
                 subprocess.run(["wireguard-go", self.ifname], env=env, check=True,

@@ -139,21 +139,24 @@ class NodeLab:
         }
         for key, value in overrides.items():
             sec, k = key.split("__")
-            sections[sec][k] = value
+            sections.setdefault(sec, {})[k] = value
         self.cfg.write_text(_toml(sections))
         self.proc: subprocess.Popen | None = None
         # How the agent is started; bench/meter.py uses Debian's python3 and python3-cryptography,
         # as on a node.
         self.python: list[str] = [sys.executable]
+        # ... and its entry point; bench/meter.py uses what the role's /usr/bin/idlewire-agent runs.
+        self.entry: list[str] = ["-m", "idlewire_agent"]
         self.log = tmp / "agent.log"
         self.fwd: Forwarder | None = None
+        self._down_server = ""
         self.iperf_server = self.inet.popen("iperf3", "-s", "-B", f"{self.wan}.2", stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL)
 
     # --- the agent ------------------------------------------------------------------------
     def start(self) -> None:
         logf = open(self.log, "a")  # noqa: SIM115 (kept open for the process)
-        self.proc = self.node.popen(*self.python, "-m", "idlewire_agent", "run", "--config", str(self.cfg),
+        self.proc = self.node.popen(*self.python, *self.entry, "run", "--config", str(self.cfg),
                                     stdout=logf, stderr=subprocess.STDOUT)
         if self.fwd is None:
             self.fwd = Forwarder(self.node.name, f"{self.lan}.1", self.api_port)
@@ -229,11 +232,28 @@ class NodeLab:
         lines = [ln.split() for ln in ns.run("cat", "/proc/net/snmp").stdout.splitlines() if ln.startswith("Udp:")]
         return int(dict(zip(lines[0], lines[1], strict=True))["RcvbufErrors"])
 
-    def iperf(self, megabytes: int, reverse: bool = False, bitrate: str = "100M") -> subprocess.CompletedProcess:
-        args = ["iperf3", "-c", f"{self.wan}.2", "-n", f"{megabytes}M", "-b", bitrate, "-J"]
-        if reverse:
-            args.append("-R")
-        return self.buyer.run(*args, timeout=120)
+    def iperf(self, megabytes: int, reverse: bool = False, bitrate: str = "50M") -> subprocess.CompletedProcess:
+        """MEGABYTES through the tunnel with iperf3 (TCP): up (buyer -> internet) or, reverse, down.
+
+        The sender is paced to `bitrate` (`-b` and `--fq-rate`: the kernel spaces the packets) as a
+        buyer session is when the node shapes it to its cap; bitrate "0" sends as fast as it can.
+        Down runs the client in the internet namespace against a server on the buyer's tunnel
+        address, so that the pacing is certainly the sender's.
+        """
+        pace = [] if bitrate in ("0", "0M") else ["-b", bitrate, "--fq-rate", bitrate]
+        if not reverse:
+            return self.buyer.run("iperf3", "-c", f"{self.wan}.2", "-n", f"{megabytes}M", *pace, "-J", timeout=300)
+        addr = self.buyer_address()
+        if self._down_server != addr:
+            self.buyer.popen("iperf3", "-s", "-B", addr, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self._down_server = addr
+            time.sleep(0.3)
+        return self.inet.run("iperf3", "-c", addr, "-n", f"{megabytes}M", *pace, "-J", timeout=300)
+
+    def buyer_address(self) -> str:
+        """The buyer's tunnel address (on its WireGuard interface)."""
+        links = json.loads(self.buyer.run("ip", "-j", "-4", "addr", "show", "dev", self.buyer_wg).stdout)
+        return links[0]["addr_info"][0]["local"]
 
     def open_sessions(self) -> list[dict]:
         return self.get("/sessions?state=open", admin=True)

@@ -1,6 +1,7 @@
 """The node agent for real: wireguard-go on node and buyer, iperf3 through the tunnel."""
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -49,25 +50,33 @@ def node(make_node):
     return make_node()
 
 
-def test_metered_bytes_match_the_buyer_and_receipts_verify(node, tmp_path):
+def test_metered_bytes_match_the_buyer_and_receipts_verify(make_node, tmp_path):
+    """200 MB up and 100 MB down through the tunnel, the sender paced to 50 Mbit/s as the node's
+    shaping paces a session at its cap: the metered bytes are within 1 % of what the buyer's
+    WireGuard interface counted, raw, nothing subtracted."""
+    node = make_node(receipts__keep_closed=3)
     rfile = tmp_path / "receipts.json"
     client = node.client("--interval", "1", "--receipts", str(rfile))
     node.wait_tunnel()
     (s,) = node.open_sessions()
-    up = node.iperf(50)
-    down = node.iperf(25, reverse=True)
-    assert up.returncode == 0 and down.returncode == 0
+    drops0 = node.udp_drops(node.node), node.udp_drops(node.buyer)
+    up = node.iperf(200)
+    down = node.iperf(100, reverse=True)
+    assert up.returncode == 0 and down.returncode == 0, up.stdout[-500:] + down.stdout[-500:]
     time.sleep(1.5)  # a poll and a co-signed report after the last byte
     b_up, b_down = node.buyer_counters()
     ses = node.session(s["session"])
-    assert b_up > 50e6 and b_down > 25e6
-    # On a loaded 2-core machine wireguard-go may not drain its UDP socket in time: datagrams the
-    # receiving kernel dropped were sent (buyer counts them) but never received (node cannot).
-    # Every dropped one is a full WireGuard data message (1420-byte MTU + 32 bytes).
-    lost_up = node.udp_drops(node.node) * WG_DATA
-    lost_down = node.udp_drops(node.buyer) * WG_DATA
-    assert abs(ses["up"] - (b_up - lost_up)) <= 0.01 * b_up, (ses["up"], b_up, lost_up)
-    assert abs(ses["down"] - (b_down + lost_down)) <= 0.01 * b_down, (ses["down"], b_down, lost_down)
+    assert b_up > 200e6 and b_down > 100e6
+    err_up, err_down = (ses["up"] - b_up) / b_up, (ses["down"] - b_down) / b_down
+    # Datagrams a receiving kernel dropped before wireguard-go read them (its 208 KB socket buffer
+    # overflowing on a loaded host) were counted by the sender only: reported, not subtracted.
+    lost_up = (node.udp_drops(node.node) - drops0[0]) * WG_DATA
+    lost_down = (node.udp_drops(node.buyer) - drops0[1]) * WG_DATA
+    figures = (f"metering error up {err_up:+.4%}, down {err_down:+.4%} raw; UDP bytes dropped by the receiving "
+               f"kernel: {lost_up} up, {lost_down} down; net of them up "
+               f"{(ses['up'] - b_up + lost_up) / b_up:+.4%}, down {(ses['down'] - b_down + lost_down) / b_down:+.4%}")
+    print(figures)
+    assert abs(err_up) <= 0.01 and abs(err_down) <= 0.01, figures
     assert ses["cost"] == pytest.approx((ses["up"] + ses["down"]) / 1e9 * 0.5)
     client.send_signal(2)  # Ctrl-C: close the session, save the receipts
     client.wait(20)
@@ -75,8 +84,9 @@ def test_metered_bytes_match_the_buyer_and_receipts_verify(node, tmp_path):
     assert reports and all(r["agreed"] for r in reports)
     assert node.session(s["session"])["state"] == "closed"
     # The receipts verify; tampering, reordering and forging are each caught.
+    node_key = node.get("/health")["node_key"]
     ok = subprocess.run([sys.executable, "-m", "idlewire", "receipts", "verify", str(rfile), "--json",
-                         "--node-key", node.get("/health")["node_key"]], capture_output=True, text=True)
+                         "--node-key", node_key], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["ok"]
     rs = json.loads(rfile.read_text())
@@ -88,30 +98,45 @@ def test_metered_bytes_match_the_buyer_and_receipts_verify(node, tmp_path):
     res = subprocess.run([sys.executable, "-m", "idlewire", "receipts", "verify", str(tampered)],
                          capture_output=True, text=True)
     assert res.returncode == 1 and "receipt #2" in res.stdout and "signature" in res.stdout
+    # Retention (keep_closed = 3): between polls the agent trims the closed chain to its last 3
+    # receipts behind a signed checkpoint; what the API exports still verifies, from there.
+    pruned = wait_for(lambda: len(rs2 := node.get(f"/receipts?session={s['session']}", admin=True)) == 4 and rs2)
+    assert pruned[0]["type"] == "checkpoint" and pruned[1:] == rs[-3:]
+    rfile.write_text(json.dumps(pruned))
+    ok = subprocess.run([sys.executable, "-m", "idlewire", "receipts", "verify", str(rfile), "--node-key", node_key],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and f"receipts 1-{pruned[0]['seq']} pruned by the node" in ok.stdout, ok.stdout
 
 
 def test_kill9_mid_transfer_counts_nothing_twice(node):
+    """kill -9 the agent 10 times while a buyer sends (80 Mbit/s, paced): nothing counted twice,
+    at most one poll interval lost, the ledger intact."""
     client = node.client("--interval", "1")
     node.wait_tunnel()
     (s,) = node.open_sessions()
-    rate_mbit = 80
-    iperf = node.buyer.popen("iperf3", "-c", f"{node.wan}.2", "-t", "9", "-b", f"{rate_mbit}M",
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(4):
-        time.sleep(1.3)
+    rate_mbit, kills = 80, 10
+    drops0 = node.udp_drops(node.node)
+    iperf = node.buyer.popen("iperf3", "-c", f"{node.wan}.2", "-t", "40", "-b", f"{rate_mbit}M", "--fq-rate",
+                             f"{rate_mbit}M", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    for _ in range(kills):
+        time.sleep(1.0 + random.random() * 0.6)  # anywhere in a poll cycle (0.5 s)
         node.kill9()
-        time.sleep(0.3)
+        time.sleep(0.2)
         node.start()
-    assert iperf.wait(30) == 0
+    assert time.time() - t0 < 38, "the kills outlasted the transfer"
+    assert iperf.wait(60) == 0
     time.sleep(1.5)
     b_up, _ = node.buyer_counters()
     ses = node.session(s["session"])
     assert ses["state"] == "open"
-    assert b_up > 50e6
+    assert b_up > 300e6
+    lost = (node.udp_drops(node.node) - drops0) * WG_DATA  # reported, not subtracted
+    figures = f"metered {ses['up']}, buyer counted {b_up} ({ses['up'] - b_up:+d}); UDP bytes dropped {lost}"
+    print(figures)
     # Never counted twice; at most one poll interval (0.5 s at the sending rate) lost.
-    assert ses["up"] <= b_up * 1.001 + 4096, (ses["up"], b_up)
-    lost = node.udp_drops(node.node) * WG_DATA  # sent, but dropped by the node's kernel (see above)
-    assert ses["up"] >= b_up - lost - rate_mbit * 1e6 / 8 * 0.5 - 0.01 * b_up, (ses["up"], b_up, lost)
+    assert ses["up"] <= b_up, figures
+    assert ses["up"] >= b_up - rate_mbit * 1e6 / 8 * 0.5, figures
     assert node.integrity() == "ok"
     metrics = node.get("/metrics")
     assert "\nidlewire_sessions_open 1\n" in metrics
@@ -134,9 +159,9 @@ def test_interface_recreated_mid_session(node):
     time.sleep(1.2)
     b_up, _ = node.buyer_counters()
     ses = node.session(s["session"])
-    lost = node.udp_drops(node.node) * WG_DATA
+    lost = node.udp_drops(node.node) * WG_DATA  # reported, not subtracted
     assert ses["up"] > first + 15e6
-    assert abs(ses["up"] - (b_up - lost)) <= 0.01 * b_up, (ses["up"], b_up, lost)
+    assert abs(ses["up"] - b_up) <= 0.01 * b_up, (ses["up"], b_up, lost)
     assert metric(node, "idlewire_counter_resets_total") >= 1
 
 

@@ -127,3 +127,42 @@ def test_random_bytes_never_5xx(node, data):
 def test_still_serving_after_the_fuzz(node):
     assert healthy(node)
     assert "Traceback" not in node.log.read_text()
+
+
+def test_keep_alive_and_header_limits(node):
+    # Two requests on one connection (HTTP/1.1 keep-alive), then the connection is still usable.
+    with socket.create_connection(("127.0.0.1", node.fwd.port), timeout=5) as s:
+        f = s.makefile("rb")
+        for _ in range(2):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: node\r\n\r\n")
+            assert f.readline().startswith(b"HTTP/1.1 200")
+            length = 0
+            while (line := f.readline()) not in (b"\r\n", b""):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert json.loads(f.read(length))["status"] == "ok"
+    assert raw(node, b"GET /health HTTP/1.1\r\n" + b"X-A: b\r\n" * 100 + b"\r\n") == 431
+    assert raw(node, b"GET /health HTTP/1.1\r\nX-A: " + b"b" * 9000 + b"\r\n\r\n") == 431
+    assert raw(node, b"POST /sessions HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}") == 400
+    assert raw(node, b"POST /sessions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n") == 411
+    assert raw(node, b"HEAD /health HTTP/1.1\r\n\r\n") == 405
+    assert raw(node, b"GET /health HTTP/1.0\r\n\r\n") == 200
+    assert healthy(node)
+
+
+def test_replay_after_a_restart_is_refused(node):
+    """A signed request is good once, also when the agent restarted (kill -9) in between."""
+    body = json.dumps({"wg_public_key": keys.wg_keypair()[1]}).encode()
+    h = signed("POST", "/sessions", body)
+    assert raw(node, request("POST", "/sessions", body, h)) == 201
+    sid = next(s["session"] for s in node.open_sessions() if s["buyer_wg_key"] == json.loads(body)["wg_public_key"])
+    token = node.token_file.read_text().strip()
+    assert raw(node, request("DELETE", f"/sessions/{sid}", b"", {"Authorization": f"Bearer {token}"})) == 200
+    node.kill9()
+    node.start()
+    # The same request again: without the nonce it would open the session a second time.
+    assert raw(node, request("POST", "/sessions", body, h)) == 401
+    assert sid not in [s["session"] for s in node.open_sessions()]
+    assert not [s for s in node.open_sessions() if s["buyer_wg_key"] == json.loads(body)["wg_public_key"]]
+    h2 = signed("POST", "/sessions", body)  # a fresh signature works
+    assert raw(node, request("POST", "/sessions", body, h2)) == 201

@@ -36,7 +36,7 @@ def make(tmp_path):
                 "api": {"admin_token_file": str(tmp_path / "admin.token")}}
         for k, v in over.items():
             sec, key = k.split("__")
-            data[sec][key] = v
+            data.setdefault(sec, {})[key] = v
         return Agent(parse(data), tunnel or SyntheticTunnel(), clock or Clock())
     return make
 
@@ -84,7 +84,7 @@ def test_counter_going_down_without_a_new_interface(make):
     s = a.open_session(receipts.pub_b64(Ed25519PrivateKey.generate()), k := wgkey())
     t.traffic(k, 5000, 5000)
     a.poll()
-    t.peers[k].rx, t.peers[k].tx = 300, 0  # went down
+    t.peers[k][:] = [300, 0]  # went down
     a.poll()
     d = a.describe(s["session"])
     assert (d["up"], d["down"]) == (5300, 5000)
@@ -221,6 +221,16 @@ def test_receipts_cli(tmp_path, make):
     f.write_text(json.dumps(rs))
     res = CliRunner().invoke(app, ["receipts", "verify", str(f)])
     assert res.exit_code == 1 and "receipt #4" in res.stdout
+    # A chain the node pruned: verified from its checkpoint, and said so.
+    node, rs = _chain(6)
+    f.write_text(json.dumps([receipts.make_checkpoint(node, rs[3]), *rs[4:]]))
+    res = CliRunner().invoke(app, ["receipts", "verify", str(f)])
+    assert res.exit_code == 0 and "receipts 1-4 pruned by the node" in res.stdout, res.stdout
+    res = CliRunner().invoke(app, ["receipts", "verify", str(f), "--json"])
+    assert json.loads(res.stdout)["checkpoints"] == {"abc": 4}
+    f.write_text(json.dumps(rs[4:]))  # the same without the checkpoint: a truncated file
+    res = CliRunner().invoke(app, ["receipts", "verify", str(f)])
+    assert res.exit_code == 1 and "expected 1" in res.stdout
 
 
 def test_ledger_file_is_wal_and_secrets_are_0600(make, tmp_path):
@@ -260,3 +270,106 @@ def test_health_offers_the_units_signed_payout_address_and_caps(make, tmp_path):
     assert (caps["up_mbit"], caps["down_mbit"], caps["monthly_gb"]) == (4, 50, 0)
     assert caps["from_unit"] == ["monthly_gb", "up_mbit"]
     json.dumps(offer)  # what /health sends
+
+
+def test_nonces_outlive_a_restart_and_expire(tmp_path):
+    from idlewire_agent.ledger import Ledger
+
+    path = str(tmp_path / "ledger.sqlite")
+    led = Ledger(path)
+    assert led.use_nonce("n" * 16, expires=1100, now=1000)
+    assert not led.use_nonce("n" * 16, expires=1101, now=1001)  # a replay
+    led.db.close()  # as after kill -9: nothing but what was committed
+    led = Ledger(path)
+    assert not led.use_nonce("n" * 16, expires=1102, now=1050)  # still refused after the restart
+    assert led.use_nonce("n" * 16, expires=1300, now=1200)  # its time is out of the window anyway
+    assert led.use_nonce("m" * 16, expires=1150, now=1100)
+    led.record([], 1250)  # a poll prunes what expired
+    assert [r[0] for r in led.db.execute("SELECT nonce FROM nonces")] == ["n" * 16]
+
+
+def test_receipt_retention_trims_closed_chains_behind_a_checkpoint_then_deletes_them(make):
+    clock = Clock()
+    a = make(clock=clock, receipts__keep_closed=5, receipts__keep_days=2, sessions__idle_timeout=86400)
+    buyer = Ed25519PrivateKey.generate()
+    bk = receipts.pub_b64(buyer)
+    done, live = (a.open_session(bk, wgkey())["session"] for _ in range(2))
+    for i in range(1, 21):
+        clock.t += 5
+        for sid in (done, live):
+            a.cosign(sid, bk, receipts.sign_usage(buyer, sid, i * 1000, i * 10, int(clock.t)))
+    a.close_session(done, "buyer")  # the closing receipt: seq 21
+    before = a.receipts(done)
+    assert [r["seq"] for r in before] == list(range(1, 22))
+    steps = 0
+    while a.prune_receipts(batch=4):  # small batches: every committed state must verify
+        steps += 1
+        assert receipts.verify(a.receipts(done)) is None
+        assert steps < 20
+    assert steps >= 4
+    kept = a.receipts(done)
+    assert [r["seq"] for r in kept] == list(range(16, 22))  # checkpoint for 16, then the last 5
+    assert receipts.is_checkpoint(kept[0]) and kept[0]["hash"] == receipts.receipt_hash(before[15])
+    assert kept[1:] == before[16:]
+    assert receipts.verify(kept, a.node_pub) is None
+    assert receipts.checkpoints(kept) == {done: 16}
+    assert len(a.receipts(live)) == 20  # open sessions keep every receipt
+    # A co-signature after the close extends the trimmed chain, which is trimmed again.
+    a.cosign(done, bk, receipts.sign_usage(buyer, done, 99_000, 990, int(clock.t)))
+    while a.prune_receipts():
+        pass
+    assert [r["seq"] for r in a.receipts(done)] == list(range(17, 23))
+    assert receipts.verify(a.receipts(done)) is None
+    # keep_days after the close, the whole chain goes; the open session's stays.
+    clock.t += 2 * 86400 + 1
+    while a.prune_receipts(batch=4):
+        assert receipts.verify(a.receipts(done)) is None
+    assert a.receipts(done) == [] and len(a.receipts(live)) == 20
+    with pytest.raises(SessionError) as e:
+        a.cosign(done, bk, receipts.sign_usage(buyer, done, 100_000, 1000, int(clock.t)))
+    assert e.value.status == 409 and "deleted" in str(e.value)
+    assert not a.prune_receipts()
+
+
+@pytest.mark.parametrize("attack, words", [
+    ("drop_checkpoint", "expected 1"), ("tamper_checkpoint", "signature"), ("wrong_hash", "chain broken"),
+    ("checkpoint_mid_chain", "inside the chain"), ("forged_checkpoint", "signature"), ("gap_after", "seq"),
+])
+def test_checkpoint_attacks_are_caught(attack, words):
+    node, rs = _chain(6)
+    cp = receipts.make_checkpoint(node, rs[2])
+    chain = [cp, *rs[3:]]
+    assert receipts.verify(chain) is None and receipts.checkpoints(chain) == {"abc": 3}
+    if attack == "drop_checkpoint":  # someone else truncated the file: no declared starting point
+        chain = chain[1:]
+    elif attack == "tamper_checkpoint":
+        chain[0] = {**cp, "up": 1}
+    elif attack == "wrong_hash":  # a genuine checkpoint, but for another receipt than the one pruned
+        chain[0] = receipts.make_checkpoint(node, {**rs[2], "time": 1})
+    elif attack == "checkpoint_mid_chain":
+        chain = [*rs[:3], cp, *rs[3:]]
+    elif attack == "forged_checkpoint":
+        other = receipts.make_checkpoint(Ed25519PrivateKey.generate(), rs[2])
+        chain[0] = {**other, "node": cp["node"]}
+    elif attack == "gap_after":
+        del chain[1]
+    p = receipts.verify(chain)
+    assert p is not None and words in p.reason, p
+
+
+def test_schema_1_ledger_is_upgraded(tmp_path):
+    from idlewire_agent.ledger import SCHEMA, Ledger
+
+    path = tmp_path / "ledger.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("CREATE TABLE sessions (id TEXT PRIMARY KEY, buyer_key TEXT NOT NULL, wg_key TEXT NOT NULL, "
+                      "address TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', created REAL "
+                      "NOT NULL, expires REAL NOT NULL, last_active REAL NOT NULL, closed_at REAL, rx INTEGER NOT "
+                      "NULL DEFAULT 0, tx INTEGER NOT NULL DEFAULT 0, paid_up INTEGER NOT NULL DEFAULT 0, paid_down "
+                      "INTEGER NOT NULL DEFAULT 0, paid_time REAL NOT NULL DEFAULT 0);"
+                      "INSERT INTO sessions (id, buyer_key, wg_key, address, state, created, expires, last_active) "
+                      "VALUES ('s1', 'b', 'w', '10.99.0.2/32', 'closed', 1, 2, 1);")
+    old.close()
+    led = Ledger(str(path))
+    assert led.session("s1")["retention"] == 0
+    assert int(led.meta("schema")) == SCHEMA == 2

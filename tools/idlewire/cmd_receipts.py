@@ -25,6 +25,9 @@ def register(app: typer.Typer) -> None:
     ):
         """Check signatures (node, and buyer co-signatures), the hash chain and that counts never go down.
 
+        A chain whose start the node pruned (retention) begins with the node's signed checkpoint for
+        the last pruned receipt; it is verified from there and reported.
+
         Exit 0 when every receipt is good; exit 1 naming the first bad receipt (tampered, forged,
         reordered, missing, or counts going down); exit 2 when the file cannot be read.
 
@@ -41,6 +44,7 @@ def register(app: typer.Typer) -> None:
         if not items:
             raise UserError(f"{file}: holds no receipts")
         problem = receipts.verify(items, node_key)
+        starts = receipts.checkpoints(items)  # sessions whose start the node pruned (retention)
         sessions = sorted({r.get("session") for r in items if isinstance(r, dict)}, key=str)
         last = {}
         for r in items:
@@ -53,11 +57,15 @@ def register(app: typer.Typer) -> None:
                                                            "seq": problem.seq, "reason": problem.reason},
                 "totals": {str(k): {"up": v.get("up"), "down": v.get("down"), "seq": v.get("seq")}
                            for k, v in last.items()},
+                "checkpoints": starts,
             }, indent=1))
         elif problem is None:
             print(f"{file}: OK, {len(items)} receipts in {len(sessions)} session(s)")
             for k, v in last.items():
                 print(f"  session {k}: up {v.get('up')} down {v.get('down')} bytes (last seq {v.get('seq')})")
+                if k in starts:
+                    print(f"    receipts 1-{starts[k]} pruned by the node; chain verified from its signed "
+                          f"checkpoint for seq {starts[k]}")
         else:
             print(f"{file}: BAD {problem}")
         if problem is not None:
