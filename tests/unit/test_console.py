@@ -87,6 +87,19 @@ class PtyLine:
                 raise TimeoutError
 
 
+def accept_loop(sock: socket.socket, stop: threading.Event, serve, threads: list) -> None:
+    """Accept connections until ``stop``; each is served by ``serve(conn)`` in a thread of its own."""
+    sock.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            continue
+        t = threading.Thread(target=serve, args=(conn,), daemon=True)
+        t.start()
+        threads.append(t)
+
+
 class FakeConsole:
     """A TCP server that plays one scenario per connection; or, with pty(), one scenario on a tty."""
 
@@ -107,15 +120,7 @@ class FakeConsole:
         t.start()
 
     def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            t = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            t.start()
-            self.threads.append(t)
+        accept_loop(self.sock, self.stop, self._serve, self.threads)
 
     def pty(self) -> str:
         """Play the scenario on a new pseudo-terminal; returns the tty device a client opens.
@@ -291,15 +296,7 @@ class Rfc2217Server:
         self.threads[0].start()
 
     def _accept(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self.stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            t = threading.Thread(target=self._session, args=(conn,), daemon=True)
-            t.start()
-            self.threads.append(t)
+        accept_loop(self.sock, self.stop, self._session, self.threads)
 
     def _session(self, conn: socket.socket) -> None:
         ser = PtySerial(self.device, timeout=0.05)

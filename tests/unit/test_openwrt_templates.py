@@ -56,7 +56,8 @@ start_service() {
 \tprocd_set_param respawn 3600 5 0
 \tprocd_set_param stdout 1
 \tprocd_set_param stderr 1
-\tprocd_set_param env MALLOC_ARENA_MAX=2
+\tprocd_set_param umask 0077
+\tprocd_set_param env MALLOC_ARENA_MAX=1
 \tprocd_close_instance
 }
 
@@ -241,7 +242,8 @@ def test_agent_start_reads_uci(shell, tmp_path):
         "mkdir -p /etc/idlewire-agent", "chmod 0700 /etc/idlewire-agent", "mkdir -p /etc/idlewire",
         "chmod 0750 /etc/idlewire", "agent check-config /etc/idlewire/node.toml", "open idlewire-agent",
         f"param command {stub} run --config /etc/idlewire/node.toml", "param file /etc/idlewire/node.toml",
-        "param respawn 3600 5 0", "param stdout 1", "param stderr 1", "param env MALLOC_ARENA_MAX=2", "close",
+        "param respawn 3600 5 0", "param stdout 1", "param stderr 1", "param umask 0077",
+        "param env MALLOC_ARENA_MAX=1", "close",
         "rc=0"]
 
 
