@@ -826,7 +826,8 @@ class Writer(threading.Thread):
             os.close(self.dfd)
             self.dfd = -1
         if self.buf is not None:
-            self.buf.close()
+            with contextlib.suppress(BufferError):  # a view still held: the buffer goes with it
+                self.buf.close()
             self.buf = None
 
     def _do(self, job) -> None:
@@ -991,16 +992,20 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
     except BaseException as exc:
         for w in writers:
             w.failed = w.failed or exc
-            with contextlib.suppress(Exception):
-                w.q.put_nowait(None)
+            with contextlib.suppress(Exception):  # a failed writer skips its queued jobs: room soon
+                w.q.put(None, timeout=10)
         for t in targets[:len(fds)]:
             with contextlib.suppress(OSError):
                 _publish(t, ok=False)
         raise
     finally:
         for w in writers:
-            with contextlib.suppress(OSError):
-                w.close()
+            # A writer may still be inside a write from its staging buffer: closing the buffer (or
+            # the descriptor) under it would fail or, worse, write to a reused descriptor.
+            w.join(timeout=30)
+            if not w.is_alive():
+                with contextlib.suppress(OSError):
+                    w.close()
         for rb in readbacks:
             with contextlib.suppress(OSError):
                 rb.close()
