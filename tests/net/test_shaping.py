@@ -97,7 +97,7 @@ def check_rate(measure, limit: float, what: str) -> None:
     assert best[0] >= 0.95 * limit, msg
 
 
-@pytest.mark.parametrize("cap", [5, 20])
+@pytest.mark.parametrize("cap", [5, 20, 100])
 @pytest.mark.parametrize("direction", ["up", "down"])
 def test_buyer_cap_accuracy_through_tunnel(sl, cap, direction):
     """Caps count IP bytes in the tunnel (what the ledger meters); TCP goodput is ~96 % of that.
@@ -118,9 +118,10 @@ def test_buyer_cap_accuracy_through_tunnel(sl, cap, direction):
 def test_line_rate_accuracy_100(sl, direction):
     """100 Mbit/s shaped on the WAN veth (owner traffic through the line tree and its IFB).
 
-    wireguard-go on two shared cores does not carry 100 Mbit/s steadily, so the 100 Mbit/s figure
-    is measured where the same HTB code shapes without the tunnel's CPU cost. The line rate counts
-    frames as the kernel sees them (overhead 0 here): measured on the receiver's veth.
+    The line tree's own accuracy, without the tunnel's CPU cost (wireguard-go carries 100 Mbit/s on
+    a quiet machine, not always on two cores shared with image builds: the tunnel test at 100 then
+    skips as CPU-starved). The line rate counts frames as the kernel sees them (overhead 0 here):
+    measured on the receiver's veth.
     """
     fresh_shaper(sl, line_up=100 * MBIT, line_down=100 * MBIT, overhead=0)
     down = direction == "down"
