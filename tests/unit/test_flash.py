@@ -290,21 +290,36 @@ def test_interrupted_write_is_caught_by_verify_only(golden, tmp_path):
             assert f.read(512)[510:] == b"\x55\xaa"
 
 
-def _flash_in_process(golden: Path, target: Path) -> fl.FlashResult:
-    src = fl.open_source(golden)
-    return fl.flash(src, [fl.inspect_target(target, src.size)])
+def _flash_in_process(image: Path, target: Path, units=None) -> fl.FlashResult:
+    src = fl.open_source(image)
+    return fl.flash(src, [fl.inspect_target(target, src.size)], units)
 
 
-@pytest.mark.parametrize("kind", ["file", "loop"])
-def test_readback_mismatch_while_writing_is_caught_and_named(golden, tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize(("kind", "source", "where"), [
+    ("file", "", "body"),  # checked against the image bytes (which the bmap vouched for)
+    ("loop", "", "body"),
+    ("file", ".xz", "body"),  # compressed: checked against the bmap's sha256
+    ("file", "", "boot"),  # stamped while flashing: checked against the stamped boot partition
+])
+def test_readback_mismatch_while_writing_is_caught_and_named(golden, tmp_path, monkeypatch, kind, source, where):
     """The device returns one wrong byte inside a range read back while later ranges are still
-    being written: that range, and only it, is reported."""
+    being written: that range, and only it, is reported — whichever way the range is checked."""
     if kind == "loop" and can_loop():
         pytest.skip(can_loop())
-    src = fl.open_source(golden)
-    body = [(a, b) for a, b, _ in src.byte_ranges() if a >= MiB and b - a >= 2 * 4096]
-    start, end = body[0]  # the first body range: read back long before the last is written
-    victim = start + 4096 + 7
+    image = golden.with_name(golden.name + source)
+    src = fl.open_source(image)
+    units = None
+    if where == "boot":
+        from idlewire.units import load_unit
+
+        (tmp_path / "unit.yml").write_text("unit: lie-1\npayout_address: addr-lie\n")
+        units = [load_unit(tmp_path / "unit.yml")]
+        layout = st.read_layout(golden)
+        inside = [(a, b) for a, b, _ in src.byte_ranges() if layout.boot_offset <= a < layout.boot_end]
+    else:
+        inside = [(a, b) for a, b, _ in src.byte_ranges() if a >= MiB and b - a >= 2 * 4096]
+    start, end = inside[0]  # read back long before the last range is written
+    victim = start + min(4096, (end - start) // 2) + 7
     seen = []
     real = fl.ReadBack._pread
 
@@ -317,17 +332,21 @@ def test_readback_mismatch_while_writing_is_caught_and_named(golden, tmp_path, m
 
     monkeypatch.setattr(fl.ReadBack, "_pread", lying_device)
     if kind == "file":
-        res = _flash_in_process(golden, tmp_path / "card.img")
+        res = _flash_in_process(image, tmp_path / "card.img", units)
     else:
         back = tmp_path / "back.img"
         with back.open("wb") as f:
             f.truncate(golden.stat().st_size)
         with loop_device(back) as dev:
-            res = _flash_in_process(golden, Path(dev))
+            res = _flash_in_process(image, Path(dev), units)
     card = res.cards[0]
     assert seen == [True], "the lie was not read back, or not through O_DIRECT"
     assert card.verify_overlapped and card.verified is False
-    assert card.mismatches == [(start, end)], card.mismatches
+    bad = card.mismatches
+    assert len(bad) == 1 and bad[0][0] <= victim < bad[0][1], (card.mismatches, victim)
+    if where == "body":
+        assert bad == [(start, end)]
+    assert not (tmp_path / "card.img").exists(), "a file that failed its read-back must not be published"
 
 
 @needs_loop

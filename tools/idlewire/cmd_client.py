@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -48,6 +45,10 @@ class Buyer:
         self.timeout = timeout
 
     def request(self, method: str, path: str, body: dict | None = None, sign: bool = True):
+        import secrets
+        import urllib.error
+        import urllib.request
+
         from idlewire_agent import receipts
 
         data = json.dumps(body).encode() if body is not None else b""

@@ -51,7 +51,9 @@ def flash(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ):
     """Write IMAGE to one or more cards: only the blocks its .bmap maps, partition table last,
-    then every written range read back from the card and checked against the bmap's sha256.
+    then every written range read back from the card and checked: byte for byte against the image
+    bytes that were checked against the bmap's sha256 in this same run (uncompressed images, and
+    the boot partition stamped while flashing), or against the bmap's sha256 (compressed images).
 
     Refuses, with nothing written (exit 2): a target that does not exist (nothing is ever created
     under /dev); a partition instead of a whole disk; the disk holding / or any mounted

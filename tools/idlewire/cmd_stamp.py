@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated
 
@@ -100,6 +99,8 @@ def _stamp_all(golden, image: Path, todo: list, units: Path | None, out: Path | 
     record = record or targets[0].parent / "stamped-units.csv"
     done: list = []
     # two units at a time: one's mtools, key and hashing run while the other's copy is written
+    from concurrent.futures import ThreadPoolExecutor
+
     pool = ThreadPoolExecutor(max_workers=2)
     try:
         with err.status("stamping") as status:

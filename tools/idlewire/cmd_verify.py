@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -181,6 +180,8 @@ def _ssh_config(hosts: dict[str, dict], identity: Path | None) -> str:
 
 
 def _parse_junit(path: Path, names: list[str]) -> list[HostResult]:
+    import xml.etree.ElementTree as ET
+
     results = {n: HostResult(n) for n in names}
     for case in ET.parse(path).getroot().iter("testcase"):  # noqa: S314 (our own pytest wrote it)
         m = re.match(r"^(.*)\[paramiko://([^\]]+)\]$", case.get("name", ""))

@@ -13,11 +13,15 @@ read of the image, each by its own thread):
 3. the stamped boot partition (when stamping while flashing), then every mapped range outside the
    first and last MiB, then fsync;
 4. the partition table regions (first MiB, last MiB: MBR, primary and backup GPT) LAST, fsync;
-5. every written range read back from the target and compared with the bmap's sha256 (or, for
-   the stamped boot partition, the sha256 of what was written). Writes and reads go around the
-   page cache (O_DIRECT), so the read-back of a range starts as soon as its write has returned
-   and runs while later ranges are written: a reader thread and a hashing thread per target.
-   Where O_DIRECT is refused (tmpfs), the read-back waits for the final fsync and drops the cache.
+5. every written range read back from the target and checked: against the very image bytes that
+   were written, for an uncompressed image (those bytes were checked against the bmap's sha256 in
+   this run, before or while writing: the card matching them byte for byte is the card matching
+   the bmap, at a memcmp's cost instead of a second sha256 of every byte) and for a stamped
+   boot partition; against the bmap's sha256 for a compressed image, whose bytes are not kept.
+   Writes and reads go around the page cache (O_DIRECT), so the read-back of a range starts as
+   soon as its write has returned and runs while later ranges are written: a reader thread and a
+   checking thread per lane. Where O_DIRECT is refused (tmpfs), the read-back waits for the final
+   fsync and drops the cache.
 """
 
 from __future__ import annotations
@@ -512,6 +516,9 @@ class Piece:
     sha: str | None  # expected sha256 of target bytes [start, end)
     where: str  # head | body | tail | boot (stamped boot partition)
     src_fd: int = -1  # overlay file descriptor (boot pieces)
+    # what the target must hold: a mapping of the written file indexed by image offset (the
+    # checked raw image, or a stamped overlay); None: compare with `sha` instead
+    ref: mmap.mmap | None = None
 
 
 def split_pieces(ranges: list[tuple[int, int, str]], size: int, skip: tuple[int, int] | None) -> list[Piece]:
@@ -604,14 +611,8 @@ def make_overlay(prefix: Path, layout: st.Layout, unit: Unit, workdir: Path, blo
         size = path.stat().st_size
         for a, b in bm.data_ranges(fd, size, block):
             start, end = max(a * block, layout.boot_offset), min((b + 1) * block, layout.boot_end)
-            if start < end:
-                h = hashlib.sha256()
-                pos = start
-                while pos < end:
-                    data = os.pread(fd, min(CHUNK, end - pos), pos)
-                    h.update(data)
-                    pos += len(data)
-                pieces.append(Piece(start, end, h.hexdigest(), "boot"))
+            if start < end:  # read back against the overlay itself (Piece.ref), not a checksum
+                pieces.append(Piece(start, end, None, "boot"))
     except BaseException:
         os.close(fd)
         raise
@@ -647,9 +648,11 @@ class ReadBack:
     what is compared is what the device returns). Where O_DIRECT is refused (tmpfs …) the
     read-back waits for `start()` after the final fsync, with the cache dropped.
 
-    Pieces are dealt to `lanes` (one per CPU, at most LANES), each a reader thread filling a few
-    aligned buffers and a hashing thread (hashlib releases the GIL): the device and every core stay
-    busy, while the writer goes on. A piece's chunks stay in one lane, hashed in order.
+    A piece with a `ref` is compared byte for byte with it (memcmp); one without is hashed and
+    compared with its `sha`. Pieces are dealt to `lanes` (one per CPU, at most LANES), each a
+    reader thread filling a few aligned buffers and a checking thread (hashlib releases the GIL):
+    the device and every core stay busy while the writer goes on. A piece's chunks stay in one
+    lane, checked in order.
     """
 
     BUFFERS = 3  # per lane
@@ -715,7 +718,7 @@ class ReadBack:
 
 
 class _Lane:
-    """One reader and one hashing thread of a ReadBack, with their own buffers."""
+    """One reader and one checking thread of a ReadBack, with their own buffers."""
 
     def __init__(self, rb: ReadBack):
         self.rb = rb
@@ -725,9 +728,9 @@ class _Lane:
         self.bufs = [mmap.mmap(-1, CHUNK + 2 * PAGE) for _ in range(ReadBack.BUFFERS)]
         for b in self.bufs:
             self.free.put(b)
-        self.state: dict[int, tuple] = {}  # id(piece) → (sha256 so far, bytes fed, every byte read)
+        self.state: dict[int, tuple] = {}  # id(piece) → (sha256 so far or None, bytes fed, all read and equal)
         self.threads = [threading.Thread(target=self._reader, daemon=True),
-                        threading.Thread(target=self._hasher, daemon=True)]
+                        threading.Thread(target=self._checker, daemon=True)]
 
     def start(self) -> None:
         for t in self.threads:
@@ -760,21 +763,25 @@ class _Lane:
                         if n <= 0:
                             break  # the target ends early: that piece cannot match
                         got += n
-                self.ready.put((piece, buf, lo, min(got, need), length))
+                self.ready.put((piece, off, buf, lo, min(got, need), length))
         except BaseException as exc:
             rb.error = rb.error or exc
         finally:
             self.ready.put(None)
 
-    def _hasher(self) -> None:
+    def _checker(self) -> None:
         rb = self.rb
         while (item := self.ready.get()) is not None:
-            piece, buf, lo, hi, length = item
+            piece, off, buf, lo, hi, length = item
             try:
-                h, done, whole = self.state.get(id(piece)) or (hashlib.sha256(), 0, True)
+                ref = piece.ref
+                h, done, whole = self.state.get(id(piece)) or (hashlib.sha256() if ref is None else None, 0, True)
                 if hi > lo:
-                    with memoryview(buf) as mv:
-                        h.update(mv[lo:hi])
+                    if ref is None:
+                        with memoryview(buf) as mv:
+                            h.update(mv[lo:hi])
+                    elif whole:  # two bytes objects compare by memcmp (memoryviews byte by byte)
+                        whole = buf[lo:hi] == ref[off:off + hi - lo]
                     rb.advance(hi - lo)
                 done += length
                 whole = whole and hi - lo == length
@@ -782,7 +789,7 @@ class _Lane:
                     self.state[id(piece)] = (h, done, whole)
                 else:
                     self.state.pop(id(piece), None)
-                    if not whole or h.hexdigest() != piece.sha:
+                    if not whole or (h is not None and h.hexdigest() != piece.sha):
                         rb.mismatches.append((piece.start, piece.end))
             except BaseException as exc:
                 rb.error = rb.error or exc
@@ -951,15 +958,18 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
         for w in writers:  # the old partition table goes first: a half-written card never boots
             w.put(("data", 0, zero, None, False))
         for w, ov in zip(writers, overlays, strict=False):
-            _, view = m = rawio.map_file(ov.fd)
+            ovmap, view = m = rawio.map_file(ov.fd)
             maps.append(m)
+            for p in ov.pieces:
+                p.ref = ovmap
             send_mapped([w], view, ov.pieces)
         deferred: list[tuple[Piece, bytes | None]] = []  # partition table regions (None: from the raw image)
         src_view = memoryview(b"")
         if src.kind == "raw":
-            _hash_split_raw(sfd, pieces)
-            _, src_view = m = rawio.map_file(sfd)
+            srcmap, src_view = m = rawio.map_file(sfd)
             maps.append(m)
+            for p in pieces:
+                p.ref = srcmap
             send_mapped(writers, src_view, [p for p in pieces if p.where == "body"])
             deferred = [(p, None) for p in pieces if p.where != "body"]
         else:
@@ -1038,18 +1048,6 @@ def _finish_readbacks(readbacks: list[ReadBack], reports: list[CardReport], t0: 
             r.verified = False
         r.verify_seconds = max(rb.t_last - rb.t_first, 0.0)
         r.verify_extra_seconds = max(rb.t_last - t0 - r.write_seconds, 0.0)
-
-
-def _hash_split_raw(sfd: int, pieces: list[Piece]) -> None:
-    for p in pieces:
-        if p.sha is None:
-            h = hashlib.sha256()
-            pos = p.start
-            while pos < p.end:
-                data = os.pread(sfd, min(CHUNK, p.end - pos), pos)
-                h.update(data)
-                pos += len(data)
-            p.sha = h.hexdigest()
 
 
 def _stream_compressed(src: Source, writers: list[Writer], pieces: list[Piece], deferred: list) -> None:
