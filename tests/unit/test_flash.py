@@ -350,6 +350,30 @@ def test_readback_mismatch_while_writing_is_caught_and_named(golden, tmp_path, m
 
 
 @needs_loop
+def test_a_file_target_keeps_its_mode_and_owner_and_is_never_one_a_loop_device_holds(golden, tmp_path):
+    """A file target is replaced by a new file (written aside, renamed): the new one keeps the
+    old one's mode and owner; a file a loop device is attached to is refused (the device would
+    go on showing the old contents), naming the device to flash instead."""
+    out = tmp_path / "card.img"
+    out.write_bytes(b"old")
+    os.chmod(out, 0o600)
+    os.chown(out, 4242, 4343)
+    assert idlewire("flash", golden, out).returncode == 0
+    st_ = out.stat()
+    assert (stat.S_IMODE(st_.st_mode), st_.st_uid, st_.st_gid) == (0o600, 4242, 4343)
+    assert same_as_image(golden, out)
+    back = tmp_path / "back.img"
+    with back.open("wb") as f:
+        f.truncate(golden.stat().st_size)
+    with loop_device(back) as dev:
+        res = idlewire("flash", golden, back, check=False)
+        refused(res, f"is attached to {dev}")
+        assert f"losetup -d {dev}" in res.stderr
+    assert back.stat().st_blocks == 0, "the refused file was written"
+    assert idlewire("flash", golden, back).returncode == 0  # detached: fine
+
+
+@needs_loop
 def test_corruption_after_the_write_is_caught_by_verify_only(golden, tmp_path):
     src = fl.open_source(golden)
     start, end, _ = max(src.byte_ranges(), key=lambda r: r[1] - r[0])

@@ -68,7 +68,9 @@ def flash(
     Several cards: `idlewire flash IMAGE /dev/sdb /dev/sdc --units units.csv` writes them at
     the same time from one read of IMAGE, each stamped with its own unit, and reports per card.
     A regular file as TARGET is written beside it (.TARGET.partial) and renamed over it once
-    written and read back, so a refused, failed or interrupted write leaves it as it was.
+    written and read back, so a refused, failed or interrupted write leaves it as it was; the new
+    file keeps the old one's mode and owner. A file a loop device is attached to is refused: flash
+    the loop device instead.
 
     Speed: writes and reads bypass the page cache (O_DIRECT); each range is read back while the
     later ones are being written; an image written to files only is checked against its bmap

@@ -330,6 +330,7 @@ class Target:
     fd: int = -1
     note: str = ""
     partial: Path | None = None  # a file target is written here, then renamed over `path`
+    owner: tuple[int, int, int] | None = None  # an existing file target's mode, uid, gid: kept
 
 
 def _mount_devs() -> tuple[dict[str, str], str]:
@@ -343,6 +344,17 @@ def _mount_devs() -> tuple[dict[str, str], str]:
             if parts[4] == "/":
                 root = parts[2]
     return devs, root
+
+
+def _loops_over(path: Path) -> list[str]:
+    """Loop devices whose backing file is `path`."""
+    found = []
+    for back in sorted(Path("/sys/block").glob("loop*/loop/backing_file")):
+        with contextlib.suppress(OSError):
+            held = back.read_text().strip()
+            if held and os.path.exists(held) and os.path.samefile(held, path):
+                found.append(f"/dev/{back.parent.parent.name}")
+    return found
 
 
 def _sys_block(devnum: str) -> Path | None:
@@ -408,7 +420,14 @@ def inspect_target(path: Path, image_size: int, *, force_fixed: bool = False,
         real = path.resolve()
         if str(real).startswith(("/dev/", "/proc/", "/sys/")):
             raise UserError(f"{path}: a regular file under /dev, /proc or /sys is not a target; nothing written")
-        return Target(path, False, 0, note="file", partial=real.parent / f".{real.name}.partial")
+        if write and (loops := _loops_over(real)):
+            # the file is replaced, not rewritten in place: the loop device would keep the old one
+            raise UserError(f"{path}: is attached to {loops[0]} (losetup), which would go on showing the old "
+                            f"contents; flash {loops[0]} instead, or detach it first (`losetup -d {loops[0]}`); "
+                            "nothing written")
+        st_ = os.stat(real)
+        return Target(path, False, 0, note="file", partial=real.parent / f".{real.name}.partial",
+                      owner=(stat.S_IMODE(st_.st_mode), st_.st_uid, st_.st_gid))
     if not stat.S_ISBLK(mode):
         raise UserError(f"{text}: not a block device or a regular file; nothing written")
     rdev = os.stat(path).st_rdev
@@ -487,6 +506,11 @@ def _open_target(t: Target, image_size: int, write: bool) -> int:
         fd = os.open(t.partial or t.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise UserError(f"{t.partial or t.path}: cannot create: {exc.strerror}; nothing written") from None
+    if t.owner:  # the file it replaces keeps its mode and, where allowed, its owner
+        mode, uid, gid = t.owner
+        with contextlib.suppress(PermissionError):
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
     os.ftruncate(fd, image_size)  # holes read as zeros: the file equals the image byte for byte
     return fd
 
