@@ -58,7 +58,9 @@ secs_to() {  # secs_to FILE CMD…: wall seconds of CMD, its stdout into FILE
   t0=$(date +%s.%N); "$@" >"$out" 2>/dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l
 }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-fresh() { if [ "$1" = file ]; then rm -f "$DIR/target.img"; fi; }
+# before every run, untimed: the last run's target removed and everything on disk (journal, write-back),
+# so that no run pays for the one before it
+fresh() { if [ "$1" = file ]; then rm -f "$DIR/target.img"; fi; sync; }
 target() { if [ "$1" = file ]; then echo "$DIR/target.img"; else echo "$LOOP"; fi; }
 
 # Runs are interleaved (run 1 of every tool, then run 2, …) so that the load other programs put
