@@ -113,6 +113,10 @@ def run_agent(path: str) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # `kill -USR1 PID`: every thread's stack to the log (a stuck agent tells where it is)
+    import faulthandler
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         agent.start_policy(stop)
     except Exception as exc:  # OSError, or shaping.TcError (shaping is imported only when enabled)

@@ -7,10 +7,15 @@ import ipaddress
 import logging
 import os
 import subprocess
+import threading
 import time
 from typing import NamedTuple
 
 log = logging.getLogger("idlewire.wg")
+
+# `wg` and `ip` answer in milliseconds; one that does not (a wedged wireguard-go behind its UAPI
+# socket) must not hold the agent's lock, and with it the API and the metering, for ever
+TIMEOUT = 10.0
 
 
 class WgError(Exception):
@@ -29,7 +34,10 @@ def _which(name: str) -> bool:
 
 
 def _run(*argv: str, input: str | None = None) -> str:
-    p = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, input=input, check=False, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise WgError(f"{' '.join(argv[:4])}: no answer in {TIMEOUT:g} s (killed)") from None
     if p.returncode != 0:
         raise WgError(f"{' '.join(argv[:4])}: {p.stderr.strip() or p.returncode}")
     return p.stdout
@@ -59,11 +67,24 @@ class Tunnel:
         argv = ("wg", "show", self.ifname, "transfer")
         peers: dict[str, Peer] = {}
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
-            for line in p.stdout:
-                f = line.split("\t")
-                if len(f) == 3:
-                    peers[f[0]] = Peer(f[0], int(f[1]), int(f[2]))
-            err = p.stderr.read()
+            killed = threading.Event()
+
+            def kill() -> None:
+                killed.set()
+                p.kill()
+
+            watchdog = threading.Timer(TIMEOUT, kill)
+            watchdog.start()
+            try:
+                for line in p.stdout:
+                    f = line.split("\t")
+                    if len(f) == 3:
+                        peers[f[0]] = Peer(f[0], int(f[1]), int(f[2]))
+                err = p.stderr.read()
+            finally:
+                watchdog.cancel()
+        if killed.is_set():
+            raise WgError(f"{' '.join(argv)}: no answer in {TIMEOUT:g} s (killed)")
         if p.returncode != 0:
             raise WgError(f"{' '.join(argv)}: {err.strip() or p.returncode}")
         return peers

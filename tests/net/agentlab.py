@@ -53,6 +53,22 @@ def ns_socket(nsname: str, host: str, port: int, timeout: float = 10) -> socket.
     return out[0]
 
 
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` (from /proc/*/stat), for saying where a stuck process waits."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent[int(stat.parent.name)] = int(fields[1])
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
 class Forwarder:
     """127.0.0.1:PORT in the test's namespace -> host:port inside a lab namespace."""
 
@@ -170,6 +186,30 @@ class NodeLab:
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"agent did not answer: {self.log.read_text()[-2000:]}")
+
+    def stop_client(self, client: subprocess.Popen, timeout: float = 30) -> None:
+        """Ctrl-C to `idlewire client connect` (it closes its session and saves its receipts); if
+        it does not exit in `timeout` s (two requests of a 10 s timeout each at worst), fail with
+        where the client waits and every thread's stack of the agent (SIGUSR1), not a bare timeout."""
+        client.send_signal(signal.SIGINT)
+        try:
+            client.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        where = []
+        for pid in [client.pid, *_children(client.pid)]:
+            with contextlib.suppress(OSError):
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                wchan = Path(f"/proc/{pid}/wchan").read_text()
+                where.append(f"pid {pid} ({cmd}) waits in {wchan}")
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+        client.kill()
+        raise AssertionError(f"the client did not exit {timeout:g} s after Ctrl-C: {'; '.join(where)}\n"
+                             f"client.log: {(self.tmp / 'client.log').read_text()[-1500:]}\n"
+                             f"agent.log: {self.log.read_text()[-6000:]}")
 
     def kill9(self) -> None:
         assert self.proc is not None

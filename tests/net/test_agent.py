@@ -78,8 +78,7 @@ def test_metered_bytes_match_the_buyer_and_receipts_verify(make_node, tmp_path):
     print(figures)
     assert abs(err_up) <= 0.01 and abs(err_down) <= 0.01, figures
     assert ses["cost"] == pytest.approx((ses["up"] + ses["down"]) / 1e9 * 0.5)
-    client.send_signal(2)  # Ctrl-C: close the session, save the receipts
-    client.wait(20)
+    node.stop_client(client)  # Ctrl-C: close the session, save the receipts
     reports = [json.loads(line) for line in client.stdout.read().splitlines()]
     assert reports and all(r["agreed"] for r in reports)
     assert node.session(s["session"])["state"] == "closed"

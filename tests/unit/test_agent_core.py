@@ -373,3 +373,24 @@ def test_schema_1_ledger_is_upgraded(tmp_path):
     led = Ledger(str(path))
     assert led.session("s1")["retention"] == 0
     assert int(led.meta("schema")) == SCHEMA == 2
+
+
+def test_a_wedged_wg_is_killed_and_reported_not_waited_for(tmp_path, monkeypatch):
+    """A `wg` that never answers (wireguard-go wedged behind its UAPI socket) must not hold the
+    agent's lock — and with it the API and the metering — for ever: it is killed, a WgError."""
+    import time
+
+    from idlewire_agent import wg
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "wg").write_text("#!/bin/sh\nexec sleep 30\n")
+    (fake / "wg").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(wg, "TIMEOUT", 0.5)
+    t = wg.Tunnel("iwtest0", 51820, "k", "10.99.0.1/16")
+    for call in (t.dump, lambda: t.remove_peer("x" * 43 + "=")):
+        t0 = time.monotonic()
+        with pytest.raises(wg.WgError, match=r"no answer in 0\.5 s"):
+            call()
+        assert time.monotonic() - t0 < 5
