@@ -248,10 +248,13 @@ class NodeLab:
     # --- the buyer ------------------------------------------------------------------------
     def client(self, *args: str) -> subprocess.Popen:
         """`idlewire client connect` in the buyer namespace (JSON reports on stdout)."""
-        return self.buyer.popen(sys.executable, "-m", "idlewire", "client", "connect", f"http://{self.lan}.1:"
-                                f"{self.api_port}", "--key", str(self.tmp / "buyer.key"), "--interface",
-                                self.buyer_wg, "--json", "--route", f"{self.wan}.0/24", *args, stdout=subprocess.PIPE,
-                                stderr=open(self.tmp / "client.log", "a"), text=True)
+        # Ctrl-C reaches it as it reaches a program in the foreground of a terminal: a test run
+        # started in the background of a shell has SIGINT ignored, and that is inherited (Python
+        # then installs no KeyboardInterrupt handler, and the client would ignore stop_client)
+        return self.buyer.popen("env", "--default-signal=INT", sys.executable, "-m", "idlewire", "client",
+                                "connect", f"http://{self.lan}.1:{self.api_port}", "--key", str(self.tmp / "buyer.key"),
+                                "--interface", self.buyer_wg, "--json", "--route", f"{self.wan}.0/24", *args,
+                                stdout=subprocess.PIPE, stderr=open(self.tmp / "client.log", "a"), text=True)
 
     def wait_tunnel(self, timeout: float = 15) -> None:
         deadline = time.time() + timeout

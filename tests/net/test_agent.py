@@ -139,8 +139,9 @@ def test_kill9_mid_transfer_counts_nothing_twice(node):
     assert node.integrity() == "ok"
     metrics = node.get("/metrics")
     assert "\nidlewire_sessions_open 1\n" in metrics
-    client.terminate()
-    client.wait(20)
+    client.terminate()  # SIGTERM ends the session as Ctrl-C does
+    client.wait(30)
+    assert node.session(s["session"])["state"] == "closed"
 
 
 def test_interface_recreated_mid_session(node):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -134,6 +135,10 @@ def counters(ifname: str) -> tuple[int, int]:
     return up, down
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def tear_down(ifname: str) -> None:
     subprocess.run(["ip", "link", "del", ifname], capture_output=True, check=False)
 
@@ -191,6 +196,7 @@ def register(app: typer.Typer) -> None:
         Every --interval seconds the client reads its own WireGuard counters, signs them (its payment
         promise for the bytes so far) and sends them to the node, which answers with a signed receipt.
         Prints throughput and the cost at the node's price. Needs root (it creates an interface).
+        Ctrl-C or SIGTERM (systemd, `timeout`, `kill`) closes the session and saves the receipts.
 
         Example:  sudo idlewire client connect http://192.168.1.20:8740 --duration 60 --receipts r.json
         """
@@ -201,6 +207,8 @@ def register(app: typer.Typer) -> None:
         s = buyer.open(pub)
         sid = s["session"]
         out = sys.stderr
+        # SIGTERM ends the session as Ctrl-C does (closed on the node, receipts saved)
+        signal.signal(signal.SIGTERM, _interrupt)
         print(f"session {sid}: address {s['address']}, node {s['wg_public_key']}, "
               f"price {s['price_per_gb']}/GB", file=out)
         try:
