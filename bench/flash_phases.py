@@ -1,0 +1,58 @@
+"""Where one `idlewire flash` spends its time: timestamps around each step, on stderr.
+
+    sudo .venv/bin/python bench/flash_phases.py [--what-if-no-precheck] -- flash [ARGS…]
+
+e.g. `… -- flash --json /var/tmp/idlewire-bench/idlewire-bench-1.img /dev/loop0`. Prints, from
+the interpreter's start: imports done, then start → end of open_source, inspect_target,
+check_image (the sha256 of the image before a card is written), flash (write, fsync, read-back),
+_publish, and the end of main. `--what-if-no-precheck` makes check_image do nothing, to measure
+what the "nothing written from a bad image" guarantee costs (never use it to write a card: a
+damaged image would be written).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+T0 = time.monotonic()
+
+from idlewire import flash as fl  # noqa: E402 (timed from the interpreter's start)
+
+
+def _timed(name: str) -> None:
+    f = getattr(fl, name)
+
+    @functools.wraps(f)
+    def g(*a, **k):
+        t = time.monotonic()
+        try:
+            return f(*a, **k)
+        finally:
+            print(f"{name:16} {t - T0:7.3f} → {time.monotonic() - T0:7.3f} s", file=sys.stderr)
+
+    setattr(fl, name, g)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if args and args[0] == "--what-if-no-precheck":
+        args = args[1:]
+        fl.check_image = lambda *a, **k: None
+    if args and args[0] == "--":
+        args = args[1:]
+    for name in ("open_source", "inspect_target", "check_image", "flash", "_publish"):
+        _timed(name)
+    from idlewire.cli import main as cli_main
+
+    print(f"{'imports done':16} {time.monotonic() - T0:7.3f} s", file=sys.stderr)
+    sys.argv = ["idlewire", *args]
+    try:
+        cli_main()
+    finally:
+        print(f"{'main done':16} {time.monotonic() - T0:7.3f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
