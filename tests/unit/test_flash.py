@@ -374,6 +374,38 @@ def test_a_file_target_keeps_its_mode_and_owner_and_is_never_one_a_loop_device_h
 
 
 @needs_loop
+def test_an_image_changed_while_it_is_written_is_not_called_verified(golden, tmp_path, monkeypatch):
+    """An uncompressed image is read back against its own bytes (checked against the bmap first):
+    if the file changes between the check and the read-back, the card is not reported verified."""
+    image = tmp_path / golden.name
+    shutil.copyfile(golden, image)
+    shutil.copyfile(golden.with_suffix(".bmap"), image.with_suffix(".bmap"))
+    src = fl.open_source(image)  # checked against the bmap here
+    real = fl.send_mapped
+    done = []
+
+    def meddle(writers, view, pieces):
+        if not done:  # someone writes to the image after the check, before its bytes are sent
+            start = pieces[0].start
+            with image.open("r+b") as f:
+                f.seek(start)
+                b = f.read(1)
+                f.seek(start)
+                f.write(bytes([b[0] ^ 1]))
+            done.append(start)
+        return real(writers, view, pieces)
+
+    monkeypatch.setattr(fl, "send_mapped", meddle)
+    back = tmp_path / "back.img"
+    with back.open("wb") as f:
+        f.truncate(golden.stat().st_size)
+    with loop_device(back) as dev:
+        card = fl.flash(src, [fl.inspect_target(dev, src.size)]).cards[0]
+    assert done and card.verified is False
+    assert "changed while it was being written" in card.error
+
+
+@needs_loop
 def test_corruption_after_the_write_is_caught_by_verify_only(golden, tmp_path):
     src = fl.open_source(golden)
     start, end, _ = max(src.byte_ranges(), key=lambda r: r[1] - r[0])

@@ -16,8 +16,10 @@ read of the image, each by its own thread):
 5. every written range read back from the target and checked: against the very image bytes that
    were written, for an uncompressed image (those bytes were checked against the bmap's sha256 in
    this run, before or while writing: the card matching them byte for byte is the card matching
-   the bmap, at a memcmp's cost instead of a second sha256 of every byte) and for a stamped
-   boot partition; against the bmap's sha256 for a compressed image, whose bytes are not kept.
+   the bmap, at a memcmp's cost instead of a second sha256 of every byte; the file's identity,
+   size, mtime and ctime must then be the same at the end, or no card is called verified) and
+   for a stamped boot partition; against the bmap's sha256 for a compressed image, whose bytes
+   are not kept.
    Writes and reads go around the page cache (O_DIRECT), so the read-back of a range starts as
    soon as its write has returned and runs while later ranges are written: a reader thread and a
    checking thread per lane. Where O_DIRECT is refused (tmpfs), the read-back waits for the final
@@ -76,6 +78,9 @@ class Source:
     bmap_path: Path | None
     kind: str  # raw | xz | gz | zst
     sha256_checked: bool = False
+    # the file as it was when opened: an uncompressed image is read back against its own bytes,
+    # so it must be the same file, unchanged, from the check to the end of the read-back
+    signature: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -84,6 +89,11 @@ class Source:
     def byte_ranges(self) -> list[tuple[int, int, str]]:
         bs, size = self.bmap.block_size, self.bmap.image_size
         return [(a * bs, min((b + 1) * bs, size), sha) for a, b, sha in self.bmap.ranges]
+
+
+def _signature(path: Path) -> tuple[int, ...]:
+    st_ = os.stat(path)
+    return st_.st_dev, st_.st_ino, st_.st_size, st_.st_mtime_ns, st_.st_ctime_ns
 
 
 def _kind(path: Path) -> str:
@@ -155,7 +165,7 @@ def open_source(image: Path, bmap_path: Path | None = None, *, preverify: bool =
         bmap_obj = bm.create(image)  # an uncompressed image is its own map
     else:
         bmap_obj = bm.parse(bmap_path)
-    src = Source(image, bmap_obj, bmap_path, kind)
+    src = Source(image, bmap_obj, bmap_path, kind, signature=_signature(image))
     if bmap_obj.block_size <= 0 or bmap_obj.block_size % 512:
         raise UserError(f"{bmap_path}: block size {bmap_obj.block_size} is not a multiple of 512")
     for a, b, sha in bmap_obj.ranges:
@@ -1021,6 +1031,10 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
             w.join()
         if verify:
             _finish_readbacks(readbacks, reports, t0)
+        if src.kind == "raw" and src.signature and _signature(src.path) != src.signature:
+            for r in reports:  # what was checked is not what was written and read back
+                r.verified, r.error = False, (f"{src.path} changed while it was being written (it was "
+                                              "modified or replaced): flash again from an image nobody writes to")
         for t, r in zip(targets, reports, strict=True):
             _publish(t, ok=not r.error and r.verified is not False)
     except BaseException as exc:
