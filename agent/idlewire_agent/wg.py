@@ -33,11 +33,15 @@ def _which(name: str) -> bool:
     return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", os.defpath).split(":") if d)
 
 
+def _no_answer(argv) -> WgError:
+    return WgError(f"{' '.join(argv[:4])}: no answer in {TIMEOUT:g} s (killed)")
+
+
 def _run(*argv: str, input: str | None = None) -> str:
     try:
         p = subprocess.run(argv, capture_output=True, text=True, input=input, check=False, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise WgError(f"{' '.join(argv[:4])}: no answer in {TIMEOUT:g} s (killed)") from None
+        raise _no_answer(argv) from None
     if p.returncode != 0:
         raise WgError(f"{' '.join(argv[:4])}: {p.stderr.strip() or p.returncode}")
     return p.stdout
@@ -84,7 +88,7 @@ class Tunnel:
             finally:
                 watchdog.cancel()
         if killed.is_set():
-            raise WgError(f"{' '.join(argv)}: no answer in {TIMEOUT:g} s (killed)")
+            raise _no_answer(argv)
         if p.returncode != 0:
             raise WgError(f"{' '.join(argv)}: {err.strip() or p.returncode}")
         return peers

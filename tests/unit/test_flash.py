@@ -49,6 +49,13 @@ def golden(tmp_path_factory) -> Path:
     return img
 
 
+def blank(path: Path, size: int) -> Path:
+    """A sparse file of `size` bytes (a blank card, or a loop device's backing file)."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
 def same_as_image(img: Path, target: Path) -> bool:
     size = img.stat().st_size
     with img.open("rb") as a, target.open("rb") as b:
@@ -97,9 +104,7 @@ def test_loop_devices_stamped_concurrently(golden, tmp_path):
     units.write_text("unit,hostname,payout_address\nskip-0,,\ncard-1,,addr-0001\ncard-2,,addr-0002\n")
     backs = []
     for i in (1, 2):
-        b = tmp_path / f"back{i}.img"
-        with b.open("wb") as f:
-            f.truncate(golden.stat().st_size + 16 * MiB)
+        b = blank(tmp_path / f"back{i}.img", golden.stat().st_size + 16 * MiB)
         backs.append(b)
     with loop_device(backs[0]) as d1, loop_device(backs[1]) as d2:
         res = idlewire("flash", golden.with_name(golden.name + ".zst"), d1, d2, "--units", units, "--start", "2",
@@ -135,9 +140,7 @@ def test_refusals_on_devices(golden, tmp_path):
         refused(idlewire("flash", golden, dev, check=False), "over the image itself")
     assert golden.read_bytes()[:MiB] == before
     # smaller than the image
-    small = tmp_path / "small.img"
-    with small.open("wb") as f:
-        f.truncate(size - MiB)
+    small = blank(tmp_path / "small.img", size - MiB)
     with loop_device(small) as dev:
         refused(idlewire("flash", golden, dev, check=False), "smaller than the image")
     # a partition, a mounted partition, a device held open exclusively
@@ -272,9 +275,7 @@ def test_corrupt_stream_leaves_no_partition_table_and_verify_catches_it(golden, 
 def test_interrupted_write_is_caught_by_verify_only(golden, tmp_path):
     if not shutil.which("strace"):
         pytest.skip("strace missing")
-    back = tmp_path / "back.img"
-    with back.open("wb") as f:
-        f.truncate(golden.stat().st_size)
+    back = blank(tmp_path / "back.img", golden.stat().st_size)
     with loop_device(back) as dev:
         # the kernel kills the flash at its 6th write (strace fault injection): a pulled card
         res = subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=pwrite64,copy_file_range",
@@ -334,9 +335,7 @@ def test_readback_mismatch_while_writing_is_caught_and_named(golden, tmp_path, m
     if kind == "file":
         res = _flash_in_process(image, tmp_path / "card.img", units)
     else:
-        back = tmp_path / "back.img"
-        with back.open("wb") as f:
-            f.truncate(golden.stat().st_size)
+        back = blank(tmp_path / "back.img", golden.stat().st_size)
         with loop_device(back) as dev:
             res = _flash_in_process(image, Path(dev), units)
     card = res.cards[0]
@@ -362,9 +361,7 @@ def test_a_file_target_keeps_its_mode_and_owner_and_is_never_one_a_loop_device_h
     st_ = out.stat()
     assert (stat.S_IMODE(st_.st_mode), st_.st_uid, st_.st_gid) == (0o600, 4242, 4343)
     assert same_as_image(golden, out)
-    back = tmp_path / "back.img"
-    with back.open("wb") as f:
-        f.truncate(golden.stat().st_size)
+    back = blank(tmp_path / "back.img", golden.stat().st_size)
     with loop_device(back) as dev:
         res = idlewire("flash", golden, back, check=False)
         refused(res, f"is attached to {dev}")
@@ -396,9 +393,7 @@ def test_an_image_changed_while_it_is_written_is_not_called_verified(golden, tmp
         return real(writers, view, pieces)
 
     monkeypatch.setattr(fl, "send_mapped", meddle)
-    back = tmp_path / "back.img"
-    with back.open("wb") as f:
-        f.truncate(golden.stat().st_size)
+    back = blank(tmp_path / "back.img", golden.stat().st_size)
     with loop_device(back) as dev:
         card = fl.flash(src, [fl.inspect_target(dev, src.size)]).cards[0]
     assert done and card.verified is False
@@ -410,9 +405,7 @@ def test_corruption_after_the_write_is_caught_by_verify_only(golden, tmp_path):
     src = fl.open_source(golden)
     start, end, _ = max(src.byte_ranges(), key=lambda r: r[1] - r[0])
     victim = (start + end) // 2
-    back = tmp_path / "back.img"
-    with back.open("wb") as f:
-        f.truncate(golden.stat().st_size)
+    back = blank(tmp_path / "back.img", golden.stat().st_size)
     file_target = tmp_path / "card.img"
     idlewire("flash", golden, file_target)
     with loop_device(back) as dev:

@@ -425,7 +425,8 @@ def inspect_target(path: Path, image_size: int, *, force_fixed: bool = False,
         if not absolute.parent.is_dir():
             raise UserError(f"{path}: directory {absolute.parent} does not exist; nothing written")
         return Target(path, False, 0, note="new file", partial=absolute.parent / f".{absolute.name}.partial")
-    mode = os.stat(path).st_mode
+    st_ = os.stat(path)
+    mode = st_.st_mode
     if stat.S_ISREG(mode):
         real = path.resolve()
         if str(real).startswith(("/dev/", "/proc/", "/sys/")):
@@ -435,12 +436,11 @@ def inspect_target(path: Path, image_size: int, *, force_fixed: bool = False,
             raise UserError(f"{path}: is attached to {loops[0]} (losetup), which would go on showing the old "
                             f"contents; flash {loops[0]} instead, or detach it first (`losetup -d {loops[0]}`); "
                             "nothing written")
-        st_ = os.stat(real)
         return Target(path, False, 0, note="file", partial=real.parent / f".{real.name}.partial",
                       owner=(stat.S_IMODE(st_.st_mode), st_.st_uid, st_.st_gid))
     if not stat.S_ISBLK(mode):
         raise UserError(f"{text}: not a block device or a regular file; nothing written")
-    rdev = os.stat(path).st_rdev
+    rdev = st_.st_rdev
     devnum = f"{os.major(rdev)}:{os.minor(rdev)}"
     sysp = _sys_block(devnum)
     if sysp is None:
@@ -549,7 +549,6 @@ class Piece:
     end: int
     sha: str | None  # expected sha256 of target bytes [start, end)
     where: str  # head | body | tail | boot (stamped boot partition)
-    src_fd: int = -1  # overlay file descriptor (boot pieces)
     # what the target must hold: a mapping of the written file indexed by image offset (the
     # checked raw image, or a stamped overlay); None: compare with `sha` instead
     ref: mmap.mmap | None = None
@@ -650,10 +649,7 @@ def make_overlay(prefix: Path, layout: st.Layout, unit: Unit, workdir: Path, blo
     except BaseException:
         os.close(fd)
         raise
-    ov = Overlay(unit, path, pieces, pub, fd)
-    for p in pieces:
-        p.src_fd = fd
-    return ov
+    return Overlay(unit, path, pieces, pub, fd)
 
 
 # --- writing -----------------------------------------------------------------------------------
