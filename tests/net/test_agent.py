@@ -1,7 +1,9 @@
 """The node agent for real: wireguard-go on node and buyer, iperf3 through the tunnel."""
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -218,3 +220,23 @@ def test_agent_refuses_sessions_without_isolation(make_node, tmp_path):
     with pytest.raises(UserError, match="isolation"):
         buyer.open(keys.wg_keypair()[1])
     assert node.open_sessions() == []
+
+
+def test_a_wedged_wireguard_go_stalls_the_agent_for_seconds_not_for_ever(node):
+    """wireguard-go stopped (SIGSTOP) mid-session: `wg show` blocks on its control socket. The
+    agent kills it after wg.TIMEOUT, logs the failed poll and goes on answering its API; once
+    wireguard-go runs again, so does the metering."""
+    (pid,) = [int(p) for p in subprocess.run(["pgrep", "-f", f"^wireguard-go {node.wg}$"], capture_output=True,
+                                             text=True).stdout.split()]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "no answer in 10 s" in node.log.read_text(), timeout=30, step=0.5)
+        t0 = time.time()
+        assert node.get("/health")["node_key"]  # the lock is free again: the API answers
+        assert time.time() - t0 < 12
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert metric(node, "idlewire_poll_errors_total") >= 1
+    errors, polls = metric(node, "idlewire_poll_errors_total"), metric(node, "idlewire_polls_total")
+    wait_for(lambda: metric(node, "idlewire_polls_total") >= polls + 2, timeout=15)
+    assert metric(node, "idlewire_poll_errors_total") == errors
