@@ -223,13 +223,20 @@ def test_agent_refuses_sessions_without_isolation(make_node, tmp_path):
 
 
 def test_a_wedged_wireguard_go_stalls_the_agent_for_seconds_not_for_ever(node):
-    """wireguard-go stopped (SIGSTOP) mid-session: `wg show` blocks on its control socket. The
-    agent kills it after wg.TIMEOUT, logs the failed poll and goes on answering its API; once
-    wireguard-go runs again, so does the metering."""
+    """wireguard-go stopped (SIGSTOP) mid-session: `wg show` blocks on its control socket. SIGUSR1
+    shows the agent waiting there; it kills `wg` after wg.TIMEOUT, logs the failed poll and goes
+    on answering its API; once wireguard-go runs again, so does the metering."""
     (pid,) = [int(p) for p in subprocess.run(["pgrep", "-f", f"^wireguard-go {node.wg}$"], capture_output=True,
                                              text=True).stdout.split()]
     os.kill(pid, signal.SIGSTOP)
     try:
+        # kill -USR1: every thread's stack in the log; once the next poll has started, it waits in wg.dump
+        def stacks_show_the_wait() -> bool:
+            node.proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.3)
+            return "in dump" in node.log.read_text()
+
+        wait_for(stacks_show_the_wait, timeout=8, step=0.7)
         wait_for(lambda: "no answer in 10 s" in node.log.read_text(), timeout=30, step=0.5)
         t0 = time.time()
         assert node.get("/health")["node_key"]  # the lock is free again: the API answers
