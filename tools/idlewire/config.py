@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .errors import UserError
 from .paths import ROOT
 
@@ -98,7 +96,9 @@ def parse_size(value: Any, where: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
-def _load_yaml(path: Path) -> dict[str, Any]:
+def _load_yaml(path: Path, expected: str = "a mapping of settings at the top level") -> dict[str, Any]:
+    import yaml  # here, not at the top: `idlewire flash` reads no YAML unless given a unit (~8 ms)
+
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -113,7 +113,7 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(f"{path}{at}: not valid YAML: {problem}") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of settings at the top level")
+        raise UserError(f"{path}: expected {expected}")
     return data
 
 

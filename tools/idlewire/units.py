@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import _HOSTNAME_RE, _KEY_RE
+from .config import _HOSTNAME_RE, _KEY_RE, _load_yaml
 from .errors import UserError
 
 _UNIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -175,23 +173,8 @@ def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
     return Unit(unit, hostname, tuple(k.strip() for k in keys), wifi, payout, caps, pem, w.where)
 
 
-def _load_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{at}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
-
-
 def load_unit(path: Path) -> Unit:
-    data = _load_yaml(path)
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of unit settings (unit:, hostname:, …)")
+    data = _load_yaml(path, "a mapping of unit settings (unit:, hostname:, …)")
     extra = sorted(set(data) - YAML_FIELDS)
     if extra:
         raise UserError(f"{path}: field '{extra[0]}': unknown setting; known ones are {', '.join(sorted(YAML_FIELDS))}")
