@@ -208,29 +208,38 @@ def test_receipt_attacks_name_the_first_bad_one(attack, index, words):
     assert p is not None and p.index == index and words in p.reason, p
 
 
-def test_receipts_cli(tmp_path, make):
-    from idlewire.cli import app
-    from typer.testing import CliRunner
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    """`idlewire ARGV…` in this process: (exit status, stdout)."""
+    from idlewire.cli import main
 
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().out
+
+
+def test_receipts_cli(tmp_path, make, capsys):
     _, rs = _chain()
     f = tmp_path / "r.json"
     f.write_text("\n".join(json.dumps(r) for r in rs))
-    res = CliRunner().invoke(app, ["receipts", "verify", str(f), "--json"])
-    assert res.exit_code == 0 and json.loads(res.stdout)["ok"]
+    code, out = _cli(capsys, "receipts", "verify", str(f), "--json")
+    assert code == 0 and json.loads(out)["ok"]
     rs[3]["time"] = 1
     f.write_text(json.dumps(rs))
-    res = CliRunner().invoke(app, ["receipts", "verify", str(f)])
-    assert res.exit_code == 1 and "receipt #4" in res.stdout
+    code, out = _cli(capsys, "receipts", "verify", str(f))
+    assert code == 1 and "receipt #4" in out
     # A chain the node pruned: verified from its checkpoint, and said so.
     node, rs = _chain(6)
     f.write_text(json.dumps([receipts.make_checkpoint(node, rs[3]), *rs[4:]]))
-    res = CliRunner().invoke(app, ["receipts", "verify", str(f)])
-    assert res.exit_code == 0 and "receipts 1-4 pruned by the node" in res.stdout, res.stdout
-    res = CliRunner().invoke(app, ["receipts", "verify", str(f), "--json"])
-    assert json.loads(res.stdout)["checkpoints"] == {"abc": 4}
+    code, out = _cli(capsys, "receipts", "verify", str(f))
+    assert code == 0 and "receipts 1-4 pruned by the node" in out, out
+    code, out = _cli(capsys, "receipts", "verify", str(f), "--json")
+    assert json.loads(out)["checkpoints"] == {"abc": 4}
     f.write_text(json.dumps(rs[4:]))  # the same without the checkpoint: a truncated file
-    res = CliRunner().invoke(app, ["receipts", "verify", str(f)])
-    assert res.exit_code == 1 and "expected 1" in res.stdout
+    code, out = _cli(capsys, "receipts", "verify", str(f))
+    assert code == 1 and "expected 1" in out
 
 
 def test_ledger_file_is_wal_and_secrets_are_0600(make, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from idlewire_agent.__main__ import DEFAULT_CONFIG, _run_config
 
 HEAVY = ("argparse", "http.server", "http.client", "email", "html", "mimetypes", "shutil", "tempfile", "dataclasses",
-         "idlewire_agent.shaping", "idlewire_agent.schedule", "idlewire.cli", "typer", "rich")
+         "idlewire_agent.shaping", "idlewire_agent.schedule", "idlewire.cli", "rich")
 
 
 def test_run_path_imports_nothing_heavy():

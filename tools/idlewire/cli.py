@@ -7,39 +7,23 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import typer
 from rich.console import Console
 
 from . import __version__
+from .clikit import App, Arg, Opt  # noqa: F401 (Arg: for the command modules' type hints)
 from .errors import UserError
 
-app = typer.Typer(
+app = App(
     help="Build, stamp, flash and verify idlewire bandwidth-sharing nodes.\n\n"
-    "Typical first run:  idlewire build --target rpi4-arm64 --config site.yml",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    "Typical first run:  idlewire build --target rpi4-arm64 --config site.yml\n"
+    "Every command explains itself:  idlewire COMMAND --help",
+    version=__version__,
 )
 err = Console(stderr=True)
 
 
-def _version(value: bool) -> None:
-    if value:
-        print(f"idlewire {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
-) -> None:
-    pass
-
-
 @app.command()
-def targets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False):
+def targets(as_json: Annotated[bool, Opt("--json", help="Print JSON for scripts.")] = False):
     """List the image targets (image/targets/*.yml)."""
     from .config import available_targets, load_target
 
@@ -54,19 +38,19 @@ def targets(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for
 
 @app.command()
 def build(
-    target: Annotated[str, typer.Option("--target", "-t", help="Target name (see `idlewire targets`) "
+    target: Annotated[str, Opt("--target", "-t", help="Target name (see `idlewire targets`) "
                                         "or path of a target .yml.")] = "rpi4-arm64",
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Site file: SSH keys, "
+    config: Annotated[Path | None, Opt("--config", "-c", help="Site file: SSH keys, "
                                                 "hostname, role variables (see site.example.yml).")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the artifacts.")] = Path("out"),
-    allow_no_login: Annotated[bool, typer.Option(
+    out: Annotated[Path, Opt("--out", "-o", help="Directory for the artifacts.")] = Path("out"),
+    allow_no_login: Annotated[bool, Opt(
         "--allow-no-login", help="Build without an SSH key (a golden image: `idlewire stamp` adds "
         "keys per unit).")] = False,
-    no_xz: Annotated[bool, typer.Option("--no-xz", help="Skip the .img.xz (faster, for tests).")] = False,
-    xz_level: Annotated[int, typer.Option("--xz-level", min=0, max=9, help="xz preset: 1 is fast "
+    no_xz: Annotated[bool, Opt("--no-xz", help="Skip the .img.xz (faster, for tests).")] = False,
+    xz_level: Annotated[int, Opt("--xz-level", min=0, max=9, help="xz preset: 1 is fast "
                                           "(the default, for the edit-build loop), 9 smallest (releases).")] = 1,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Stream every tool's output.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    verbose: Annotated[bool, Opt("--verbose", "-v", help="Stream every tool's output.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
 ):
     """Build a bootable node image: rootfs → bake → assemble → artifacts.
 
@@ -94,7 +78,7 @@ def build(
 
 
 # Command groups live in their own modules (tools/idlewire/cmd_*.py), each with
-# `register(app: typer.Typer) -> None`, so that every part of the CLI is owned in one place.
+# `register(app: App) -> None`, so that every part of the CLI is owned in one place.
 COMMAND_MODULES = ("receipts", "client", "stamp", "flash", "console", "verify")
 
 
@@ -115,9 +99,9 @@ def _register_commands() -> None:
 _register_commands()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
-        app()
+        app(argv)
     except UserError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

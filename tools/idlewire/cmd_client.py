@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-import typer
-
+from .clikit import App, Arg, Opt
 from .errors import UserError
 
 DEFAULT_KEY = Path.home() / ".config" / "idlewire" / "buyer.key"
@@ -169,27 +168,27 @@ def _human(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def register(app: typer.Typer) -> None:
-    client = typer.Typer(help="The reference buyer client: rent bandwidth from a node.", no_args_is_help=True)
-    app.add_typer(client, name="client")
+def register(app: App) -> None:
+    client = App(help="The reference buyer client: rent bandwidth from a node.")
+    app.add_group(client, "client")
 
     @client.command()
     def connect(
-        url: Annotated[str, typer.Argument(help="The node's API, e.g. http://192.168.1.20:8740")],
-        key: Annotated[Path, typer.Option("--key", help="Your buyer key (ed25519, made if missing, 0600).")] =
+        url: Annotated[str, Arg(help="The node's API, e.g. http://192.168.1.20:8740")],
+        key: Annotated[Path, Opt("--key", help="Your buyer key (ed25519, made if missing, 0600).")] =
             DEFAULT_KEY,
-        interface: Annotated[str, typer.Option("--interface", "-i", help="WireGuard interface to create.")] =
+        interface: Annotated[str, Opt("--interface", "-i", help="WireGuard interface to create.")] =
             "iwbuyer0",
-        interval: Annotated[float, typer.Option("--interval", help="Seconds between co-signed usage reports.")] =
+        interval: Annotated[float, Opt("--interval", help="Seconds between co-signed usage reports.")] =
             5.0,
-        duration: Annotated[float, typer.Option("--duration", help="Disconnect after this many seconds "
+        duration: Annotated[float, Opt("--duration", help="Disconnect after this many seconds "
                                                 "(0 = until Ctrl-C).")] = 0,
-        receipts_out: Annotated[Path | None, typer.Option("--receipts", help="Save the session's receipts "
+        receipts_out: Annotated[Path | None, Opt("--receipts", help="Save the session's receipts "
                                                          "here at the end (for `idlewire receipts verify`).")] = None,
-        route: Annotated[list[str] | None, typer.Option("--route", help="Also send this network through the "
+        route: Annotated[list[str] | None, Opt("--route", help="Also send this network through the "
                                                        "node (repeatable), e.g. 192.0.2.0/24.")] = None,
-        keep: Annotated[bool, typer.Option("--keep", help="Leave the session and interface up at exit.")] = False,
-        as_json: Annotated[bool, typer.Option("--json", help="One JSON object per report on stdout.")] = False,
+        keep: Annotated[bool, Opt("--keep", help="Leave the session and interface up at exit.")] = False,
+        as_json: Annotated[bool, Opt("--json", help="One JSON object per report on stdout.")] = False,
     ):
         """Open a session on the node at URL and route its tunnel network through WireGuard.
 

@@ -8,17 +8,23 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from .clikit import App, Arg, Opt
 from .errors import UserError
 
 err = Console(stderr=True)
 
 
-def register(app: typer.Typer) -> None:
+def register(app: App) -> None:
     app.command()(flash)
+
+
+def _nothing_written(exc: UserError, verify_only: bool) -> UserError:
+    if "nothing written" in str(exc) or verify_only:
+        return exc
+    return UserError(f"{exc}; nothing written")
 
 
 def _progress(enabled: bool) -> Progress:
@@ -28,30 +34,32 @@ def _progress(enabled: bool) -> Progress:
 
 
 def flash(
-    image: Annotated[Path, typer.Argument(help="Image: .img, .img.xz, .img.gz or .img.zst (with its .bmap).")],
-    targets: Annotated[list[Path], typer.Argument(help="Card(s) (/dev/sdX, /dev/mmcblkN, /dev/loopN) or "
+    image: Annotated[Path, Arg(help="Image: .img, .img.xz, .img.gz or .img.zst (with its .bmap).")],
+    targets: Annotated[list[Path], Arg(metavar="TARGET", help="Card(s) (/dev/sdX, /dev/mmcblkN, /dev/loopN) or "
                                                   "image file(s) to write.")],
-    bmap_file: Annotated[Path | None, typer.Option("--bmap", help="The block map (default: IMAGE's .bmap "
+    bmap_file: Annotated[Path | None, Opt("--bmap", help="The block map (default: IMAGE's .bmap "
                                                    "next to it).")] = None,
-    unit: Annotated[Path | None, typer.Option("--unit", "-u", help="Stamp the card with this unit.yml "
+    unit: Annotated[Path | None, Opt("--unit", "-u", help="Stamp the card with this unit.yml "
                                               "while writing (one target).")] = None,
-    units: Annotated[Path | None, typer.Option("--units", help="Stamp each card with its own row of "
+    units: Annotated[Path | None, Opt("--units", help="Stamp each card with its own row of "
                                                "units.csv (rows taken in order from --start).")] = None,
-    start: Annotated[int, typer.Option("--start", help="With --units: the first data row to use "
+    start: Annotated[int, Opt("--start", help="With --units: the first data row to use "
                                        "(1 = the row after the header).", min=1)] = 1,
-    record: Annotated[Path | None, typer.Option("--record", help="With --unit/--units: CSV the cards' "
+    record: Annotated[Path | None, Opt("--record", help="With --unit/--units: CSV the cards' "
                                                 "public keys are appended to (default: ./stamped-units.csv).")] = None,
-    force_fixed: Annotated[bool, typer.Option("--force-fixed", help="Allow a non-removable disk "
+    force_fixed: Annotated[bool, Opt("--force-fixed", help="Allow a non-removable disk "
                                               "(never the one holding / or anything mounted).")] = False,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip reading the card back.")] = False,
-    verify_only: Annotated[bool, typer.Option("--verify-only", help="Write nothing: compare the card "
+    no_verify: Annotated[bool, Opt("--no-verify", help="Skip reading the card back.")] = False,
+    verify_only: Annotated[bool, Opt("--verify-only", help="Write nothing: compare the card "
                                               "with IMAGE (finds interrupted or failed writes).")] = False,
-    skip_boot: Annotated[bool, typer.Option("--skip-boot", help="With --verify-only: leave out the boot "
+    skip_boot: Annotated[bool, Opt("--skip-boot", help="With --verify-only: leave out the boot "
                                             "partition (cards stamped while flashing differ there).")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
 ):
-    """Write IMAGE to one or more cards: only the blocks its .bmap maps, partition table last,
-    then every written range read back from the card and checked: byte for byte against the image
+    """Write IMAGE to one or more cards (or image files): sparse, verified, refusing unsafe targets.
+
+    Only the blocks IMAGE's .bmap maps are written, the partition table last, then every written
+    range is read back from the card and checked: byte for byte against the image
     bytes that were checked against the bmap's sha256 in this same run (uncompressed images, and
     the boot partition stamped while flashing), or against the bmap's sha256 (compressed images).
 
@@ -101,27 +109,27 @@ def flash(
                         "--skip-boot instead of --unit/--units")
     show = not as_json or sys.stderr.isatty()
     t0 = time.monotonic()
+    try:  # the refusals come before any progress bar: an error stays one line
+        src = fl.open_source(image, bmap_file, preverify=False)
+        mine = tuple(p for p in (image, src.bmap_path) if p)
+        infos = [fl.inspect_target(t, src.size, force_fixed=force_fixed, write=not verify_only, sources=mine)
+                 for t in targets]
+    except UserError as exc:
+        raise _nothing_written(exc, verify_only) from None
+    # a card is only written once the whole image has been checked; files are written aside and
+    # renamed at the end, so their check runs alongside the write. Compressed images are checked
+    # as they stream.
+    check_aside = all(i.partial is not None for i in infos) and not verify_only
+    precheck = not verify_only and src.kind == "raw" and src.bmap_path is not None
     with _progress(show) as progress:
-        pre = progress.add_task("check  image", total=None)
-        check_pre = lambda n: progress.advance(pre, n)  # noqa: E731
-        try:
-            src = fl.open_source(image, bmap_file, preverify=False)
-            mine = tuple(p for p in (image, src.bmap_path) if p)
-            infos = [fl.inspect_target(t, src.size, force_fixed=force_fixed, write=not verify_only, sources=mine)
-                     for t in targets]
-            # a card is only written once the whole image has been checked; files are written
-            # aside and renamed at the end, so their check runs alongside the write
-            check_aside = all(i.partial is not None for i in infos) and not verify_only
-            if verify_only or src.kind != "raw" or src.bmap_path is None:
-                progress.remove_task(pre)  # compressed images are checked as they stream
-            else:
-                progress.update(pre, total=src.bmap.mapped_blocks * src.bmap.block_size)
-                if not check_aside:
-                    fl.check_image(src, check_pre)
-        except UserError as exc:
-            if "nothing written" in str(exc) or verify_only:
-                raise
-            raise UserError(f"{exc}; nothing written") from None
+        pre = progress.add_task("check  image", total=src.bmap.mapped_blocks * src.bmap.block_size) \
+            if precheck else None
+        check_pre = lambda n: pre is not None and progress.advance(pre, n)  # noqa: E731
+        if precheck and not check_aside:
+            try:
+                fl.check_image(src, check_pre)
+            except UserError as exc:
+                raise _nothing_written(exc, verify_only) from None
         if verify_only:
             reports = [fl.verify_only(src, info, skip_boot=skip_boot, progress=progress) for info in infos]
             result = fl.FlashResult(str(image), str(src.bmap_path), src.sha256_checked,
@@ -167,4 +175,4 @@ def flash(
             if c.unit:
                 print(f"{c.unit}\t{c.node_public_key}\t{c.target}")
     if failed:
-        raise typer.Exit(1)
+        raise SystemExit(1)

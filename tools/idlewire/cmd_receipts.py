@@ -6,22 +6,21 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import typer
-
+from .clikit import App, Arg, Opt
 from .errors import UserError
 
 
-def register(app: typer.Typer) -> None:
-    group = typer.Typer(help="Signed usage receipts (proof of bandwidth).", no_args_is_help=True)
-    app.add_typer(group, name="receipts")
+def register(app: App) -> None:
+    group = App(help="Signed usage receipts (proof of bandwidth).")
+    app.add_group(group, "receipts")
 
     @group.command()
     def verify(
-        file: Annotated[Path, typer.Argument(help="Receipts: a JSON array (as GET /receipts returns, or "
+        file: Annotated[Path, Arg(help="Receipts: a JSON array (as GET /receipts returns, or "
                                              "`idlewire client connect --receipts` saves) or JSON lines.")],
-        node_key: Annotated[str | None, typer.Option("--node-key", help="Require this node public key "
+        node_key: Annotated[str | None, Opt("--node-key", help="Require this node public key "
                                                      "(base64 ed25519, from the node's /health).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="Print a JSON result on stdout.")] = False,
+        as_json: Annotated[bool, Opt("--json", help="Print a JSON result on stdout.")] = False,
     ):
         """Check signatures (node, and buyer co-signatures), the hash chain and that counts never go down.
 
@@ -69,4 +68,4 @@ def register(app: typer.Typer) -> None:
         else:
             print(f"{file}: BAD {problem}")
         if problem is not None:
-            raise typer.Exit(1)
+            raise SystemExit(1)

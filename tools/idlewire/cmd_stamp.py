@@ -7,29 +7,29 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import typer
 from rich.console import Console
 
+from .clikit import App, Arg, Opt
 from .errors import UserError
 
 err = Console(stderr=True)
 
 
-def register(app: typer.Typer) -> None:
+def register(app: App) -> None:
     app.command()(stamp)
 
 
 def stamp(
-    image: Annotated[Path, typer.Argument(help="The golden image (.img from `idlewire build`).")],
-    unit: Annotated[Path | None, typer.Option("--unit", "-u", help="One unit: unit.yml.")] = None,
-    units: Annotated[Path | None, typer.Option("--units", help="Many units: units.csv, one row each.")] = None,
-    out: Annotated[Path | None, typer.Option(
+    image: Annotated[Path, Arg(help="The golden image (.img from `idlewire build`).")],
+    unit: Annotated[Path | None, Opt("--unit", "-u", help="One unit: unit.yml.")] = None,
+    units: Annotated[Path | None, Opt("--units", help="Many units: units.csv, one row each.")] = None,
+    out: Annotated[Path | None, Opt(
         "--out", "-o", help="With --unit: the output .img (default: IMAGE-UNIT.img next to IMAGE). "
         "With --units: the output directory (required).")] = None,
-    record: Annotated[Path | None, typer.Option(
+    record: Annotated[Path | None, Opt(
         "--record", help="CSV the units' public keys are appended to (default: stamped-units.csv "
         "in the output directory).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
 ):
     """Write each unit's identity into its own copy of IMAGE (boot partition only, via mtools).
 

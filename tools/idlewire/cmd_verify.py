@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-import typer
 from rich.console import Console as RichConsole
 from rich.table import Table
 
+from .clikit import App, Opt
 from .errors import UserError
 from .paths import ROOT
 
@@ -25,7 +25,7 @@ err = RichConsole(stderr=True, highlight=False)
 SUITE = ROOT / "tests" / "infra"
 
 
-def register(app: typer.Typer) -> None:
+def register(app: App) -> None:
     app.command(name="verify")(verify)
 
 
@@ -55,19 +55,19 @@ class HostResult:
 
 
 def verify(
-    inventory: Annotated[Path, typer.Option("--inventory", "-i", help="Ansible inventory (YAML/INI) "
+    inventory: Annotated[Path, Opt("--inventory", "-i", help="Ansible inventory (YAML/INI) "
                                             "listing the nodes, as for playbooks/site.yml.")],
-    limit: Annotated[str | None, typer.Option("--limit", "-l", help="Ansible host pattern: only these "
+    limit: Annotated[str | None, Opt("--limit", "-l", help="Ansible host pattern: only these "
                                               "hosts or groups (node-01, 'pi:&eu', 'node-0*').")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-n", help="Nodes checked at once (pytest-xdist); "
+    workers: Annotated[int, Opt("--workers", "-n", help="Nodes checked at once (pytest-xdist); "
                                          "0: as many as nodes, up to 16; 1: one after another.")] = 0,
-    junit: Annotated[Path, typer.Option("--junit", help="JUnit XML report to write (for CI).")] =
+    junit: Annotated[Path, Opt("--junit", help="JUnit XML report to write (for CI).")] =
         Path("idlewire-verify.xml"),
-    identity: Annotated[Path | None, typer.Option("--identity", help="SSH private key when the "
+    identity: Annotated[Path | None, Opt("--identity", help="SSH private key when the "
                                                   "inventory sets no ansible_ssh_private_key_file.")] = None,
-    keyword: Annotated[str | None, typer.Option("-k", help="Only checks matching this pytest "
+    keyword: Annotated[str | None, Opt("-k", help="Only checks matching this pytest "
                                                 "expression (e.g. 'ssh or password').")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the per-host results as JSON.")] = False,
+    as_json: Annotated[bool, Opt("--json", help="Print the per-host results as JSON.")] = False,
 ) -> None:
     """Check nodes against their declared state: the testinfra suite in tests/infra, per host.
 
@@ -126,7 +126,7 @@ def verify(
         _print_table(results)
         err.print(f"{len(results)} node(s), {len(bad)} failing, {n} worker(s), {wall:.1f}s; JUnit: {junit}")
     if bad:
-        raise typer.Exit(1)
+        raise SystemExit(1)
 
 
 def _ansible_inventory_bin() -> str:
