@@ -422,3 +422,30 @@ def test_corruption_after_the_write_is_caught_by_verify_only(golden, tmp_path):
     cards = json.loads(res.stdout)["cards"]
     assert [c["mismatches"] for c in cards] == [[[start, end]]] * 2
     assert f"first at bytes {start}-{end}" in res.stderr
+
+
+@pytest.mark.parametrize("n", [0, 1, 4096, fl.SAME_STEP - 1, fl.SAME_STEP, fl.SAME_STEP + 1, 3 * fl.SAME_STEP + 123])
+def test_the_read_back_comparison_sees_one_byte_anywhere_and_nothing_outside(n):
+    """The read-back compares card and image a slice at a time (fl._same): a byte off at either
+    end, on either side of a slice boundary or in the last short slice is a difference; bytes
+    just outside the compared range are not."""
+    import mmap
+
+    data = os.urandom(n + 3 * 4096)
+    a, b = mmap.mmap(-1, len(data)), mmap.mmap(-1, len(data))
+    a_off, b_off = 4096 + 100, 4096  # different offsets into the two buffers
+    a[a_off:a_off + n] = data[:n]
+    b[b_off:b_off + n] = data[:n]
+    assert fl._same(a, a_off, b, b_off, n)
+    step = fl.SAME_STEP
+    for pos in sorted({0, n // 2, step - 1, step, 2 * step + 5, n - 1} & set(range(n))):
+        a[a_off + pos] ^= 0x01
+        assert not fl._same(a, a_off, b, b_off, n), pos
+        a[a_off + pos] ^= 0x01
+        b[b_off + pos] ^= 0x80
+        assert not fl._same(a, a_off, b, b_off, n), pos
+        b[b_off + pos] ^= 0x80
+    a[a_off - 1] ^= 0xFF
+    a[a_off + n] ^= 0xFF
+    b[b_off + n] ^= 0xFF
+    assert fl._same(a, a_off, b, b_off, n)
