@@ -58,6 +58,13 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str):
         super().__init__(prog, max_help_position=30, width=min(shutil.get_terminal_size().columns, 110))
 
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        # "-i, --inventory INVENTORY" rather than "--inventory INVENTORY, -i INVENTORY"
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(sorted(action.option_strings, key=len))} {metavar}"
+
     def _format_action(self, action: argparse.Action) -> str:
         text = super()._format_action(action)
         if action.nargs == argparse.PARSER:  # the commands, without argparse's "COMMAND" line above them

@@ -65,7 +65,7 @@ def verify(
         Path("idlewire-verify.xml"),
     identity: Annotated[Path | None, Opt("--identity", help="SSH private key when the "
                                                   "inventory sets no ansible_ssh_private_key_file.")] = None,
-    keyword: Annotated[str | None, Opt("-k", help="Only checks matching this pytest "
+    keyword: Annotated[str | None, Opt("-k", metavar="EXPRESSION", help="Only checks matching this pytest "
                                                 "expression (e.g. 'ssh or password').")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print the per-host results as JSON.")] = False,
 ) -> None:
