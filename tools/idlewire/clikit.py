@@ -1,8 +1,8 @@
 """The command line's parsing: commands are plain functions, argparse (standard library) parses.
 
 A command's parameters say what they are with `Annotated[T, Arg(help=…)]` (positional) or
-`Annotated[T, Opt("--flag", "-f", help=…)]`; its docstring is its --help (first line: the summary
-in the command list). T is str, int, float, Path, bool (a flag), `X | None` (optional) or
+`Annotated[T, Opt("--flag", "-f", help=…)]`; its docstring is its --help (the first paragraph:
+its line in the command list). T is str, int, float, Path, bool (a flag), `X | None` (optional) or
 `list[X]` (a positional taking one or more; an option that repeats). A usage error is one line on
 stderr naming the command and where to look, exit 2 — never a traceback or a boxed banner.
 
@@ -72,7 +72,7 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _number(kind: type, flag: str, lo: float | None, hi: float | None) -> Callable[[str], Any]:
+def _number(kind: type, lo: float | None, hi: float | None) -> Callable[[str], Any]:
     word = "whole number" if kind is int else "number"
 
     def convert(text: str):
@@ -90,15 +90,13 @@ def _number(kind: type, flag: str, lo: float | None, hi: float | None) -> Callab
     return convert
 
 
-def _unwrap(hint: Any) -> tuple[Any, bool, bool]:
-    """(inner type, optional, is_list) of `X`, `X | None`, `list[X]`, `list[X] | None`."""
-    optional = False
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """(inner type, is a list) of `X`, `X | None`, `list[X]`, `list[X] | None`."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is list:
-        return typing.get_args(hint)[0], optional, True
-    return hint, optional, False
+        return typing.get_args(hint)[0], True
+    return hint, False
 
 
 def _add_params(parser: argparse.ArgumentParser, fn: Callable) -> list[str]:
@@ -109,7 +107,7 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable) -> list[str]:
         spec = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Arg | Opt)), None)
         if spec is None:
             raise TypeError(f"{fn.__qualname__}({name}): annotate it with Arg(...) or Opt(...)")
-        kind, _optional, many = _unwrap(hint.__origin__)
+        kind, many = _unwrap(hint.__origin__)
         has_default = p.default is not inspect.Parameter.empty
         names.append(name)
         if isinstance(spec, Arg):
@@ -126,7 +124,7 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable) -> list[str]:
                 raise TypeError(f"{fn.__qualname__}({name}): a flag defaults to False")
             parser.add_argument(*flags, dest=name, action="store_true", help=spec.help)
             continue
-        conv = _number(kind, flags[0], spec.min, spec.max) if kind in (int, float) else kind
+        conv = _number(kind, spec.min, spec.max) if kind in (int, float) else kind
         kw = {"dest": name, "type": conv, "help": spec.help,
               "metavar": spec.metavar or (flags[0].lstrip("-").upper().replace("-", "_"))}
         if many:
@@ -162,7 +160,7 @@ class App:
         parser.set_defaults(_fn=None, _parser=parser)
         subs = parser.add_subparsers(title="commands", metavar="COMMAND")
         for name, what in self.commands.items():
-            doc = inspect.cleandoc(what.__doc__ or "") if callable(what) and not isinstance(what, App) else what.help
+            doc = what.help if isinstance(what, App) else inspect.cleandoc(what.__doc__ or "")
             summary = doc.split("\n\n")[0].replace("\n", " ")
             sub = subs.add_parser(name, help=summary, description=doc, formatter_class=_Help,
                                   allow_abbrev=False)
