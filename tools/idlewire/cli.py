@@ -39,16 +39,16 @@ def targets(as_json: Annotated[bool, Opt("--json", help="Print JSON for scripts.
 @app.command()
 def build(
     target: Annotated[str, Opt("--target", "-t", help="Target name (see `idlewire targets`) "
-                                        "or path of a target .yml.")] = "rpi4-arm64",
+                               "or path of a target .yml.")] = "rpi4-arm64",
     config: Annotated[Path | None, Opt("--config", "-c", help="Site file: SSH keys, "
-                                                "hostname, role variables (see site.example.yml).")] = None,
+                                       "hostname, role variables (see site.example.yml).")] = None,
     out: Annotated[Path, Opt("--out", "-o", help="Directory for the artifacts.")] = Path("out"),
     allow_no_login: Annotated[bool, Opt(
         "--allow-no-login", help="Build without an SSH key (a golden image: `idlewire stamp` adds "
         "keys per unit).")] = False,
     no_xz: Annotated[bool, Opt("--no-xz", help="Skip the .img.xz (faster, for tests).")] = False,
     xz_level: Annotated[int, Opt("--xz-level", min=0, max=9, help="xz preset: 1 is fast "
-                                          "(the default, for the edit-build loop), 9 smallest (releases).")] = 1,
+                                 "(the default, for the edit-build loop), 9 smallest (releases).")] = 1,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Stream every tool's output.")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
 ):

@@ -182,7 +182,7 @@ def register(app: App) -> None:
         interval: Annotated[float, Opt("--interval", help="Seconds between co-signed usage reports.")] =
             5.0,
         duration: Annotated[float, Opt("--duration", help="Disconnect after this many seconds "
-                                                "(0 = until Ctrl-C).")] = 0,
+                                       "(0 = until Ctrl-C).")] = 0,
         receipts_out: Annotated[Path | None, Opt("--receipts", help="Save the session's receipts "
                                                          "here at the end (for `idlewire receipts verify`).")] = None,
         route: Annotated[list[str] | None, Opt("--route", help="Also send this network through the "

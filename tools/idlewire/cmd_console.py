@@ -25,37 +25,37 @@ def register(app: App) -> None:
 
 def console(
     port: Annotated[str, Arg(help="Serial device (/dev/ttyUSB0, /dev/ttyAMA0) or pyserial URL "
-                                        "(socket://127.0.0.1:4555 for a raw TCP port, rfc2217://HOST:PORT "
-                                        "for a console server; add ?timeout=10 on a slow link, "
-                                        "?ign_set_control for servers that do not acknowledge flow "
-                                        "control).")],
+                             "(socket://127.0.0.1:4555 for a raw TCP port, rfc2217://HOST:PORT "
+                             "for a console server; add ?timeout=10 on a slow link, "
+                             "?ign_set_control for servers that do not acknowledge flow "
+                             "control).")],
     bootstrap: Annotated[bool, Opt("--bootstrap", help="Log in, install an SSH key (--key) for "
-                                            "--key-user, print the node's addresses.")] = False,
+                                   "--key-user, print the node's addresses.")] = False,
     run: Annotated[list[str] | None, Opt("--run", help="Log in and run CMD; repeatable. Exit "
-                                                  "status: the first failing command's.")] = None,
+                                         "status: the first failing command's.")] = None,
     until_prompt: Annotated[bool, Opt("--until-prompt", help="Only wait for a login or shell "
-                                               "prompt (boot finished), then exit; with --log: a boot "
-                                               "log.")] = False,
+                                      "prompt (boot finished), then exit; with --log: a boot "
+                                      "log.")] = False,
     log: Annotated[Path | None, Opt("--log", help="Write every byte received to FILE (the boot "
-                                             "log when connected before power-on).")] = None,
+                                    "log when connected before power-on).")] = None,
     key: Annotated[Path | None, Opt("--key", help="Public key to install (default: "
-                                             "~/.ssh/id_ed25519.pub, id_ecdsa.pub, id_rsa.pub).")] = None,
+                                    "~/.ssh/id_ed25519.pub, id_ecdsa.pub, id_rsa.pub).")] = None,
     key_user: Annotated[str, Opt("--key-user", help="Account the key is for (base_admin_user "
-                                          "on idlewire images; root uses /etc/dropbear on "
-                                          "OpenWrt).")] = "idlewire",
+                                 "on idlewire images; root uses /etc/dropbear on "
+                                 "OpenWrt).")] = "idlewire",
     user: Annotated[str, Opt("--user", help="Login name typed at a login prompt (idlewire images "
-                                      "log root in automatically).")] = "root",
+                             "log root in automatically).")] = "root",
     password_env: Annotated[str, Opt("--password-env", help="Environment variable holding the "
-                                              "password, for systems that ask one (never on the command "
-                                              "line).")] = "IDLEWIRE_CONSOLE_PASSWORD",  # noqa: S107
+                                     "password, for systems that ask one (never on the command "
+                                     "line).")] = "IDLEWIRE_CONSOLE_PASSWORD",  # noqa: S107
     baud: Annotated[int, Opt("--baud", help="Baud rate of a serial device.")] = 115200,
     line_delay: Annotated[float, Opt("--line-delay", help="Seconds to pause after each typed "
-                                              "chunk: 0.02-0.1 for slow UARTs that drop "
-                                              "characters.")] = 0.0,
+                                     "chunk: 0.02-0.1 for slow UARTs that drop "
+                                     "characters.")] = 0.0,
     timeout: Annotated[float, Opt("--timeout", help="Seconds to wait for a shell (a booting "
-                                           "node: boot time plus a margin).")] = 120.0,
+                                  "node: boot time plus a margin).")] = 120.0,
     command_timeout: Annotated[float, Opt("--command-timeout", help="Seconds each --run "
-                                                   "command may take.")] = 60.0,
+                                          "command may take.")] = 60.0,
     as_json: Annotated[bool, Opt("--json", help="Print JSON results on stdout.")] = False,
 ) -> None:
     """Talk to a node over its serial console; with no action flag, an interactive terminal.

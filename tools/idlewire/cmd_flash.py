@@ -36,24 +36,24 @@ def _progress(enabled: bool) -> Progress:
 def flash(
     image: Annotated[Path, Arg(help="Image: .img, .img.xz, .img.gz or .img.zst (with its .bmap).")],
     targets: Annotated[list[Path], Arg(metavar="TARGET", help="Card(s) (/dev/sdX, /dev/mmcblkN, /dev/loopN) or "
-                                                  "image file(s) to write.")],
+                                       "image file(s) to write.")],
     bmap_file: Annotated[Path | None, Opt("--bmap", help="The block map (default: IMAGE's .bmap "
-                                                   "next to it).")] = None,
+                                          "next to it).")] = None,
     unit: Annotated[Path | None, Opt("--unit", "-u", help="Stamp the card with this unit.yml "
-                                              "while writing (one target).")] = None,
+                                     "while writing (one target).")] = None,
     units: Annotated[Path | None, Opt("--units", help="Stamp each card with its own row of "
-                                               "units.csv (rows taken in order from --start).")] = None,
+                                      "units.csv (rows taken in order from --start).")] = None,
     start: Annotated[int, Opt("--start", help="With --units: the first data row to use "
-                                       "(1 = the row after the header).", min=1)] = 1,
+                              "(1 = the row after the header).", min=1)] = 1,
     record: Annotated[Path | None, Opt("--record", help="With --unit/--units: CSV the cards' "
-                                                "public keys are appended to (default: ./stamped-units.csv).")] = None,
+                                       "public keys are appended to (default: ./stamped-units.csv).")] = None,
     force_fixed: Annotated[bool, Opt("--force-fixed", help="Allow a non-removable disk "
-                                              "(never the one holding / or anything mounted).")] = False,
+                                     "(never the one holding / or anything mounted).")] = False,
     no_verify: Annotated[bool, Opt("--no-verify", help="Skip reading the card back.")] = False,
     verify_only: Annotated[bool, Opt("--verify-only", help="Write nothing: compare the card "
-                                              "with IMAGE (finds interrupted or failed writes).")] = False,
+                                     "with IMAGE (finds interrupted or failed writes).")] = False,
     skip_boot: Annotated[bool, Opt("--skip-boot", help="With --verify-only: leave out the boot "
-                                            "partition (cards stamped while flashing differ there).")] = False,
+                                   "partition (cards stamped while flashing differ there).")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
 ):
     """Write IMAGE to one or more cards (or image files): sparse, verified, refusing unsafe targets.

@@ -17,9 +17,9 @@ def register(app: App) -> None:
     @group.command()
     def verify(
         file: Annotated[Path, Arg(help="Receipts: a JSON array (as GET /receipts returns, or "
-                                             "`idlewire client connect --receipts` saves) or JSON lines.")],
+                                  "`idlewire client connect --receipts` saves) or JSON lines.")],
         node_key: Annotated[str | None, Opt("--node-key", help="Require this node public key "
-                                                     "(base64 ed25519, from the node's /health).")] = None,
+                                            "(base64 ed25519, from the node's /health).")] = None,
         as_json: Annotated[bool, Opt("--json", help="Print a JSON result on stdout.")] = False,
     ):
         """Check signatures (node, and buyer co-signatures), the hash chain and that counts never go down.

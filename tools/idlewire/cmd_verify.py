@@ -56,17 +56,17 @@ class HostResult:
 
 def verify(
     inventory: Annotated[Path, Opt("--inventory", "-i", help="Ansible inventory (YAML/INI) "
-                                            "listing the nodes, as for playbooks/site.yml.")],
+                                   "listing the nodes, as for playbooks/site.yml.")],
     limit: Annotated[str | None, Opt("--limit", "-l", help="Ansible host pattern: only these "
-                                              "hosts or groups (node-01, 'pi:&eu', 'node-0*').")] = None,
+                                     "hosts or groups (node-01, 'pi:&eu', 'node-0*').")] = None,
     workers: Annotated[int, Opt("--workers", "-n", help="Nodes checked at once (pytest-xdist); "
-                                         "0: as many as nodes, up to 16; 1: one after another.")] = 0,
+                                "0: as many as nodes, up to 16; 1: one after another.")] = 0,
     junit: Annotated[Path, Opt("--junit", help="JUnit XML report to write (for CI).")] =
         Path("idlewire-verify.xml"),
     identity: Annotated[Path | None, Opt("--identity", help="SSH private key when the "
-                                                  "inventory sets no ansible_ssh_private_key_file.")] = None,
+                                         "inventory sets no ansible_ssh_private_key_file.")] = None,
     keyword: Annotated[str | None, Opt("-k", metavar="EXPRESSION", help="Only checks matching this pytest "
-                                                "expression (e.g. 'ssh or password').")] = None,
+                                       "expression (e.g. 'ssh or password').")] = None,
     as_json: Annotated[bool, Opt("--json", help="Print the per-host results as JSON.")] = False,
 ) -> None:
     """Check nodes against their declared state: the testinfra suite in tests/infra, per host.
