@@ -127,6 +127,7 @@ def _toy() -> App:
 def test_arguments_arrive_as_declared():
     toy = _toy()
     assert toy(["run", "a", "b", "-n", "x"]) == ([Path("a"), Path("b")], "x", None, None, 1.0, False)
+    assert toy(["run", "a", "-n", "x", "b", "--dry-run", "c"])[0] == [Path("a"), Path("b"), Path("c")]  # interspersed
     assert toy(["run", "a", "--name=y", "--route", "10.0.0.0/8", "--route", "192.0.2.0/24", "--out", "o",
                 "--rate", "2.5", "--dry-run"]) == ([Path("a")], "y", ["10.0.0.0/8", "192.0.2.0/24"], Path("o"),
                                                    2.5, True)

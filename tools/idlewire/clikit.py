@@ -114,6 +114,7 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable) -> list[str]:
             kw: dict[str, Any] = {"metavar": spec.metavar or name.upper(), "help": spec.help, "type": kind}
             if many:
                 kw["nargs"] = "+"
+                parser.set_defaults(_many=(name, kind))
             elif has_default:
                 kw.update(nargs="?", default=p.default)
             parser.add_argument(name, **kw)
@@ -180,6 +181,10 @@ class App:
     def __call__(self, argv: list[str] | None = None, prog: str = "idlewire") -> Any:
         parser = self.parser(prog)
         ns, extra = parser.parse_known_args(argv)
+        name, kind = getattr(ns, "_many", (None, None))
+        if extra and name and getattr(ns, name) and not any(e.startswith("-") for e in extra):
+            getattr(ns, name).extend(map(kind, extra))  # `flash IMG /dev/sdb --json /dev/sdc`: options between targets
+            extra = []
         if extra:  # named by the command they were given to, not by `idlewire`
             ns._parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if ns._fn is None:  # a group without its command: show what there is
