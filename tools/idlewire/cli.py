@@ -10,7 +10,7 @@ from typing import Annotated
 from rich.console import Console
 
 from . import __version__
-from .clikit import App, Arg, Opt  # noqa: F401 (Arg: for the command modules' type hints)
+from .clikit import App, Opt
 from .errors import UserError
 
 app = App(
