@@ -196,6 +196,7 @@ def test_build_finds_roles_and_playbooks(env):
     probe = "from idlewire.build import bake; print(bake.tree_hash(), bake.ESP_SYNC)"
     r = _run([env["venv"] / "bin/python", "-c", probe], cwd=env["cwd"], env=env["env"])
     assert r.stdout.split()[1] == str(data / "image/boot/idlewire-esp-sync")
+    assert os.access(data / "image/boot/idlewire-esp-sync", os.X_OK)  # the bake runs it as it is
 
 
 def _commands(help_text: str) -> list[str]:
