@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from email.parser import Parser
 from pathlib import Path
@@ -75,7 +76,21 @@ def _deps_venv(reqs: list[str]) -> Path:
             _run([sys.executable, "-m", "venv", venv])
             _run([venv / "bin/python", "-m", "pip", "install", "-q", *reqs], timeout=1200)
             done.write_text("\n".join(reqs) + "\n")
+        done.touch()  # last used: what _prune goes by
+    _prune(base, keep=venv)
     return venv
+
+
+def _prune(base: Path, keep: Path, days: int = 7) -> None:
+    """Drop dependency venvs (~0.6 GB each) of requirement sets no run has used for `days`."""
+    for old in base.glob("deps-*.lock"):
+        venv = old.with_suffix("")
+        done = venv / ".complete"
+        if venv == keep or not done.exists() or time.time() - done.stat().st_mtime < days * 86400:
+            continue
+        with old.open("w") as lock, contextlib.suppress(BlockingIOError):  # in use right now: next time
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(venv, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
