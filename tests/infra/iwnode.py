@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from uci import parse
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,9 +157,7 @@ class Node:
         return res.stdout.strip() if res.rc == 0 else None
 
     def uci_export(self, package: str):
-        """A UCI package as `uci export` prints it, parsed (idlewire.uci.Config), or None."""
-        from idlewire.uci import parse  # host side: the tools package, as `idlewire verify` runs it
-
+        """A UCI package as `uci export` prints it, parsed (uci.Config, beside this file), or None."""
         res = self.host.run(f"uci -q export {shlex.quote(package)}")
         return parse(res.stdout, f"{self.name}: uci export {package}") if res.rc == 0 else None
 

@@ -57,8 +57,9 @@ def test_tarball_has_roles_playbooks_and_the_agent_sources_only(installed):
                  "playbooks/upgrade.yml", "playbooks/bake.yml", "meta/runtime.yml", "README.md",
                  "inventory/example.yml", "inventory/group_vars/openwrt.yml"):
         assert must in names
-    assert not [n for n in names if n.split("/")[0] in ("tests", "tools", "bench", "image", ".venv", "out")
-                or "__pycache__" in n or n.endswith(".pyc")]
+    assert not [n for n in names if n.split("/")[0] in ("tests", "tools", "bench", "image", ".venv", "out", "dist",
+                                                        "setup.py", "MANIFEST.in")
+                or "__pycache__" in n or n.endswith(".pyc") or ".egg-info" in n]
 
 
 @pytest.mark.parametrize("playbook", ["site", "bake", "upgrade"])

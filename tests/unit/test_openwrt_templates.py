@@ -1,21 +1,25 @@
 """Every OpenWrt template rendered with StrictUndefined (tests/rolerender.py) against its exact text,
 with the settings of inventory/group_vars/openwrt.yml; the UCI output parsed back with
-tools/idlewire/uci.py; the init scripts parsed by dash and busybox sh, and their start logic run
+tests/infra/uci.py; the init scripts parsed by dash and busybox sh, and their start logic run
 against stand-ins for OpenWrt's /lib/functions.sh and procd.sh (which do not exist here)."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jinja2
 import pytest
 import rolerender
 import yaml
-from idlewire.uci import parse
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "infra"))  # the UCI reader ships with the node suite
+
+from uci import parse  # noqa: E402
+
 OPENWRT_VARS = yaml.safe_load((ROOT / "inventory/group_vars/openwrt.yml").read_text())
 SHELLS = [pytest.param(["sh"], id="dash"),
           pytest.param(["busybox", "sh"], id="busybox",

@@ -1,7 +1,13 @@
-"""tools/idlewire/uci.py reads UCI text the way libuci does: quoting, lists, comments, bad lines."""
+"""tests/infra/uci.py reads UCI text the way libuci does: quoting, lists, comments, bad lines."""
+
+import sys
+from pathlib import Path
 
 import pytest
-from idlewire.uci import UciError, parse, quote
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "infra"))  # the UCI reader ships with the node suite
+
+from uci import UciError, parse, quote
 
 FIREWALL = """\
 package firewall
@@ -98,8 +104,6 @@ def test_bad_lines_name_the_line(text, message):
 
 def test_testinfra_helper_reads_uci_export(monkeypatch):
     """tests/infra/iwnode.py's Node.uci_export parses what `uci export` prints on a router."""
-    import sys
-    from pathlib import Path
     from types import SimpleNamespace
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "infra"))

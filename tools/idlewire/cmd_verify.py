@@ -19,10 +19,9 @@ from rich.table import Table
 
 from .clikit import App, Opt
 from .errors import UserError
-from .paths import ROOT
+from .paths import data_dir
 
 err = RichConsole(stderr=True, highlight=False)
-SUITE = ROOT / "tests" / "infra"
 
 
 def register(app: App) -> None:
@@ -80,9 +79,10 @@ def verify(
     """
     if not inventory.exists():
         raise UserError(f"{inventory}: no such inventory file")
-    if not SUITE.is_dir():
-        raise UserError(f"the node suite {SUITE} is missing: it ships with the idlewire source tree; "
-                        "run idlewire from a checkout (pip install -e .)")
+    root = data_dir()
+    suite = root / "tests" / "infra"
+    if not suite.is_dir():
+        raise UserError(f"the node suite {suite} is missing: reinstall idlewire (its wheel ships the suite)")
     if workers < 0:
         raise UserError(f"--workers {workers}: expected 0 (automatic), 1 (serial) or more")
     hosts = _inventory_hosts(inventory, limit)
@@ -97,7 +97,7 @@ def verify(
         vars_file = tmpd / "vars.json"
         vars_file.write_text(json.dumps({"hosts": {h: v for h, v in hosts.items()}}, default=str))
         xml_tmp = tmpd / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", str(SUITE), "--rootdir", str(ROOT), "-p", "no:cacheprovider",
+        cmd = [sys.executable, "-m", "pytest", str(suite), "--rootdir", str(root), "-p", "no:cacheprovider",
                "-q", "--no-header", "-o", "junit_family=xunit2", f"--junitxml={xml_tmp}",
                "--hosts=" + ",".join(f"paramiko://{h}" for h in hosts),
                f"--ssh-config={cfg}", f"--iw-vars={vars_file}"]
@@ -107,7 +107,7 @@ def verify(
         if not as_json:
             err.print(f"[dim]checking {len(hosts)} node(s) with {n} worker(s)…[/dim]")
         t0 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
         wall = time.monotonic() - t0
         if not xml_tmp.exists():
             last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-5:]
@@ -136,12 +136,12 @@ def _ansible_inventory_bin() -> str:
 
 def _inventory_hosts(inventory: Path, limit: str | None) -> dict[str, dict]:
     """{inventory name: host variables} after --limit, as Ansible resolves them."""
-    cmd = [_ansible_inventory_bin(), "-i", str(inventory), "--list"]
+    cmd = [_ansible_inventory_bin(), "-i", str(inventory.resolve()), "--list"]  # runs in data_dir()
     if limit:
         cmd += ["--limit", limit]
     env = {**os.environ, "ANSIBLE_VERBOSITY": "0", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=data_dir())
     except FileNotFoundError:
         raise UserError("ansible-inventory not found: install idlewire with its dependencies "
                         "(make deps)") from None

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .paths import ROOT
+from .paths import data_dir
 
-TARGETS_DIR = ROOT / "image" / "targets"
+TARGETS_DIR = data_dir() / "image" / "targets"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
 _UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 _HOSTNAME_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
@@ -245,7 +245,7 @@ def load_target(name_or_path: str) -> Target:
 
 
 def role_prefixes() -> set[str]:
-    return {p.name for p in (ROOT / "roles").iterdir() if p.is_dir()}
+    return {p.name for p in (data_dir() / "roles").iterdir() if p.is_dir()}
 
 
 def load_site(path: Path | None) -> Site:

@@ -19,27 +19,32 @@ from pathlib import Path
 
 from ..config import Site, Target, digest
 from ..errors import UserError
-from ..paths import ROOT
+from ..paths import data_dir
+from . import ids
 from .ids import DiskIds, derive_ids
 from .runner import Runner, require_tools
 
 BAKE_FORMAT = 1
-#: What the bake applies: a change to any file below these changes the bake key.
-BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent", "image/boot",
-               "tools/idlewire/build/bake.py", "tools/idlewire/build/ids.py")
+#: What the bake applies (in paths.data_dir()), and this stage's own code: a change to any file
+#: below these changes the bake key.
+BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent", "image/boot")
+BAKE_CODE = (Path(__file__), Path(ids.__file__))
 #: Keeps the ESP's kernel and initrd in step with /boot (systemd-boot targets); see the script.
-ESP_SYNC = ROOT / "image/boot/idlewire-esp-sync"
+ESP_SYNC = data_dir() / "image/boot/idlewire-esp-sync"
 
 
 def tree_hash(paths: tuple[str, ...] = BAKE_INPUTS) -> str:
     h = hashlib.sha256()
+    root = data_dir()
     for rel in paths:
-        base = ROOT / rel
+        base = root / rel
         files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
         for f in files:
             if "__pycache__" in f.parts or f.suffix == ".pyc":
                 continue
-            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    for f in BAKE_CODE:  # named the same from a checkout and from an installed wheel
+        h.update(f"idlewire/build/{f.name}".encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -147,7 +152,7 @@ def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, archi
     vars_file.write_text(json.dumps(variables))
     env = {
         "R": str(root),
-        "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"),
+        "ANSIBLE_CONFIG": str(data_dir() / "ansible.cfg"),
         "ANSIBLE_FORCE_COLOR": "0",
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-local"),
@@ -156,7 +161,7 @@ def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, archi
     try:
         run.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts + ' && exec "$@"', "sh",
                  venv_bin / "ansible-playbook", "-i", f"{root},", "-c", "community.general.chroot",
-                 ROOT / "playbooks/bake.yml", "-e", f"@{vars_file}"], env=env, cwd=ROOT)
+                 data_dir() / "playbooks/bake.yml", "-e", f"@{vars_file}"], env=env, cwd=data_dir())
     finally:
         policy.unlink(missing_ok=True)
         vars_file.unlink(missing_ok=True)

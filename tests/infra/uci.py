@@ -5,7 +5,7 @@ The grammar follows libuci's file parser: statements `package NAME`, `config TYP
 "double-quoted" (backslash escapes) or a mix glued together ('it'\\''s'); `#` starts a comment where
 a token could start; `;` separates statements on one line. A bad line raises UciError naming the
 source and the line number. Used by the role template tests and by the testinfra suite's OpenWrt
-helpers (tests/infra/iwnode.py) to read `uci export PACKAGE` from a node.
+helpers (iwnode.py beside it: it ships with the suite) to read `uci export PACKAGE` from a node.
 
     cfg = parse(Path("/etc/config/idlewire").read_text(), "/etc/config/idlewire")
     cfg.get("agent.enabled")            # named section
