@@ -126,8 +126,8 @@ def test_a_closed_sessions_flows_never_reach_the_next_buyer(make_node, rest):
     node = make_node(sessions__address_rest=rest)
     node.inet.popen(sys.executable, "-c", BLASTER.format(host=INTERNET, seconds=40))
     # What arrives through the buyers' tunnel from the flow's server, counted by the buyer's kernel.
-    node.buyer.run("nft", "-f", "-", input="table inet probe {\n chain pre {\n"
-                   f" type filter hook prerouting priority -300\n ip saddr {INTERNET} udp sport 9999 counter\n }}}}\n")
+    probe = f"type filter hook prerouting priority -300\n ip saddr {INTERNET} udp sport 9999 counter"
+    node.buyer.run("nft", "-f", "-", input=f"table inet probe {{\n chain pre {{\n {probe}\n }}\n}}\n")
     a = node.buyer_client("buyer-a")
     node.wait_internet()
     (sa,) = node.open_sessions()
