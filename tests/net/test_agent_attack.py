@@ -237,14 +237,21 @@ def home_router(node, lab) -> None:
     lan = f"{node.wan}.0/24"
     r.run("nft", "-f", "-", input=f"""
 table ip router {{
-    chain pre {{ type nat hook prerouting priority dstnat;
-        ip daddr {ROUTER_PUBLIC} tcp dport 8080 dnat to {node.wan}.2:80 }}
-    chain post {{ type nat hook postrouting priority srcnat;
+    chain pre {{
+        type nat hook prerouting priority dstnat
+        ip daddr {ROUTER_PUBLIC} tcp dport 8080 dnat to {node.wan}.2:80
+    }}
+    chain post {{
+        type nat hook postrouting priority srcnat
         oifname "{wan_if}" masquerade
-        ip saddr {lan} ip daddr {node.wan}.2 ct status dnat masquerade }}
-    chain input {{ type filter hook input priority 0;
-        iifname "{wan_if}" tcp dport {{ 22, 80 }} drop }}
-}}""")
+        ip saddr {lan} ip daddr {node.wan}.2 ct status dnat masquerade
+    }}
+    chain input {{
+        type filter hook input priority 0
+        iifname "{wan_if}" tcp dport {{ 22, 80 }} drop
+    }}
+}}
+""")
     for port in (22, 80):
         listen(r, port)
     listen(isp, 80, "192.0.2.80")
@@ -268,6 +275,7 @@ def test_a_buyer_reaches_neither_the_home_router_nor_its_public_address(make_nod
     assert open_before == {"router public admin", "router public ssh", "hairpin port forward"}, open_before
     node.stop_client(client)
     node.stop()
+    node.fwd = None  # a new forwarder with the new agent
     # The owner tells the node its public address (the hub or UPnP will report it later).
     cfg = node.cfg.read_text().replace("[firewall]", f'[firewall]\npublic_addresses = ["{ROUTER_PUBLIC}"]')
     node.cfg.write_text(cfg)
