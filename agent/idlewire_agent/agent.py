@@ -152,7 +152,7 @@ class Agent:
             ok, why = self.quota.admit(open_count)
             if not ok:
                 raise SessionError(503, why)
-        if self.guard is not None and not self.guard.check()[0]:
+        if self.guard is not None and not self.guard.recent(self.cfg.metering.poll_interval):
             raise SessionError(503, f"buyer isolation is not in force ({self.guard.why}); the node refuses "
                                     "sessions until it is")
 

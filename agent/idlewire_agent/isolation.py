@@ -18,7 +18,6 @@ buyer of the address.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import logging
@@ -73,15 +72,16 @@ def table_loaded(table: str, netns: str | None = None) -> bool:
 
 
 def fingerprint(items: list[dict]) -> str:
-    """A hash of a table's content: its chains, rules and sets, without handles and counter values
-    (which change with every packet), so an atomic reload of the same file keeps it."""
+    """A table's content as one canonical string: its chains, rules and sets, without handles and
+    counter values (which change with every packet), so an atomic reload of the same file keeps it.
+    (The string itself, a few KB, not a hash: hashlib would bring libcrypto into the agent's RSS.)"""
     def strip(v):
         if isinstance(v, dict):
             return {k: strip(x) for k, x in v.items() if k not in ("handle", "packets", "bytes")}
         if isinstance(v, list):
             return [strip(x) for x in v]
         return v
-    return hashlib.sha256(json.dumps(strip(items), sort_keys=True).encode()).hexdigest()[:16]
+    return json.dumps(strip(items), sort_keys=True, separators=(",", ":"))
 
 
 def _networks(elems) -> list:
@@ -219,6 +219,7 @@ class Guard:
         self.ok = False
         self.why = "not checked yet"
         self.lost_at: float | None = None  # monotonic time the current loss was first seen
+        self.checked_at = -1e9
 
     # --- addresses ------------------------------------------------------------------------
     def report(self, source: str, addresses) -> None:
@@ -291,16 +292,21 @@ class Guard:
                 why = f"table inet {self.table} changed"
             self.baseline = fp  # as it is now (valid): accepted again at the next check
         ok = not why
-        if ok and not self.ok:
-            if self.lost_at is not None:
-                log.warning("buyer isolation is back (%s): buyer peers are admitted again", self.why)
+        if ok and self.lost_at is not None:
+            log.warning("buyer isolation is back (%s before): buyer peers are admitted again", self.why)
             self.lost_at = None
-        elif not ok and self.ok:
+        elif not ok and self.lost_at is None:
             log.error("buyer isolation lost: %s; removing every buyer peer until it is back", why)
-        if not ok and self.lost_at is None:
             self.lost_at = self.clock()
-        self.ok, self.why = ok, why
+        self.ok, self.why, self.checked_at = ok, why, self.clock()
         return ok, why
+
+    def recent(self, max_age: float) -> bool:
+        """Isolation as of a check at most `max_age` seconds old (a fresh check otherwise): what a
+        session open needs, without two `nft` runs for every request of a buyer who opens many."""
+        if self.ok and self.clock() - self.checked_at <= max_age:
+            return True
+        return self.check()[0]
 
 
 # --- conntrack over netlink --------------------------------------------------------------------

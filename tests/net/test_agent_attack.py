@@ -16,22 +16,13 @@ import pytest
 from agentlab import NodeLab
 from rolerender import render
 from shapelab import listen, tcp_reachable
+from test_agent import wait_for
 
 pytestmark = pytest.mark.net
 INTERNET = "198.51.100.10"
 ROUTER_PUBLIC = "203.0.113.2"
 ISP = "203.0.113.1"
 POLL = 0.5
-
-
-def wait_for(cond, timeout=15.0, step=0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("timed out")
 
 
 class Node(NodeLab):

@@ -6,22 +6,11 @@ import ipaddress
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from idlewire_agent import keys, receipts
+from idlewire_agent import receipts
 from idlewire_agent.agent import Agent, SessionError
 from idlewire_agent.config import ConfigError, parse
 from synthetic import SyntheticTunnel
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1_700_000_000.0
-
-    def __call__(self):
-        return self.t
-
-
-def wgkey() -> str:
-    return keys.wg_keypair()[1]
+from test_agent_core import Clock, wgkey
 
 
 @pytest.fixture
