@@ -158,6 +158,7 @@ LOSSES = {
     "restart handler (stop)": "delete table inet idlewire",
     "buyer_out flushed": "flush chain inet idlewire buyer_out",
     "private range deleted": "delete element inet idlewire buyer_blocked_v4 { 192.168.0.0/16 }",
+    "accept inserted first": "insert rule inet idlewire buyer_out accept",
     "learned table deleted": "delete table inet idlewire_learned",
 }
 
