@@ -96,6 +96,7 @@ class Agent:
         # What the owner sells (policy.py): set up by start_policy(), absent in plain metering tests.
         self.shaper = None
         self.quota = None
+        self.guard = None  # isolation.Guard when [firewall] required: checked before opening and every poll
 
     # --- policy: shaping, schedule, quota, isolation ------------------------------------------
     def start_policy(self, stop: threading.Event) -> None:
@@ -110,6 +111,10 @@ class Agent:
         pol = self.cfg.policy
         self.quota = quota.QuotaKeeper(pol.quota, os.path.join(self.cfg.state_dir, "quota.json"),
                                        on_exhausted=self.close_all)
+        if pol.firewall.required:
+            from . import isolation
+
+            self.guard = isolation.Guard(pol.firewall.table, self.cfg.tunnel.interface, pol.firewall.public_addresses)
         sh = pol.shaping.replace(wan_interface=self.cfg.interfaces.wan,
                                  tunnel_interface=self.cfg.tunnel.interface, tunnel_port=self.cfg.tunnel.port)
         if not sh.enabled and not os.path.exists(SHAPING_STATE_PATH):
@@ -135,18 +140,54 @@ class Agent:
             self.close_session(sid, "quota")
         log.warning("%s: closed %d session(s)", reason, len(sids))
 
-    def _admit(self, open_count: int) -> None:
-        pol = self.cfg.policy
+    def _admit(self, open_count: int, buyer_key: str, buyer_open: int) -> None:
+        """Refuse a session the node's limits, the buyer's record or missing isolation do not allow."""
+        ses = self.cfg.sessions
+        if buyer_open >= ses.max_per_buyer:
+            raise SessionError(429, f"this buyer key has its maximum of {ses.max_per_buyer} sessions open")
+        wait = self._unpaid_backoff(buyer_key)
+        if wait > 0:
+            raise SessionError(429, f"this buyer key was cut off for unpaid usage; next session in {wait:.0f} s")
         if self.quota is not None:
             ok, why = self.quota.admit(open_count)
             if not ok:
                 raise SessionError(503, why)
-        if self.quota is not None and pol.firewall.required:
-            from . import isolation
+        if self.guard is not None and not self.guard.recent(self.cfg.metering.poll_interval):
+            raise SessionError(503, f"buyer isolation is not in force ({self.guard.why}); the node refuses "
+                                    "sessions until it is")
 
-            if not isolation.table_loaded(pol.firewall.table):
-                raise SessionError(503, f"buyer isolation (nftables table inet {pol.firewall.table}) is not "
-                                        "loaded; the node refuses sessions until it is")
+    def _unpaid_backoff(self, buyer_key: str) -> float:
+        """Seconds this key still waits after being closed for unpaid usage: sessions.unpaid_backoff,
+        doubled for each further unpaid close within sessions.unpaid_backoff_max seconds of the end of
+        the previous wait, at most unpaid_backoff_max (a key that pays for that long starts over)."""
+        ses = self.cfg.sessions
+        if ses.unpaid_backoff <= 0:
+            return 0.0
+        now = self.clock()
+        wait, last = 0.0, None
+        for (t,) in self.ledger.db.execute(
+                "SELECT closed_at FROM sessions WHERE buyer_key = ? AND reason = 'unpaid' AND closed_at > ? "
+                "ORDER BY closed_at", (buyer_key, now - 30 * 86400)):
+            streak = last is not None and t - last <= wait + ses.unpaid_backoff_max
+            wait = min(wait * 2 if streak else ses.unpaid_backoff, ses.unpaid_backoff_max)
+            last = t
+        return 0.0 if last is None else max(0.0, last + wait - now)
+
+    def _isolation(self) -> bool:
+        """Isolation check of a poll (lock held): when lost, every buyer peer goes (counted first by
+        the poll) and stays away until the table is back. True when buyers may pass."""
+        if self.guard is None:
+            return True
+        ok, _ = self.guard.check()
+        return ok
+
+    def _cut_off_peers(self, dump: dict[str, Peer]) -> None:
+        for key in dump:
+            self._try(self.tunnel.remove_peer, key)
+        if dump:
+            lost = self.guard.lost_at
+            log.error("buyer isolation lost: %d buyer peer(s) removed (%.2f s after the loss was seen)", len(dump),
+                      time.monotonic() - lost if lost is not None else 0.0)
 
     # --- interface ------------------------------------------------------------------------
     def sync_interface(self) -> None:
@@ -192,7 +233,10 @@ class Agent:
                 self.stats.poll_errors += 1
                 log.warning("poll: %s", exc)
                 return []
-            deltas = self._record(dump, self._open_peers())
+            isolated = self._isolation()
+            deltas = self._record(dump, self._open_peers(), readd=isolated)
+            if not isolated:
+                self._cut_off_peers(dump)
             if self.quota is not None and deltas:
                 self.quota.add_usage(sum(d.rx for d in deltas), sum(d.tx for d in deltas))
             self.enforce()
@@ -204,7 +248,7 @@ class Agent:
         self.stats.last_poll_cpu = cpu
         return deltas
 
-    def _record(self, dump: dict[str, Peer], rows, only: str | None = None) -> list[Delta]:
+    def _record(self, dump: dict[str, Peer], rows, only: str | None = None, readd: bool = True) -> list[Delta]:
         now = self.clock()
         mono = time.monotonic()
         if self._last_poll_mono is None:
@@ -239,7 +283,7 @@ class Agent:
             clamped_total += c1 + c2
             deltas.append(Delta(key, session, peer.rx, peer.tx, rx, tx))
         if only is None:
-            for key, session in missing:
+            for key, session in missing if readd else ():
                 self._readd(key, session)
             for key in dump.keys() - seen:
                 log.info("removing stale peer %s (no open session)", key)
@@ -270,20 +314,23 @@ class Agent:
         if not keys.is_wg_key(wg_key):
             raise SessionError(400, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
         with self.lock:
-            open_ = self.ledger.db.execute("SELECT wg_key, address FROM sessions WHERE state = 'open'").fetchall()
+            open_ = self.ledger.db.execute("SELECT wg_key, address, buyer_key FROM sessions WHERE state = 'open'"
+                                           ).fetchall()
             if any(row[0] == wg_key for row in open_):
                 raise SessionError(409, "wg_public_key: a session with this key is already open")
             if len(open_) >= self.cfg.sessions.max:
                 raise SessionError(503, f"the node has its maximum of {self.cfg.sessions.max} sessions open")
-            self._admit(len(open_))
+            self._admit(len(open_), buyer_key, sum(1 for row in open_ if row[2] == buyer_key))
             used = {ipaddress.ip_interface(row[1]).ip for row in open_} | {self.node_addr}
             del open_
-            addr = next((h for h in self.network.hosts() if h not in used), None)
+            addr = self._pick_address(used)
             if addr is None:
                 raise SessionError(503, "the address pool is exhausted")
             sid = os.urandom(8).hex()
             now = self.clock()
             address = f"{addr}/{addr.max_prefixlen}"
+            # Nothing of an earlier holder of the address reaches this buyer: its flows go (again).
+            self._forget_flows(address)
             # A fresh peer has zero counters: remove any stale one first, then add.
             self._try(self.tunnel.remove_peer, wg_key)
             try:
@@ -299,6 +346,29 @@ class Agent:
                 self.shaper.add_session(sid, [str(addr)])
             log.info("session %s opened: %s for %s", sid, address, wg_key)
         return self.describe(sid)
+
+    def _pick_address(self, used: set):
+        """A free pool address that rested sessions.address_rest seconds since its last session closed
+        (flows of the old holder still arriving are dropped, not handed to a new buyer); when every free
+        address rests, the one closed longest ago. Call with the lock held."""
+        rest = self.cfg.sessions.address_rest
+        resting: dict = {}
+        if rest > 0:
+            for a, t in self.ledger.db.execute("SELECT address, max(closed_at) FROM sessions WHERE state = 'closed' "
+                                               "AND closed_at > ? GROUP BY address", (self.clock() - rest,)):
+                resting[ipaddress.ip_interface(a).ip] = t
+        addr = next((h for h in self.network.hosts() if h not in used and h not in resting), None)
+        if addr is None and resting:
+            addr = min((t, a) for a, t in resting.items() if a not in used)[1]
+            log.warning("every free address of the pool rests: %s is reused after %.0f s", addr,
+                        self.clock() - resting[addr])
+        return addr
+
+    @staticmethod
+    def _forget_flows(address: str) -> None:
+        from . import isolation
+
+        isolation.forget_flows(address)
 
     def describe(self, sid: str) -> dict:
         s = self.ledger.session(sid)
@@ -332,6 +402,7 @@ class Agent:
             except WgError as exc:
                 log.warning("close %s: final read failed: %s", sid, exc)
             self._try(self.tunnel.remove_peer, s["wg_key"])
+            self._forget_flows(s["address"])
             if self.shaper is not None:
                 self.shaper.remove_session(sid)
             s = self.ledger.session(sid)
@@ -353,7 +424,12 @@ class Agent:
                 "SELECT id, CASE WHEN expires <= ?1 THEN 'expired' WHEN ?1 - last_active > ?2 THEN 'idle' "
                 "ELSE 'unpaid' END FROM sessions WHERE state = 'open' AND (expires <= ?1 OR ?1 - last_active > ?2 "
                 "OR rx + tx - paid_up - paid_down > ?3)", (now, idle, cap)).fetchall()
-        for sid, reason in due:
+            # A session that never completed its WireGuard handshake (nothing ever came from the
+            # peer, not even the handshake initiation) gives its slot back.
+            due = self.ledger.db.execute(
+                "SELECT id, 'no_handshake' FROM sessions WHERE state = 'open' AND rx = 0 AND created <= ?",
+                (now - self.cfg.sessions.handshake_timeout,)).fetchall() + due
+        for sid, reason in dict(due).items():  # the reasons above win over no_handshake
             self.close_session(sid, reason)
 
     # --- receipts -------------------------------------------------------------------------
@@ -383,9 +459,10 @@ class Agent:
                 raise SessionError(400, "usage: bad signature or fields (expected up, down, time, key, sig)")
             if stmt["up"] < s["paid_up"] or stmt["down"] < s["paid_down"]:
                 raise SessionError(409, "usage: cumulative figures went down from the last co-signed ones")
+            tol = self.cfg.metering.tolerance_percent / 100
+            s = self._bound_statement(s, stmt, tol)
             ours = s["rx"] + s["tx"]
             theirs = stmt["up"] + stmt["down"]
-            tol = self.cfg.metering.tolerance_percent / 100
             agreed = theirs >= ours * (1 - tol) - 65536  # small absolute slack for a poll's lag
             last = self.ledger.db.execute("SELECT body FROM receipts WHERE session = ? ORDER BY seq DESC LIMIT 1",
                                           (sid,)).fetchone()
@@ -403,6 +480,26 @@ class Agent:
                             ours, tol * 100)
         return {"receipt": r, "agreed": agreed, "node_bytes": ours, "buyer_bytes": theirs, "state": s["state"],
                 "reason": s["reason"]}
+
+    def _bound_statement(self, s: dict, stmt: dict, tol: float) -> dict:
+        """A buyer statement may not claim more than the node measured plus the tolerance (and a poll's
+        lag, read afresh when the claim is beyond the last poll's figures): paid usage above what was
+        carried would hide later unpaid usage from the cut-off. Returns the session as measured."""
+        def beyond(s):
+            return [f"{d} {stmt[d]} > {m} + {tol:.0%}" for d, m in (("up", s["rx"]), ("down", s["tx"]))
+                    if stmt[d] > m * (1 + tol) + 65536]
+        if beyond(s) and s["state"] == "open":
+            try:
+                self._record(self.tunnel.dump(), self._open_peers(s["wg_key"]), only=s["wg_key"])
+            except WgError as exc:
+                log.warning("session %s: fresh read failed: %s", s["id"], exc)
+            s = self.ledger.session(s["id"])
+        over = beyond(s)
+        if over:
+            log.warning("session %s: buyer statement refused, it claims more than the node measured: %s",
+                        s["id"], "; ".join(over))
+            raise SessionError(409, f"usage: claims more than the node measured ({'; '.join(over)} tolerance)")
+        return s
 
     def prune_receipts(self, batch: int = 1000) -> bool:
         """One step of receipt retention (node.toml [receipts]); False when there is nothing to do.

@@ -6,7 +6,8 @@ Sections (all optional; defaults in the records below):
     [interfaces]  wan, lan, management (interface names)
     [tunnel]      interface, port, pool, endpoint, private_key_file
     [metering]    poll_interval, line_rate_mbit, unpaid_cap_mb, tolerance_percent
-    [sessions]    max, expiry, idle_timeout
+    [sessions]    max, expiry, idle_timeout, max_per_buyer, handshake_timeout, unpaid_backoff,
+                  unpaid_backoff_max, address_rest
     [api]         listen, port, admin_token_file, max_body
     [receipts]    keep_closed, keep_days
     [shaping] [schedule] [quota] [firewall]   see policy.py
@@ -92,6 +93,20 @@ class SessionsConfig(Record):
     max: int = 50
     expiry: int = 86400
     idle_timeout: int = 900
+    # Fair admission and address reuse (issue 14).
+    # Open sessions one buyer key may hold at once: one key cannot take every slot.
+    max_per_buyer: int = 4
+    # Seconds a session has to complete its WireGuard handshake; a session opened and never
+    # connected is closed (reason no_handshake) and its slot freed.
+    handshake_timeout: int = 30
+    # Seconds a key closed for unpaid usage waits before its next session; doubled for each further
+    # unpaid close within unpaid_backoff_max seconds after the previous wait, up to unpaid_backoff_max
+    # (a key without unpaid closes for that long starts over). 0 = no back-off.
+    unpaid_backoff: int = 60
+    unpaid_backoff_max: int = 86400
+    # Seconds a closed session's tunnel address rests before another buyer gets it: longer than the
+    # conntrack timeouts of flows that may still arrive (UDP stream 120-180 s, TCP TIME_WAIT 120 s).
+    address_rest: int = 600
 
 
 UNIT_FILE = "/etc/idlewire/unit.toml"
@@ -247,6 +262,11 @@ def parse(data: dict, path: str = "node.toml") -> NodeConfig:
         ("max", int, lambda v: 1 <= v <= 65535, "an integer 1-65535"),
         ("expiry", int, lambda v: 60 <= v <= 366 * 86400, "seconds between 60 and 31622400"),
         ("idle_timeout", int, lambda v: 10 <= v <= 366 * 86400, "seconds between 10 and 31622400"),
+        ("max_per_buyer", int, lambda v: 1 <= v <= 65535, "an integer 1-65535 (sessions one buyer key may hold)"),
+        ("handshake_timeout", int, lambda v: 5 <= v <= 3600, "seconds between 5 and 3600"),
+        ("unpaid_backoff", int, lambda v: 0 <= v <= 366 * 86400, "seconds >= 0 (0 = no back-off)"),
+        ("unpaid_backoff_max", int, lambda v: 1 <= v <= 366 * 86400, "seconds between 1 and 31622400"),
+        ("address_rest", int, lambda v: 0 <= v <= 86400, "seconds between 0 and 86400"),
     ])
     section("api", cfg.api, [
         ("listen", list, _addresses, "a non-empty list of IP addresses (management/LAN only)"),

@@ -38,6 +38,9 @@ and what is expected. Rates are in Mbit/s in the file (floats allowed) and bits/
     table = "idlewire"             # the nftables table (inet family) the firewall role installs
     required = true                # refuse sessions while that table is not loaded
     buyer_nat_ports = "61440-65535"  # masquerade source ports of buyers: an aligned power-of-2 block
+    public_addresses = ["203.0.113.7"]  # the node's public address(es) as the internet sees them
+                                   # (behind a home router: the router's); blocked for buyers, like
+                                   # the WAN gateway(s), which the agent learns from the routes
 """
 
 from __future__ import annotations
@@ -91,6 +94,9 @@ class Firewall(Record):
     required: bool = True
     nat_port_low: int = 61440
     nat_port_high: int = 65535
+    # The node's public address(es) (behind a home router: the router's), blocked for buyers with
+    # the learned WAN gateway(s) in the agent's table inet <table>_learned (isolation.py).
+    public_addresses: list[str] = field(default_factory=list)
 
     @property
     def nat_port_mask(self) -> int:
@@ -149,6 +155,12 @@ def _number(v) -> bool:
 
 def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _ip_list(v) -> bool:
+    import ipaddress
+
+    return isinstance(v, list) and all(isinstance(a, str) and ipaddress.ip_address(a) for a in v)
 
 
 def _minutes(text: str) -> int:
@@ -236,12 +248,13 @@ def _quota(data: Any, problems: list[str]) -> Quota:
 
 def _firewall(data: Any, problems: list[str]) -> Firewall:
     d = Firewall()
-    r = _Reader("firewall", data, {"table", "required", "buyer_nat_ports"}, problems)
+    r = _Reader("firewall", data, {"table", "required", "buyer_nat_ports", "public_addresses"}, problems)
     fw = Firewall(
         table=r.get("table", d.table, lambda v: isinstance(v, str) and bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v)),
                     "an nftables table name (letters, digits, _)"),
         required=r.get("required", d.required, lambda v: isinstance(v, bool), "true or false"),
     )
+    fw.public_addresses = r.get("public_addresses", [], _ip_list, 'a list of IP addresses, e.g. ["203.0.113.7"]')
     if "buyer_nat_ports" in r.section:
         v = r.section["buyer_nat_ports"]
         m = re.match(r"^(\d+)-(\d+)$", v) if isinstance(v, str) else None

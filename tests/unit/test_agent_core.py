@@ -103,7 +103,9 @@ def test_delta_above_line_rate_is_clamped(make):
 
 def test_session_limits_expiry_idle_and_unpaid(make):
     t, clock = SyntheticTunnel(), Clock()
-    a = make(t, clock)
+    # One buyer key reopening after an unpaid close, sessions idle before any handshake deadline:
+    # test_agent_admission.py covers the back-off and the deadline.
+    a = make(t, clock, sessions__unpaid_backoff=0, sessions__handshake_timeout=3600)
     buyer = Ed25519PrivateKey.generate()
     bk = receipts.pub_b64(buyer)
     ids = [a.open_session(bk, wgkey())["session"] for _ in range(3)]
@@ -323,7 +325,9 @@ def test_receipt_retention_trims_closed_chains_behind_a_checkpoint_then_deletes_
     assert receipts.verify(kept, a.node_pub) is None
     assert receipts.checkpoints(kept) == {done: 16}
     assert len(a.receipts(live)) == 20  # open sessions keep every receipt
-    # A co-signature after the close extends the trimmed chain, which is trimmed again.
+    # A co-signature after the close extends the trimmed chain, which is trimmed again (statements
+    # claim at most what was carried: the traffic as polls would have counted it).
+    a.ledger.db.execute("UPDATE sessions SET rx = 100000, tx = 1000 WHERE id = ?", (done,))
     a.cosign(done, bk, receipts.sign_usage(buyer, done, 99_000, 990, int(clock.t)))
     while a.prune_receipts():
         pass

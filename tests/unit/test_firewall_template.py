@@ -2,7 +2,8 @@
 
 import jinja2
 import pytest
-from rolerender import render, role_defaults
+import yaml
+from rolerender import ROLES, render, role_defaults
 
 T = "etc/idlewire/firewall.nft.j2"
 
@@ -80,8 +81,22 @@ def test_unit_loads_and_removes_only_our_table():
     text = render("firewall", "etc/systemd/system/idlewire-firewall.service.j2")
     lines = text.splitlines()
     assert "ExecStart=/usr/sbin/nft -f /etc/idlewire/firewall.nft" in lines
-    assert "ExecStop=/usr/sbin/nft delete table inet idlewire" in lines
+    assert "ExecStop=-/usr/sbin/nft delete table inet idlewire" in lines
     assert "Before=network-pre.target idlewire-agent.service shutdown.target" in lines
+
+
+def test_a_reload_replaces_the_table_and_follows_nftables_service():
+    """The role's handler reloads (one nft -f: delete + add in one transaction), never restarts
+    (ExecStop would delete the table first); nftables.service's flush ruleset is followed at once."""
+    lines = render("firewall", "etc/systemd/system/idlewire-firewall.service.j2").splitlines()
+    assert "ExecReload=/usr/sbin/nft -f /etc/idlewire/firewall.nft" in lines
+    assert {"PartOf=nftables.service", "ReloadPropagatedFrom=nftables.service"} <= set(lines)
+    handlers = yaml.safe_load((ROLES / "firewall/handlers/main.yml").read_text())
+    states = {h["name"]: (h.get("ansible.builtin.systemd_service") or h.get("community.general.openwrt_init"))["state"]
+              for h in handlers if h.get("listen") == "Reload firewall"}
+    assert states == {"Reload firewall (systemd)": "reloaded", "Reload firewall (OpenWrt)": "reloaded"}
+    text = render("firewall", T)
+    assert text.index("table inet idlewire\ndelete table inet idlewire\n") < text.index("table inet idlewire {")
 
 
 def test_firewall_and_agent_defaults_agree():
