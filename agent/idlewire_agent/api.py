@@ -20,7 +20,8 @@ thread waits on a slow client) until the WHOLE request, head and body, is in, wi
 `request_deadline` of its first byte being awaited; only then does one of a few worker threads
 serve it. At most `max_connections` are open (fewer when the file limit is low: see `bounds`)
 and `max_per_source` from one address (IPv6: one /64). A new connection beyond the total evicts
-the oldest one still sending its request; beyond its source's share it is refused with a 429.
+the oldest unfinished request of the address holding the most; beyond its source's share a
+connection is refused with a 429.
 Refusals, evictions and deadlines are counted in /metrics and logged at most once per 10 s.
 """
 
@@ -78,6 +79,7 @@ METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH")
 MAX_LINE = 8192  # request line, and each header line
 MAX_HEADERS = 64
 MAX_HEAD = 16384  # request line and headers together
+ACCEPTS = 16  # new connections taken per listener between two reads of the open ones
 WORKERS = 4  # requests are served only once they are fully read: a few threads suffice
 FD_RESERVE = 64  # files kept free for the metering (wg, ip, SQLite), logging and the rest
 LOG_EVERY = 10.0  # seconds between two lines about refused/slow clients
@@ -161,8 +163,8 @@ class Exchange:
     """One fully read request: route it, answer it. Runs in a worker thread; the socket is blocking
     with a deadline for the answer (a client that does not read it loses its connection)."""
 
-    def __init__(self, server: ApiServer, sock: socket.socket, peer: str, req: tuple):
-        self.server, self.sock, self.peer = server, sock, peer
+    def __init__(self, server: ApiServer, sock: socket.socket, peer: str, req: tuple, inline: bool = False):
+        self.server, self.sock, self.peer, self.inline = server, sock, peer, inline
         self.command, self.path, self.request_version, self.headers, self.body = req
         conn = self.headers.get("connection", "").lower()
         self.close_connection = conn == "close" or (self.request_version == "HTTP/1.0" and conn != "keep-alive")
@@ -174,7 +176,12 @@ class Exchange:
 
     # --- plumbing -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
-        """Write within the answer's deadline (request_deadline, and as long again per MiB)."""
+        """Write within the answer's deadline (request_deadline, and as long again per MiB); inline
+        (in the selector thread) all of it at once or not at all."""
+        if self.inline:
+            if self.sock.send(data) != len(data):
+                raise BlockingIOError("the answer does not fit the socket buffer")
+            return
         now = time.monotonic()
         step = self.server.deadline
         self.deadline = (now + step if self.deadline is None else self.deadline) + step * len(data) / (1 << 20)
@@ -499,7 +506,11 @@ class ApiServer:
                 self._paused_until = 0.0
                 for ls in self.listeners:
                     self.sel.register(ls, selectors.EVENT_READ, "listen")
-            for key, _ in self.sel.select(timeout=0.25):
+            events = self.sel.select(timeout=0.25)
+            # Requests already connected first, then at most ACCEPTS new connections per listener:
+            # a burst of new ones cannot evict a client before its request, already sent, is read.
+            events.sort(key=lambda e: e[0].data == "listen")
+            for key, _ in events:
                 if key.data == "listen":
                     self._accept(key.fileobj)
                 elif key.data == "wake":
@@ -528,7 +539,7 @@ class ApiServer:
             ls.close()
 
     def _accept(self, ls: socket.socket) -> None:
-        for _ in range(64):
+        for _ in range(ACCEPTS):
             try:
                 sock, addr = ls.accept()
             except BlockingIOError:
@@ -549,20 +560,35 @@ class ApiServer:
                 self._refuse(sock, 429, f"more than {self.max_per_source} connections from {peer}")
                 continue
             if len(self.waiting) + self.busy >= self.max_connections:
-                oldest = next(iter(self.waiting), None)
-                if oldest is None:  # every slot serves a request: nothing is slow, the node is busy
+                victim = self._victim()
+                if victim is None:  # every slot serves a request: nothing is slow, the node is busy
                     self.notes.add("refused_total", source)
                     self._refuse(sock, 503, "the node's API is busy; try again in a few seconds")
                     continue
-                if not oldest.closing:
-                    self.notes.add("evicted", oldest.source)
-                    self._reject(oldest, 503, "evicted: the API is full and this request was the slowest")
-                self._close(oldest)
+                if not victim.closing:
+                    self.notes.add("evicted", victim.source)
+                    self._reject(victim, 503, "evicted: the API is full and your address holds the most "
+                                              "unfinished requests")
+                self._close(victim)
             sock.setblocking(False)
             c = _Conn(sock, peer, source, time.monotonic() + self.deadline)
             self.per_source[source] += 1
             self.waiting[c] = None
             self.sel.register(sock, selectors.EVENT_READ, c)
+
+    def _victim(self) -> _Conn | None:
+        """The connection to give up when all are taken: one already answered and draining, else the
+        oldest unfinished one of the address holding the most. A client that sends its request at
+        once is never the one, however many addresses the slow ones come from, unless it is the
+        oldest of the busiest."""
+        victim, most = None, 0
+        for c in self.waiting:  # oldest first
+            if c.closing:
+                return c
+            n = self.per_source[c.source]
+            if n > most:
+                victim, most = c, n
+        return victim
 
     @staticmethod
     def _refuse(sock: socket.socket, code: int, message: str) -> None:
@@ -607,7 +633,30 @@ class ApiServer:
             self._reject(c, exc.status, str(exc))
 
     def _progress(self, c: _Conn) -> None:
-        """Parse as far as the bytes go; hand a complete request to a worker."""
+        """Serve what the bytes hold: /health here at once, every other request by a worker."""
+        while (req := self._request(c)) is not None:
+            if req[:2] != ("GET", "/health"):
+                self.sel.unregister(c.sock)
+                del self.waiting[c]
+                self.busy += 1
+                self.jobs.put((c, req))
+                return
+            # /health never waits for a worker (they may all wait for the ledger behind a slow
+            # `wg`): its answer fits any socket buffer, written here without blocking.
+            ex = Exchange(self, c.sock, c.peer, req, inline=True)
+            try:
+                ex.handle()
+            except OSError:  # a keep-alive client that reads nothing of what it asks for
+                self.notes.add("slow_reader", c.source)
+                self._close(c)
+                return
+            self.waiting.pop(c)
+            self._answered(c, not ex.close_connection)
+            if c.closing:
+                return
+
+    def _request(self, c: _Conn) -> tuple | None:
+        """The next complete request on `c` (method, target, version, headers, body), else None."""
         if c.req is None:
             while c.buf[:2] == b"\r\n" or c.buf[:1] == b"\n":  # empty lines before a request (RFC 9112 2.2)
                 del c.buf[:2 if c.buf[:1] == b"\r" else 1]
@@ -617,7 +666,7 @@ class ApiServer:
                     raise ApiError(414, f"request line longer than {MAX_LINE} bytes")
                 if len(c.buf) > MAX_HEAD or len(c.buf) - c.buf.rfind(b"\n") - 1 > MAX_LINE:
                     raise ApiError(431, f"request head longer than {MAX_HEAD} bytes or a line over {MAX_LINE}")
-                return
+                return None
             end = min(ends)
             head_end = end + (3 if c.buf[end:end + 3] == b"\n\r\n" else 2)
             if end + 1 > MAX_HEAD:
@@ -633,39 +682,41 @@ class ApiServer:
                 with contextlib.suppress(OSError):
                     c.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         if len(c.buf) < c.need:
-            return
+            return None
         body = bytes(c.buf[:c.need])
         del c.buf[:c.need]
         req = (*c.req, body)
         c.req, c.need = None, 0
-        self.sel.unregister(c.sock)
-        del self.waiting[c]
-        self.busy += 1
-        self.jobs.put((c, req))
+        return req
 
     def _returned(self, c: _Conn, keep: bool) -> None:
         """A worker answered: wait for the connection's next request, or drain and close it."""
         self.busy -= 1
-        c.served += 1
         try:
             c.sock.setblocking(False)
-        except OSError:
-            keep = False
-        c.deadline = time.monotonic() + self.deadline
-        c.started = bool(c.buf)
-        self.waiting[c] = None
-        self.sel.register(c.sock, selectors.EVENT_READ, c)
-        if not keep:
-            c.closing = True
-            with contextlib.suppress(OSError):
-                c.sock.shutdown(socket.SHUT_WR)
-            c.deadline = time.monotonic() + 1.0
-        elif c.buf:  # the next request came with the last one (pipelining)
+            self.sel.register(c.sock, selectors.EVENT_READ, c)
+        except (OSError, ValueError):
+            self._close(c)
+            return
+        self._answered(c, keep)
+        if c.buf and not c.closing:  # the next request came with the last one (pipelining)
             try:
                 self._progress(c)
             except ApiError as exc:
                 self.notes.add("malformed", c.source)
                 self._reject(c, exc.status, str(exc))
+
+    def _answered(self, c: _Conn, keep: bool) -> None:
+        """After an answer: the deadline starts again for the next request, or the connection drains."""
+        c.served += 1
+        c.deadline = time.monotonic() + self.deadline
+        c.started = bool(c.buf)
+        self.waiting[c] = None  # the youngest again
+        if not keep:
+            c.closing = True
+            with contextlib.suppress(OSError):
+                c.sock.shutdown(socket.SHUT_WR)
+            c.deadline = time.monotonic() + 1.0
 
     def _close(self, c: _Conn) -> None:
         self.waiting.pop(c, None)

@@ -6,6 +6,7 @@ tests/net/test_agent_api_load.py runs the agent itself in a namespace under 1,00
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -359,17 +360,19 @@ def test_excess_connections_from_one_source_are_refused_with_429(small):
     assert small.server.notes.total["refused_source"] == 6
 
 
-def test_a_full_api_evicts_the_oldest_unfinished_request_and_serves_health(small):
+def test_a_full_api_evicts_unfinished_requests_of_the_busiest_addresses_and_serves_health(small):
     socks = [s for i in range(12) for s in open_slow(small, f"127.0.1.{i + 1}", 4)]  # 48 slow, 24 slots
     time.sleep(0.3)
     times = [small.health_ms() for _ in range(20)]
     assert max(times) < 1000, times
     assert small.server.notes.total["evicted"] >= 24
-    for s in socks[:20]:  # the oldest were evicted with a 503 that says why
-        s.settimeout(2)
-        assert answer_of(s) in (503, 0)
-    for s in socks:
+    evicted = 0
+    for s in socks:  # those evicted got a 503 that says why
+        s.settimeout(0.05)
+        with contextlib.suppress(TimeoutError):
+            evicted += answer_of(s) == 503
         s.close()
+    assert evicted >= 24
     assert len(small.server.waiting) + small.server.busy <= 24
 
 
