@@ -165,6 +165,8 @@ class Exchange:
 
     def __init__(self, server: ApiServer, sock: socket.socket, peer: str, req: tuple, inline: bool = False):
         self.server, self.sock, self.peer, self.inline = server, sock, peer, inline
+        self.stream = False
+        self.leftover = b""  # what did not fit the socket buffer: the selector thread writes it
         self.command, self.path, self.request_version, self.headers, self.body = req
         conn = self.headers.get("connection", "").lower()
         self.close_connection = conn == "close" or (self.request_version == "HTTP/1.0" and conn != "keep-alive")
@@ -176,11 +178,18 @@ class Exchange:
 
     # --- plumbing -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
-        """Write within the answer's deadline (request_deadline, and as long again per MiB); inline
-        (in the selector thread) all of it at once or not at all."""
-        if self.inline:
-            if self.sock.send(data) != len(data):
+        """Write an answer without waiting: what does not fit the socket buffer is left to the
+        selector thread (a client that reads nothing holds no worker); inline (in the selector
+        thread) all of it at once or not at all. A streamed answer is written here, within its
+        deadline (request_deadline, and as long again per MiB)."""
+        if not self.stream:
+            try:
+                n = self.sock.send(data)
+            except BlockingIOError:
+                n = 0
+            if n < len(data) and self.inline:
                 raise BlockingIOError("the answer does not fit the socket buffer")
+            self.leftover += data[n:]
             return
         now = time.monotonic()
         step = self.server.deadline
@@ -200,6 +209,7 @@ class Exchange:
     def _send_stream(self, chunks) -> None:
         """200 with a JSON body written piece by piece (large receipt chains never sit in memory)."""
         self.close_connection = True  # the body ends when the connection does
+        self.stream = True
         self._write(_response(200, b"", close=True, length=False))
         try:
             for chunk in chunks:
@@ -349,7 +359,8 @@ class Exchange:
 
 # --- connections: one selector thread reads, a few workers answer --------------------------------
 class _Conn:
-    __slots__ = ("buf", "closing", "deadline", "need", "peer", "req", "served", "sock", "source", "started")
+    __slots__ = ("buf", "closing", "deadline", "keep", "need", "out", "peer", "req", "served", "sock", "source",
+                 "started")
 
     def __init__(self, sock: socket.socket, peer: str, source: str, deadline: float):
         self.sock, self.peer, self.source = sock, peer, source
@@ -360,6 +371,8 @@ class _Conn:
         self.closing = False  # answered with an error: draining what the client still sends
         self.started = False  # the client sent something for this request
         self.served = 0  # requests answered on this connection
+        self.out = b""  # the rest of an answer, written as the client reads
+        self.keep = False  # keep the connection open once `out` is written
 
 
 def source_of(addr: str) -> str:
@@ -510,7 +523,7 @@ class ApiServer:
             # Requests already connected first, then at most ACCEPTS new connections per listener:
             # a burst of new ones cannot evict a client before its request, already sent, is read.
             events.sort(key=lambda e: e[0].data == "listen")
-            for key, _ in events:
+            for key, mask in events:
                 if key.data == "listen":
                     self._accept(key.fileobj)
                 elif key.data == "wake":
@@ -519,6 +532,8 @@ class ApiServer:
                             pass
                     except OSError:
                         pass
+                elif mask & selectors.EVENT_WRITE:
+                    self._writable(key.data)
                 else:
                     self._readable(key.data)
             while self.done:
@@ -527,7 +542,9 @@ class ApiServer:
             if now >= sweep:
                 sweep = now + 0.25
                 for c in [c for c in self.waiting if c.deadline <= now]:
-                    if not c.closing and (c.started or not c.served):  # not an idle keep-alive
+                    if c.out:
+                        self.notes.add("slow_reader", c.source)
+                    elif not c.closing and (c.started or not c.served):  # not an idle keep-alive
                         self.notes.add("deadline", c.source)
                         if c.started:
                             self._reject(c, 408, f"request not complete within {self.deadline:g} s")
@@ -565,7 +582,7 @@ class ApiServer:
                     self.notes.add("refused_total", source)
                     self._refuse(sock, 503, "the node's API is busy; try again in a few seconds")
                     continue
-                if not victim.closing:
+                if not victim.closing and not victim.out:
                     self.notes.add("evicted", victim.source)
                     self._reject(victim, 503, "evicted: the API is full and your address holds the most "
                                               "unfinished requests")
@@ -689,15 +706,38 @@ class ApiServer:
         c.req, c.need = None, 0
         return req
 
-    def _returned(self, c: _Conn, keep: bool) -> None:
-        """A worker answered: wait for the connection's next request, or drain and close it."""
+    def _returned(self, c: _Conn, keep: bool, out: bytes) -> None:
+        """A worker answered: write the rest of the answer, then wait for the connection's next
+        request, or drain and close it."""
         self.busy -= 1
         try:
             c.sock.setblocking(False)
-            self.sel.register(c.sock, selectors.EVENT_READ, c)
+            self.sel.register(c.sock, selectors.EVENT_WRITE if out else selectors.EVENT_READ, c)
         except (OSError, ValueError):
             self._close(c)
             return
+        if out:  # no more requests are read until the client has read this answer
+            c.out, c.keep = out, keep
+            c.deadline = time.monotonic() + self.deadline
+            self.waiting[c] = None
+            return
+        self._next(c, keep)
+
+    def _writable(self, c: _Conn) -> None:
+        try:
+            n = c.sock.send(c.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(c)
+            return
+        c.out = c.out[n:]
+        if not c.out:
+            self.sel.modify(c.sock, selectors.EVENT_READ, c)
+            del self.waiting[c]
+            self._next(c, c.keep)
+
+    def _next(self, c: _Conn, keep: bool) -> None:
         self._answered(c, keep)
         if c.buf and not c.closing:  # the next request came with the last one (pipelining)
             try:
@@ -734,16 +774,16 @@ class ApiServer:
             if job is None:
                 return
             c, req = job
-            keep = False
+            keep, out = False, b""
             try:
                 ex = Exchange(self, c.sock, c.peer, req)
                 ex.handle()
-                keep = not ex.close_connection
+                keep, out = not ex.close_connection, ex.leftover
             except OSError:  # the client went away, or did not read its answer in time
                 self.notes.add("slow_reader", c.source)
             except Exception as exc:
                 self.fault(req[0], req[1], exc)
-            self.done.append((c, keep))
+            self.done.append((c, keep, out))
             self._wake()
 
 

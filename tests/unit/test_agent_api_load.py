@@ -436,3 +436,32 @@ def test_keep_alive_pipelining_and_100_continue(small):
         s.shutdown(socket.SHUT_WR)
         got = [st for st, _ in responses(read_all(s))]
     assert got == [200, 200, 401]
+
+
+def test_clients_that_read_no_answers_hold_no_worker(small):
+    """Pipelined requests from clients that never read: the answers wait in the reading thread,
+    not in a worker, so the workers still serve everyone else; the readers are cut off in time."""
+    # small socket buffers on both sides (inherited from the listener), as over a slow link
+    small.server.listeners[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    readers = []
+    for i in range(api.WORKERS + 2):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.bind((f"127.0.2.{i + 1}", 0))
+        s.connect(("127.0.0.1", small.port))
+        s.setblocking(False)
+        readers.append(s)
+        s.send(b"GET /metrics HTTP/1.1\r\n\r\n" * 100)  # 200 KB of answers, never read
+    time.sleep(0.5)
+    admin = request("GET", "/usage", b"", {"Authorization": f"Bearer {small.token}"})
+    took = []
+    for _ in range(api.WORKERS * 2):
+        t = time.monotonic()
+        assert small.status(admin) == 200
+        took.append(time.monotonic() - t)
+    assert max(took) < 0.5, took  # not a worker's wait for a reader (request_deadline: 1.5 s)
+    time.sleep(2)
+    assert small.server.notes.total["slow_reader"] >= api.WORKERS + 2
+    for s in readers:
+        s.close()
+    no_faults(small)
