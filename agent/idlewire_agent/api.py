@@ -524,36 +524,52 @@ class ApiServer:
             # a burst of new ones cannot evict a client before its request, already sent, is read.
             events.sort(key=lambda e: e[0].data == "listen")
             for key, mask in events:
-                if key.data == "listen":
-                    self._accept(key.fileobj)
-                elif key.data == "wake":
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except OSError:
-                        pass
-                elif mask & selectors.EVENT_WRITE:
-                    self._writable(key.data)
-                else:
-                    self._readable(key.data)
+                self._guarded(self._event, key, mask)
             while self.done:
-                self._returned(*self.done.popleft())
+                self._guarded(self._returned, *self.done.popleft())
             now = time.monotonic()
             if now >= sweep:
                 sweep = now + 0.25
                 for c in [c for c in self.waiting if c.deadline <= now]:
-                    if c.out:
-                        self.notes.add("slow_reader", c.source)
-                    elif not c.closing and (c.started or not c.served):  # not an idle keep-alive
-                        self.notes.add("deadline", c.source)
-                        if c.started:
-                            self._reject(c, 408, f"request not complete within {self.deadline:g} s")
-                    self._close(c)
+                    self._guarded(self._expired, c)
                 self.notes.flush()
         for c in list(self.waiting):
             self._close(c)
         for ls in self.listeners:
             ls.close()
+
+    def _guarded(self, fn, *args) -> None:
+        """Run one step of the loop; a fault in it costs its connection (one log line), never the loop."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self.fault("-", "(connection handling)", exc)
+            c = next((a.data if isinstance(a, selectors.SelectorKey) else a for a in args[:1]), None)
+            if isinstance(c, _Conn) and c.sock.fileno() >= 0:
+                with contextlib.suppress(Exception):
+                    self._close(c)
+
+    def _expired(self, c: _Conn) -> None:
+        """Past its deadline: a request not complete (408), an answer not read, or a drain done."""
+        if c.out:
+            self.notes.add("slow_reader", c.source)
+        elif not c.closing and (c.started or not c.served):  # not an idle keep-alive
+            self.notes.add("deadline", c.source)
+            if c.started:
+                self._reject(c, 408, f"request not complete within {self.deadline:g} s")
+        self._close(c)
+
+    def _event(self, key: selectors.SelectorKey, mask: int) -> None:
+        if key.data == "listen":
+            self._accept(key.fileobj)
+        elif key.data == "wake":
+            with contextlib.suppress(OSError):
+                while self._wake_r.recv(4096):
+                    pass
+        elif mask & selectors.EVENT_WRITE:
+            self._writable(key.data)
+        else:
+            self._readable(key.data)
 
     def _accept(self, ls: socket.socket) -> None:
         for _ in range(ACCEPTS):
@@ -562,7 +578,7 @@ class ApiServer:
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and not self._paused_until:
                     # Out of descriptors (someone else in the process used them): leave new
                     # connections in the kernel's backlog for a moment instead of spinning.
                     self.notes.add("accept_failed", "-")

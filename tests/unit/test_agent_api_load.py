@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from idlewire_agent import api, keys, receipts
 from idlewire_agent.agent import Agent
-from idlewire_agent.config import parse
+from idlewire_agent.config import ConfigError, parse
 from synthetic import SyntheticTunnel
 
 BUYER = Ed25519PrivateKey.generate()
@@ -465,3 +465,32 @@ def test_clients_that_read_no_answers_hold_no_worker(small):
     for s in readers:
         s.close()
     no_faults(small)
+
+
+def test_a_fault_in_the_reading_thread_costs_one_connection_not_the_api(small, monkeypatch):
+    real = api.parse_head
+
+    def broken(head):
+        if b"X-Break" in head:
+            raise RuntimeError("parser bug")
+        return real(head)
+
+    monkeypatch.setattr(api, "parse_head", broken)
+    assert small.status(b"GET /health HTTP/1.1\r\nX-Break: 1\r\n\r\n") == 0  # closed, no answer
+    assert small.status(b"GET /health HTTP/1.1\r\nX-Break: 1\r\n\r\n") == 0
+    assert small.health_ms() < 1000
+    errors = small.log.lines(logging.ERROR)
+    assert len(errors) == 1 and "RuntimeError: parser bug" in errors[0] and not small.log.tracebacks()
+    assert not small.thread_errors
+
+
+def test_sources_and_config_keys():
+    assert api.source_of("10.0.0.7") == "10.0.0.7"
+    assert api.source_of("fd00::1") == api.source_of("fd00::2:3") != api.source_of("fd00:0:0:1::1")
+    bad = {"api": {"max_connections": 4, "max_per_source": 0, "request_deadline": 0.1}}
+    with pytest.raises(ConfigError) as exc:
+        parse(bad)
+    for key in ("api.max_connections", "api.max_per_source", "api.request_deadline"):
+        assert key in str(exc.value)
+    cfg = parse({"api": {"max_connections": 300, "max_per_source": 8, "request_deadline": 5}}).api
+    assert (cfg.max_connections, cfg.max_per_source, cfg.request_deadline) == (300, 8, 5.0)
