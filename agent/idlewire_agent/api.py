@@ -679,8 +679,9 @@ class ApiServer:
             ex = Exchange(self, c.sock, c.peer, req, inline=True)
             try:
                 ex.handle()
-            except OSError:  # a keep-alive client that reads nothing of what it asks for
-                self.notes.add("slow_reader", c.source)
+            except OSError as exc:  # gone, or a keep-alive client that reads nothing of what it asks for
+                if isinstance(exc, BlockingIOError):
+                    self.notes.add("slow_reader", c.source)
                 self._close(c)
                 return
             self.waiting.pop(c)
@@ -795,8 +796,10 @@ class ApiServer:
                 ex = Exchange(self, c.sock, c.peer, req)
                 ex.handle()
                 keep, out = not ex.close_connection, ex.leftover
-            except OSError:  # the client went away, or did not read its answer in time
+            except (TimeoutError, BlockingIOError):  # a streamed answer not read in time
                 self.notes.add("slow_reader", c.source)
+            except OSError:  # the client went away
+                pass
             except Exception as exc:
                 self.fault(req[0], req[1], exc)
             self.done.append((c, keep, out))
