@@ -8,7 +8,8 @@ Sections (all optional; defaults in the records below):
     [metering]    poll_interval, line_rate_mbit, unpaid_cap_mb, tolerance_percent
     [sessions]    max, expiry, idle_timeout, max_per_buyer, handshake_timeout, unpaid_backoff,
                   unpaid_backoff_max, address_rest
-    [api]         listen, port, admin_token_file, max_body
+    [api]         listen, port, admin_token_file, max_body, max_connections, max_per_source,
+                  request_deadline
     [receipts]    keep_closed, keep_days
     [shaping] [schedule] [quota] [firewall]   see policy.py
 
@@ -54,6 +55,12 @@ class ApiConfig(Record):
     port: int = 8740
     admin_token_file: str = "/etc/idlewire/admin.token"  # noqa: S105 (a path, not a secret)
     max_body: int = 16384
+    # Under load (api.py): connections open at once, in total and from one address (IPv6: one /64),
+    # both lowered at start to stay within half the file limit (LimitNOFILE, procd `limits nofile`);
+    # and the seconds a client has to send a WHOLE request, head and body (an idle keep-alive too).
+    max_connections: int = 128
+    max_per_source: int = 16
+    request_deadline: float = 10.0
 
 
 class InterfacesConfig(Record):
@@ -273,6 +280,9 @@ def parse(data: dict, path: str = "node.toml") -> NodeConfig:
         ("port", int, lambda v: 0 < v < 65536, "a TCP port 1-65535"),
         ("admin_token_file", str, _abs, "an absolute path"),
         ("max_body", int, lambda v: 256 <= v <= 1 << 20, "bytes between 256 and 1048576"),
+        ("max_connections", int, lambda v: 8 <= v <= 65535, "an integer 8-65535"),
+        ("max_per_source", int, lambda v: 1 <= v <= 65535, "an integer 1-65535"),
+        ("request_deadline", num, lambda v: 1 <= v <= 300, "seconds between 1 and 300"),
     ])
     section("receipts", cfg.receipts, [
         ("keep_closed", int, lambda v: 0 <= v <= 10_000_000,

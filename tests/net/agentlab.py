@@ -28,19 +28,25 @@ REPO = Path(__file__).resolve().parents[2]
 CLONE_NEWNET = 0x40000000
 
 
+def enter_netns(nsname: str) -> None:
+    """Move the calling thread (only it) into network namespace `nsname`: sockets it opens from
+    then on belong there, and stay there when other threads use them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{nsname}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
 def ns_socket(nsname: str, host: str, port: int, timeout: float = 10) -> socket.socket:
     """A TCP connection made from inside a network namespace (the thread enters it, then exits)."""
     out: list = []
 
     def enter():
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = os.open(f"/run/netns/{nsname}", os.O_RDONLY)
-            try:
-                if libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
+            enter_netns(nsname)
             out.append(socket.create_connection((host, port), timeout=timeout))
         except OSError as exc:
             out.append(exc)

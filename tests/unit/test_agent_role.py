@@ -41,3 +41,11 @@ def test_systemd_unit_is_hardened():
                  "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW", "ExecStart=/usr/bin/idlewire-agent run "
                  "--config /etc/idlewire/node.toml"):
         assert line in unit
+
+
+def test_the_file_limit_is_set_by_the_unit_and_by_procd():
+    """The agent derives its API connection bounds from RLIMIT_NOFILE: both service managers set it."""
+    assert "LimitNOFILE=4096" in render("etc/systemd/system/idlewire-agent.service.j2",
+                                        agent_nofile_limit=4096).splitlines()
+    assert '\tprocd_set_param limits nofile="4096 4096"' in render("etc/init.d/idlewire-agent.j2",
+                                                                    agent_nofile_limit=4096).splitlines()

@@ -62,6 +62,8 @@ start_service() {
 \tprocd_set_param stderr 1
 \tprocd_set_param umask 0077
 \tprocd_set_param env MALLOC_ARENA_MAX=1
+\t# open files, soft and hard: the agent bounds its API connections to half of this (less a reserve)
+\tprocd_set_param limits nofile="1024 1024"
 \tprocd_close_instance
 }
 
@@ -247,7 +249,7 @@ def test_agent_start_reads_uci(shell, tmp_path):
         "chmod 0750 /etc/idlewire", "agent check-config /etc/idlewire/node.toml", "open idlewire-agent",
         f"param command {stub} run --config /etc/idlewire/node.toml", "param file /etc/idlewire/node.toml",
         "param respawn 3600 5 0", "param stdout 1", "param stderr 1", "param umask 0077",
-        "param env MALLOC_ARENA_MAX=1", "close",
+        "param env MALLOC_ARENA_MAX=1", "param limits nofile=1024 1024", "close",
         "rc=0"]
 
 
