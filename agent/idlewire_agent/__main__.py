@@ -152,11 +152,16 @@ def run_agent(path: str) -> int:
 def wan_addresses(cfg) -> set[str]:
     """Addresses on the WAN and tunnel interfaces (`ip -j addr`), where the API must never listen."""
     import json
-    import subprocess
+
+    from . import run
 
     out: set[str] = set()
     for dev in (cfg.interfaces.wan, cfg.tunnel.interface):
-        p = subprocess.run(["ip", "-j", "addr", "show", "dev", dev], capture_output=True, text=True, check=False)
+        try:
+            p = run.run(["ip", "-j", "addr", "show", "dev", dev], check=False)
+        except run.CommandError as exc:
+            logging.getLogger("idlewire.agent").warning("api.listen check: %s", exc)
+            continue
         try:
             for link in json.loads(p.stdout or "[]"):
                 out.update(a.get("local", "") for a in link.get("addr_info", []))

@@ -7,16 +7,20 @@ The session manager refuses new sessions while ``table_loaded()`` is False and p
 from __future__ import annotations
 
 import json
-import subprocess
+import logging
+
+from . import run
+
+log = logging.getLogger("idlewire.isolation")
 
 
 def table_loaded(table: str, netns: str | None = None) -> bool:
     """True when ``table inet <table>`` is loaded with its forward chain (nft -j list table)."""
     prefix = ["ip", "netns", "exec", netns] if netns else []
     try:
-        p = subprocess.run([*prefix, "nft", "-j", "list", "table", "inet", table], capture_output=True,
-                           text=True, check=False, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+        p = run.run([*prefix, "nft", "-j", "list", "table", "inet", table], check=False)
+    except run.CommandError as exc:
+        log.warning("isolation check: %s", exc)
         return False
     if p.returncode != 0:
         return False
