@@ -441,7 +441,10 @@ class Agent:
         if row:
             last = json.loads(row[1])
             seq, prev = row[0] + 1, last["hash"] if receipts.is_checkpoint(last) else receipts.receipt_hash(last)
-        r = receipts.make_receipt(self.node_key, s["id"], seq, s["rx"], s["tx"], int(self.clock()), prev, buyer)
+        # Every receipt binds the buyer key the session was opened with; those issued at and after
+        # the close carry the reason as "final": a closed session's chain ends with one.
+        r = receipts.make_receipt(self.node_key, s["id"], seq, s["rx"], s["tx"], int(self.clock()), prev, buyer,
+                                  buyer_key=s["buyer_key"], final=s["reason"] if s["state"] == "closed" else None)
         db.execute("INSERT INTO receipts VALUES (?, ?, ?)", (s["id"], seq, json.dumps(r, sort_keys=True)))
         if s["state"] == "closed":  # co-signed after the close: retention trims the chain again
             db.execute("UPDATE sessions SET retention = 0 WHERE id = ?", (s["id"],))

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import __version__, receipts
 from .agent import Agent, SessionError
+from .ledger import LedgerError
 
 log = logging.getLogger("idlewire.api")
 
@@ -185,7 +186,9 @@ class Handler(socketserver.StreamRequestHandler):
     @staticmethod
     def _json(body: bytes, fields: dict[str, type]) -> dict:
         try:
-            data = json.loads(body.decode("utf-8"))
+            data = receipts.strict_loads(body.decode("utf-8"))  # no duplicated keys, NaN or Infinity
+        except receipts.StrictJSONError as exc:
+            raise ApiError(400, f"body: {exc}") from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise ApiError(400, "body: expected a JSON object") from None
         if not isinstance(data, dict):
@@ -254,7 +257,7 @@ class Handler(socketserver.StreamRequestHandler):
             self._route(method, body)
         except ApiError as exc:
             self._send(exc.status, {"error": str(exc)})
-        except SessionError as exc:
+        except (SessionError, LedgerError) as exc:  # LedgerError: a full disk, 503 and one line
             self._send(exc.status, {"error": str(exc)})
         except Exception:
             log.exception("%s %s", method, self.path[:200])
