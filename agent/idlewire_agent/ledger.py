@@ -175,7 +175,8 @@ class Ledger:
         if had_data:  # before anything is written: is it whole, ours and of a schema we know?
             check = db.execute("PRAGMA quick_check").fetchall()
             if [r[0] for r in check] != ["ok"]:
-                raise LedgerError(f"{path}: damaged (quick_check: {str(check[0][0])[:120]}); {RESET_HINT}")
+                why = " ".join(str(check[0][0]).replace("*** in database main ***", "").split())
+                raise LedgerError(f"{path}: damaged (quick_check: {why[:120]}); {RESET_HINT}")
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if "sessions" not in tables:
                 raise LedgerError(f"{path}: not an idlewire ledger (tables {', '.join(sorted(tables)) or 'none'}); "

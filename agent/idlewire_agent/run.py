@@ -9,7 +9,10 @@ no caller waits for ever. Callers must not hold the ledger's lock while a comman
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -39,6 +42,15 @@ def _timed_out(argv: Sequence[str], timeout: float, error: type[CommandError]) -
     return error(f"{_name(argv)}: no answer in {timeout:g} s (killed)")
 
 
+def _kill(p: subprocess.Popen) -> None:
+    """SIGKILL the command's whole process group (it was started in a session of its own)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except OSError:
+        with contextlib.suppress(OSError):
+            p.kill()
+
+
 def run(argv: Sequence[str], *, input: str | None = None, timeout: float | None = None, check: bool = True,
         env: dict | None = None, capture: bool = True,
         error: type[CommandError] = CommandError) -> subprocess.CompletedProcess:
@@ -52,15 +64,20 @@ def run(argv: Sequence[str], *, input: str | None = None, timeout: float | None 
     limit = TIMEOUT if timeout is None else timeout
     out = subprocess.PIPE if capture else subprocess.DEVNULL
     t0 = time.monotonic()
-    try:
-        p = subprocess.run(argv, input=input, stdout=out, stderr=out, text=True, env=env, check=False,
-                           timeout=limit)
+    try:  # its own process group: a timeout kills what it started too (those would hold the pipes open)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL if input is None else subprocess.PIPE, stdout=out,
+                             stderr=out, text=True, env=env, start_new_session=True)
     except FileNotFoundError:
         raise _not_found(argv, error) from None
-    except subprocess.TimeoutExpired:
-        raise _timed_out(argv, limit, error) from None
     except OSError as exc:
         raise error(f"{_name(argv)}: cannot run it: {exc.strerror or exc}") from None
+    with p:
+        try:
+            stdout, stderr = p.communicate(input, timeout=limit)
+        except subprocess.TimeoutExpired:
+            _kill(p)
+            raise _timed_out(argv, limit, error) from None
+    p = subprocess.CompletedProcess(argv, p.returncode, stdout, stderr)
     log.debug("%s: exit %d in %.3f s", _name(argv, 12), p.returncode, time.monotonic() - t0)
     if check and p.returncode != 0:
         why = ((p.stderr or p.stdout or "").strip().splitlines() or [f"exit status {p.returncode}"])[0]
@@ -78,7 +95,8 @@ def lines(argv: Sequence[str], *, timeout: float | None = None,
     argv = [str(a) for a in argv]
     limit = TIMEOUT if timeout is None else timeout
     try:
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
     except FileNotFoundError:
         raise _not_found(argv, error) from None
     except OSError as exc:
@@ -87,7 +105,7 @@ def lines(argv: Sequence[str], *, timeout: float | None = None,
 
     def kill() -> None:
         killed.set()
-        p.kill()
+        _kill(p)
 
     watchdog = threading.Timer(limit, kill)
     watchdog.daemon = True
@@ -99,7 +117,7 @@ def lines(argv: Sequence[str], *, timeout: float | None = None,
     finally:
         watchdog.cancel()
         if p.poll() is None:  # the caller stopped reading early
-            p.kill()
+            _kill(p)
             p.wait()
     if killed.is_set():
         raise _timed_out(argv, limit, error)
