@@ -90,8 +90,8 @@ def test_metered_bytes_match_the_buyer_and_receipts_verify(make_node, tmp_path):
                          "--node-key", node_key], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["ok"]
-    rs = json.loads(rfile.read_text())
-    assert len(rs) >= 3
+    rs = json.loads(rfile.read_text())["receipts"]  # the client saves {"receipts", "closed"}
+    assert len(rs) >= 3 and rs[-1]["final"] == "buyer"
     bad = [dict(r) for r in rs]
     bad[1]["up"] += 1000
     tampered = tmp_path / "tampered.json"

@@ -224,8 +224,8 @@ def register(app: App) -> None:
                 try:
                     r = buyer.cosign(sid, up, down)
                 except NodeError as exc:
-                    if exc.status != 0:  # the node refused: the session is over
-                        raise
+                    if exc.status not in (0, 503):  # the node refused: the session is over
+                        raise  # (503: the node cannot record now, e.g. its disk is full: try again)
                     print(f"warning: {exc}; retrying", file=out, flush=True)
                     continue
                 check_receipt(r["receipt"], s, buyer, sid, up, down)
