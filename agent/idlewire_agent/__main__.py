@@ -98,11 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def run_agent(path: str) -> int:
+def _load(path: str):
+    """node.toml, or None after printing its errors."""
     try:
-        cfg = load(path)
+        return load(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def run_agent(path: str) -> int:
+    cfg = _load(path)
+    if cfg is None:
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
     # The agent speaks plain HTTP on the LAN and never TLS: keep http.client from loading the ssl
@@ -205,10 +212,8 @@ def ledger_reset(config: str) -> int:
 
     from .ledger import marker_path
 
-    try:
-        cfg = load(config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load(config)
+    if cfg is None:
         return 2
     path = os.path.join(cfg.state_dir, "ledger.sqlite")
     try:

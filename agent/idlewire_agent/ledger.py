@@ -114,16 +114,22 @@ def explain(exc: BaseException, path: str) -> LedgerError:
     return LedgerError(f"{path}: {text}; if this lasts, {RESET_HINT}")
 
 
-def _check_file(path: str) -> bool:
-    """Refuse what is certainly not a usable ledger before SQLite sees it; True when it holds data."""
+def read_marker(path: str) -> str:
+    """The ledger id the marker holds ("" when there is none: a new node, or a ledger from before it)."""
     marker = marker_path(path)
     try:
         with open(marker) as f:
-            known = f.read().strip()
+            return f.read().strip()
     except FileNotFoundError:
-        known = ""
-    except OSError as exc:
-        raise LedgerError(f"{marker}: cannot read the ledger marker ({exc.strerror}); fix it or remove it") from None
+        return ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"{marker}: cannot read the ledger marker ({getattr(exc, 'strerror', exc)}); "
+                          "fix it or remove it") from None
+
+
+def _check_file(path: str) -> bool:
+    """Refuse what is certainly not a usable ledger before SQLite sees it; True when it holds data."""
+    marker, known = marker_path(path), read_marker(path)
     for p in (path, path + "-wal", path + "-shm"):
         if os.path.isdir(p):
             raise LedgerError(f"{p}: is a directory, expected the ledger's SQLite file: move it aside")
@@ -187,12 +193,7 @@ class Ledger:
             if row is not None and row[0] > SCHEMA:
                 raise LedgerError(f"{path}: written by a newer agent (ledger schema {row[0]}, this agent knows "
                                   f"{SCHEMA}): upgrade idlewire-agent again, or restore a backup of the older ledger")
-        marker = marker_path(path)
-        try:
-            with open(marker) as f:
-                known = f.read().strip()
-        except FileNotFoundError:
-            known = ""
+        marker, known = marker_path(path), read_marker(path)
         if known and had_data:
             row = db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
             if row is not None and row[0] != known:

@@ -9,27 +9,10 @@ import sys
 import time
 
 import pytest
-from agentlab import NodeLab
+from agentlab import NodeLab, metric, wait_for
 
 pytestmark = pytest.mark.net
 WG_DATA = 1452
-
-
-def wait_for(cond, timeout=15.0, step=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("timed out")
-
-
-def metric(node, name: str) -> float:
-    for line in node.get("/metrics").splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 @pytest.fixture

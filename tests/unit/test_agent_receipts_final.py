@@ -9,6 +9,7 @@ from idlewire_agent import keys, receipts
 from idlewire_agent.agent import Agent
 from idlewire_agent.config import parse
 from synthetic import SyntheticTunnel
+from test_agent_core import _cli
 
 
 @pytest.fixture
@@ -31,17 +32,6 @@ def _session(a, buyer, n=3, close=True):
     if close:
         a.close_session(sid, "buyer")
     return sid, a.receipts(sid)
-
-
-def _cli(capsys, *argv):
-    from idlewire.cli import main
-
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().out
 
 
 def test_a_closed_chain_ends_in_the_final_receipt_and_binds_the_buyer(agent):

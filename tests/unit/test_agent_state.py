@@ -215,24 +215,10 @@ def tiny_fs(tmp_path):
     """A 2 MB tmpfs as the state directory, and a way to fill it up and free it."""
     if not ROOT:
         pytest.skip("needs root to mount a tmpfs")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mnt)], check=True)
+    from tinyfs import tiny_fs
 
-    class Fs:
-        path = mnt
-
-        def fill(self):
-            with open(mnt / "filler", "ab") as f, pytest.raises(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-
-        def free(self):
-            (mnt / "filler").unlink()
-
-    yield Fs()
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tiny_fs(tmp_path) as fs:
+        yield fs
 
 
 def test_a_full_disk_mid_run_loses_nothing_and_is_one_line(tmp_path, tiny_fs, caplog):

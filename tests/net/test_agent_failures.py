@@ -12,26 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from agentlab import NodeLab
+from agentlab import NodeLab, metric, wait_for
+from tinyfs import tiny_fs as tiny_fs_mount
 
 pytestmark = pytest.mark.net
-
-
-def wait_for(cond, timeout=15.0, step=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("timed out")
-
-
-def metric(node, name: str) -> float:
-    for line in node.get("/metrics").splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 def timed(fn) -> float:
@@ -103,27 +87,8 @@ def test_a_wedged_tc_stalls_neither_the_api_nor_the_metering(nodes, tmp_path):
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mnt)], check=True)
-
-    class Fs:
-        path = mnt
-
-        def fill(self):
-            with open(mnt / "filler", "ab") as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
-
-        def free(self):
-            (mnt / "filler").unlink()
-
-    yield Fs()
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tiny_fs_mount(tmp_path, "3m") as fs:
+        yield fs
 
 
 def test_a_full_disk_mid_session_loses_no_byte(nodes, tmp_path, tiny_fs):
