@@ -133,7 +133,12 @@ def run_agent(path: str) -> int:
         return 1
     try:
         agent = Agent(cfg)
-        agent.sync_interface()
+        try:
+            agent.sync_interface()
+        except LedgerError as exc:  # a full disk: run on, the polls retry (ledger.py); else stop
+            if not exc.full:
+                raise
+            logging.getLogger("idlewire.agent").error("%s; metering retries every poll", exc)
     except LedgerError as exc:
         print(f"idlewire-agent: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -100,6 +100,11 @@ def explain(exc: BaseException, path: str) -> LedgerError:
     """One line for an SQLite/OS error on the ledger: what it is and what to do."""
     code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
     text = str(exc)
+    if code == 10 or "disk I/O error" in text:  # creating the -shm/-wal file on a full disk says only that
+        with contextlib.suppress(OSError):
+            st = os.statvfs(os.path.dirname(path) or ".")
+            if st.f_bavail * st.f_frsize < 1 << 20:
+                code = 13
     if code == 13 or "disk is full" in text or getattr(exc, "errno", None) == 28:
         return LedgerError(f"{path}: the disk is full: free space on {os.path.dirname(path) or '.'}; nothing "
                            "metered is lost (the counters are committed once it can write again)", full=True)
@@ -210,11 +215,13 @@ class Ledger:
         # Closed sessions whose receipts retention has not finished with: what prune looks for.
         db.execute("CREATE INDEX IF NOT EXISTS sessions_retention ON sessions(retention, closed_at) "
                    "WHERE state = 'closed' AND retention < 2")
-        with self.tx():
-            self.set_meta(db, "schema", SCHEMA)
-            for k in ("lifetime_rx", "lifetime_tx", "clamped_bytes", "resets"):
-                db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (k,))
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('ledger_id', ?)", (known or os.urandom(16).hex(),))
+        have = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('schema', 'ledger_id')").fetchall())
+        if have.get("schema") != SCHEMA or "ledger_id" not in have:  # else nothing to write: a full disk
+            with self.tx():                                          # does not stop an existing ledger
+                self.set_meta(db, "schema", SCHEMA)
+                for k in ("lifetime_rx", "lifetime_tx", "clamped_bytes", "resets"):
+                    db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (k,))
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('ledger_id', ?)", (known or os.urandom(16).hex(),))
         if not known:  # a new ledger, or one from before the marker: from now on it must be there
             from .keys import write_atomic
 

@@ -249,7 +249,29 @@ def test_a_full_disk_mid_run_loses_nothing_and_is_one_line(tmp_path, tiny_fs, ca
     assert any("writable again" in r.getMessage() for r in caplog.records)
 
 
-def test_a_full_disk_at_start_is_one_line(tmp_path, tiny_fs):
+def test_a_full_disk_at_a_restart_is_one_line_and_loses_nothing(tmp_path, tiny_fs):
+    """SQLite cannot even create the ledger's -shm file: the agent stops with one line; the
+    committed totals are intact and counted on once there is space."""
+    data = _config(tmp_path, tiny_fs.path / "state")
+    (tmp_path / "node.toml").write_text(_toml(data))
+    a = Agent(parse(data), t := SyntheticTunnel())
+    buyer = Ed25519PrivateKey.generate()
+    sid = a.open_session(receipts.pub_b64(buyer), k := keys.wg_keypair()[1])["session"]
+    t.traffic(k, 5000, 7000)
+    a.poll()
+    a.ledger.close()
+    tiny_fs.fill()
+    p = agent_cli(tmp_path, "run")
+    line = one_line(p)
+    assert p.returncode == 1 and "disk is full" in line and "nothing metered is lost" in line, line
+    tiny_fs.free()
+    t.traffic(k, 1, 1)
+    b = Agent(parse(data), t)
+    b.poll()
+    assert (b.describe(sid)["up"], b.describe(sid)["down"]) == (5001, 7001)
+
+
+def test_a_full_disk_at_first_start_is_one_line(tmp_path, tiny_fs):
     data = _config(tmp_path, tiny_fs.path / "state")
     (tmp_path / "node.toml").write_text(_toml(data))
     tiny_fs.fill()
