@@ -74,9 +74,16 @@ def _no_constant(name: str):
     raise StrictJSONError(f"{name} is not JSON (strict parsing)")
 
 
+def _finite(text: str) -> float:
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise StrictJSONError(f"{text[:40]} overflows to Infinity (strict parsing)")
+    return v
+
+
 def strict_loads(text: str | bytes):
-    """json.loads that refuses duplicated keys and NaN/Infinity (StrictJSONError, a ValueError)."""
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    """json.loads that refuses duplicated keys and NaN/Infinity, also as 1e400 (StrictJSONError, a ValueError)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite)
 
 
 def sha256_hex(data: bytes) -> str:

@@ -182,3 +182,19 @@ def test_receipts_of_a_real_session_end_final_and_truncation_is_caught(nodes, tm
     assert bad.returncode == 1 and "truncated" in json.loads(bad.stdout)["first_bad"]["reason"]
     other = verify(rfile, "--buyer-key", node_key)  # any other key than the buyer's
     assert other.returncode == 1 and "buyer key given" in json.loads(other.stdout)["first_bad"]["reason"]
+    # The API reads request bodies as strictly: a duplicated key is a 400 naming it, never a pick.
+    import secrets
+    import urllib.error
+    import urllib.request
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from idlewire_agent import keys, receipts
+
+    w1, w2 = keys.wg_keypair()[1], keys.wg_keypair()[1]
+    body = json.dumps({"wg_public_key": w1}).replace("{", f'{{"wg_public_key": "{w2}", ', 1).encode()
+    hdrs = receipts.sign_request(Ed25519PrivateKey.generate(), "POST", "/sessions", body, int(time.time()),
+                                 secrets.token_hex(16))
+    req = urllib.request.Request(node.url + "/sessions", data=body, method="POST", headers=hdrs)  # noqa: S310
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)  # noqa: S310 (loopback forwarder)
+    assert e.value.code == 400 and "duplicate key 'wg_public_key'" in json.loads(e.value.read())["error"]

@@ -123,6 +123,7 @@ def test_co_signatures_by_another_buyer_key_are_caught(agent, tmp_path, capsys):
     ('[{"v": 1, "buyer": {"up": 1, "up": 2}}]', "duplicate key 'up'"),
     ('[{"v": 1, "up": NaN}]', "NaN"),
     ('{"v": 1, "up": Infinity}\n', "Infinity"),
+    ('[{"v": 1, "up": -1e400}]', "overflows to Infinity"),
     ('{"v": 1}\n{"v": 1, "seq": 1, "seq": 2}\n', "duplicate key 'seq'"),  # JSON lines
 ])
 def test_strict_json_refuses_what_parsers_read_differently(text, words, tmp_path, capsys):
