@@ -79,6 +79,9 @@ class Agent:
         self.ledger = Ledger(os.path.join(cfg.state_dir, "ledger.sqlite"))
         self.lock = self.ledger.lock
         self.wg_lock = threading.RLock()
+        from . import run
+
+        run.forbid_under(self.lock)
         self._shape_q: queue.SimpleQueue | None = None
         self.node_key = keys.ed25519_private(cfg.key_file)
         self.node_pub = keys.ed25519_public_b64(self.node_key)

@@ -27,6 +27,22 @@ class CommandError(Exception):
     """An external command failed, was not found or did not answer; str() is one line."""
 
 
+# Locks no command may run under (the agent registers its ledger lock): a command started while one
+# is held is logged as an error (a bug: a wedged command would stall everything behind that lock).
+_forbidden: list = []
+
+
+def forbid_under(lock) -> None:
+    """Report every command started while `lock` (a threading.RLock) is held by the caller."""
+    _forbidden.append(lock)
+
+
+def _check_locks(argv: Sequence[str]) -> None:
+    if any(lk._is_owned() for lk in _forbidden):
+        log.error("%s runs while the ledger lock is held (a bug: a wedged command would stall the API and "
+                  "the metering)", _name(argv))
+
+
 def _name(argv: Sequence[str], words: int = 8) -> str:
     """The command as the error shows it: its first words (never a key given on stdin)."""
     return " ".join(argv[:words])
@@ -61,6 +77,7 @@ def run(argv: Sequence[str], *, input: str | None = None, timeout: float | None 
     `capture=False` sends its output to /dev/null (a daemon that forks, like wireguard-go).
     """
     argv = [str(a) for a in argv]
+    _check_locks(argv)
     limit = TIMEOUT if timeout is None else timeout
     out = subprocess.PIPE if capture else subprocess.DEVNULL
     t0 = time.monotonic()
@@ -93,6 +110,7 @@ def lines(argv: Sequence[str], *, timeout: float | None = None,
     the iterator to the end (or close it), or the command is left running until the timeout.
     """
     argv = [str(a) for a in argv]
+    _check_locks(argv)
     limit = TIMEOUT if timeout is None else timeout
     try:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -79,6 +79,7 @@ def test_a_wedged_tc_stalls_neither_the_api_nor_the_metering(nodes, tmp_path):
         log = node.log.read_text()
         assert "Traceback" not in log
         node.stop_client(client)
+        assert "ledger lock is held" not in node.log.read_text()  # run.py reports any command under it
         (s,) = node.get("/sessions", admin=True)
         assert s["state"] == "closed"
     finally:
@@ -119,6 +120,7 @@ def test_a_full_disk_mid_session_loses_no_byte(nodes, tmp_path, tiny_fs):
     assert abs(err) <= 0.01 and abs(err_down) <= 0.01
     log = node.log.read_text()
     assert log.count("the disk is full") == 1 and "Traceback" not in log, log[-3000:]
+    assert "ledger lock is held" not in log
     node.stop_client(client)
     assert node.integrity() == "ok"
 

@@ -105,6 +105,10 @@ def _swapped(p: Path):  # another (valid, empty) ledger in its place
     marker.write_text(ours)
 
 
+def _wal_directory(p: Path):
+    Path(str(p) + "-wal").mkdir()
+
+
 def _newer(p: Path):
     db = sqlite3.connect(p)
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA + 1,))
@@ -114,7 +118,8 @@ def _newer(p: Path):
 
 @pytest.mark.parametrize("damage, words", [
     (_truncate, "empty (0 bytes), but"), (_delete, "missing, but"), (_garbage, "damaged"), (_page, "damaged"),
-    (_directory, "is a directory"), (_swapped, "is another ledger"), (_newer, "newer agent"),
+    (_directory, "is a directory"), (_wal_directory, "-wal: is a directory"), (_swapped, "is another ledger"),
+    (_newer, "newer agent"),
 ])
 def test_a_damaged_ledger_stops_the_agent_with_one_line(tmp_path, damage, words):
     path = made_ledger(tmp_path)
@@ -125,7 +130,7 @@ def test_a_damaged_ledger_stops_the_agent_with_one_line(tmp_path, damage, words)
     p = agent_cli(tmp_path, "run")
     line = one_line(p)
     assert p.returncode == 1 and str(path) in line and words in line, line
-    if damage not in (_newer, _directory):
+    if damage not in (_newer, _directory, _wal_directory):
         assert "idlewire-agent ledger reset" in line and "backup" in line
     # Nothing was written over it: the same bytes are still there for a restore or a post-mortem.
     if damage in (_garbage, _page):
@@ -296,6 +301,15 @@ def test_run_names_the_command_and_what_to_do(tmp_path):
     assert list(run.lines(["printf", "a\\nb\\n"])) == ["a\n", "b\n"]
     with pytest.raises(run.CommandError, match="exit status 1"):
         list(run.lines(["false"]))
+
+
+def test_a_command_under_the_ledger_lock_is_reported(tmp_path, caplog):
+    a = Agent(parse(_config(tmp_path)), SyntheticTunnel())
+    run.run(["true"])
+    assert "ledger lock is held" not in caplog.text
+    with a.lock:
+        run.run(["true"])
+    assert "true runs while the ledger lock is held" in caplog.text
 
 
 def test_every_agent_command_goes_through_run():
