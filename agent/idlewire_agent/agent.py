@@ -407,13 +407,16 @@ class Agent:
             except LedgerError as exc:  # keep the peer (and its counters) until the ledger can take them
                 raise SessionError(503, f"session {sid} not closed: {exc}") from None
             self._try(self.tunnel.remove_peer, s["wg_key"])
-            with self.lock:
-                s = self.ledger.session(sid)
-                with self.ledger.tx() as db:
-                    db.execute("UPDATE sessions SET state = 'closed', reason = ?, closed_at = ? WHERE id = ?",
-                               (reason, self.clock(), sid))
-                    db.execute("DELETE FROM peers WHERE wg_key = ?", (s["wg_key"],))
-                    self._issue(db, {**s, "state": "closed", "reason": reason}, None)
+            try:
+                with self.lock:
+                    s = self.ledger.session(sid)
+                    with self.ledger.tx() as db:
+                        db.execute("UPDATE sessions SET state = 'closed', reason = ?, closed_at = ? WHERE id = ?",
+                                   (reason, self.clock(), sid))
+                        db.execute("DELETE FROM peers WHERE wg_key = ?", (s["wg_key"],))
+                        self._issue(db, {**s, "state": "closed", "reason": reason}, None)
+            except LedgerError as exc:  # still open in the ledger: the next poll adds the peer back
+                raise SessionError(503, f"session {sid} not closed: {exc}") from None
         self._shape("remove_session", sid)
         log.info("session %s closed (%s): up %d, down %d bytes", sid, reason, s["rx"], s["tx"])
         return self.describe(sid)
