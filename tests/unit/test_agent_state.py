@@ -245,6 +245,9 @@ def test_a_full_disk_mid_run_loses_nothing_and_is_one_line(tmp_path, tiny_fs, ca
         a.open_session(receipts.pub_b64(buyer), keys.wg_keypair()[1])
     assert getattr(e.value, "status", None) == 503 and "disk is full" in str(e.value)
     assert a.describe(sid)["state"] == "open" and a.describe(sid)["up"] == 1000
+    with pytest.raises(Exception) as e:  # a close needs the ledger: refused, the peer (and its bytes) kept
+        a.close_session(sid, "buyer")
+    assert getattr(e.value, "status", None) == 503 and k in a.tunnel.peers
     tiny_fs.free()
     a.clock = time.time
     a.poll()
