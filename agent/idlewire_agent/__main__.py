@@ -124,8 +124,10 @@ def run_agent(path: str) -> int:
     try:
         hold = state_lock(cfg.state_dir)
     except OSError as exc:
-        err = explain(exc, cfg.state_dir)
-        print(f"idlewire-agent: cannot start: {err if err.full else exc}", file=sys.stderr)
+        where = exc.filename or cfg.state_dir
+        err = explain(exc, where)
+        print(f"idlewire-agent: cannot start: {err if err.full else f'{where}: {exc.strerror}'}; [node] state_dir "
+              "must be a directory the agent can write", file=sys.stderr)
         return 1
     if hold is None:
         print(f"idlewire-agent: cannot start: another agent runs on {cfg.state_dir} (it holds "

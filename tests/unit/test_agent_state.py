@@ -109,6 +109,19 @@ def _wal_directory(p: Path):
     Path(str(p) + "-wal").mkdir()
 
 
+def _marker_directory(p: Path):
+    marker = p.with_name("ledger.id")
+    marker.unlink()
+    marker.mkdir()
+
+
+def _state_file(p: Path):  # the state directory itself replaced by a file
+    for f in p.parent.iterdir():
+        f.unlink()
+    p.parent.rmdir()
+    p.parent.write_text("not a directory")
+
+
 def _newer(p: Path):
     db = sqlite3.connect(p)
     db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (SCHEMA + 1,))
@@ -119,18 +132,21 @@ def _newer(p: Path):
 @pytest.mark.parametrize("damage, words", [
     (_truncate, "empty (0 bytes), but"), (_delete, "missing, but"), (_garbage, "damaged"), (_page, "damaged"),
     (_directory, "is a directory"), (_wal_directory, "-wal: is a directory"), (_swapped, "is another ledger"),
-    (_newer, "newer agent"),
+    (_newer, "newer agent"), (_marker_directory, "cannot read the ledger marker"),
+    (_state_file, "must be a directory"),
 ])
 def test_a_damaged_ledger_stops_the_agent_with_one_line(tmp_path, damage, words):
     path = made_ledger(tmp_path)
     before = path.read_bytes() if damage is not _directory else b""
     damage(path)
-    with pytest.raises(LedgerError, match=re.escape(words)):
-        Ledger(str(path))
+    if damage is not _state_file:
+        with pytest.raises(LedgerError, match=re.escape(words)):
+            Ledger(str(path))
     p = agent_cli(tmp_path, "run")
     line = one_line(p)
-    assert p.returncode == 1 and str(path) in line and words in line, line
-    if damage not in (_newer, _directory, _wal_directory):
+    named = {_state_file: path.parent, _marker_directory: path.with_name("ledger.id")}.get(damage, path)
+    assert p.returncode == 1 and str(named) in line and words in line, line
+    if damage not in (_newer, _directory, _wal_directory, _marker_directory, _state_file):
         assert "idlewire-agent ledger reset" in line and "backup" in line
     # Nothing was written over it: the same bytes are still there for a restore or a post-mortem.
     if damage in (_garbage, _page):
