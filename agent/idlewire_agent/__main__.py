@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -59,10 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--unit", metavar="UNIT_TOML", help="check this unit file instead of the one node.toml "
                        "names (it must exist)")
     shaping.add_cli(sub)
+    led = sub.add_parser("ledger", help="the metering ledger's state",
+                         description="The metering ledger (STATE_DIR/ledger.sqlite) is checked at every start; "
+                         "when it is damaged the agent stops and names it. Restore it from a backup, or reset it.")
+    lsub = led.add_subparsers(dest="ledger_command", required=True)
+    reset = lsub.add_parser("reset", help="move the ledger aside (never deleted) so the next start begins an "
+                            "empty one", description="Move ledger.sqlite, its -wal/-shm files and its marker "
+                            "(ledger.id) aside as *.damaged-UTCTIME in the state directory; nothing is deleted. The "
+                            "next start creates an empty ledger: totals, receipts and open sessions start over "
+                            "(keep the moved files: they are the old history). Refused while the agent runs.",
+                            epilog="Example: systemctl stop idlewire-agent; idlewire-agent ledger reset; "
+                            "systemctl start idlewire-agent")
+    reset.add_argument("--config", default=DEFAULT_CONFIG, help=f"node.toml (default {DEFAULT_CONFIG})")
     args = parser.parse_args(argv)
 
     if args.command == "shaping":
         return shaping.cli_main(args)
+    if args.command == "ledger":
+        return ledger_reset(args.config)
 
     if args.command == "check-config":
         try:
@@ -83,11 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def run_agent(path: str) -> int:
+def _load(path: str):
+    """node.toml, or None after printing its errors."""
     try:
-        cfg = load(path)
+        return load(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def run_agent(path: str) -> int:
+    cfg = _load(path)
+    if cfg is None:
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
     # The agent speaks plain HTTP on the LAN and never TLS: keep http.client from loading the ssl
@@ -96,12 +118,35 @@ def run_agent(path: str) -> int:
         sys.modules["ssl"] = None  # type: ignore[assignment]
     from . import api
     from .agent import Agent
+    from .ledger import LedgerError, explain
     from .wg import WgError
 
     try:
+        hold = state_lock(cfg.state_dir)
+    except OSError as exc:
+        where = exc.filename or cfg.state_dir
+        err = explain(exc, where)
+        print(f"idlewire-agent: cannot start: {err if err.full else f'{where}: {exc.strerror}'}; [node] state_dir "
+              "must be a directory the agent can write", file=sys.stderr)
+        return 1
+    if hold is None:
+        print(f"idlewire-agent: cannot start: another agent runs on {cfg.state_dir} (it holds "
+              f"{os.path.join(cfg.state_dir, LOCK_FILE)}); stop it first", file=sys.stderr)
+        return 1
+    try:
         agent = Agent(cfg)
-        agent.sync_interface()
+        try:
+            agent.sync_interface()
+        except LedgerError as exc:  # a full disk: run on, the polls retry (ledger.py); else stop
+            if not exc.full:
+                raise
+            logging.getLogger("idlewire.agent").error("%s; metering retries every poll", exc)
+    except LedgerError as exc:
+        print(f"idlewire-agent: cannot start: {exc}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, WgError) as exc:
+        if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC: the file it names, in one line
+            exc = explain(exc, exc.filename or cfg.state_dir)
         print(f"idlewire-agent: cannot start: {exc}", file=sys.stderr)
         return 1
     exposed = wan_addresses(cfg)
@@ -146,17 +191,82 @@ def run_agent(path: str) -> int:
     for s in servers:
         s.shutdown()
     agent.ledger.close()
+    hold.close()
+    return 0
+
+
+LOCK_FILE = "agent.lock"
+
+
+def state_lock(state_dir: str):
+    """An exclusive lock on STATE_DIR/agent.lock for the agent's life (an open file), or None when
+    another process holds it: one agent per ledger, and no `ledger reset` under a running one."""
+    import fcntl
+
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    f = open(os.path.join(state_dir, LOCK_FILE), "a")  # noqa: SIM115 (held open for the agent's life)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def ledger_reset(config: str) -> int:
+    """`idlewire-agent ledger reset`: move the ledger's files aside (never delete them)."""
+    import time
+
+    from .ledger import marker_path
+
+    cfg = _load(config)
+    if cfg is None:
+        return 2
+    path = os.path.join(cfg.state_dir, "ledger.sqlite")
+    try:
+        hold = state_lock(cfg.state_dir)
+    except OSError as exc:
+        print(f"idlewire-agent: {cfg.state_dir}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if hold is None:
+        print(f"idlewire-agent: the agent is running on {cfg.state_dir}: stop it first "
+              "(systemctl stop idlewire-agent, or /etc/init.d/idlewire-agent stop)", file=sys.stderr)
+        return 1
+    try:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        moved = []
+        for p in (path, path + "-wal", path + "-shm", marker_path(path)):
+            if os.path.lexists(p):
+                dest = f"{p}.damaged-{stamp}"
+                os.rename(p, dest)
+                moved.append(dest)
+    except OSError as exc:
+        print(f"idlewire-agent: cannot move {exc.filename} aside: {exc.strerror}", file=sys.stderr)
+        return 1
+    finally:
+        hold.close()
+    if not moved:
+        print(f"{path}: no ledger there; the next start creates an empty one")
+        return 0
+    for dest in moved:
+        print(f"moved aside: {dest}")
+    print(f"{path}: the next start creates an empty ledger (the moved files are the old history: keep them)")
     return 0
 
 
 def wan_addresses(cfg) -> set[str]:
     """Addresses on the WAN and tunnel interfaces (`ip -j addr`), where the API must never listen."""
     import json
-    import subprocess
+
+    from . import run
 
     out: set[str] = set()
     for dev in (cfg.interfaces.wan, cfg.tunnel.interface):
-        p = subprocess.run(["ip", "-j", "addr", "show", "dev", dev], capture_output=True, text=True, check=False)
+        try:
+            p = run.run(["ip", "-j", "addr", "show", "dev", dev], check=False)
+        except run.CommandError as exc:
+            logging.getLogger("idlewire.agent").warning("api.listen check: %s", exc)
+            continue
         try:
             for link in json.loads(p.stdout or "[]"):
                 out.update(a.get("local", "") for a in link.get("addr_info", []))

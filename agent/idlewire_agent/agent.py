@@ -1,7 +1,14 @@
 """The agent's core: tunnel sessions, the metering poll, receipts and the cut-off rules.
 
-Everything that changes state holds the ledger's lock, so the poll, API calls and the session
-rules never interleave half-way.
+Locks, always taken in this order and never the other way round:
+- `wg_lock` serialises what touches the WireGuard interface (a poll's read and the record of what it
+  read, a session's peer being added or removed), so a counter is never read by one and recorded
+  by another out of order;
+- `lock` (the ledger's) guards the ledger and the in-memory state only: no external command ever
+  runs while it is held, so a wedged `wg` or `tc` never stalls the API (health, metrics, co-signing)
+  or the metering's bookkeeping.
+Shaping changes (tc) are handed to one worker thread in order, outside both locks: a wedged `tc`
+delays the shaping of a session, never a poll.
 """
 
 from __future__ import annotations
@@ -10,12 +17,13 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import threading
 import time
 
 from . import keys, receipts
 from .config import NodeConfig
-from .ledger import Delta, Ledger
+from .ledger import Delta, Ledger, LedgerError
 from .record import Record, field
 from .wg import Peer, Tunnel, WgError
 
@@ -70,6 +78,11 @@ class Agent:
         os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
         self.ledger = Ledger(os.path.join(cfg.state_dir, "ledger.sqlite"))
         self.lock = self.ledger.lock
+        self.wg_lock = threading.RLock()
+        from . import run
+
+        run.forbid_under(self.lock)
+        self._shape_q: queue.SimpleQueue | None = None
         self.node_key = keys.ed25519_private(cfg.key_file)
         self.node_pub = keys.ed25519_public_b64(self.node_key)
         self.admin_token = keys.admin_token(cfg.api.admin_token_file)
@@ -126,11 +139,28 @@ class Agent:
             return
         self.shaper = shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions)
         self.shaper.setup()
+        self._shape_q = queue.SimpleQueue()
+        threading.Thread(target=self._shape_worker, args=(shaping.TcError,), daemon=True, name="shaping").start()
         with self.lock:
             rows = self.ledger.db.execute("SELECT id, address FROM sessions WHERE state = 'open'").fetchall()
         self.shaper.sync_sessions({sid: [addr.split("/")[0]] for sid, addr in rows})
         sched = schedule.Scheduler(pol.schedule, (sh.cap_up, sh.cap_down), self.shaper.set_caps)
         threading.Thread(target=sched.run, args=(stop,), daemon=True, name="schedule").start()
+
+    def _shape(self, method: str, *args) -> None:
+        """Hand a shaping change to the worker (in order); never waits for tc."""
+        if self.shaper is not None and self._shape_q is not None:
+            self._shape_q.put((method, args))
+
+    def _shape_worker(self, tc_error: type[Exception]) -> None:
+        while True:
+            method, args = self._shape_q.get()
+            try:
+                getattr(self.shaper, method)(*args)
+            except tc_error as exc:  # the tree is re-asserted whole by the next change
+                log.warning("shaping %s %s: %s", method, args[0] if args else "", exc)
+            except Exception:
+                log.exception("shaping %s failed", method)
 
     def close_all(self, reason: str) -> None:
         """Close every open session gracefully (final receipts), e.g. when the quota is reached."""
@@ -141,7 +171,8 @@ class Agent:
         log.warning("%s: closed %d session(s)", reason, len(sids))
 
     def _admit(self, open_count: int, buyer_key: str, buyer_open: int) -> None:
-        """Refuse a session the node's limits, the buyer's record or missing isolation do not allow."""
+        """Refuse a session the node's limits, the buyer's record or missing isolation do not allow.
+        Ledger lock held: no external command here (isolation is the poll's last check)."""
         ses = self.cfg.sessions
         if buyer_open >= ses.max_per_buyer:
             raise SessionError(429, f"this buyer key has its maximum of {ses.max_per_buyer} sessions open")
@@ -174,8 +205,9 @@ class Agent:
         return 0.0 if last is None else max(0.0, last + wait - now)
 
     def _isolation(self) -> bool:
-        """Isolation check of a poll (lock held): when lost, every buyer peer goes (counted first by
-        the poll) and stays away until the table is back. True when buyers may pass."""
+        """Isolation check of a poll (wg_lock held, not the ledger lock: it runs nft): when lost, every
+        buyer peer goes (counted first by the poll) and stays away until the table is back. True when
+        buyers may pass."""
         if self.guard is None:
             return True
         ok, _ = self.guard.check()
@@ -225,7 +257,7 @@ class Agent:
     def poll(self) -> list[Delta]:
         """One metering cycle: read counters, add deltas, commit once. Then apply session rules."""
         cpu0, ch0 = time.thread_time(), os.times()
-        with self.lock:
+        with self.wg_lock:
             try:
                 self.sync_interface()
                 dump = self.tunnel.dump()
@@ -233,13 +265,28 @@ class Agent:
                 self.stats.poll_errors += 1
                 log.warning("poll: %s", exc)
                 return []
+            except LedgerError as exc:
+                return self._ledger_failed(exc)
             isolated = self._isolation()
-            deltas = self._record(dump, self._open_peers(), readd=isolated)
-            if not isolated:
+            try:
+                with self.lock:
+                    deltas, missing, stale = self._record(dump, self._open_peers())
+            except LedgerError as exc:
+                return self._ledger_failed(exc)
+            if self._ledger_down:
+                log.warning("ledger: writable again, the counters are committed (%s)", self.ledger.path)
+                self._ledger_down = False
+            if not isolated:  # counted above; every buyer peer goes until the table is back
                 self._cut_off_peers(dump)
-            if self.quota is not None and deltas:
-                self.quota.add_usage(sum(d.rx for d in deltas), sum(d.tx for d in deltas))
-            self.enforce()
+            else:
+                for key, session in missing:
+                    self._readd(key, session)
+                for key in stale:
+                    log.info("removing stale peer %s (no open session)", key)
+                    self._try(self.tunnel.remove_peer, key)
+        if self.quota is not None and deltas:  # its own lock; may close every session (quota reached)
+            self.quota.add_usage(sum(d.rx for d in deltas), sum(d.tx for d in deltas))
+        self.enforce()
         ch1 = os.times()
         cpu = time.thread_time() - cpu0 + (ch1.children_user - ch0.children_user) + \
             (ch1.children_system - ch0.children_system)
@@ -248,7 +295,20 @@ class Agent:
         self.stats.last_poll_cpu = cpu
         return deltas
 
-    def _record(self, dump: dict[str, Peer], rows, only: str | None = None, readd: bool = True) -> list[Delta]:
+    _ledger_down = False
+
+    def _ledger_failed(self, exc: LedgerError) -> list[Delta]:
+        """A poll could not commit (full disk, damage): nothing was counted, the WireGuard counters
+        keep the bytes and the next poll that commits counts them. One line per episode."""
+        self.stats.poll_errors += 1
+        if not self._ledger_down:
+            log.error("poll: %s; retrying every poll", exc)
+            self._ledger_down = True
+        return []
+
+    def _record(self, dump: dict[str, Peer], rows, only: str | None = None):
+        """(deltas, missing peers, stale peers) of one dump; the deltas are committed. Ledger lock held:
+        the caller re-adds the missing and removes the stale peers after releasing it."""
         now = self.clock()
         mono = time.monotonic()
         if self._last_poll_mono is None:
@@ -258,8 +318,6 @@ class Agent:
             elapsed = mono - self._last_poll_mono
         # Never clamp below one poll interval's worth (scheduling jitter is not traffic).
         limit = self.cfg.metering.line_rate_bytes * max(elapsed, self.cfg.metering.poll_interval)
-        if only is None:
-            self._last_poll_mono = mono
         deltas: list[Delta] = []
         missing: list[tuple[str, str]] = []
         seen: set[str] = set()
@@ -282,23 +340,24 @@ class Agent:
             resets += r1 or r2
             clamped_total += c1 + c2
             deltas.append(Delta(key, session, peer.rx, peer.tx, rx, tx))
-        if only is None:
-            for key, session in missing if readd else ():
-                self._readd(key, session)
-            for key in dump.keys() - seen:
-                log.info("removing stale peer %s (no open session)", key)
-                self._try(self.tunnel.remove_peer, key)
         if deltas or only is None:
             self.ledger.record(deltas, now, {"resets": resets, "clamped_bytes": clamped_total})
+        if only is None:  # committed: the clamp's clock moves on (not while the disk is full)
+            self._last_poll_mono = mono
         self.stats.resets += resets
-        return deltas
+        stale = [] if only is not None else list(dump.keys() - seen)
+        return deltas, (missing if only is None else []), stale
 
     def _readd(self, key: str, session: str) -> None:
-        """An open session's peer is missing from the interface: add it back, counting from zero."""
+        """An open session's peer is missing from the interface: add it back, counting from zero.
+        (wg_lock held, ledger lock not.)"""
         log.info("session %s: peer missing from %s, adding it back", session, self.tunnel.ifname)
-        row = self.ledger.db.execute("SELECT address FROM sessions WHERE id = ?", (session,)).fetchone()
-        if row and self._try(self.tunnel.add_peer, key, row[0]):
-            self.ledger.reset_baselines([key])
+        s = self.ledger.session(session)
+        if s and s["state"] == "open" and self._try(self.tunnel.add_peer, key, s["address"]):
+            try:
+                self.ledger.reset_baselines([key])
+            except LedgerError as exc:
+                log.warning("session %s: %s", session, exc)
 
     @staticmethod
     def _try(fn, *args) -> bool:
@@ -313,22 +372,31 @@ class Agent:
     def open_session(self, buyer_key: str, wg_key: str) -> dict:
         if not keys.is_wg_key(wg_key):
             raise SessionError(400, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
-        with self.lock:
-            open_ = self.ledger.db.execute("SELECT wg_key, address, buyer_key FROM sessions WHERE state = 'open'"
-                                           ).fetchall()
-            if any(row[0] == wg_key for row in open_):
-                raise SessionError(409, "wg_public_key: a session with this key is already open")
-            if len(open_) >= self.cfg.sessions.max:
-                raise SessionError(503, f"the node has its maximum of {self.cfg.sessions.max} sessions open")
-            self._admit(len(open_), buyer_key, sum(1 for row in open_ if row[2] == buyer_key))
-            used = {ipaddress.ip_interface(row[1]).ip for row in open_} | {self.node_addr}
-            del open_
-            addr = self._pick_address(used)
-            if addr is None:
-                raise SessionError(503, "the address pool is exhausted")
-            sid = os.urandom(8).hex()
-            now = self.clock()
-            address = f"{addr}/{addr.max_prefixlen}"
+        with self.wg_lock:
+            with self.lock:  # reserve the address and the session in the ledger; no command under this lock
+                open_ = self.ledger.db.execute("SELECT wg_key, address, buyer_key FROM sessions WHERE state = 'open'"
+                                               ).fetchall()
+                if any(row[0] == wg_key for row in open_):
+                    raise SessionError(409, "wg_public_key: a session with this key is already open")
+                if len(open_) >= self.cfg.sessions.max:
+                    raise SessionError(503, f"the node has its maximum of {self.cfg.sessions.max} sessions open")
+                self._admit(len(open_), buyer_key, sum(1 for row in open_ if row[2] == buyer_key))
+                used = {ipaddress.ip_interface(row[1]).ip for row in open_} | {self.node_addr}
+                del open_
+                addr = self._pick_address(used)
+                if addr is None:
+                    raise SessionError(503, "the address pool is exhausted")
+                sid = os.urandom(8).hex()
+                now = self.clock()
+                address = f"{addr}/{addr.max_prefixlen}"
+                try:
+                    with self.ledger.tx() as db:
+                        db.execute("INSERT INTO sessions (id, buyer_key, wg_key, address, state, created, expires, "
+                                   "last_active) VALUES (?, ?, ?, ?, 'open', ?, ?, ?)",
+                                   (sid, buyer_key, wg_key, address, now, now + self.cfg.sessions.expiry, now))
+                        db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, 0, 0)", (wg_key, sid))
+                except LedgerError as exc:
+                    raise SessionError(503, f"the node cannot record a session now: {exc}") from None
             # Nothing of an earlier holder of the address reaches this buyer: its flows go (again).
             self._forget_flows(address)
             # A fresh peer has zero counters: remove any stale one first, then add.
@@ -336,15 +404,12 @@ class Agent:
             try:
                 self.tunnel.add_peer(wg_key, address)
             except WgError as exc:
+                with self.ledger.tx() as db:  # nothing happened: the reservation goes
+                    db.execute("DELETE FROM peers WHERE wg_key = ? AND session = ?", (wg_key, sid))
+                    db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
                 raise SessionError(503, f"cannot add the WireGuard peer: {exc}") from None
-            with self.ledger.tx() as db:
-                db.execute("INSERT INTO sessions (id, buyer_key, wg_key, address, state, created, expires, "
-                           "last_active) VALUES (?, ?, ?, ?, 'open', ?, ?, ?)",
-                           (sid, buyer_key, wg_key, address, now, now + self.cfg.sessions.expiry, now))
-                db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, 0, 0)", (wg_key, sid))
-            if self.shaper is not None:
-                self.shaper.add_session(sid, [str(addr)])
-            log.info("session %s opened: %s for %s", sid, address, wg_key)
+        self._shape("add_session", sid, [str(addr)])
+        log.info("session %s opened: %s for %s", sid, address, wg_key)
         return self.describe(sid)
 
     def _pick_address(self, used: set):
@@ -390,32 +455,45 @@ class Agent:
         }
 
     def close_session(self, sid: str, reason: str) -> dict:
-        with self.lock:
+        """Count what the peer carried since the last poll, remove it, then close the session in the
+        ledger with the node's final receipt. Commands run under wg_lock, never the ledger lock."""
+        with self.wg_lock:
             s = self.ledger.session(sid)
             if s is None:
                 raise SessionError(404, f"no session {sid}")
             if s["state"] != "open":
                 return self.describe(sid)
-            # Count what the peer carried since the last poll before it disappears.
             try:
-                self._record(self.tunnel.dump(), self._open_peers(s["wg_key"]), only=s["wg_key"])
+                dump = self.tunnel.dump()
             except WgError as exc:
                 log.warning("close %s: final read failed: %s", sid, exc)
+                dump = None
+            try:
+                with self.lock:
+                    if dump is not None:
+                        self._record(dump, self._open_peers(s["wg_key"]), only=s["wg_key"])
+            except LedgerError as exc:  # keep the peer (and its counters) until the ledger can take them
+                raise SessionError(503, f"session {sid} not closed: {exc}") from None
             self._try(self.tunnel.remove_peer, s["wg_key"])
             self._forget_flows(s["address"])
-            if self.shaper is not None:
-                self.shaper.remove_session(sid)
-            s = self.ledger.session(sid)
-            with self.ledger.tx() as db:
-                db.execute("UPDATE sessions SET state = 'closed', reason = ?, closed_at = ? WHERE id = ?",
-                           (reason, self.clock(), sid))
-                db.execute("DELETE FROM peers WHERE wg_key = ?", (s["wg_key"],))
-                self._issue(db, s, None)
-            log.info("session %s closed (%s): up %d, down %d bytes", sid, reason, s["rx"], s["tx"])
+            try:
+                with self.lock:
+                    s = self.ledger.session(sid)
+                    with self.ledger.tx() as db:
+                        db.execute("UPDATE sessions SET state = 'closed', reason = ?, closed_at = ? WHERE id = ?",
+                                   (reason, self.clock(), sid))
+                        db.execute("DELETE FROM peers WHERE wg_key = ?", (s["wg_key"],))
+                        self._issue(db, {**s, "state": "closed", "reason": reason}, None)
+            except LedgerError as exc:  # still open in the ledger: the next poll adds the peer back
+                raise SessionError(503, f"session {sid} not closed: {exc}") from None
+        self._shape("remove_session", sid)
+        log.info("session %s closed (%s): up %d, down %d bytes", sid, reason, s["rx"], s["tx"])
         return self.describe(sid)
 
     def enforce(self) -> None:
         """Close sessions past expiry, idle too long, or with too much unpaid usage."""
+        if self.ledger.full:  # closing needs the ledger: a session is not cut off for the node's full disk
+            return
         now = self.clock()
         cap = self.cfg.metering.unpaid_cap_bytes
         idle = self.cfg.sessions.idle_timeout
@@ -430,7 +508,10 @@ class Agent:
                 "SELECT id, 'no_handshake' FROM sessions WHERE state = 'open' AND rx = 0 AND created <= ?",
                 (now - self.cfg.sessions.handshake_timeout,)).fetchall() + due
         for sid, reason in dict(due).items():  # the reasons above win over no_handshake
-            self.close_session(sid, reason)
+            try:
+                self.close_session(sid, reason)
+            except SessionError as exc:  # e.g. the disk filled up between the check and the close
+                log.warning("closing %s (%s): %s", sid, reason, exc)
 
     # --- receipts -------------------------------------------------------------------------
     def _issue(self, db, s: dict, buyer: dict | None) -> dict:
@@ -440,7 +521,10 @@ class Agent:
         if row:
             last = json.loads(row[1])
             seq, prev = row[0] + 1, last["hash"] if receipts.is_checkpoint(last) else receipts.receipt_hash(last)
-        r = receipts.make_receipt(self.node_key, s["id"], seq, s["rx"], s["tx"], int(self.clock()), prev, buyer)
+        # Every receipt binds the buyer key the session was opened with; those issued at and after
+        # the close carry the reason as "final": a closed session's chain ends with one.
+        r = receipts.make_receipt(self.node_key, s["id"], seq, s["rx"], s["tx"], int(self.clock()), prev, buyer,
+                                  buyer_key=s["buyer_key"], final=s["reason"] if s["state"] == "closed" else None)
         db.execute("INSERT INTO receipts VALUES (?, ?, ?)", (s["id"], seq, json.dumps(r, sort_keys=True)))
         if s["state"] == "closed":  # co-signed after the close: retention trims the chain again
             db.execute("UPDATE sessions SET retention = 0 WHERE id = ?", (s["id"],))

@@ -44,6 +44,7 @@ from urllib.parse import parse_qs
 
 from . import __version__, receipts
 from .agent import Agent, SessionError
+from .ledger import LedgerError
 
 log = logging.getLogger("idlewire.api")
 
@@ -222,7 +223,9 @@ class Exchange:
     @staticmethod
     def _json(body: bytes, fields: dict[str, type]) -> dict:
         try:
-            data = json.loads(body.decode("utf-8"))
+            data = receipts.strict_loads(body.decode("utf-8"))  # no duplicated keys, NaN or Infinity
+        except receipts.StrictJSONError as exc:
+            raise ApiError(400, f"body: {exc}") from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise ApiError(400, "body: expected a JSON object") from None
         if not isinstance(data, dict):
@@ -294,7 +297,7 @@ class Exchange:
         """Answer the request: a 4xx for the client's mistakes, a 500 (one log line) for ours."""
         try:
             self._route(self.command, self.body)
-        except (ApiError, SessionError) as exc:
+        except (ApiError, SessionError, LedgerError) as exc:  # LedgerError: a full disk, 503 and one line
             self._send(exc.status, {"error": str(exc)})
         except OSError:
             raise  # the client's connection: the caller closes it

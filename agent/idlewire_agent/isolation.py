@@ -23,23 +23,24 @@ import json
 import logging
 import socket
 import struct
-import subprocess
 import time
+
+from . import run
 
 log = logging.getLogger("idlewire.isolation")
 
-TIMEOUT = 10.0
 # What the role's table must keep dropping for the tunnel (a subset of firewall_blocked_networks_v4).
 CORE_BLOCKED = tuple(ipaddress.ip_network(n) for n in (
     "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16"))
 LEARN_EVERY = 30.0  # seconds between two looks at the default routes
 
 
-def _nft(*args: str, input: str | None = None) -> subprocess.CompletedProcess | None:
+def _nft(*args: str, input: str | None = None):
+    """`nft ARGS` through run.run (timeout, one line); None when it could not run or answer."""
     try:
-        return subprocess.run(["nft", *args], capture_output=True, text=True, input=input, check=False,
-                              timeout=TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
+        return run.run(["nft", *args], input=input, check=False)
+    except run.CommandError as exc:
+        log.warning("isolation: %s", exc)
         return None
 
 
@@ -58,9 +59,9 @@ def table_loaded(table: str, netns: str | None = None) -> bool:
     """True when ``table inet <table>`` is loaded with its forward chain (nft -j list table)."""
     prefix = ["ip", "netns", "exec", netns] if netns else []
     try:
-        p = subprocess.run([*prefix, "nft", "-j", "list", "table", "inet", table], capture_output=True,
-                           text=True, check=False, timeout=TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired):
+        p = run.run([*prefix, "nft", "-j", "list", "table", "inet", table], check=False)
+    except run.CommandError as exc:
+        log.warning("isolation check: %s", exc)
         return False
     if p.returncode != 0:
         return False
@@ -180,10 +181,9 @@ def default_gateways() -> set[str]:
     out: set[str] = set()
     for fam in ("-4", "-6"):
         try:
-            p = subprocess.run(["ip", "-j", fam, "route", "show", "default"], capture_output=True, text=True,
-                               check=False, timeout=TIMEOUT)
+            p = run.run(["ip", "-j", fam, "route", "show", "default"], check=False)
             routes = json.loads(p.stdout or "[]") if p.returncode == 0 else []
-        except (OSError, subprocess.TimeoutExpired, ValueError):
+        except (run.CommandError, ValueError):
             continue
         for r in routes:
             gw = r.get("gateway") if isinstance(r, dict) else None
@@ -349,7 +349,7 @@ def forget_flows(address: str) -> int:
         log.warning("conntrack: cannot open netlink (%s): flows of %s are left to time out", exc, address)
         return 0
     with s:
-        s.settimeout(TIMEOUT)
+        s.settimeout(run.TIMEOUT)
         s.bind((0, 0))
         s.send(struct.pack("=IHHII", 20, _CT_GET, _F_REQUEST | _F_DUMP, 1, 0) + struct.pack("=BBH", family, 0, 0))
         doomed: list[bytes] = []

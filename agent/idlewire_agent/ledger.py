@@ -9,11 +9,24 @@ even that is picked up at the next poll, as long as the interface's counters sur
 Tables: sessions (one row per buyer session, with its totals), peers (raw counter baselines),
 daily (totals per UTC day), meta (lifetime totals, interface index, schema), receipts, nonces
 (of signed API requests, so that a replay is refused across restarts too).
+
+State checks (at every start, before anything is written): the file is a SQLite database that
+passes `PRAGMA quick_check`, of a schema this agent knows, and it is THE ledger this node kept: a
+marker next to it (`ledger.id`, written when the ledger is created) holds the id stored in its meta
+table, so a ledger deleted, truncated to zero bytes or swapped for another one is refused instead
+of silently replaced by an empty one. Every failure is a LedgerError: one line naming the file and
+the way out (restore from a backup, or `idlewire-agent ledger reset`, which moves the damaged files
+aside and never deletes them).
+
+A full disk mid-run: the poll's transaction rolls back as a whole, so the raw baselines stay where
+the totals are; the bytes wait in the WireGuard counters and the next poll that can commit counts
+them (the agent retries every poll and logs one line when it starts and one when it ends).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import threading
 import time
@@ -64,6 +77,78 @@ CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires);
 """
 
 
+class LedgerError(Exception):
+    """The ledger cannot be used or written; str() is one line naming the file and the way out.
+    `status` is what the API answers with while it lasts (503: try again later)."""
+
+    status = 503
+
+    def __init__(self, message: str, full: bool = False):
+        super().__init__(message)
+        self.full = full  # the disk is full: transient, retried
+
+
+RESET_HINT = "restore it from a backup, or run `idlewire-agent ledger reset` to move it aside and start an empty one"
+
+
+def marker_path(path: str) -> str:
+    """The ledger's marker (`ledger.id` next to `ledger.sqlite`): the id of the ledger this node keeps."""
+    return os.path.join(os.path.dirname(path) or ".", os.path.splitext(os.path.basename(path))[0] + ".id")
+
+
+def explain(exc: BaseException, path: str) -> LedgerError:
+    """One line for an SQLite/OS error on the ledger: what it is and what to do."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    text = str(exc)
+    if code == 10 or "disk I/O error" in text:  # creating the -shm/-wal file on a full disk says only that
+        with contextlib.suppress(OSError):
+            st = os.statvfs(os.path.dirname(path) or ".")
+            if st.f_bavail * st.f_frsize < 1 << 20:
+                code = 13
+    if code == 13 or "disk is full" in text or getattr(exc, "errno", None) == 28:
+        return LedgerError(f"{path}: the disk is full: free space on {os.path.dirname(path) or '.'}; nothing "
+                           "metered is lost (the counters are committed once it can write again)", full=True)
+    if code in (11, 26) or "malformed" in text or "not a database" in text:
+        return LedgerError(f"{path}: damaged ({text}); {RESET_HINT}")
+    if code in (3, 8, 14, 23) or isinstance(exc, PermissionError) or "readonly" in text or "unable to open" in text:
+        return LedgerError(f"{path}: cannot open it for writing ({text}): check that it and its directory are "
+                           "writable by the agent (owner, mode, read-only mount), or " + RESET_HINT)
+    if code in (5, 6):
+        return LedgerError(f"{path}: locked by another process ({text}): is another agent running on this state "
+                           "directory?")
+    return LedgerError(f"{path}: {text}; if this lasts, {RESET_HINT}")
+
+
+def read_marker(path: str) -> str:
+    """The ledger id the marker holds ("" when there is none: a new node, or a ledger from before it)."""
+    marker = marker_path(path)
+    try:
+        with open(marker) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerError(f"{marker}: cannot read the ledger marker ({getattr(exc, 'strerror', exc)}); "
+                          "fix it or remove it") from None
+
+
+def _check_file(path: str) -> bool:
+    """Refuse what is certainly not a usable ledger before SQLite sees it; True when it holds data."""
+    marker, known = marker_path(path), read_marker(path)
+    for p in (path, path + "-wal", path + "-shm"):
+        if os.path.isdir(p):
+            raise LedgerError(f"{p}: is a directory, expected the ledger's SQLite file: move it aside")
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        size = -1
+    if known and size <= 0:
+        what = "missing" if size < 0 else "empty (0 bytes)"
+        raise LedgerError(f"{path}: {what}, but {marker} says this node kept a ledger there (id {known[:16]}): "
+                          + RESET_HINT)
+    return size > 0
+
+
 class Delta(NamedTuple):  # a tuple: a poll with 1,000 changing peers makes 1,000 of them
     wg_key: str
     session: str
@@ -80,34 +165,91 @@ class Ledger:
         self.path = path
         self.synchronous = synchronous
         self.lock = threading.RLock()
-        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
+        self.full = False  # the last commit failed for a full disk (cleared by the next good one)
+        had_data = _check_file(path)
+        try:
+            self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        except sqlite3.Error as exc:
+            raise explain(exc, path) from None
+        try:
+            self._open(had_data)
+        except sqlite3.Error as exc:
+            self.db.close()
+            raise explain(exc, path) from None
+        except LedgerError:
+            self.db.close()
+            raise
+
+    def _open(self, had_data: bool) -> None:
+        path, db = self.path, self.db
+        db.row_factory = sqlite3.Row
+        if had_data:  # before anything is written: is it whole, ours and of a schema we know?
+            check = db.execute("PRAGMA quick_check").fetchall()
+            if [r[0] for r in check] != ["ok"]:
+                why = " ".join(str(check[0][0]).replace("*** in database main ***", "").split())
+                raise LedgerError(f"{path}: damaged (quick_check: {why[:120]}); {RESET_HINT}")
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "sessions" not in tables:
+                raise LedgerError(f"{path}: not an idlewire ledger (tables {', '.join(sorted(tables)) or 'none'}); "
+                                  + RESET_HINT)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() if "meta" in tables else None
+            if row is not None and not isinstance(row[0], int):
+                raise LedgerError(f"{path}: damaged (schema version {str(row[0])[:20]!r}); {RESET_HINT}")
+            if row is not None and row[0] > SCHEMA:
+                raise LedgerError(f"{path}: written by a newer agent (ledger schema {row[0]}, this agent knows "
+                                  f"{SCHEMA}): upgrade idlewire-agent again, or restore a backup of the older ledger")
+        marker, known = marker_path(path), read_marker(path)
+        if known and had_data:
+            row = db.execute("SELECT value FROM meta WHERE key = 'ledger_id'").fetchone()
+            if row is not None and row[0] != known:
+                raise LedgerError(f"{path}: is another ledger (id {str(row[0])[:16]}) than the one this node kept "
+                                  f"(id {known[:16]}, {marker}): put the right file back, or " + RESET_HINT)
+        db.execute("PRAGMA journal_mode=WAL")
         # FULL: every commit (one per poll cycle, so one fsync per cycle) survives a power cut too,
         # so a crash of any kind loses at most the cycle in progress.
-        self.db.execute(f"PRAGMA synchronous={synchronous}")
-        self.db.execute("PRAGMA cache_size=-256")  # 256 KB page cache: the ledger is small
-        self.db.executescript(_DDL)  # idempotent (IF NOT EXISTS)
-        if "retention" not in {r[1] for r in self.db.execute("PRAGMA table_info(sessions)")}:  # schema 1
-            self.db.execute("ALTER TABLE sessions ADD COLUMN retention INTEGER NOT NULL DEFAULT 0")
+        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA cache_size=-256")  # 256 KB page cache: the ledger is small
+        db.executescript(_DDL)  # idempotent (IF NOT EXISTS)
+        if "retention" not in {r[1] for r in db.execute("PRAGMA table_info(sessions)")}:  # schema 1
+            db.execute("ALTER TABLE sessions ADD COLUMN retention INTEGER NOT NULL DEFAULT 0")
         # Closed sessions whose receipts retention has not finished with: what prune looks for.
-        self.db.execute("CREATE INDEX IF NOT EXISTS sessions_retention ON sessions(retention, closed_at) "
-                        "WHERE state = 'closed' AND retention < 2")
-        with self.tx():
-            self.set_meta(self.db, "schema", SCHEMA)
-            for k in ("lifetime_rx", "lifetime_tx", "clamped_bytes", "resets"):
-                self.db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (k,))
+        db.execute("CREATE INDEX IF NOT EXISTS sessions_retention ON sessions(retention, closed_at) "
+                   "WHERE state = 'closed' AND retention < 2")
+        have = dict(db.execute("SELECT key, value FROM meta WHERE key IN ('schema', 'ledger_id')").fetchall())
+        if have.get("schema") != SCHEMA or "ledger_id" not in have:  # else nothing to write: a full disk
+            with self.tx():                                          # does not stop an existing ledger
+                self.set_meta(db, "schema", SCHEMA)
+                for k in ("lifetime_rx", "lifetime_tx", "clamped_bytes", "resets"):
+                    db.execute("INSERT OR IGNORE INTO meta VALUES (?, 0)", (k,))
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('ledger_id', ?)", (known or os.urandom(16).hex(),))
+        if not known:  # a new ledger, or one from before the marker: from now on it must be there
+            from .keys import write_atomic
+
+            try:
+                write_atomic(marker, self.meta("ledger_id") + "\n", 0o600)
+            except OSError as exc:
+                raise explain(exc, marker) from None
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction, all or nothing. An SQLite error (a full disk, damage) rolls it back and
+        becomes a LedgerError; the in-memory state of the callers is theirs to keep consistent."""
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
             try:
-                yield self.db
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+                self.db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.db
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    if self.db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self.db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                err = explain(exc, self.path)
+                self.full = err.full
+                raise err from None
+            self.full = False
 
     def close(self) -> None:
         with self.lock:

@@ -4,13 +4,23 @@ A receipt is a JSON object, signed by the node's ed25519 key over its canonical 
 (sorted keys, no spaces) without the "sig" field:
 
     {"v": 1, "node": NODE_PUBKEY_B64, "session": ID, "seq": N, "up": BYTES, "down": BYTES,
-     "time": UNIX_SECONDS, "prev": SHA256_HEX_OF_PREVIOUS_RECEIPT, "buyer": STATEMENT?, "sig": B64}
+     "time": UNIX_SECONDS, "prev": SHA256_HEX_OF_PREVIOUS_RECEIPT, "buyer_key": B64,
+     "buyer": STATEMENT?, "final": REASON?, "sig": B64}
 
 `up`/`down` are cumulative bytes from/to the buyer. `prev` is the SHA-256 of the previous receipt's
-canonical encoding (with its "sig"), 64 zeros for seq 1. `buyer`, when present, is the buyer's
-co-signed usage statement {"up", "down", "time", "key", "sig"} that the receipt acknowledges
-(the buyer's payment promise), signed by the buyer's ed25519 key over
-canonical({"v": 1, "type": "usage", "session", "up", "down", "time"}).
+canonical encoding (with its "sig"), 64 zeros for seq 1. `buyer_key` is the buyer's ed25519 key the
+session was opened with (bound at open, in every receipt): every co-signature in the chain must be
+by that key. `buyer`, when present, is the buyer's co-signed usage statement
+{"up", "down", "time", "key", "sig"} that the receipt acknowledges (the buyer's payment promise),
+signed by the buyer's ed25519 key over canonical({"v": 1, "type": "usage", "session", "up", "down",
+"time"}). `final` marks the node's FINAL receipt, issued when the session closes, with the reason
+(buyer, admin, expired, idle, unpaid, quota); up/down are then the session's totals. A receipt
+co-signed after the close carries `final` too. A closed session's chain therefore ends with a
+`final` receipt: one that does not was cut short (truncated). Receipts from before these two
+fields still verify (their buyer binding is the first co-signature's key).
+
+Every JSON document of the wire format is parsed strictly (strict_loads): a duplicated key, NaN or
+Infinity is refused, so two parsers can never read two different receipts out of one text.
 
 A payout statement (GET /health, "payout") binds the node key to the owner's payout address:
 {"v": 1, "type": "payout", "node", "unit", "address", "sig"}, signed like a receipt.
@@ -22,7 +32,8 @@ first entry it keeps is a checkpoint in place of the last pruned receipt, signed
      "hash": SHA256_HEX_OF_RECEIPT_N, "sig": B64}
 
 It carries receipt N's counts and hash: the chain goes on from it (receipt N+1's prev is that hash)
-and is verified from there. A checkpoint is only valid as the first entry of its session.
+and is verified from there. A checkpoint is only valid as the first entry of its session. It also carries receipt N's
+`buyer_key` and `final` when that receipt had them.
 
 Buyer API calls carry headers X-Idlewire-Key/-Time/-Nonce/-Signature; the signature covers
 "idlewire-request-v1\\nMETHOD\\nPATH\\nTIME\\nNONCE\\nSHA256_HEX(BODY)".
@@ -43,6 +54,36 @@ VERSION = 1
 GENESIS = "0" * 64
 _FIELDS = {"v": int, "node": str, "session": str, "seq": int, "up": int, "down": int, "time": int, "prev": str,
            "sig": str}
+_OPTIONAL = {"buyer_key": str, "final": str}  # node-signed; "buyer" (a statement) is checked on its own
+
+
+class StrictJSONError(ValueError):
+    """A JSON text that parses differently in different parsers: a duplicated key, NaN or Infinity."""
+
+
+def _no_duplicates(pairs: list) -> dict:
+    seen: dict = {}
+    for k, v in pairs:
+        if k in seen:
+            raise StrictJSONError(f"duplicate key {k[:40]!r} in a JSON object")
+        seen[k] = v
+    return seen
+
+
+def _no_constant(name: str):
+    raise StrictJSONError(f"{name} is not JSON (strict parsing)")
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise StrictJSONError(f"{text[:40]} overflows to Infinity (strict parsing)")
+    return v
+
+
+def strict_loads(text: str | bytes):
+    """json.loads that refuses duplicated keys and NaN/Infinity, also as 1e400 (StrictJSONError, a ValueError)."""
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant, parse_float=_finite)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -123,12 +164,23 @@ def payout_valid(stmt: dict, node_key: str | None = None) -> bool:
 
 # --- receipts -----------------------------------------------------------------------------------
 def make_receipt(key: Ed25519PrivateKey, session: str, seq: int, up: int, down: int, t: int, prev: str,
-                 buyer: dict | None = None) -> dict:
+                 buyer: dict | None = None, buyer_key: str | None = None, final: str | None = None) -> dict:
     body = {"v": VERSION, "node": pub_b64(key), "session": session, "seq": seq, "up": up, "down": down,
             "time": t, "prev": prev}
     if buyer is not None:
         body["buyer"] = buyer
+    if buyer_key is not None:
+        body["buyer_key"] = buyer_key
+    if final is not None:
+        body["final"] = final or "closed"
     return {**body, "sig": base64.b64encode(key.sign(canonical(body))).decode()}
+
+
+def node_signed(r: dict) -> bool:
+    """Does a receipt's node signature hold (over everything but "sig")? One receipt, no chain."""
+    if not isinstance(r, dict) or not isinstance(r.get("node"), str) or not isinstance(r.get("sig"), str):
+        return False
+    return _check_sig(r["node"], r["sig"], canonical({k: v for k, v in r.items() if k != "sig"}))
 
 
 CHECKPOINT_FIELDS = {"v": int, "type": str, "node": str, "session": str, "seq": int, "up": int, "down": int,
@@ -144,6 +196,7 @@ def make_checkpoint(key: Ed25519PrivateKey, receipt: dict) -> dict:
     body = {"v": VERSION, "type": "checkpoint", "node": pub_b64(key), "session": receipt["session"],
             "seq": receipt["seq"], "up": receipt["up"], "down": receipt["down"], "time": receipt["time"],
             "hash": receipt_hash(receipt)}
+    body.update({k: receipt[k] for k in _OPTIONAL if k in receipt})
     return {**body, "sig": base64.b64encode(key.sign(canonical(body))).decode()}
 
 
@@ -162,15 +215,28 @@ class Problem(Record):
         return f"receipt #{self.index + 1} (session {self.session}, seq {self.seq}): {self.reason}"
 
 
-def verify(receipts: list, node_key: str | None = None) -> Problem | None:
+class Chain(Record):
+    """What a verified chain says about its session."""
+
+    last: dict  # the last entry (receipt or checkpoint)
+    buyer_key: str | None = None  # bound at open (or, in receipts from before, by the first co-signature)
+    final: str | None = None  # the close reason of the node's final receipt; None: no final receipt (open)
+    checkpoint: int | None = None  # the seq of the checkpoint the chain starts from, when pruned
+
+
+def verify(receipts: list, node_key: str | None = None, buyer_key: str | None = None,
+           closed: bool | set = False, chains: dict | None = None) -> Problem | None:
     """Check every receipt in order; return the first problem, or None when all are good.
 
     Per session: seq counts 1, 2, 3 ... with no gaps (or N+1, N+2 ... after a checkpoint for N, see
     above); prev is the hash of the previous receipt; up, down and time never decrease; every
     signature (node's, and the buyer's when present) holds; one node key throughout (the one
-    given, when given).
+    given, when given); one buyer key throughout (the one bound at open, or `buyer_key` when
+    given): every co-signature is by it; after the final receipt only final receipts. A session
+    known to be closed (`closed`: True for all, or a set of ids) must end with a final receipt, else
+    its chain is truncated. `chains`, when given, is filled with a Chain per session.
     """
-    last: dict[str, dict] = {}
+    chains = {} if chains is None else chains
     last_hash: dict[str, str] = {}
     for i, r in enumerate(receipts):
         sess = r.get("session", "?") if isinstance(r, dict) else "?"
@@ -182,15 +248,21 @@ def verify(receipts: list, node_key: str | None = None) -> Problem | None:
         if not isinstance(r, dict):
             return bad("not a JSON object")
         if is_checkpoint(r):
-            why = _checkpoint_problem(r, node_key, r.get("session") in last)
+            why = _checkpoint_problem(r, node_key, r.get("session") in chains)
             if why:
                 return bad(why)
-            last[r["session"]], last_hash[r["session"]] = r, r["hash"]
+            if buyer_key and r.get("buyer_key", buyer_key) != buyer_key:
+                return bad("buyer_key is not the buyer key given")
+            chains[r["session"]] = Chain(r, r.get("buyer_key") or buyer_key, r.get("final"), r["seq"])
+            last_hash[r["session"]] = r["hash"]
             continue
         for k, kind in _FIELDS.items():
             if not isinstance(r.get(k), kind) or isinstance(r.get(k), bool):
                 return bad(f"field {k!r} missing or not a {kind.__name__}")
-        extra = set(r) - set(_FIELDS) - {"buyer"}
+        for k, kind in _OPTIONAL.items():
+            if k in r and (not isinstance(r[k], kind) or not r[k]):
+                return bad(f"field {k!r} is not a non-empty {kind.__name__}")
+        extra = set(r) - set(_FIELDS) - set(_OPTIONAL) - {"buyer"}
         if extra:
             return bad(f"unknown field(s) {', '.join(sorted(extra))}")
         if r["v"] != VERSION:
@@ -204,14 +276,16 @@ def verify(receipts: list, node_key: str | None = None) -> Problem | None:
             return bad("bad node signature (tampered or forged)")
         if "buyer" in r and not usage_valid(r["buyer"], r["session"]):
             return bad("bad buyer co-signature")
-        prev = last.get(r["session"])
-        if prev is None:
+        c = chains.get(r["session"])
+        if c is None:
             if r["seq"] != 1:
                 return bad(f"first receipt of the session has seq {r['seq']}, expected 1 (or, when the node "
                            "pruned the start, its signed checkpoint before it)")
             if r["prev"] != GENESIS:
                 return bad("first receipt of the session must have prev = 64 zeros")
+            c = chains[r["session"]] = Chain(r, buyer_key)
         else:
+            prev = c.last
             if r["node"] != prev["node"]:
                 return bad("node key changed within the session")
             if r["seq"] != prev["seq"] + 1:
@@ -221,8 +295,28 @@ def verify(receipts: list, node_key: str | None = None) -> Problem | None:
             for k in ("up", "down", "time"):
                 if r[k] < prev[k]:
                     return bad(f"{k} went down from {prev[k]} to {r[k]}")
-        last[r["session"]] = r
+            if c.final is not None and r.get("final") is None:
+                return bad("a receipt without 'final' after the session's final receipt")
+        # The buyer binding: the key given, else the one the node bound at open, else (receipts from
+        # before the binding) the first co-signature's; every co-signature must be by it.
+        if "buyer_key" in r:
+            if c.buyer_key is not None and r["buyer_key"] != c.buyer_key:
+                return bad("buyer_key is not the buyer key given" if buyer_key else
+                           "buyer_key changed within the session")
+            c.buyer_key = r["buyer_key"]
+        elif c.buyer_key is not None and r["seq"] > 1 and chains[r["session"]].last.get("buyer_key"):
+            return bad("buyer_key missing (the session's earlier receipts bind one)")
+        if "buyer" in r:
+            if c.buyer_key is None:
+                c.buyer_key = r["buyer"]["key"]
+            elif r["buyer"]["key"] != c.buyer_key:
+                return bad("co-signed by another buyer key than the session's (switched keys mid-session)")
+        c.last, c.final = r, r.get("final", c.final)
         last_hash[r["session"]] = receipt_hash(r)
+    for sid, c in chains.items():
+        if c.final is None and (closed is True or (closed and sid in closed)):
+            return Problem(receipts.index(c.last), str(sid), c.last.get("seq"),
+                           "truncated: the session is closed but its chain ends without the node's final receipt")
     return None
 
 
@@ -230,11 +324,14 @@ def _checkpoint_problem(c: dict, node_key: str | None, mid_chain: bool) -> str |
     for k, kind in CHECKPOINT_FIELDS.items():
         if not isinstance(c.get(k), kind) or isinstance(c.get(k), bool):
             return f"checkpoint field {k!r} missing or not a {kind.__name__}"
-    extra = set(c) - set(CHECKPOINT_FIELDS)
+    extra = set(c) - set(CHECKPOINT_FIELDS) - set(_OPTIONAL)
     if extra:
         return f"unknown checkpoint field(s) {', '.join(sorted(extra))}"
     if c["v"] != VERSION:
         return f"unknown version {c['v']}"
+    for k, kind in _OPTIONAL.items():
+        if k in c and (not isinstance(c[k], kind) or not c[k]):
+            return f"checkpoint field {k!r} is not a non-empty {kind.__name__}"
     if mid_chain:
         return "checkpoint inside the chain (only the first entry of a session may be one)"
     if min(c["seq"], c["up"], c["down"], c["time"]) < 0 or c["seq"] < 1:
@@ -248,16 +345,21 @@ def _checkpoint_problem(c: dict, node_key: str | None, mid_chain: bool) -> str |
     return None
 
 
-def load_file(text: str) -> list:
-    """Receipts from a JSON array, a {"receipts": [...]} object, or JSON lines."""
+def load_file(text: str, closed: set | None = None) -> list:
+    """Receipts from a JSON array, a {"receipts": [...], "closed": [SESSION...]} object (what
+    `idlewire client connect --receipts` saves: "closed" names the sessions it saw closed, whose
+    chains must end in a final receipt; added to `closed` when given), or JSON lines. Strict JSON:
+    StrictJSONError on a duplicated key, NaN or Infinity."""
     text = text.strip()
     if not text:
         return []
     try:
-        data = json.loads(text)
+        data = strict_loads(text)
     except json.JSONDecodeError:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = [strict_loads(line) for line in text.splitlines() if line.strip()]
     if isinstance(data, dict) and "receipts" in data:
+        if closed is not None and isinstance(data.get("closed"), list):
+            closed.update(x for x in data["closed"] if isinstance(x, str))
         data = data["receipts"]
     if isinstance(data, dict):
         data = [data]

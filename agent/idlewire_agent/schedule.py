@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 from .policy import Rule
+from .run import CommandError
 
 log = logging.getLogger("idlewire.schedule")
 
@@ -67,7 +68,9 @@ class Scheduler:
         while not stop.is_set():
             try:
                 self.tick()
-            except Exception:  # a failed tc run must not stop the schedule; retried next tick
+            except CommandError as exc:  # a failed tc run (one line): retried next tick
+                log.warning("applying the scheduled caps failed: %s", exc)
+            except Exception:  # anything else must not stop the schedule either
                 log.exception("applying the scheduled caps failed")
             now = self.clock()
             wait = (next_change(now, self.rules, self.base) - now).total_seconds()

@@ -62,6 +62,7 @@ import subprocess
 import threading
 from typing import NamedTuple
 
+from . import run
 from .keys import write_atomic
 from .policy import SHAPING_STATE_PATH as STATE_PATH
 from .policy import Firewall, Shaping
@@ -83,8 +84,8 @@ LINE_BURST_US = 1000
 TUNNEL_BURST_US = 10000
 
 
-class TcError(RuntimeError):
-    """tc or ip refused a command; the message carries tc's own words."""
+class TcError(run.CommandError):
+    """tc or ip refused a command or did not answer (killed after run.TIMEOUT); one line with tc's own words."""
 
 
 def ifb_name(dev: str) -> str:
@@ -293,10 +294,7 @@ class Shaper:
 
     # --- running tc ------------------------------------------------------------------------------
     def _run(self, *argv: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        p = subprocess.run([*self.prefix, *argv], input=input, capture_output=True, text=True, check=False)
-        if check and p.returncode != 0:
-            raise TcError(f"{' '.join(argv)}: {(p.stderr or p.stdout).strip()}")
-        return p
+        return run.run([*self.prefix, *argv], input=input, check=check, error=TcError)
 
     def _batch(self, lines: list[str]) -> None:
         self.last_batch = lines

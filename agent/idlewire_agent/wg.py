@@ -6,19 +6,19 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import subprocess
-import threading
 import time
 from typing import NamedTuple
+
+from . import run
 
 log = logging.getLogger("idlewire.wg")
 
 # `wg` and `ip` answer in milliseconds; one that does not (a wedged wireguard-go behind its UAPI
-# socket) must not hold the agent's lock, and with it the API and the metering, for ever
-TIMEOUT = 10.0
+# socket) is killed after this long (run.py), and the agent never waits on one holding its lock
+TIMEOUT = run.TIMEOUT
 
 
-class WgError(Exception):
+class WgError(run.CommandError):
     pass
 
 
@@ -33,18 +33,8 @@ def _which(name: str) -> bool:
     return any(os.access(os.path.join(d, name), os.X_OK) for d in os.environ.get("PATH", os.defpath).split(":") if d)
 
 
-def _no_answer(argv) -> WgError:
-    return WgError(f"{' '.join(argv[:4])}: no answer in {TIMEOUT:g} s (killed)")
-
-
 def _run(*argv: str, input: str | None = None) -> str:
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, input=input, check=False, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise _no_answer(argv) from None
-    if p.returncode != 0:
-        raise WgError(f"{' '.join(argv[:4])}: {p.stderr.strip() or p.returncode}")
-    return p.stdout
+    return run.run(argv, input=input, timeout=TIMEOUT, error=WgError).stdout
 
 
 class Tunnel:
@@ -68,29 +58,11 @@ class Tunnel:
         Read line by line from the pipe: with 1,000 peers the whole output never sits in memory
         (and, unlike `wg show dump`, it does not carry the interface's private key).
         """
-        argv = ("wg", "show", self.ifname, "transfer")
         peers: dict[str, Peer] = {}
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
-            killed = threading.Event()
-
-            def kill() -> None:
-                killed.set()
-                p.kill()
-
-            watchdog = threading.Timer(TIMEOUT, kill)
-            watchdog.start()
-            try:
-                for line in p.stdout:
-                    f = line.split("\t")
-                    if len(f) == 3:
-                        peers[f[0]] = Peer(f[0], int(f[1]), int(f[2]))
-                err = p.stderr.read()
-            finally:
-                watchdog.cancel()
-        if killed.is_set():
-            raise _no_answer(argv)
-        if p.returncode != 0:
-            raise WgError(f"{' '.join(argv)}: {err.strip() or p.returncode}")
+        for line in run.lines(("wg", "show", self.ifname, "transfer"), timeout=TIMEOUT, error=WgError):
+            f = line.split("\t")
+            if len(f) == 3:
+                peers[f[0]] = Peer(f[0], int(f[1]), int(f[2]))
         return peers
 
     # --- set-up ---------------------------------------------------------------------------
@@ -99,14 +71,13 @@ class Tunnel:
         created = False
         if self.ifindex() is None:
             created = True
-            ok = subprocess.run(["ip", "link", "add", self.ifname, "type", "wireguard"],
-                                capture_output=True, check=False).returncode == 0
+            ok = run.run(("ip", "link", "add", self.ifname, "type", "wireguard"), timeout=TIMEOUT, check=False,
+                         error=WgError).returncode == 0
             if not ok:
                 if not _which("wireguard-go"):
                     raise WgError("no WireGuard kernel module and no wireguard-go: install one of them")
                 env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1", "LOG_LEVEL": "error"}
-                subprocess.run(["wireguard-go", self.ifname], env=env, check=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                run.run(("wireguard-go", self.ifname), env=env, capture=False, timeout=TIMEOUT, error=WgError)
                 for _ in range(100):
                     if self.ifindex() is not None:
                         break

@@ -308,6 +308,25 @@ class NodeLab:
         return self.get("/sessions?state=open", admin=True)
 
 
+def wait_for(cond, timeout=15.0, step=0.2):
+    """cond()'s first true value, polled every `step` s; AssertionError after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("timed out")
+
+
+def metric(node: NodeLab, name: str) -> float:
+    """One value of the agent's /metrics."""
+    for line in node.get("/metrics").splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
 def _toml(sections: dict) -> str:
     out = []
     for name, values in sections.items():

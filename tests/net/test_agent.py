@@ -9,27 +9,10 @@ import sys
 import time
 
 import pytest
-from agentlab import NodeLab
+from agentlab import NodeLab, metric, wait_for
 
 pytestmark = pytest.mark.net
 WG_DATA = 1452
-
-
-def wait_for(cond, timeout=15.0, step=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    raise AssertionError("timed out")
-
-
-def metric(node, name: str) -> float:
-    for line in node.get("/metrics").splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no metric {name}")
 
 
 @pytest.fixture
@@ -90,8 +73,8 @@ def test_metered_bytes_match_the_buyer_and_receipts_verify(make_node, tmp_path):
                          "--node-key", node_key], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert json.loads(ok.stdout)["ok"]
-    rs = json.loads(rfile.read_text())
-    assert len(rs) >= 3
+    rs = json.loads(rfile.read_text())["receipts"]  # the client saves {"receipts", "closed"}
+    assert len(rs) >= 3 and rs[-1]["final"] == "buyer"
     bad = [dict(r) for r in rs]
     bad[1]["up"] += 1000
     tampered = tmp_path / "tampered.json"

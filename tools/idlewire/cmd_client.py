@@ -60,7 +60,11 @@ class Buyer:
                                      method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (URL given by the user)
-                return json.loads(resp.read() or b"null")
+                raw = resp.read() or b"null"
+            try:
+                return receipts.strict_loads(raw)
+            except ValueError as exc:
+                raise NodeError(0, f"{method} {self.url}{path}: the node answered with bad JSON ({exc})") from None
         except urllib.error.HTTPError as exc:
             try:
                 msg = json.loads(exc.read()).get("error", "")
@@ -220,10 +224,11 @@ def register(app: App) -> None:
                 try:
                     r = buyer.cosign(sid, up, down)
                 except NodeError as exc:
-                    if exc.status != 0:  # the node refused: the session is over
-                        raise
+                    if exc.status not in (0, 503):  # the node refused: the session is over
+                        raise  # (503: the node cannot record now, e.g. its disk is full: try again)
                     print(f"warning: {exc}; retrying", file=out, flush=True)
                     continue
+                check_receipt(r["receipt"], s, buyer, sid, up, down)
                 now = time.monotonic()
                 rate = (up + down - last_total) * 8 / max(now - last_t, 1e-6) / 1e6
                 last_t, last_total = now, up + down
@@ -244,15 +249,46 @@ def register(app: App) -> None:
         except KeyboardInterrupt:
             pass
         finally:
+            closed = False  # known closed: its chain must end in the node's final receipt
             if not keep:
                 try:
-                    buyer.close(sid)
+                    closed = buyer.close(sid).get("state") == "closed"
                 except NodeError as exc:
                     print(f"warning: {exc}", file=out)
                 tear_down(interface)
         if receipts_out:
-            rs = buyer.receipts(sid)
-            tmp = receipts_out.with_suffix(receipts_out.suffix + ".tmp")
-            tmp.write_text(json.dumps(rs, indent=1))
-            tmp.replace(receipts_out)
-            print(f"{len(rs)} receipts saved to {receipts_out}", file=out)
+            save_receipts(buyer, sid, s, receipts_out, closed=closed, out=out)
+
+
+def check_receipt(r: dict, session: dict, buyer: Buyer, sid: str, up: int, down: int) -> None:
+    """The node's answer to a co-signature: its receipt for this session, signed by the node key of
+    the session, binding this buyer's key and acknowledging what was just signed."""
+    from idlewire_agent import receipts
+
+    me = receipts.pub_b64(buyer.key)
+    stmt = r.get("buyer") if isinstance(r.get("buyer"), dict) else {}
+    why = None
+    if r.get("node") != session["node_key"] or r.get("session") != sid or not receipts.node_signed(r):
+        why = "not signed for this session by its node key"
+    elif r.get("buyer_key") not in (None, me):
+        why = "binds another buyer key than ours"
+    elif (stmt.get("up"), stmt.get("down"), stmt.get("key")) != (up, down, me):
+        why = "acknowledges other figures than the ones just signed"
+    if why is not None:
+        raise UserError(f"session {sid}: the node's receipt #{r.get('seq')} is not valid: {why}; stop using this node")
+
+
+def save_receipts(buyer: Buyer, sid: str, session: dict, path: Path, closed: bool, out) -> None:
+    """The session's chain, checked (node key, our buyer key, ends in the final receipt once closed),
+    saved as {"receipts": [...], "closed": [SESSION]} for `idlewire receipts verify` (which then
+    calls a chain that lost its final receipt truncated)."""
+    from idlewire_agent import receipts
+
+    rs = buyer.receipts(sid)
+    problem = receipts.verify(rs, session["node_key"], receipts.pub_b64(buyer.key), closed=closed)
+    if problem is not None:
+        print(f"warning: the node's receipts for session {sid} do not verify: {problem}", file=out)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"receipts": rs, "closed": [sid] if closed else []}, indent=1))
+    tmp.replace(path)
+    print(f"{len(rs)} receipts saved to {path}", file=out)
