@@ -145,9 +145,9 @@ def test_replayed_and_stale_heartbeats_are_refused(hub):
 
 
 # --- buyers through the node's channel -------------------------------------------------------------
-def _serve(m: Market, opened: list):
+def _serve(m: Market, opened: list, refuse: threading.Event | None = None):
     def open_session(buyer_key, wg_key):
-        if wg_key == "refuse":
+        if refuse is not None and refuse.is_set():
             raise RuntimeError("the node has its maximum of 4 sessions open")
         sid = os.urandom(8).hex()
         opened.append((buyer_key, wg_key, sid))
@@ -163,7 +163,8 @@ def test_buyer_is_sent_to_a_node_over_the_channel_it_opened(hub):
     fr = node_market(hub.url, region="FR", price=0.2)
     de = node_market(hub.url, region="DE", price=0.9)
     opened: list = []
-    stops = [_serve(fr, opened), _serve(de, opened)]
+    refuse = threading.Event()
+    stops = [_serve(fr, opened, refuse), _serve(de, opened)]
     buyer = Market(hub.url, Ed25519PrivateKey.generate())
     wg = wg_keypair()[1]
     try:
@@ -177,6 +178,11 @@ def test_buyer_is_sent_to_a_node_over_the_channel_it_opened(hub):
         with pytest.raises(MarketError) as exc:
             buyer.request("POST", "/v1/connect", {"wg_public_key": wg, "region": "JP"})
         assert exc.value.status == 503 and "region JP" in one_line(exc.value)
+        refuse.set()  # the node's own refusal reaches the buyer as one line
+        with pytest.raises(MarketError) as exc:
+            buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1], "region": "FR"})
+        assert exc.value.status == 502 and one_line(exc.value) == (
+            f"node {fr.node_id} refused the session: the node has its maximum of 4 sessions open")
     finally:
         for stop, t in stops:
             stop.set()

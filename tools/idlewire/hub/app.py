@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from fastapi import FastAPI, Query, Request
@@ -30,6 +31,7 @@ from . import queries
 from .service import CONNECT_TIMEOUT, Hub, HubError
 
 MAX_BODY = 4 << 20
+log = logging.getLogger("idlewire.hub")
 
 
 class Registration(BaseModel):
@@ -70,8 +72,50 @@ class Batch(BaseModel):
     receipts: list[dict] = Field(description="receipts and checkpoints in chain order (agent receipts format)")
 
 
+class Waker:
+    """Wakes this process's long polls when the database says so: one query per tick for all of
+    them (not one per waiting node), whichever hub process queued or answered the request. The
+    waiters are this process's own connections; nothing here is needed by another process."""
+
+    def __init__(self, hub: Hub, tick: float = 0.05):
+        self.hub, self.tick = hub, tick
+        self.nodes: dict[str, set[asyncio.Event]] = {}  # node id -> its channel polls waiting here
+        self.requests: dict[str, set[asyncio.Event]] = {}  # request id -> buyers waiting for the answer
+        self.task: asyncio.Task | None = None
+
+    async def wait(self, table: dict, key: str, timeout: float) -> None:
+        ev = asyncio.Event()
+        table.setdefault(key, set()).add(ev)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiting = table.get(key)
+            if waiting is not None:
+                waiting.discard(ev)
+                if not waiting:
+                    del table[key]
+
+    async def _run(self) -> None:
+        while self.nodes or self.requests:
+            await asyncio.sleep(self.tick)
+            try:
+                nodes, reqs = await run_in_threadpool(self.hub.ready, set(self.nodes), list(self.requests))
+            except Exception as exc:  # the database away for a moment: the polls time out and retry
+                log.warning("waking long polls: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                continue
+            for table, keys in ((self.nodes, nodes), (self.requests, reqs)):
+                for k in keys:
+                    for ev in table.get(k, ()):
+                        ev.set()
+
+
 def create_app(engine, clock=time.time) -> FastAPI:
     hub = Hub(engine, clock)
+    waker = Waker(hub)
     app = FastAPI(title="idlewire hub", version=__version__,
                   description="The reference marketplace: nodes register and heartbeat, buyers are sent to "
                               "them over a channel the node opened, receipts are verified and stored.")
@@ -115,13 +159,10 @@ def create_app(engine, clock=time.time) -> FastAPI:
         deadline = time.monotonic() + wait
         while True:
             got = await run_in_threadpool(hub.claim, nid, key)
-            if got or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if got or left <= 0:
                 return {"requests": got}
-            # another hub process may queue the request: the database is the only channel
-            for _ in range(10):
-                await asyncio.sleep(0.05)
-                if time.monotonic() >= deadline or await run_in_threadpool(hub.pending, nid):
-                    break
+            await waker.wait(waker.nodes, nid, left)
 
     @app.post("/v1/nodes/{nid}/requests/{rid}", summary="The node's answer to a request (signed by the node key)")
     async def answer(request: Request, nid: str, rid: str, body: Answer):
@@ -146,15 +187,13 @@ def create_app(engine, clock=time.time) -> FastAPI:
         key = await signed(request)
         rid, node = await run_in_threadpool(hub.queue_open, key, body.model_dump())
         deadline = time.monotonic() + CONNECT_TIMEOUT
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            out = await run_in_threadpool(hub.outcome, rid)
-            if out is not None:
-                break
-        else:
-            if await run_in_threadpool(hub.expire, rid):
-                raise HubError(504, f"node {node['id']} did not answer within {CONNECT_TIMEOUT:g} s; try again")
-            out = await run_in_threadpool(hub.outcome, rid)
+        while (out := await run_in_threadpool(hub.outcome, rid)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if await run_in_threadpool(hub.expire, rid):
+                    raise HubError(504, f"node {node['id']} did not answer within {CONNECT_TIMEOUT:g} s; try again")
+                continue  # answered just now
+            await waker.wait(waker.requests, rid, left)
         if out["state"] != "answered":
             raise HubError(502, f"node {node['id']} refused the session: {(out['result'] or {}).get('error')}")
         return {"node": node["id"], "node_key": node["node_key"], "wg_public_key": node["wg_key"],

@@ -78,6 +78,7 @@ requests = Table(
     Column("answered_at", Float),
     Column("result", Text),  # JSON from the node
     Index("requests_node_state", "node_id", "state"),
+    Index("requests_state", "state"),
 )
 
 sessions = Table(

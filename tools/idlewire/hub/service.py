@@ -204,11 +204,16 @@ class Hub:
         with db.read(self.engine) as conn:
             self._node(conn, nid, key)
 
-    def pending(self, nid: str) -> bool:
+    def ready(self, nodes: set[str], request_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Of these, the nodes with a request queued and the requests answered (or given up)."""
+        q = db.requests.c
         with db.read(self.engine) as conn:
-            return conn.execute(select(db.requests.c.id).where(db.requests.c.node_id == nid,
-                                                               db.requests.c.state == "queued").limit(1)).first() \
-                is not None
+            queued = {n for (n,) in conn.execute(select(q.node_id).where(q.state == "queued").distinct())} & nodes
+            done = set()
+            for i in range(0, len(request_ids), 500):
+                done |= {r for (r,) in conn.execute(select(q.id).where(
+                    q.id.in_(request_ids[i:i + 500]), q.state.not_in(("queued", "delivered"))))}
+        return queued, done
 
     def answer(self, nid: str, key: str, rid: str, body: dict) -> dict:
         ok = bool(body.get("ok"))

@@ -90,6 +90,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index('requests_node_state', 'requests', ['node_id', 'state'], unique=False)
+    op.create_index('requests_state', 'requests', ['state'], unique=False)
     op.create_table('sessions',
     sa.Column('node_id', sa.String(length=20), nullable=False),
     sa.Column('session', sa.String(length=64), nullable=False),
@@ -110,6 +111,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table('sessions')
+    op.drop_index('requests_state', table_name='requests')
     op.drop_index('requests_node_state', table_name='requests')
     op.drop_table('requests')
     op.drop_table('receipts')
