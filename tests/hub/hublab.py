@@ -29,8 +29,8 @@ def free_port() -> int:
 class HubProc:
     """`idlewire hub serve` as a real process (uvicorn) on 127.0.0.1."""
 
-    def __init__(self, db_url: str, port: int | None = None, log: Path | None = None):
-        self.db_url, self.port = db_url, port or free_port()
+    def __init__(self, db_url: str, port: int | None = None, log: Path | None = None, workers: int = 1):
+        self.db_url, self.port, self.workers = db_url, port or free_port(), workers
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or Path(tempfile.mkstemp(prefix="hub-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
@@ -39,7 +39,8 @@ class HubProc:
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}:{ROOT / 'agent'}"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "idlewire", "hub", "serve", "--db", self.db_url,
-                                          "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning"],
+                                          "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning",
+                                          "--workers", str(self.workers)],
                                          stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -52,8 +53,11 @@ class HubProc:
         raise RuntimeError(f"hub did not answer within {timeout} s: {self.log.read_text()[-2000:]}")
 
     def kill(self) -> None:
-        """kill -9: what a crash or power cut does to the process."""
+        """kill -9: what a crash or power cut does to the process (and its workers)."""
         if self.proc and self.proc.poll() is None:
+            for child in _children(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
 
@@ -70,6 +74,13 @@ class HubProc:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def pg_bin() -> str | None:

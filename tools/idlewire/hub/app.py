@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from . import queries
-from .service import CONNECT_TIMEOUT, Hub, HubError
+from .service import CONNECT_TIMEOUT, Hub, HubError, Signed
 
 MAX_BODY = 4 << 20
 log = logging.getLogger("idlewire.hub")
@@ -130,14 +130,14 @@ def create_app(engine, clock=time.time) -> FastAPI:
         where = ".".join(str(x) for x in e.get("loc", ()))
         return JSONResponse({"error": f"{where}: {e.get('msg', 'invalid')}"}, status_code=422)
 
-    async def signed(request: Request) -> str:
+    async def signed(request: Request) -> Signed:
         if int(request.headers.get("content-length") or 0) > MAX_BODY:
             raise HubError(413, f"request body over {MAX_BODY} bytes")
         body = await request.body()
         path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
         if request.url.query:
             path += "?" + request.url.query
-        return await run_in_threadpool(hub.authenticate, request.headers, request.method, path, body)
+        return hub.authenticate(request.headers, request.method, path, body)
 
     @app.get("/v1", summary="What this hub is")
     def info():
@@ -145,20 +145,20 @@ def create_app(engine, clock=time.time) -> FastAPI:
 
     @app.post("/v1/nodes", summary="Register or update a node (signed by the node key)")
     async def register(request: Request, body: Registration):
-        key = await signed(request)
-        return await run_in_threadpool(hub.register, key, body.model_dump())
+        auth = await signed(request)
+        return await run_in_threadpool(hub.register, auth, body.model_dump())
 
     @app.post("/v1/nodes/{nid}/heartbeat", summary="Heartbeat (signed by the node key)")
     async def heartbeat(request: Request, nid: str, body: Heartbeat):
-        key = await signed(request)
-        return await run_in_threadpool(hub.heartbeat, nid, key, body.model_dump())
+        auth = await signed(request)
+        return await run_in_threadpool(hub.heartbeat, nid, auth, body.model_dump())
 
     @app.get("/v1/nodes/{nid}/channel", summary="Long poll for requests to the node (signed by the node key)")
     async def channel(request: Request, nid: str, wait: float = Query(25, ge=0, le=60)):
-        key = await signed(request)
+        auth = await signed(request)
         deadline = time.monotonic() + wait
         while True:
-            got = await run_in_threadpool(hub.claim, nid, key)
+            got = await run_in_threadpool(hub.claim, nid, auth)
             left = deadline - time.monotonic()
             if got or left <= 0:
                 return {"requests": got}
@@ -166,26 +166,26 @@ def create_app(engine, clock=time.time) -> FastAPI:
 
     @app.post("/v1/nodes/{nid}/requests/{rid}", summary="The node's answer to a request (signed by the node key)")
     async def answer(request: Request, nid: str, rid: str, body: Answer):
-        key = await signed(request)
-        return await run_in_threadpool(hub.answer, nid, key, rid, body.model_dump())
+        auth = await signed(request)
+        return await run_in_threadpool(hub.answer, nid, auth, rid, body.model_dump())
 
     @app.post("/v1/nodes/{nid}/receipts", summary="Upload a batch of co-signed receipts (signed by the node key)",
               openapi_extra={"requestBody": {"content": {"application/json": {
                   "schema": Batch.model_json_schema()}}, "required": True}})
     async def upload(request: Request, nid: str):
-        key = await signed(request)
+        auth = await signed(request)
         try:
             data = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             raise HubError(400, "body: not JSON; expected {\"receipts\": [...]}") from None
         if not isinstance(data, dict) or not isinstance(data.get("receipts"), list):
             raise HubError(422, "body: expected {\"receipts\": [...]}")
-        return await run_in_threadpool(hub.store_receipts, nid, key, data["receipts"])
+        return await run_in_threadpool(hub.store_receipts, nid, auth, data["receipts"])
 
     @app.post("/v1/connect", summary="A buyer asks for a session (signed by the buyer key)")
     async def connect(request: Request, body: Connect):
-        key = await signed(request)
-        rid, node = await run_in_threadpool(hub.queue_open, key, body.model_dump())
+        auth = await signed(request)
+        rid, node = await run_in_threadpool(hub.queue_open, auth, body.model_dump())
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while (out := await run_in_threadpool(hub.outcome, rid)) is None:
             left = deadline - time.monotonic()
@@ -222,3 +222,11 @@ def create_app(engine, clock=time.time) -> FastAPI:
         return queries.flags(engine, node=node, kind=kind, limit=limit)
 
     return app
+
+
+def from_env() -> FastAPI:
+    """The app for each of `idlewire hub serve --workers N`'s processes: the database from
+    $IDLEWIRE_HUB_DB (the parent migrated it before starting them)."""
+    from . import db
+
+    return create_app(db.make_engine(db.default_url()))

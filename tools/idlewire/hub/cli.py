@@ -93,25 +93,38 @@ def register(app: App) -> None:
         listen: Annotated[str, Opt("--listen", help=f"ADDRESS:PORT to serve HTTP on (default {DEFAULT_LISTEN}; "
                                    "put TLS in front for the internet).")] = DEFAULT_LISTEN,
         log_level: Annotated[str, Opt("--log-level", help="debug, info, warning or error.")] = "info",
+        workers: Annotated[int, Opt("--workers", min=1, max=64, help="Processes serving the API (default 1). "
+                                    "They share nothing but the database: one per core verifies receipts on "
+                                    "every core.")] = 1,
     ):
         """Run the hub: migrate the database, then serve the API (schema at /openapi.json, docs at /docs).
 
-        Several hub processes may serve one PostgreSQL database (behind a load balancer): they
-        share nothing but the database.
+        Several hub processes may serve one database (--workers here, or hubs on several machines
+        behind a load balancer with PostgreSQL): they share nothing but the database.
 
         Example:  idlewire hub serve --db postgresql://hub@db.example/hub --listen 0.0.0.0:8750
         """
+        import os
+
         if log_level not in ("debug", "info", "warning", "error"):
             raise UserError(f"--log-level {log_level!r}: expected debug, info, warning or error")
         host, port = _listen(listen)
-        engine = open_db(db)
+        from . import db as hubdb
+
+        url = db or hubdb.default_url()
+        engine = open_db(url)
         import uvicorn
 
         from .app import create_app
 
+        opts = {"host": host, "port": port, "log_level": log_level, "access_log": False, "timeout_keep_alive": 75}
         try:
-            uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, access_log=False,
-                        timeout_keep_alive=75)
+            if workers == 1:
+                uvicorn.run(create_app(engine), **opts)
+            else:
+                engine.dispose()
+                os.environ["IDLEWIRE_HUB_DB"] = url
+                uvicorn.run("idlewire.hub.app:from_env", factory=True, workers=workers, **opts)
         except OSError as exc:
             raise UserError(f"--listen {listen}: {exc.strerror}") from None
 

@@ -18,7 +18,7 @@ from idlewire_agent import config as agent_config
 from idlewire_agent import receipts as rc
 from idlewire_agent.api import _NONCE as NONCE_RE  # the node's own nonce rule
 from idlewire_agent.api import CLOCK_SKEW
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import db
@@ -39,11 +39,33 @@ _ENDPOINT = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{
 _NOT_COUNTRY = {"AA", "ZZ"} | {f"Q{c}" for c in "MNOPQRSTUVWXYZ"} | {f"X{c}" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 
+class Signed:
+    """A request whose signature holds: who signed it and its nonce, spent once in the database."""
+
+    __slots__ = ("expires", "key", "nonce", "spent")
+
+    def __init__(self, key: str, nonce: str, expires: int):
+        self.key, self.nonce, self.expires, self.spent = key, nonce, expires, False
+
+
 class HubError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+# Hot paths execute statements built once (building one costs more than running it on SQLite).
+_NONCE_INSERT = insert(db.nonces)
+_NONCE_PURGE = delete(db.nonces).where(db.nonces.c.expires < bindparam("now"))
+_NODE_GET = select(db.nodes.c.node_key, db.nodes.c.heartbeats, db.nodes.c.open_sessions, db.nodes.c.region,
+                   db.nodes.c.endpoint).where(db.nodes.c.id == bindparam("nid"))
+_BEAT = update(db.nodes).where(db.nodes.c.id == bindparam("nid")).values(
+    last_seen=bindparam("b_now"), uptime=bindparam("b_uptime"), open_sessions=bindparam("b_open"),
+    heartbeats=db.nodes.c.heartbeats + 1)
+_BEAT_CAPS = _BEAT.values(caps=bindparam("b_caps"), max_sessions=bindparam("b_max"))
+_OPEN_SESSIONS = select(db.sessions.c.session, db.sessions.c.head).where(
+    db.sessions.c.node_id == bindparam("nid"), db.sessions.c.state == "open")
 
 
 def node_id(node_key: str) -> str:
@@ -70,10 +92,10 @@ class Hub:
         self.tolerance = tolerance_percent
 
     # --- signed requests ------------------------------------------------------------------------
-    def authenticate(self, headers, method: str, path: str, body: bytes) -> str:
-        """The key that signed this request (agent receipts.sign_request format); refuses a
-        missing, forged, stale or replayed one. The nonce is kept in the database while the time
-        is in the window, so every hub process refuses a replay."""
+    def authenticate(self, headers, method: str, path: str, body: bytes) -> Signed:
+        """Who signed this request (agent receipts.sign_request format); refuses a missing, forged
+        or stale one. The nonce is spent (kept in the database while the time is in the window, so
+        every hub process refuses a replay) in the transaction of the request's own work."""
         key = headers.get("x-idlewire-key")
         if not key:
             raise HubError(401, "unsigned request: sign it with the node's or buyer's key (X-Idlewire-* headers)")
@@ -90,20 +112,27 @@ class Hub:
         if not _KEY.match(key) or len(sig) > 200 or not rc.request_valid(key, sig, method, path, t, nonce, body):
             raise HubError(401, "X-Idlewire-Signature: not a valid signature of this request by X-Idlewire-Key "
                                 "(forged or altered)")
-        try:
-            with db.write(self.engine) as conn:
-                conn.execute(insert(db.nonces).values(key=key, nonce=nonce, expires=int(t) + CLOCK_SKEW + 1))
-                if random.random() < 0.002:  # noqa: S311 (housekeeping, not security)
-                    conn.execute(delete(db.nonces).where(db.nonces.c.expires < now))
+        return Signed(key, nonce, int(t) + CLOCK_SKEW + 1)
+
+    def _spend(self, conn, auth: Signed) -> None:
+        """Record the request's nonce; a replay fails here (unique key), in whichever hub process."""
+        if auth.spent:
+            return
+        try:  # (the failed insert ends the transaction: the refusal rolls it back)
+            conn.execute(_NONCE_INSERT, {"key": auth.key, "nonce": auth.nonce, "expires": auth.expires})
         except IntegrityError:
             raise HubError(401, "X-Idlewire-Nonce: already used (replayed request)") from None
-        return key
+        auth.spent = True
+        if random.random() < 0.002:  # noqa: S311 (housekeeping, not security)
+            conn.execute(_NONCE_PURGE, {"now": self.clock()})
 
-    def _node(self, conn, nid: str, key: str) -> dict:
-        row = conn.execute(select(db.nodes).where(db.nodes.c.id == nid)).mappings().first()
+    def _node(self, conn, nid: str, auth: Signed) -> dict:
+        """The node `nid` the request is about, checked to be the one that signed it; spends the nonce."""
+        self._spend(conn, auth)
+        row = conn.execute(_NODE_GET, {"nid": nid}).mappings().first()
         if row is None:
             raise HubError(404, f"no node {nid}: register first (POST /v1/nodes)")
-        if row["node_key"] != key:
+        if row["node_key"] != auth.key:
             raise HubError(403, f"node {nid}: request signed by another key than the node's")
         return dict(row)
 
@@ -120,7 +149,8 @@ class Hub:
             raise HubError(422, f"caps: missing {', '.join(missing)} (the caps in force)")
         return caps
 
-    def register(self, key: str, body: dict) -> dict:
+    def register(self, auth: Signed, body: dict) -> dict:
+        key = auth.key
         payout = body["payout"]
         if not rc.payout_valid(payout, key):
             raise HubError(403, "payout: not a payout statement signed by the key that signed this request "
@@ -142,6 +172,7 @@ class Hub:
                   "price_per_gb": float(body["price_per_gb"]), "endpoint": endpoint,
                   "version": body["version"], "last_seen": now}
         with db.write(self.engine) as conn:
+            self._spend(conn, auth)
             done = conn.execute(update(db.nodes).where(db.nodes.c.id == nid).values(**values)).rowcount
             if not done:
                 conn.execute(insert(db.nodes).values(id=nid, node_key=key, registered_at=now, uptime=0,
@@ -149,7 +180,7 @@ class Hub:
         return {"node": nid, "registered": not done, "heartbeat_interval": HEARTBEAT_INTERVAL,
                 "channel": f"/v1/nodes/{nid}/channel"}
 
-    def heartbeat(self, nid: str, key: str, body: dict) -> dict:
+    def heartbeat(self, nid: str, auth: Signed, body: dict) -> dict:
         caps = self._caps(body["caps"]) if body.get("caps") is not None else None
         listed = {}
         for i, s in enumerate(body.get("sessions") or []):
@@ -158,39 +189,44 @@ class Hub:
             listed[s["session"]] = s["head"]
         now = self.clock()
         with db.write(self.engine) as conn:
-            node = self._node(conn, nid, key)
-            values = {"last_seen": now, "uptime": float(body["uptime"]), "open_sessions": len(listed),
-                      "heartbeats": node["heartbeats"] + 1}
-            if caps is not None:
-                values.update(caps=_dumps(caps), max_sessions=int(caps["max_sessions"]))
-            conn.execute(update(db.nodes).where(db.nodes.c.id == nid).values(**values))
-            known = dict(conn.execute(select(db.sessions.c.session, db.sessions.c.head).where(
-                db.sessions.c.node_id == nid, db.sessions.c.state == "open")).all())
-            for sid in set(known) - set(listed):
-                conn.execute(update(db.sessions).where(db.sessions.c.node_id == nid, db.sessions.c.session == sid)
-                             .values(state="closed", updated_at=now))
-            for sid, head in listed.items():
-                if sid in known:
-                    if known[sid] != head:
-                        conn.execute(update(db.sessions).where(db.sessions.c.node_id == nid,
-                                                               db.sessions.c.session == sid)
-                                     .values(head=head, updated_at=now))
-                else:  # opened outside the hub (e.g. a buyer on the owner's LAN), or reopened
-                    done = conn.execute(update(db.sessions).where(db.sessions.c.node_id == nid,
-                                                                  db.sessions.c.session == sid)
-                                        .values(head=head, state="open", updated_at=now)).rowcount
-                    if not done:
-                        conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key="", state="open",
-                                                                opened_at=now, updated_at=now, head=head))
+            node = self._node(conn, nid, auth)
+            args = {"nid": nid, "b_now": now, "b_uptime": float(body["uptime"]), "b_open": len(listed)}
+            if caps is None:
+                conn.execute(_BEAT, args)
+            else:
+                conn.execute(_BEAT_CAPS, {**args, "b_caps": _dumps(caps), "b_max": int(caps["max_sessions"])})
+            if node["open_sessions"] or listed:
+                self._sync_sessions(conn, nid, listed, now)
         return {"ok": True, "heartbeat_interval": HEARTBEAT_INTERVAL}
 
+    @staticmethod
+    def _sync_sessions(conn, nid: str, listed: dict[str, str], now: float) -> None:
+        """The node's open sessions and their ledger heads as it reports them."""
+        s = db.sessions.c
+        known = dict(conn.execute(_OPEN_SESSIONS, {"nid": nid}).all())
+        for sid in set(known) - set(listed):
+            conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
+                         .values(state="closed", updated_at=now))
+        for sid, head in listed.items():
+            if sid in known:
+                if known[sid] != head:
+                    conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
+                                 .values(head=head, updated_at=now))
+                continue
+            # opened outside the hub (e.g. a buyer on the owner's LAN), or reopened
+            done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
+                                .values(head=head, state="open", updated_at=now)).rowcount
+            if not done:
+                conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key="", state="open",
+                                                        opened_at=now, updated_at=now, head=head))
+
     # --- the channel the node opened ----------------------------------------------------------------
-    def claim(self, nid: str, key: str) -> list[dict]:
+    def claim(self, nid: str, auth: Signed) -> list[dict]:
         """Requests queued for the node, marked delivered (each to one poller only)."""
         now = self.clock()
         out = []
         with db.write(self.engine) as conn:
-            self._node(conn, nid, key)
+            self._node(conn, nid, auth)
             conn.execute(update(db.nodes).where(db.nodes.c.id == nid).values(last_seen=now))
             rows = conn.execute(select(db.requests.c.id, db.requests.c.kind, db.requests.c.body).where(
                 db.requests.c.node_id == nid, db.requests.c.state == "queued")).all()
@@ -199,10 +235,6 @@ class Hub:
                                 .values(state="delivered", delivered_at=now)).rowcount:
                     out.append({"id": rid, "kind": kind, "body": json.loads(body)})
         return out
-
-    def check_node(self, nid: str, key: str) -> None:
-        with db.read(self.engine) as conn:
-            self._node(conn, nid, key)
 
     def ready(self, nodes: set[str], request_ids: list[str]) -> tuple[set[str], set[str]]:
         """Of these, the nodes with a request queued and the requests answered (or given up)."""
@@ -215,7 +247,7 @@ class Hub:
                     q.id.in_(request_ids[i:i + 500]), q.state.not_in(("queued", "delivered"))))}
         return queued, done
 
-    def answer(self, nid: str, key: str, rid: str, body: dict) -> dict:
+    def answer(self, nid: str, auth: Signed, rid: str, body: dict) -> dict:
         ok = bool(body.get("ok"))
         result = body.get("result") if ok else {"error": str(body.get("error") or "refused")[:300]}
         if ok and (not isinstance(result, dict) or not isinstance(result.get("session"), str)
@@ -224,7 +256,7 @@ class Hub:
                                 "POST /sessions answers)")
         now = self.clock()
         with db.write(self.engine) as conn:
-            self._node(conn, nid, key)
+            self._node(conn, nid, auth)
             req = conn.execute(select(db.requests).where(db.requests.c.id == rid,
                                                          db.requests.c.node_id == nid)).mappings().first()
             if req is None:
@@ -263,7 +295,8 @@ class Hub:
             row = conn.execute(q).mappings().first()
         return dict(row) if row else None
 
-    def queue_open(self, buyer_key: str, body: dict) -> tuple[str, dict]:
+    def queue_open(self, auth: Signed, body: dict) -> tuple[str, dict]:
+        buyer_key = auth.key
         region = (body.get("region") or "").upper() or None
         if region and not region_ok(region):
             raise HubError(422, f"region: {body['region']!r} is not an ISO 3166-1 alpha-2 country code (e.g. DE)")
@@ -280,6 +313,7 @@ class Hub:
         rid = os.urandom(12).hex()
         msg = {"buyer_key": buyer_key, "wg_public_key": body["wg_public_key"]}
         with db.write(self.engine) as conn:
+            self._spend(conn, auth)
             conn.execute(insert(db.requests).values(id=rid, node_id=node["id"], kind="open", buyer_key=buyer_key,
                                                     body=_dumps(msg), state="queued", created=self.clock()))
         return rid, node
@@ -300,7 +334,7 @@ class Hub:
                 .values(state="expired", answered_at=self.clock())).rowcount)
 
     # --- receipts -------------------------------------------------------------------------------
-    def store_receipts(self, nid: str, key: str, entries: list) -> dict:
+    def store_receipts(self, nid: str, auth: Signed, entries: list) -> dict:
         """Verify a batch with the agent's receipts.verify (the code `idlewire receipts verify` runs)
         and store it once. A session continued from an earlier batch starts with the node's signed
         checkpoint of the last receipt sent before (receipts.make_checkpoint), which must match
@@ -312,7 +346,7 @@ class Hub:
             raise HubError(422, "receipts: expected a non-empty JSON array")
         if len(entries) > MAX_BATCH:
             raise HubError(413, f"receipts: {len(entries)} in one batch; send at most {MAX_BATCH}")
-        problem = rc.verify(entries, key)
+        problem = rc.verify(entries, auth.key)
         if problem is not None:
             raise HubError(422, f"receipts rejected: {problem}")
         for e in entries:
@@ -325,7 +359,7 @@ class Hub:
         stored = duplicates = 0
         new_flags: list[dict] = []
         with db.write(self.engine) as conn:
-            self._node(conn, nid, key)
+            self._node(conn, nid, auth)
             r = db.receipts.c
             ranges = [and_(r.session == s, r.seq.between(es[0]["seq"], es[-1]["seq"])) for s, es in by_session.items()]
             have = {(row.session, row.seq): row.hash for row in conn.execute(
