@@ -87,6 +87,22 @@ def test_node_registers_heartbeats_and_is_listed(hub):
     paths = json.loads(c.getresponse().read())["paths"]
     c.close()
     assert {"/v1/nodes", "/v1/nodes/{nid}/heartbeat", "/v1/nodes/{nid}/channel", "/v1/connect"} <= set(paths)
+    # A body too large for any request is refused before it is read whole, declared or streamed.
+    huge = b'{"receipts": [' + b'{"v": 1},' * 600_000 + b'{}]}'
+    status, ans = raw(hub.url, "POST", f"/v1/nodes/{m.node_id}/receipts", huge, {})
+    assert status == 413 and "request body over" in ans["error"]
+    c = http.client.HTTPConnection(f"127.0.0.1:{hub.port}", timeout=10)
+    c.putrequest("POST", f"/v1/nodes/{m.node_id}/receipts")
+    c.putheader("Transfer-Encoding", "chunked")
+    c.endheaders()
+    try:
+        for _ in range(100):
+            c.send(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+        c.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # the hub may close the connection once it has refused
+    assert c.getresponse().status == 413
+    c.close()
 
 
 def test_forged_registrations_are_refused(hub):
@@ -162,6 +178,8 @@ def _serve(m: Market, opened: list, refuse: threading.Event | None = None):
 def test_buyer_is_sent_to_a_node_over_the_channel_it_opened(hub):
     fr = node_market(hub.url, region="FR", price=0.2)
     de = node_market(hub.url, region="DE", price=0.9)
+    deaf = node_market(hub.url, region="DE", price=0.01)  # cheapest, heartbeats, never opens its channel
+    deaf.heartbeat(uptime=5, sessions=[])
     opened: list = []
     refuse = threading.Event()
     stops = [_serve(fr, opened, refuse), _serve(de, opened)]

@@ -34,6 +34,45 @@ MAX_BODY = 4 << 20
 log = logging.getLogger("idlewire.hub")
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes (declared or streamed) is a 413 before
+    anything parses it."""
+
+    def __init__(self, app, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, limited, send)
+        except _TooLarge:
+            return await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": f"request body over {self.limit} bytes (or a bad Content-Length)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
 class Registration(BaseModel):
     wg_public_key: str = Field(description="the node's WireGuard public key (base64)")
     payout: dict = Field(description="the node-signed payout statement (agent receipts.payout_statement)")
@@ -130,9 +169,9 @@ def create_app(engine, clock=time.time) -> FastAPI:
         where = ".".join(str(x) for x in e.get("loc", ()))
         return JSONResponse({"error": f"{where}: {e.get('msg', 'invalid')}"}, status_code=422)
 
+    app.add_middleware(BodyLimit)
+
     async def signed(request: Request) -> Signed:
-        if int(request.headers.get("content-length") or 0) > MAX_BODY:
-            raise HubError(413, f"request body over {MAX_BODY} bytes")
         body = await request.body()
         path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
         if request.url.query:

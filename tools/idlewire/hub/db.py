@@ -59,6 +59,7 @@ nodes = Table(
     Column("version", String(64), nullable=False),
     Column("registered_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),
+    Column("channel_seen", Float, nullable=False, default=0),  # the node last polled its channel
     Column("uptime", Float, nullable=False, default=0),
     Column("open_sessions", Integer, nullable=False, default=0),
     Column("heartbeats", Integer, nullable=False, default=0),

@@ -8,7 +8,7 @@ import time
 from sqlalchemy import func, select
 
 from . import db
-from .service import LIVE_AFTER
+from .service import CHANNEL_LIVE, LIVE_AFTER
 
 
 def nodes(engine, region: str | None = None, now: float | None = None) -> list[dict]:
@@ -23,29 +23,29 @@ def nodes(engine, region: str | None = None, now: float | None = None) -> list[d
              "reachable": bool(r["endpoint"]), "version": r["version"], "payout_address": r["payout_address"],
              "unit": r["unit"], "open_sessions": r["open_sessions"], "max_sessions": r["max_sessions"],
              "uptime": r["uptime"], "last_seen": r["last_seen"], "online": now - r["last_seen"] < LIVE_AFTER,
+             "channel_open": now - r["channel_seen"] < CHANNEL_LIVE,
              "heartbeats": r["heartbeats"]} for r in rows]
 
 
-def sessions(engine, node: str | None = None, state: str | None = None, limit: int = 100) -> list[dict]:
-    s = db.sessions.c
-    q = select(db.sessions).order_by(s.opened_at.desc()).limit(limit)
-    if node:
-        q = q.where(s.node_id == node)
-    if state:
-        q = q.where(s.state == state)
+def _filtered(engine, cols, table, order, limit: int, **where) -> list:
+    """Rows of `cols`, oldest/newest by `order`, with column == value for each value given."""
+    q = select(*cols).order_by(order).limit(limit)
+    for name, value in where.items():
+        if value:
+            q = q.where(table.c[name] == value)
     with db.read(engine) as conn:
-        return [dict(r) for r in conn.execute(q).mappings()]
+        return list(conn.execute(q).mappings())
+
+
+def sessions(engine, node: str | None = None, state: str | None = None, limit: int = 100) -> list[dict]:
+    t = db.sessions
+    return [dict(r) for r in _filtered(engine, [t], t, t.c.opened_at.desc(), limit, node_id=node, state=state)]
 
 
 def receipts(engine, node: str | None = None, session: str | None = None, limit: int = 100) -> list[dict]:
-    r = db.receipts.c
-    q = select(r.body).order_by(r.id).limit(limit)
-    if node:
-        q = q.where(r.node_id == node)
-    if session:
-        q = q.where(r.session == session)
-    with db.read(engine) as conn:
-        return [json.loads(b) for (b,) in conn.execute(q)]
+    t = db.receipts
+    return [json.loads(r["body"]) for r in _filtered(engine, [t.c.body], t, t.c.id, limit, node_id=node,
+                                                     session=session)]
 
 
 def usage(engine) -> list[dict]:
@@ -61,11 +61,6 @@ def usage(engine) -> list[dict]:
 
 
 def flags(engine, node: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:
-    f = db.flags.c
-    q = select(db.flags).order_by(f.id).limit(limit)
-    if node:
-        q = q.where(f.node_id == node)
-    if kind:
-        q = q.where(f.kind == kind)
-    with db.read(engine) as conn:
-        return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in conn.execute(q).mappings()]
+    t = db.flags
+    return [{**dict(r), "evidence": json.loads(r["evidence"])}
+            for r in _filtered(engine, [t], t, t.c.id, limit, node_id=node, kind=kind)]

@@ -24,8 +24,8 @@ from sqlalchemy.exc import IntegrityError
 from . import db
 
 HEARTBEAT_INTERVAL = 60  # seconds; the node's client (agent market.py) uses the hub's figure from /v1
-LIVE_AFTER = 3 * HEARTBEAT_INTERVAL  # a node heard from within this is offered to buyers
-CHANNEL_LIVE = 90  # ... and only when its channel was polled within this
+LIVE_AFTER = 3 * HEARTBEAT_INTERVAL  # a node heard from within this is listed as online
+CHANNEL_LIVE = 90  # a node is offered to buyers while its channel was polled within this
 CONNECT_TIMEOUT = 15.0  # a buyer's connect waits this long for the node's answer
 MAX_BATCH = 5000  # receipts per upload
 TOLERANCE_PERCENT = agent_config.MeteringConfig().tolerance_percent  # the agent's default
@@ -176,7 +176,7 @@ class Hub:
             done = conn.execute(update(db.nodes).where(db.nodes.c.id == nid).values(**values)).rowcount
             if not done:
                 conn.execute(insert(db.nodes).values(id=nid, node_key=key, registered_at=now, uptime=0,
-                                                     open_sessions=0, heartbeats=0, **values))
+                                                     channel_seen=0, open_sessions=0, heartbeats=0, **values))
         return {"node": nid, "registered": not done, "heartbeat_interval": HEARTBEAT_INTERVAL,
                 "channel": f"/v1/nodes/{nid}/channel"}
 
@@ -227,10 +227,15 @@ class Hub:
         out = []
         with db.write(self.engine) as conn:
             self._node(conn, nid, auth)
-            conn.execute(update(db.nodes).where(db.nodes.c.id == nid).values(last_seen=now))
-            rows = conn.execute(select(db.requests.c.id, db.requests.c.kind, db.requests.c.body).where(
-                db.requests.c.node_id == nid, db.requests.c.state == "queued")).all()
-            for rid, kind, body in rows:
+            conn.execute(update(db.nodes).where(db.nodes.c.id == nid).values(last_seen=now, channel_seen=now))
+            q = db.requests.c
+            rows = conn.execute(select(q.id, q.kind, q.body, q.created).where(
+                q.node_id == nid, q.state == "queued")).all()
+            for rid, kind, body, created in rows:
+                if created < now - CONNECT_TIMEOUT:  # its buyer gave up (or its hub process died)
+                    conn.execute(update(db.requests).where(q.id == rid, q.state == "queued")
+                                 .values(state="expired", answered_at=now))
+                    continue
                 if conn.execute(update(db.requests).where(db.requests.c.id == rid, db.requests.c.state == "queued")
                                 .values(state="delivered", delivered_at=now)).rowcount:
                     out.append({"id": rid, "kind": kind, "body": json.loads(body)})
@@ -283,7 +288,7 @@ class Hub:
     def pick(self, region: str | None, max_price: float | None, exclude: tuple = ()) -> dict | None:
         now = self.clock()
         n = db.nodes.c
-        q = select(db.nodes).where(n.last_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions)
+        q = select(db.nodes).where(n.channel_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions)
         if region:
             q = q.where(n.region == region)
         if max_price is not None:

@@ -44,6 +44,7 @@ def upgrade() -> None:
     sa.Column('version', sa.String(length=64), nullable=False),
     sa.Column('registered_at', sa.Float(), nullable=False),
     sa.Column('last_seen', sa.Float(), nullable=False),
+    sa.Column('channel_seen', sa.Float(), nullable=False),
     sa.Column('uptime', sa.Float(), nullable=False),
     sa.Column('open_sessions', sa.Integer(), nullable=False),
     sa.Column('heartbeats', sa.Integer(), nullable=False),
