@@ -232,6 +232,9 @@ def test_receipts_are_verified_and_stored_once(hub):
     assert m.upload(big)["stored"] == 2
     (s,) = json.loads(cli("sessions", "--hub", hub.url, "--node", m.node_id, "--json").stdout)[:1]
     assert (s["session"], s["up"], s["paid_down"]) == ("big", 6_000_000_000_000, 18_000_000_000_000)
+    # A batch of many short sessions (one receipt each) is one batch like any other.
+    many = [r for i in range(1500) for r in chain(m.key, f"m{i}", 1)]
+    assert m.upload(many)["stored"] == 1500 and m.upload(many)["duplicates"] == 1500
     # A continuation that does not start from what the hub has (no checkpoint) is refused.
     with pytest.raises(MarketError) as exc:
         m.upload(full[5:])

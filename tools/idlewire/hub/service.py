@@ -367,8 +367,10 @@ class Hub:
             self._node(conn, nid, auth)
             r = db.receipts.c
             ranges = [and_(r.session == s, r.seq.between(es[0]["seq"], es[-1]["seq"])) for s, es in by_session.items()]
-            have = {(row.session, row.seq): row.hash for row in conn.execute(
-                select(r.session, r.seq, r.hash).where(r.node_id == nid, or_(*ranges)))}
+            have = {}
+            for i in range(0, len(ranges), 200):  # (SQLite parses a long OR into a tree 1000 deep at most)
+                have.update({(row.session, row.seq): row.hash for row in conn.execute(
+                    select(r.session, r.seq, r.hash).where(r.node_id == nid, or_(*ranges[i:i + 200])))})
             rows, touched = [], {}
             for sid, es in by_session.items():
                 for e in es:
