@@ -26,16 +26,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PortTaken(RuntimeError):
+    pass
+
+
 class HubProc:
     """`idlewire hub serve` as a real process (uvicorn) on 127.0.0.1."""
 
     def __init__(self, db_url: str, port: int | None = None, log: Path | None = None, workers: int = 1):
         self.db_url, self.port, self.workers = db_url, port or free_port(), workers
+        self.fixed_port = port is not None
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or Path(tempfile.mkstemp(prefix="hub-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> HubProc:
+        for _ in range(5):
+            try:
+                return self._start(timeout)
+            except PortTaken:  # another test on this machine took the free port first
+                if self.fixed_port:
+                    raise
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
+        raise RuntimeError("no free port for the hub after 5 tries")
+
+    def _start(self, timeout: float) -> HubProc:
+        start = self.log.stat().st_size if self.log.exists() else 0
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}:{ROOT / 'agent'}"}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "idlewire", "hub", "serve", "--db", self.db_url,
@@ -45,7 +62,10 @@ class HubProc:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"hub exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                text = self.log.read_text()[start:]
+                if "address already in use" in text:
+                    raise PortTaken(text)
+                raise RuntimeError(f"hub exited {self.proc.returncode}: {text[-2000:]}")
             with contextlib.suppress(OSError), urllib.request.urlopen(self.url + "/v1", timeout=2) as r:  # noqa: S310
                 json.load(r)
                 return self

@@ -87,6 +87,8 @@ def test_node_registers_heartbeats_and_is_listed(hub):
     paths = json.loads(c.getresponse().read())["paths"]
     c.close()
     assert {"/v1/nodes", "/v1/nodes/{nid}/heartbeat", "/v1/nodes/{nid}/channel", "/v1/connect"} <= set(paths)
+    status, ans = raw(hub.url, "GET", "/v1/nothing", b"", {})
+    assert status == 404 and ans == {"error": "Not Found (the API: /docs, /openapi.json)"}
     # A body too large for any request is refused before it is read whole, declared or streamed.
     huge = b'{"receipts": [' + b'{"v": 1},' * 600_000 + b'{}]}'
     status, ans = raw(hub.url, "POST", f"/v1/nodes/{m.node_id}/receipts", huge, {})
@@ -288,6 +290,7 @@ def test_hub_killed_mid_upload_stores_every_receipt_once(hub):
         m.upload(m.batch_for(full[:200], 100))
     hub.start()
     m.close()
+    m.netloc = hub.url.split("//")[1]  # (the same port, unless another test took it meanwhile)
     # It resends from what it last knew to be stored, then goes on.
     out = m.upload(m.batch_for(full[:200], 100))
     assert out["stored"] + out["duplicates"] == 100
@@ -298,8 +301,9 @@ def test_hub_killed_mid_upload_stores_every_receipt_once(hub):
 
 
 def test_bad_db_and_listen_are_one_line_errors(tmp_path):
-    out = cli("serve", "--db", "postgresql://nobody@127.0.0.1:1/none", "--listen", "127.0.0.1:1")
+    out = cli("serve", "--db", "postgresql://nobody:s3cret@127.0.0.1:1/none", "--listen", "127.0.0.1:1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "cannot open the hub database" in out.stderr
+    assert "s3cret" not in out.stderr and "nobody:***@" in out.stderr
     out = cli("serve", "--db", str(tmp_path / "h.sqlite"), "--listen", "nowhere")
     assert out.returncode == 2 and "--listen 'nowhere': expected ADDRESS:PORT" in out.stderr
     out = cli("nodes", "--hub", "http://127.0.0.1:1")

@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from . import queries
@@ -162,6 +163,10 @@ def create_app(engine, clock=time.time) -> FastAPI:
     @app.exception_handler(HubError)
     async def _hub_error(_request, exc: HubError):
         return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        return JSONResponse({"error": f"{exc.detail} (the API: /docs, /openapi.json)"}, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, exc: RequestValidationError):

@@ -24,6 +24,17 @@ def _listen(text: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
+def _shown(url: str) -> str:
+    """The database URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
 def open_db(url: str | None, migrate: bool = True):
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -36,9 +47,10 @@ def open_db(url: str | None, migrate: bool = True):
             db.migrate(engine)
     except (SQLAlchemyError, OSError) as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise UserError(f"--db {url}: cannot open the hub database: {reason}") from None
+        raise UserError(f"--db {_shown(url)}: cannot open the hub database: {reason}") from None
     except ModuleNotFoundError as exc:
-        raise UserError(f"--db {url}: the driver {exc.name} is missing (pip install 'psycopg[binary]')") from None
+        raise UserError(f"--db {_shown(url)}: the driver {exc.name} is missing "
+                        "(pip install 'psycopg[binary]')") from None
     return engine
 
 
@@ -96,6 +108,8 @@ def register(app: App) -> None:
         workers: Annotated[int, Opt("--workers", min=1, max=64, help="Processes serving the API (default 1). "
                                     "They share nothing but the database: one per core verifies receipts on "
                                     "every core.")] = 1,
+        as_json: Annotated[bool, Opt("--json", help="Print one JSON line when serving starts (URL, schema, "
+                                     "database without password), for scripts.")] = False,
     ):
         """Run the hub: migrate the database, then serve the API (schema at /openapi.json, docs at /docs).
 
@@ -117,6 +131,10 @@ def register(app: App) -> None:
 
         from .app import create_app
 
+        if as_json:
+            base = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+            print(json.dumps({"url": base, "openapi": base + "/openapi.json", "db": _shown(url),
+                              "workers": workers}), flush=True)
         opts = {"host": host, "port": port, "log_level": log_level, "access_log": False, "timeout_keep_alive": 75}
         try:
             if workers == 1:
