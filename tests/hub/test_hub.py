@@ -1,0 +1,310 @@
+"""`idlewire hub` as a real process on loopback, on SQLite and on a real PostgreSQL: registration,
+heartbeats, the node's channel, buyers, receipts — and what an attacker or a crash does to them."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hublab import ROOT, HubProc
+from idlewire_agent import receipts as rc
+from idlewire_agent.keys import wg_keypair
+from idlewire_agent.market import Market, MarketError
+
+CAPS = {"up_mbit": 10, "down_mbit": 50, "max_sessions": 4, "monthly_gb": 500}
+
+
+@pytest.fixture
+def hub(db_url, tmp_path):
+    with HubProc(db_url, log=tmp_path / "hub.log") as h:
+        yield h
+
+
+def node_market(url: str, key=None, region: str = "DE", price: float = 0.5) -> Market:
+    key = key or Ed25519PrivateKey.generate()
+    m = Market(url, key)
+    m.register(wg_public_key=wg_keypair()[1], payout=rc.payout_statement(key, "bc1qowner0001", "unit-1"),
+               region=region, caps=CAPS, price_per_gb=price, endpoint="203.0.113.7:51820", version="0.1.0")
+    return m
+
+
+def chain(key, session: str, n: int, start: int = 1, prev: str = rc.GENESIS, buyer_key=None, step: int = 1000,
+          cosign: bool = True, buyer_factor: float = 1.0) -> list[dict]:
+    buyer_key = buyer_key or Ed25519PrivateKey.generate()
+    out = []
+    for seq in range(start, start + n):
+        up, down, t = seq * step, seq * step * 3, 1_700_000_000 + seq
+        stmt = rc.sign_usage(buyer_key, session, int(up * buyer_factor), int(down * buyer_factor), t) if cosign \
+            else None
+        r = rc.make_receipt(key, session, seq, up, down, t, prev, stmt)
+        prev = rc.receipt_hash(r)
+        out.append(r)
+    return out
+
+
+def one_line(exc: MarketError) -> str:
+    assert "\n" not in exc.reason and exc.reason, exc.reason
+    return exc.reason
+
+
+def raw(url: str, method: str, path: str, body: bytes, headers: dict) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(url.split("//")[1], timeout=10)
+    conn.request(method, path, body=body, headers={**headers, "Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data = json.loads(resp.read() or b"{}")
+    conn.close()
+    return resp.status, data
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}:{ROOT / 'agent'}"}
+    return subprocess.run([sys.executable, "-m", "idlewire", "hub", *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+# --- registration and heartbeats -----------------------------------------------------------------
+def test_node_registers_heartbeats_and_is_listed(hub):
+    m = node_market(hub.url)
+    out = m.heartbeat(uptime=12.5, caps=CAPS, sessions=[{"session": "a" * 16, "head": "b" * 64}])
+    assert out["ok"]
+    listed = cli("nodes", "--db", hub.db_url, "--json")
+    assert listed.returncode == 0, listed.stderr
+    (node,) = json.loads(listed.stdout)
+    assert node["id"] == m.node_id and node["region"] == "DE" and node["online"]
+    assert node["open_sessions"] == 1 and node["uptime"] == 12.5 and node["payout_address"] == "bc1qowner0001"
+    sessions = json.loads(cli("sessions", "--hub", hub.url, "--json").stdout)
+    assert [(s["session"], s["head"]) for s in sessions] == [("a" * 16, "b" * 64)]
+    # The schema is published.
+    c = http.client.HTTPConnection(f"127.0.0.1:{hub.port}", timeout=10)
+    c.request("GET", "/openapi.json")
+    paths = json.loads(c.getresponse().read())["paths"]
+    c.close()
+    assert {"/v1/nodes", "/v1/nodes/{nid}/heartbeat", "/v1/nodes/{nid}/channel", "/v1/connect"} <= set(paths)
+    status, ans = raw(hub.url, "GET", "/v1/nothing", b"", {})
+    assert status == 404 and ans == {"error": "Not Found (the API: /docs, /openapi.json)"}
+    # A body too large for any request is refused before it is read whole, declared or streamed.
+    huge = b'{"receipts": [' + b'{"v": 1},' * 600_000 + b'{}]}'
+    status, ans = raw(hub.url, "POST", f"/v1/nodes/{m.node_id}/receipts", huge, {})
+    assert status == 413 and "request body over" in ans["error"]
+    c = http.client.HTTPConnection(f"127.0.0.1:{hub.port}", timeout=10)
+    c.putrequest("POST", f"/v1/nodes/{m.node_id}/receipts")
+    c.putheader("Transfer-Encoding", "chunked")
+    c.endheaders()
+    try:
+        for _ in range(100):
+            c.send(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+        c.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # the hub may close the connection once it has refused
+    assert c.getresponse().status == 413
+    c.close()
+
+
+def test_forged_registrations_are_refused(hub):
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    body = {"wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(key, "bc1qowner0001"), "region": "DE",
+            "caps": CAPS, "price_per_gb": 0.5, "endpoint": "", "version": "0.1.0"}
+    data = json.dumps(body).encode()
+    # Signed by one key, claiming to be another.
+    h = rc.sign_request(other, "POST", "/v1/nodes", data, int(time.time()), os.urandom(16).hex())
+    h["X-Idlewire-Key"] = rc.pub_b64(key)
+    status, ans = raw(hub.url, "POST", "/v1/nodes", data, h)
+    assert status == 401 and "not a valid signature" in ans["error"]
+    # Signed correctly, then the body altered (another payout address).
+    h = rc.sign_request(key, "POST", "/v1/nodes", data, int(time.time()), os.urandom(16).hex())
+    status, ans = raw(hub.url, "POST", "/v1/nodes", data.replace(b'"DE"', b'"FR"'), h)
+    assert status == 401
+    # Someone else's payout statement, own signature on the request.
+    m = Market(hub.url, other)
+    with pytest.raises(MarketError) as exc:
+        m.register(wg_public_key=body["wg_public_key"], payout=body["payout"], region="DE", caps=CAPS,
+                   price_per_gb=0.5, endpoint="", version="0.1.0")
+    assert exc.value.status == 403 and "payout" in one_line(exc.value)
+    # Not signed at all; a region that is no country; caps the node could not have.
+    status, ans = raw(hub.url, "POST", "/v1/nodes", data, {})
+    assert status == 401 and "unsigned" in ans["error"]
+    m = Market(hub.url, key)
+    for bad, word in (({"region": "XX"}, "region"), ({"caps": {**CAPS, "up_mbit": -1}}, "caps.up_mbit"),
+                      ({"endpoint": "host:99999"}, "endpoint"), ({"wg_public_key": "x"}, "wg_public_key")):
+        with pytest.raises(MarketError) as exc:
+            m.register(**{**{k: body[k] for k in body}, **bad})
+        assert exc.value.status == 422 and word in one_line(exc.value)
+    assert json.loads(cli("nodes", "--db", hub.db_url, "--json").stdout) == []
+
+
+def test_replayed_and_stale_heartbeats_are_refused(hub):
+    m = node_market(hub.url)
+    path = f"/v1/nodes/{m.node_id}/heartbeat"
+    data = json.dumps({"uptime": 1, "sessions": []}).encode()
+    h = rc.sign_request(m.key, "POST", path, data, int(time.time()), os.urandom(16).hex())
+    assert raw(hub.url, "POST", path, data, h)[0] == 200
+    status, ans = raw(hub.url, "POST", path, data, h)
+    assert status == 401 and ans["error"] == "X-Idlewire-Nonce: already used (replayed request)"
+    # A replay to a second hub process on the same database is refused too (nonces live in the DB).
+    with HubProc(hub.db_url) as second:
+        status, ans = raw(second.url, "POST", path, data, h)
+    assert status == 401 and "replayed" in ans["error"]
+    h = rc.sign_request(m.key, "POST", path, data, int(time.time()) - 1000, os.urandom(16).hex())
+    status, ans = raw(hub.url, "POST", path, data, h)
+    assert status == 401 and "stale request (-1000 s" in ans["error"]
+    # Another node's key cannot heartbeat for this node.
+    intruder = node_market(hub.url)
+    intruder.node_id = m.node_id
+    with pytest.raises(MarketError) as exc:
+        intruder.heartbeat(uptime=1, sessions=[])
+    assert exc.value.status == 403 and "another key" in one_line(exc.value)
+
+
+# --- buyers through the node's channel -------------------------------------------------------------
+def _serve(m: Market, opened: list, refuse: threading.Event | None = None):
+    def open_session(buyer_key, wg_key):
+        if refuse is not None and refuse.is_set():
+            raise RuntimeError("the node has its maximum of 4 sessions open")
+        sid = os.urandom(8).hex()
+        opened.append((buyer_key, wg_key, sid))
+        return {"session": sid, "address": "10.99.0.2/32", "node_key": rc.pub_b64(m.key)}
+
+    stop = threading.Event()
+    t = threading.Thread(target=m.serve, args=(open_session, stop), kwargs={"wait": 2, "retry": 0.2}, daemon=True)
+    t.start()
+    return stop, t
+
+
+def test_buyer_is_sent_to_a_node_over_the_channel_it_opened(hub):
+    fr = node_market(hub.url, region="FR", price=0.2)
+    de = node_market(hub.url, region="DE", price=0.9)
+    deaf = node_market(hub.url, region="DE", price=0.01)  # cheapest, heartbeats, never opens its channel
+    deaf.heartbeat(uptime=5, sessions=[])
+    opened: list = []
+    refuse = threading.Event()
+    stops = [_serve(fr, opened, refuse), _serve(de, opened)]
+    buyer = Market(hub.url, Ed25519PrivateKey.generate())
+    wg = wg_keypair()[1]
+    try:
+        # Requests may come through another hub process than the one the node polls.
+        with HubProc(hub.db_url) as second:
+            got = Market(second.url, buyer.key).request("POST", "/v1/connect", {"wg_public_key": wg, "region": "DE"})
+        assert got["node"] == de.node_id and got["endpoint"] == "203.0.113.7:51820"
+        assert opened[-1] == (rc.pub_b64(buyer.key), wg, got["session"]["session"])
+        cheapest = buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1]})
+        assert cheapest["node"] == fr.node_id
+        with pytest.raises(MarketError) as exc:
+            buyer.request("POST", "/v1/connect", {"wg_public_key": wg, "region": "JP"})
+        assert exc.value.status == 503 and "region JP" in one_line(exc.value)
+        refuse.set()  # the node's own refusal reaches the buyer as one line
+        with pytest.raises(MarketError) as exc:
+            buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1], "region": "FR"})
+        assert exc.value.status == 502 and one_line(exc.value) == (
+            f"node {fr.node_id} refused the session: the node has its maximum of 4 sessions open")
+    finally:
+        for stop, t in stops:
+            stop.set()
+            t.join(10)
+    sessions = json.loads(cli("sessions", "--db", hub.db_url, "--json").stdout)
+    assert {s["buyer_key"] for s in sessions} == {rc.pub_b64(buyer.key)}
+    assert len(sessions) == 2
+
+
+# --- receipts ---------------------------------------------------------------------------------
+def test_receipts_are_verified_and_stored_once(hub):
+    m = node_market(hub.url)
+    full = chain(m.key, "s1", 10)
+    first = m.upload(m.batch_for(full[:5], 0))
+    assert first == {"stored": 5, "duplicates": 0, "flags": []}
+    second = m.upload(m.batch_for(full, 5))  # checkpoint of #5, then 6..10
+    assert second["stored"] == 5 and second["flags"] == []
+    again = m.upload(full)
+    assert again == {"stored": 0, "duplicates": 10, "flags": []}
+    stored = cli("receipts", "--db", hub.db_url, "--session", "s1", "--limit", "1000")
+    assert [json.loads(line) for line in stored.stdout.splitlines()] == full
+    usage = json.loads(cli("usage", "--db", hub.db_url, "--json").stdout)
+    assert usage == [{"node": m.node_id, "sessions": 1, "node_bytes": 40000, "verified_bytes": 40000, "flags": 0}]
+    assert subprocess.run([sys.executable, "-m", "idlewire", "receipts", "verify", "/dev/stdin"], input=stored.stdout,
+                          text=True, capture_output=True, env={**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}"
+                                                               f":{ROOT / 'agent'}"}).returncode == 0
+    # Byte counts past 32 bits (a long session moves terabytes) are stored exactly.
+    big = chain(m.key, "big", 2, step=3_000_000_000_000)
+    assert m.upload(big)["stored"] == 2
+    (s,) = json.loads(cli("sessions", "--hub", hub.url, "--node", m.node_id, "--json").stdout)[:1]
+    assert (s["session"], s["up"], s["paid_down"]) == ("big", 6_000_000_000_000, 18_000_000_000_000)
+    # A batch of many short sessions (one receipt each) is one batch like any other.
+    many = [r for i in range(1500) for r in chain(m.key, f"m{i}", 1)]
+    assert m.upload(many)["stored"] == 1500 and m.upload(many)["duplicates"] == 1500
+    # A continuation that does not start from what the hub has (no checkpoint) is refused.
+    with pytest.raises(MarketError) as exc:
+        m.upload(full[5:])
+    assert exc.value.status == 422 and "receipt #1 (session s1, seq 6)" in one_line(exc.value)
+    # Tampered: bytes raised after signing.
+    bad = chain(m.key, "s2", 3)
+    bad[1]["down"] += 1
+    with pytest.raises(MarketError) as exc:
+        m.upload(bad)
+    assert exc.value.status == 422 and "bad node signature" in one_line(exc.value)
+    # Someone else's receipts uploaded under this node.
+    with pytest.raises(MarketError) as exc:
+        m.upload(chain(Ed25519PrivateKey.generate(), "s3", 2))
+    assert exc.value.status == 422 and "another node key" in one_line(exc.value)
+
+
+def test_equivocation_disagreement_and_missing_cosignature_are_flagged(hub):
+    m = node_market(hub.url)
+    honest = chain(m.key, "s1", 4)
+    m.upload(honest)
+    forked = chain(m.key, "s1", 4, step=5000)  # the same session and seqs, other bytes, node-signed
+    out = m.upload(forked)
+    assert out["stored"] == 0
+    assert [(f["seq"], f["kind"]) for f in out["flags"]] == [(1, "equivocation")]
+    flags = json.loads(cli("flags", "--db", hub.db_url, "--kind", "equivocation", "--json").stdout)
+    assert [e["up"] for e in flags[0]["evidence"]] == [1000, 5000]  # both receipts kept as evidence
+    assert rc.verify([flags[0]["evidence"][1]], rc.pub_b64(m.key)) is None
+    out = m.upload(chain(m.key, "s2", 3, buyer_factor=0.5, step=1_000_000))
+    assert out["stored"] == 3 and {f["kind"] for f in out["flags"]} == {"disagreement"}
+    out = m.upload(chain(m.key, "s3", 2, cosign=False))
+    assert out["stored"] == 2 and [f["kind"] for f in out["flags"]] == ["uncosigned", "uncosigned"]
+    usage = {u["node"]: u for u in json.loads(cli("usage", "--hub", hub.url, "--json").stdout)}
+    # s1 (honest, 16 kB), s2 (the buyer signed half of 12 MB), s3: nothing co-signed
+    assert usage[m.node_id]["verified_bytes"] == 16_000 + 6_000_000
+    assert usage[m.node_id]["flags"] == 1 + 3
+
+
+def test_hub_killed_mid_upload_stores_every_receipt_once(hub):
+    m = node_market(hub.url)
+    full = chain(m.key, "s1", 300)
+    m.upload(m.batch_for(full[:100], 0))
+    # The next batch is in flight when the hub dies: the node does not know whether it was stored.
+    body = json.dumps({"receipts": m.batch_for(full[:200], 100)}).encode()
+    path = f"/v1/nodes/{m.node_id}/receipts"
+    h = rc.sign_request(m.key, "POST", path, body, int(time.time()), os.urandom(16).hex())
+    conn = http.client.HTTPConnection(f"127.0.0.1:{hub.port}", timeout=10)
+    conn.request("POST", path, body=body, headers=h)
+    hub.kill()
+    conn.close()
+    with pytest.raises(MarketError):
+        m.upload(m.batch_for(full[:200], 100))
+    hub.start()
+    m.close()
+    m.netloc = hub.url.split("//")[1]  # (the same port, unless another test took it meanwhile)
+    # It resends from what it last knew to be stored, then goes on.
+    out = m.upload(m.batch_for(full[:200], 100))
+    assert out["stored"] + out["duplicates"] == 100
+    assert m.upload(m.batch_for(full, 200))["stored"] == 100
+    assert m.upload(full)["duplicates"] == 300
+    stored = cli("receipts", "--db", hub.db_url, "--session", "s1", "--limit", "1000", "--json")
+    assert json.loads(stored.stdout) == full
+
+
+def test_bad_db_and_listen_are_one_line_errors(tmp_path):
+    out = cli("serve", "--db", "postgresql://nobody:s3cret@127.0.0.1:1/none", "--listen", "127.0.0.1:1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "cannot open the hub database" in out.stderr
+    assert "s3cret" not in out.stderr and "nobody:***@" in out.stderr
+    out = cli("serve", "--db", str(tmp_path / "h.sqlite"), "--listen", "nowhere")
+    assert out.returncode == 2 and "--listen 'nowhere': expected ADDRESS:PORT" in out.stderr
+    out = cli("nodes", "--hub", "http://127.0.0.1:1")
+    assert out.returncode == 2 and "cannot reach the hub" in out.stderr

@@ -1,0 +1,276 @@
+"""The hub's HTTP API (FastAPI on uvicorn); the OpenAPI schema is served at /openapi.json.
+
+    POST /v1/nodes                          node    register (or update) the node
+    POST /v1/nodes/{id}/heartbeat           node    uptime, caps in force, open sessions + ledger heads
+    GET  /v1/nodes/{id}/channel?wait=S      node    long poll: requests for the node (open a session)
+    POST /v1/nodes/{id}/requests/{rid}      node    the node's answer to one request
+    POST /v1/nodes/{id}/receipts            node    a batch of co-signed receipts
+    POST /v1/connect                        buyer   pick a node, ask it over its channel, return its answer
+    GET  /v1/nodes | /v1/sessions | /v1/receipts | /v1/usage | /v1/flags   open   listings
+
+Node and buyer requests are signed as the node's own API wants buyers to sign (agent
+receipts.sign_request: X-Idlewire-Key/-Time/-Nonce/-Signature over method, path with query, time,
+nonce and body hash). A refusal is a 4xx whose JSON body is {"error": ONE LINE}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from . import queries
+from .service import CONNECT_TIMEOUT, Hub, HubError, Signed
+
+MAX_BODY = 4 << 20
+log = logging.getLogger("idlewire.hub")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes (declared or streamed) is a 413 before
+    anything parses it."""
+
+    def __init__(self, app, limit: int = MAX_BODY):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            return await self._refuse(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            return await self.app(scope, limited, send)
+        except _TooLarge:
+            return await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": f"request body over {self.limit} bytes (or a bad Content-Length)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class Registration(BaseModel):
+    wg_public_key: str = Field(description="the node's WireGuard public key (base64)")
+    payout: dict = Field(description="the node-signed payout statement (agent receipts.payout_statement)")
+    region: str = Field(min_length=2, max_length=2, description="ISO 3166-1 alpha-2 country code")
+    location: str = Field("", max_length=64, pattern=r"^[\w .,'()-]*$", description="optional coarse location")
+    caps: dict = Field(description="caps in force: up_mbit, down_mbit, max_sessions, monthly_gb")
+    price_per_gb: float = Field(ge=0, le=1e6)
+    endpoint: str = Field("", max_length=300, description="HOST:PORT of the node's WireGuard, \"\" if unreachable")
+    version: str = Field(max_length=64, pattern=r"^[\w.+-]*$")
+
+
+class OpenSession(BaseModel):
+    session: str = Field(max_length=64)
+    head: str = Field("", max_length=64, description="SHA-256 hex of the session's newest receipt")
+
+
+class Heartbeat(BaseModel):
+    uptime: float = Field(ge=0, description="seconds since the agent started")
+    caps: dict | None = None
+    sessions: list[OpenSession] = Field(default_factory=list, max_length=4096)
+
+
+class Answer(BaseModel):
+    ok: bool
+    result: dict | None = None
+    error: str | None = Field(None, max_length=300)
+
+
+class Connect(BaseModel):
+    wg_public_key: str = Field(max_length=64)
+    region: str | None = Field(None, min_length=2, max_length=2)
+    max_price: float | None = Field(None, ge=0)
+
+
+class Batch(BaseModel):
+    receipts: list[dict] = Field(description="receipts and checkpoints in chain order (agent receipts format)")
+
+
+class Waker:
+    """Wakes this process's long polls when the database says so: one query per tick for all of
+    them (not one per waiting node), whichever hub process queued or answered the request. The
+    waiters are this process's own connections; nothing here is needed by another process."""
+
+    def __init__(self, hub: Hub, tick: float = 0.05):
+        self.hub, self.tick = hub, tick
+        self.nodes: dict[str, set[asyncio.Event]] = {}  # node id -> its channel polls waiting here
+        self.requests: dict[str, set[asyncio.Event]] = {}  # request id -> buyers waiting for the answer
+        self.task: asyncio.Task | None = None
+
+    async def wait(self, table: dict, key: str, timeout: float) -> None:
+        ev = asyncio.Event()
+        table.setdefault(key, set()).add(ev)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiting = table.get(key)
+            if waiting is not None:
+                waiting.discard(ev)
+                if not waiting:
+                    del table[key]
+
+    async def _run(self) -> None:
+        while self.nodes or self.requests:
+            await asyncio.sleep(self.tick)
+            try:
+                nodes, reqs = await run_in_threadpool(self.hub.ready, set(self.nodes), list(self.requests))
+            except Exception as exc:  # the database away for a moment: the polls time out and retry
+                log.warning("waking long polls: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                continue
+            for table, keys in ((self.nodes, nodes), (self.requests, reqs)):
+                for k in keys:
+                    for ev in table.get(k, ()):
+                        ev.set()
+
+
+def create_app(engine, clock=time.time) -> FastAPI:
+    hub = Hub(engine, clock)
+    waker = Waker(hub)
+    app = FastAPI(title="idlewire hub", version=__version__,
+                  description="The reference marketplace: nodes register and heartbeat, buyers are sent to "
+                              "them over a channel the node opened, receipts are verified and stored.")
+
+    @app.exception_handler(HubError)
+    async def _hub_error(_request, exc: HubError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        return JSONResponse({"error": f"{exc.detail} (the API: /docs, /openapi.json)"}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, exc: RequestValidationError):
+        e = exc.errors()[0]
+        where = ".".join(str(x) for x in e.get("loc", ()))
+        return JSONResponse({"error": f"{where}: {e.get('msg', 'invalid')}"}, status_code=422)
+
+    app.add_middleware(BodyLimit)
+
+    async def signed(request: Request) -> Signed:
+        body = await request.body()
+        path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
+        if request.url.query:
+            path += "?" + request.url.query
+        return hub.authenticate(request.headers, request.method, path, body)
+
+    @app.get("/v1", summary="What this hub is")
+    def info():
+        return {"hub": "idlewire", "version": __version__, "heartbeat_interval": 60}
+
+    @app.post("/v1/nodes", summary="Register or update a node (signed by the node key)")
+    async def register(request: Request, body: Registration):
+        auth = await signed(request)
+        return await run_in_threadpool(hub.register, auth, body.model_dump())
+
+    @app.post("/v1/nodes/{nid}/heartbeat", summary="Heartbeat (signed by the node key)")
+    async def heartbeat(request: Request, nid: str, body: Heartbeat):
+        auth = await signed(request)
+        return await run_in_threadpool(hub.heartbeat, nid, auth, body.model_dump())
+
+    @app.get("/v1/nodes/{nid}/channel", summary="Long poll for requests to the node (signed by the node key)")
+    async def channel(request: Request, nid: str, wait: float = Query(25, ge=0, le=60)):
+        auth = await signed(request)
+        deadline = time.monotonic() + wait
+        while True:
+            got = await run_in_threadpool(hub.claim, nid, auth)
+            left = deadline - time.monotonic()
+            if got or left <= 0:
+                return {"requests": got}
+            await waker.wait(waker.nodes, nid, left)
+
+    @app.post("/v1/nodes/{nid}/requests/{rid}", summary="The node's answer to a request (signed by the node key)")
+    async def answer(request: Request, nid: str, rid: str, body: Answer):
+        auth = await signed(request)
+        return await run_in_threadpool(hub.answer, nid, auth, rid, body.model_dump())
+
+    @app.post("/v1/nodes/{nid}/receipts", summary="Upload a batch of co-signed receipts (signed by the node key)",
+              openapi_extra={"requestBody": {"content": {"application/json": {
+                  "schema": Batch.model_json_schema()}}, "required": True}})
+    async def upload(request: Request, nid: str):
+        auth = await signed(request)
+        try:
+            data = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise HubError(400, "body: not JSON; expected {\"receipts\": [...]}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("receipts"), list):
+            raise HubError(422, "body: expected {\"receipts\": [...]}")
+        return await run_in_threadpool(hub.store_receipts, nid, auth, data["receipts"])
+
+    @app.post("/v1/connect", summary="A buyer asks for a session (signed by the buyer key)")
+    async def connect(request: Request, body: Connect):
+        auth = await signed(request)
+        rid, node = await run_in_threadpool(hub.queue_open, auth, body.model_dump())
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        while (out := await run_in_threadpool(hub.outcome, rid)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if await run_in_threadpool(hub.expire, rid):
+                    raise HubError(504, f"node {node['id']} did not answer within {CONNECT_TIMEOUT:g} s; try again")
+                continue  # answered just now
+            await waker.wait(waker.requests, rid, left)
+        if out["state"] != "answered":
+            raise HubError(502, f"node {node['id']} refused the session: {(out['result'] or {}).get('error')}")
+        return {"node": node["id"], "node_key": node["node_key"], "wg_public_key": node["wg_key"],
+                "endpoint": node["endpoint"], "region": node["region"], "price_per_gb": node["price_per_gb"],
+                "session": out["result"]}
+
+    @app.get("/v1/nodes", summary="Registered nodes")
+    def list_nodes(region: str | None = None):
+        return queries.nodes(engine, region=region, now=clock())
+
+    @app.get("/v1/sessions", summary="Sessions")
+    def list_sessions(node: str | None = None, state: str | None = None, limit: int = Query(100, ge=1, le=10000)):
+        return queries.sessions(engine, node=node, state=state, limit=limit)
+
+    @app.get("/v1/receipts", summary="Stored receipts")
+    def list_receipts(node: str | None = None, session: str | None = None,
+                      limit: int = Query(100, ge=1, le=10000)):
+        return queries.receipts(engine, node=node, session=session, limit=limit)
+
+    @app.get("/v1/usage", summary="Verified usage per node")
+    def usage():
+        return queries.usage(engine)
+
+    @app.get("/v1/flags", summary="Flags: equivocation, disagreement, receipts without a buyer co-signature")
+    def list_flags(node: str | None = None, kind: str | None = None, limit: int = Query(100, ge=1, le=10000)):
+        return queries.flags(engine, node=node, kind=kind, limit=limit)
+
+    return app
+
+
+def from_env() -> FastAPI:
+    """The app for each of `idlewire hub serve --workers N`'s processes: the database from
+    $IDLEWIRE_HUB_DB (the parent migrated it before starting them)."""
+    from . import db
+
+    return create_app(db.make_engine(db.default_url()))

@@ -1,0 +1,219 @@
+"""The hub's database: tables (SQLAlchemy Core), engine set-up and Alembic migrations at start.
+
+One schema for SQLite (the default, a file) and PostgreSQL. The tables are the hub's whole state:
+nonces of signed requests (replay protection shared by every hub process), nodes, channel requests
+(buyer → node, over the channel the node keeps open), sessions, receipts and flags.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+ID = BigInteger().with_variant(Integer, "sqlite")  # SQLite numbers rows only for INTEGER PRIMARY KEY
+
+nonces = Table(
+    "nonces", metadata,
+    Column("key", String(64), nullable=False),
+    Column("nonce", String(64), nullable=False),
+    Column("expires", Float, nullable=False),
+    PrimaryKeyConstraint("key", "nonce", name="nonces_pk"),
+    Index("nonces_expires", "expires"),
+)
+
+nodes = Table(
+    "nodes", metadata,
+    Column("id", String(20), primary_key=True),  # hub's short id: sha256(node key) hex, first 20
+    Column("node_key", String(64), nullable=False, unique=True),
+    Column("wg_key", String(64), nullable=False),
+    Column("payout", Text, nullable=False),  # the node-signed payout statement, JSON
+    Column("payout_address", String(128), nullable=False),
+    Column("unit", String(64), nullable=False, default=""),
+    Column("region", String(2), nullable=False),
+    Column("location", String(64), nullable=False, default=""),
+    Column("caps", Text, nullable=False),  # JSON: the caps in force (agent config.UNIT_CAPS)
+    Column("max_sessions", Integer, nullable=False),
+    Column("price_per_gb", Float, nullable=False),
+    Column("endpoint", String(300), nullable=False),  # host:port buyers reach WireGuard at, "" = none
+    Column("version", String(64), nullable=False),
+    Column("registered_at", Float, nullable=False),
+    Column("last_seen", Float, nullable=False),
+    Column("channel_seen", Float, nullable=False, default=0),  # the node last polled its channel
+    Column("uptime", Float, nullable=False, default=0),
+    Column("open_sessions", Integer, nullable=False, default=0),
+    Column("heartbeats", Integer, nullable=False, default=0),
+    Index("nodes_region", "region", "last_seen"),
+)
+
+requests = Table(
+    "requests", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("node_id", String(20), nullable=False),
+    Column("kind", String(16), nullable=False),  # "open"
+    Column("buyer_key", String(64), nullable=False),
+    Column("body", Text, nullable=False),  # JSON sent to the node
+    Column("state", String(12), nullable=False),  # queued, delivered, answered, failed, expired
+    Column("created", Float, nullable=False),
+    Column("delivered_at", Float),
+    Column("answered_at", Float),
+    Column("result", Text),  # JSON from the node
+    Index("requests_node_state", "node_id", "state"),
+    Index("requests_state", "state"),
+)
+
+sessions = Table(
+    "sessions", metadata,
+    Column("node_id", String(20), nullable=False),
+    Column("session", String(64), nullable=False),
+    Column("buyer_key", String(64), nullable=False, default=""),
+    Column("request_id", String(32)),
+    Column("state", String(12), nullable=False),  # open, closed
+    Column("opened_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("head", String(64), nullable=False, default=""),  # newest receipt hash the node reported
+    Column("stored_seq", Integer, nullable=False, default=0),  # newest receipt seq stored here
+    Column("up", BigInteger, nullable=False, default=0),  # node's count in the newest receipt
+    Column("down", BigInteger, nullable=False, default=0),
+    Column("paid_up", BigInteger, nullable=False, default=0),  # buyer-co-signed figures
+    Column("paid_down", BigInteger, nullable=False, default=0),
+    PrimaryKeyConstraint("node_id", "session", name="sessions_pk"),
+)
+
+receipts = Table(
+    "receipts", metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("node_id", String(20), nullable=False),
+    Column("session", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("hash", String(64), nullable=False),
+    Column("kind", String(12), nullable=False),  # receipt, checkpoint
+    Column("up", BigInteger, nullable=False),
+    Column("down", BigInteger, nullable=False),
+    Column("time", BigInteger, nullable=False),
+    Column("cosigned", Boolean, nullable=False),
+    Column("buyer_up", BigInteger),
+    Column("buyer_down", BigInteger),
+    Column("body", Text, nullable=False),
+    Column("stored_at", Float, nullable=False),
+    UniqueConstraint("node_id", "session", "seq", name="receipts_session_seq"),
+)
+
+flags = Table(
+    "flags", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("node_id", String(20), nullable=False),
+    Column("session", String(64), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("kind", String(24), nullable=False),  # equivocation, disagreement, uncosigned
+    Column("detail", Text, nullable=False),
+    Column("evidence", Text, nullable=False),  # JSON: the receipts that show it
+    Column("created", Float, nullable=False),
+    UniqueConstraint("node_id", "session", "seq", "kind", name="flags_once"),
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def default_url() -> str:
+    """$IDLEWIRE_HUB_DB, else a SQLite file under $XDG_DATA_HOME/idlewire (~/.local/share)."""
+    if env := os.environ.get("IDLEWIRE_HUB_DB"):
+        return env
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return f"sqlite:///{base / 'idlewire' / 'hub.sqlite'}"
+
+
+def normalize_url(url: str) -> str:
+    """postgresql:// and postgres:// use psycopg (3); a bare path is a SQLite file."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    if "://" not in url:
+        return f"sqlite:///{Path(url).resolve()}"
+    return url
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        path = url.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False,
+                                                  "isolation_level": None}, pool_size=20, max_overflow=20)
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        # pysqlite's own BEGIN is deferred: a reader that later writes fails at once with "database
+        # is locked" instead of waiting. Writers say so and take the write lock up front.
+        @event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+
+
+@contextlib.contextmanager
+def write(engine: Engine):
+    """A write transaction (SQLite: BEGIN IMMEDIATE, so concurrent writers queue instead of failing)."""
+    with engine.connect().execution_options(write=True) as conn, conn.begin():
+        yield conn
+
+
+@contextlib.contextmanager
+def read(engine: Engine):
+    with engine.connect() as conn, conn.begin():
+        yield conn
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (several hub processes may start at once:
+    on PostgreSQL an advisory lock makes them take turns)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.connect() as conn:
+        if not is_sqlite(engine):
+            conn.execute(text("SELECT pg_advisory_lock(7815001)"))
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+            conn.commit()
+        finally:
+            if not is_sqlite(engine):
+                conn.execute(text("SELECT pg_advisory_unlock(7815001)"))
+                conn.commit()

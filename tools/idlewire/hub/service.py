@@ -1,0 +1,461 @@
+"""What the hub does, without HTTP: registration, heartbeats, the channel to nodes, receipts.
+
+Every method is one or a few short database transactions and keeps nothing in memory that another
+hub process would need. A refusal is a HubError with an HTTP status and one line saying why.
+Formats and bounds come from the agent package (receipts, config): one owner per fact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import time
+
+from idlewire_agent import config as agent_config
+from idlewire_agent import receipts as rc
+from idlewire_agent.api import _NONCE as NONCE_RE  # the node's own nonce rule
+from idlewire_agent.api import CLOCK_SKEW
+from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from . import db
+
+HEARTBEAT_INTERVAL = 60  # seconds; the node's client (agent market.py) uses the hub's figure from /v1
+LIVE_AFTER = 3 * HEARTBEAT_INTERVAL  # a node heard from within this is listed as online
+CHANNEL_LIVE = 90  # a node is offered to buyers while its channel was polled within this
+CONNECT_TIMEOUT = 15.0  # a buyer's connect waits this long for the node's answer
+MAX_BATCH = 5000  # receipts per upload
+TOLERANCE_PERCENT = agent_config.MeteringConfig().tolerance_percent  # the agent's default
+SLACK_BYTES = 65536  # as the node's cosign(): a poll's lag
+
+_SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_KEY = re.compile(r"^[A-Za-z0-9+/]{43}=$")
+_ENDPOINT = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})$")
+# ISO 3166-1 alpha-2 codes that name no country (user-assigned ranges).
+_NOT_COUNTRY = {"AA", "ZZ"} | {f"Q{c}" for c in "MNOPQRSTUVWXYZ"} | {f"X{c}" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+
+
+class Signed:
+    """A request whose signature holds: who signed it and its nonce, spent once in the database."""
+
+    __slots__ = ("expires", "key", "nonce", "spent")
+
+    def __init__(self, key: str, nonce: str, expires: int):
+        self.key, self.nonce, self.expires, self.spent = key, nonce, expires, False
+
+
+class HubError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# Hot paths execute statements built once (building one costs more than running it on SQLite).
+_NONCE_INSERT = insert(db.nonces)
+_NONCE_PURGE = delete(db.nonces).where(db.nonces.c.expires < bindparam("now"))
+_NODE_GET = select(db.nodes.c.node_key, db.nodes.c.heartbeats, db.nodes.c.open_sessions, db.nodes.c.region,
+                   db.nodes.c.endpoint).where(db.nodes.c.id == bindparam("nid"))
+_BEAT = update(db.nodes).where(db.nodes.c.id == bindparam("nid")).values(
+    last_seen=bindparam("b_now"), uptime=bindparam("b_uptime"), open_sessions=bindparam("b_open"),
+    heartbeats=db.nodes.c.heartbeats + 1)
+_BEAT_CAPS = _BEAT.values(caps=bindparam("b_caps"), max_sessions=bindparam("b_max"))
+_OPEN_SESSIONS = select(db.sessions.c.session, db.sessions.c.head).where(
+    db.sessions.c.node_id == bindparam("nid"), db.sessions.c.state == "open")
+
+
+def node_id(node_key: str) -> str:
+    return hashlib.sha256(node_key.encode()).hexdigest()[:20]
+
+
+def region_ok(cc: str) -> bool:
+    return bool(re.fullmatch(r"[A-Z]{2}", cc)) and cc not in _NOT_COUNTRY
+
+
+def agreed(node_bytes: int, buyer_bytes: int, tolerance_percent: float = TOLERANCE_PERCENT) -> bool:
+    """The node's cosign() rule: the buyer signed at least what the node counted, within tolerance."""
+    return buyer_bytes >= node_bytes * (1 - tolerance_percent / 100) - SLACK_BYTES
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True)
+
+
+class Hub:
+    def __init__(self, engine, clock=time.time, tolerance_percent: float = TOLERANCE_PERCENT):
+        self.engine = engine
+        self.clock = clock
+        self.tolerance = tolerance_percent
+
+    # --- signed requests ------------------------------------------------------------------------
+    def authenticate(self, headers, method: str, path: str, body: bytes) -> Signed:
+        """Who signed this request (agent receipts.sign_request format); refuses a missing, forged
+        or stale one. The nonce is spent (kept in the database while the time is in the window, so
+        every hub process refuses a replay) in the transaction of the request's own work."""
+        key = headers.get("x-idlewire-key")
+        if not key:
+            raise HubError(401, "unsigned request: sign it with the node's or buyer's key (X-Idlewire-* headers)")
+        t, nonce = headers.get("x-idlewire-time", ""), headers.get("x-idlewire-nonce", "")
+        sig = headers.get("x-idlewire-signature", "")
+        now = self.clock()
+        if not t.isdigit() or len(t) > 12:
+            raise HubError(401, "X-Idlewire-Time: expected the current unix time in seconds")
+        if abs(int(t) - now) > CLOCK_SKEW:
+            raise HubError(401, f"X-Idlewire-Time: stale request ({int(t) - int(now):+d} s from the hub's "
+                                f"clock; allowed ±{CLOCK_SKEW} s): check the sender's clock (NTP)")
+        if not NONCE_RE.match(nonce):
+            raise HubError(401, "X-Idlewire-Nonce: expected 16-64 characters A-Z a-z 0-9 _ -")
+        if not _KEY.match(key) or len(sig) > 200 or not rc.request_valid(key, sig, method, path, t, nonce, body):
+            raise HubError(401, "X-Idlewire-Signature: not a valid signature of this request by X-Idlewire-Key "
+                                "(forged or altered)")
+        return Signed(key, nonce, int(t) + CLOCK_SKEW + 1)
+
+    def _spend(self, conn, auth: Signed) -> None:
+        """Record the request's nonce; a replay fails here (unique key), in whichever hub process."""
+        if auth.spent:
+            return
+        try:  # (the failed insert ends the transaction: the refusal rolls it back)
+            conn.execute(_NONCE_INSERT, {"key": auth.key, "nonce": auth.nonce, "expires": auth.expires})
+        except IntegrityError:
+            raise HubError(401, "X-Idlewire-Nonce: already used (replayed request)") from None
+        auth.spent = True
+        if random.random() < 0.002:  # noqa: S311 (housekeeping, not security)
+            conn.execute(_NONCE_PURGE, {"now": self.clock()})
+
+    def _node(self, conn, nid: str, auth: Signed) -> dict:
+        """The node `nid` the request is about, checked to be the one that signed it; spends the nonce."""
+        self._spend(conn, auth)
+        row = conn.execute(_NODE_GET, {"nid": nid}).mappings().first()
+        if row is None:
+            raise HubError(404, f"no node {nid}: register first (POST /v1/nodes)")
+        if row["node_key"] != auth.key:
+            raise HubError(403, f"node {nid}: request signed by another key than the node's")
+        return dict(row)
+
+    # --- registration and heartbeats --------------------------------------------------------------
+    @staticmethod
+    def _caps(caps) -> dict:
+        if not isinstance(caps, dict):
+            raise HubError(422, "caps: expected an object with " + ", ".join(agent_config.UNIT_CAPS))
+        _, problems = agent_config.parse_unit({"caps": caps}, "caps")
+        if problems:
+            raise HubError(422, f"caps: {problems[0]}")
+        missing = [k for k in ("up_mbit", "down_mbit", "max_sessions") if k not in caps]
+        if missing:
+            raise HubError(422, f"caps: missing {', '.join(missing)} (the caps in force)")
+        return caps
+
+    def register(self, auth: Signed, body: dict) -> dict:
+        key = auth.key
+        payout = body["payout"]
+        if not rc.payout_valid(payout, key):
+            raise HubError(403, "payout: not a payout statement signed by the key that signed this request "
+                                "(forged, or another node's)")
+        region = body["region"].upper()
+        if not region_ok(region):
+            raise HubError(422, f"region: {body['region']!r} is not an ISO 3166-1 alpha-2 country code (e.g. DE)")
+        caps = self._caps(body["caps"])
+        endpoint = body.get("endpoint") or ""
+        m = _ENDPOINT.match(endpoint)
+        if endpoint and not (m and 0 < int(m.group(2)) < 65536):
+            raise HubError(422, f"endpoint: expected HOST:PORT buyers reach the node's WireGuard at, got {endpoint!r}")
+        if not _KEY.match(body["wg_public_key"]):
+            raise HubError(422, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
+        nid, now = node_id(key), self.clock()
+        values = {"wg_key": body["wg_public_key"], "payout": _dumps(payout), "payout_address": payout["address"],
+                  "unit": payout["unit"], "region": region, "location": body.get("location") or "",
+                  "caps": _dumps(caps), "max_sessions": int(caps["max_sessions"]),
+                  "price_per_gb": float(body["price_per_gb"]), "endpoint": endpoint,
+                  "version": body["version"], "last_seen": now}
+        with db.write(self.engine) as conn:
+            self._spend(conn, auth)
+            done = conn.execute(update(db.nodes).where(db.nodes.c.id == nid).values(**values)).rowcount
+            if not done:
+                conn.execute(insert(db.nodes).values(id=nid, node_key=key, registered_at=now, uptime=0,
+                                                     channel_seen=0, open_sessions=0, heartbeats=0, **values))
+        return {"node": nid, "registered": not done, "heartbeat_interval": HEARTBEAT_INTERVAL,
+                "channel": f"/v1/nodes/{nid}/channel"}
+
+    def heartbeat(self, nid: str, auth: Signed, body: dict) -> dict:
+        caps = self._caps(body["caps"]) if body.get("caps") is not None else None
+        listed = {}
+        for i, s in enumerate(body.get("sessions") or []):
+            if not _SESSION.match(s["session"]) or not (s["head"] == "" or _HEX64.match(s["head"])):
+                raise HubError(422, f"sessions[{i}]: expected a session id and the SHA-256 hex of its newest receipt")
+            listed[s["session"]] = s["head"]
+        now = self.clock()
+        with db.write(self.engine) as conn:
+            node = self._node(conn, nid, auth)
+            args = {"nid": nid, "b_now": now, "b_uptime": float(body["uptime"]), "b_open": len(listed)}
+            if caps is None:
+                conn.execute(_BEAT, args)
+            else:
+                conn.execute(_BEAT_CAPS, {**args, "b_caps": _dumps(caps), "b_max": int(caps["max_sessions"])})
+            if node["open_sessions"] or listed:
+                self._sync_sessions(conn, nid, listed, now)
+        return {"ok": True, "heartbeat_interval": HEARTBEAT_INTERVAL}
+
+    @staticmethod
+    def _sync_sessions(conn, nid: str, listed: dict[str, str], now: float) -> None:
+        """The node's open sessions and their ledger heads as it reports them."""
+        s = db.sessions.c
+        known = dict(conn.execute(_OPEN_SESSIONS, {"nid": nid}).all())
+        for sid in set(known) - set(listed):
+            conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
+                         .values(state="closed", updated_at=now))
+        for sid, head in listed.items():
+            if sid in known:
+                if known[sid] != head:
+                    conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
+                                 .values(head=head, updated_at=now))
+                continue
+            # opened outside the hub (e.g. a buyer on the owner's LAN), or reopened
+            done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
+                                .values(head=head, state="open", updated_at=now)).rowcount
+            if not done:
+                conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key="", state="open",
+                                                        opened_at=now, updated_at=now, head=head))
+
+    # --- the channel the node opened ----------------------------------------------------------------
+    def claim(self, nid: str, auth: Signed) -> list[dict]:
+        """Requests queued for the node, marked delivered (each to one poller only)."""
+        now = self.clock()
+        out = []
+        with db.write(self.engine) as conn:
+            self._node(conn, nid, auth)
+            conn.execute(update(db.nodes).where(db.nodes.c.id == nid).values(last_seen=now, channel_seen=now))
+            q = db.requests.c
+            rows = conn.execute(select(q.id, q.kind, q.body, q.created).where(
+                q.node_id == nid, q.state == "queued")).all()
+            for rid, kind, body, created in rows:
+                if created < now - CONNECT_TIMEOUT:  # its buyer gave up (or its hub process died)
+                    conn.execute(update(db.requests).where(q.id == rid, q.state == "queued")
+                                 .values(state="expired", answered_at=now))
+                    continue
+                if conn.execute(update(db.requests).where(db.requests.c.id == rid, db.requests.c.state == "queued")
+                                .values(state="delivered", delivered_at=now)).rowcount:
+                    out.append({"id": rid, "kind": kind, "body": json.loads(body)})
+        return out
+
+    def ready(self, nodes: set[str], request_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Of these, the nodes with a request queued and the requests answered (or given up)."""
+        q = db.requests.c
+        with db.read(self.engine) as conn:
+            queued = {n for (n,) in conn.execute(select(q.node_id).where(q.state == "queued").distinct())} & nodes
+            done = set()
+            for i in range(0, len(request_ids), 500):
+                done |= {r for (r,) in conn.execute(select(q.id).where(
+                    q.id.in_(request_ids[i:i + 500]), q.state.not_in(("queued", "delivered"))))}
+        return queued, done
+
+    def answer(self, nid: str, auth: Signed, rid: str, body: dict) -> dict:
+        ok = bool(body.get("ok"))
+        result = body.get("result") if ok else {"error": str(body.get("error") or "refused")[:300]}
+        if ok and (not isinstance(result, dict) or not isinstance(result.get("session"), str)
+                   or not _SESSION.match(result["session"])):
+            raise HubError(422, "result: expected the opened session ({\"session\": ID, ...} as the node's "
+                                "POST /sessions answers)")
+        now = self.clock()
+        with db.write(self.engine) as conn:
+            self._node(conn, nid, auth)
+            req = conn.execute(select(db.requests).where(db.requests.c.id == rid,
+                                                         db.requests.c.node_id == nid)).mappings().first()
+            if req is None:
+                raise HubError(404, f"request {rid}: not sent to node {nid}")
+            if not conn.execute(update(db.requests).where(db.requests.c.id == rid, db.requests.c.state == "delivered")
+                                .values(state="answered" if ok else "failed", answered_at=now,
+                                        result=_dumps(result))).rowcount:
+                raise HubError(409, f"request {rid}: already answered or expired (state {req['state']})")
+            if ok and req["kind"] == "open":
+                sid = result["session"]
+                s = db.sessions.c
+                done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
+                                    .values(buyer_key=req["buyer_key"], request_id=rid, state="open",
+                                            updated_at=now)).rowcount
+                if not done:
+                    conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key=req["buyer_key"],
+                                                            request_id=rid, state="open", opened_at=now,
+                                                            updated_at=now, head=""))
+                conn.execute(update(db.nodes).where(db.nodes.c.id == nid)
+                             .values(open_sessions=db.nodes.c.open_sessions + 1))
+        return {"ok": True}
+
+    # --- buyers ---------------------------------------------------------------------------------
+    def pick(self, region: str | None, max_price: float | None, exclude: tuple = ()) -> dict | None:
+        now = self.clock()
+        n = db.nodes.c
+        q = select(db.nodes).where(n.channel_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions)
+        if region:
+            q = q.where(n.region == region)
+        if max_price is not None:
+            q = q.where(n.price_per_gb <= max_price)
+        if exclude:
+            q = q.where(n.id.not_in(exclude))
+        q = q.order_by(n.price_per_gb, n.open_sessions, func.random()).limit(1)
+        with db.read(self.engine) as conn:
+            row = conn.execute(q).mappings().first()
+        return dict(row) if row else None
+
+    def queue_open(self, auth: Signed, body: dict) -> tuple[str, dict]:
+        buyer_key = auth.key
+        region = (body.get("region") or "").upper() or None
+        if region and not region_ok(region):
+            raise HubError(422, f"region: {body['region']!r} is not an ISO 3166-1 alpha-2 country code (e.g. DE)")
+        if not _KEY.match(body["wg_public_key"]):
+            raise HubError(422, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
+        node = self.pick(region, body.get("max_price"))
+        if node is None:
+            with db.read(self.engine) as conn:
+                q = select(func.count()).select_from(db.nodes)
+                total = conn.execute(q.where(db.nodes.c.region == region) if region else q).scalar()
+            where = f" in region {region}" if region else ""
+            raise HubError(503, f"no node with free capacity{where} is online ({total} registered{where}); "
+                                "try again later" + (" or another --region" if region else ""))
+        rid = os.urandom(12).hex()
+        msg = {"buyer_key": buyer_key, "wg_public_key": body["wg_public_key"]}
+        with db.write(self.engine) as conn:
+            self._spend(conn, auth)
+            conn.execute(insert(db.requests).values(id=rid, node_id=node["id"], kind="open", buyer_key=buyer_key,
+                                                    body=_dumps(msg), state="queued", created=self.clock()))
+        return rid, node
+
+    def outcome(self, rid: str) -> dict | None:
+        with db.read(self.engine) as conn:
+            row = conn.execute(select(db.requests.c.state, db.requests.c.result).where(
+                db.requests.c.id == rid)).first()
+        if row is None or row[0] in ("queued", "delivered"):
+            return None
+        return {"state": row[0], "result": json.loads(row[1]) if row[1] else None}
+
+    def expire(self, rid: str) -> bool:
+        """Give up on a request the node did not answer; False if the answer came meanwhile."""
+        with db.write(self.engine) as conn:
+            return bool(conn.execute(update(db.requests).where(
+                db.requests.c.id == rid, db.requests.c.state.in_(("queued", "delivered")))
+                .values(state="expired", answered_at=self.clock())).rowcount)
+
+    # --- receipts -------------------------------------------------------------------------------
+    def store_receipts(self, nid: str, auth: Signed, entries: list) -> dict:
+        """Verify a batch with the agent's receipts.verify (the code `idlewire receipts verify` runs)
+        and store it once. A session continued from an earlier batch starts with the node's signed
+        checkpoint of the last receipt sent before (receipts.make_checkpoint), which must match
+        what the hub has. Resent receipts are skipped; a different node-signed receipt for a
+        stored (session, seq) is flagged as equivocation with both as evidence; a co-signed one
+        where node and buyer disagree beyond the tolerance is flagged; one without a buyer
+        co-signature is stored (the chain goes on through it) but counts nothing, and flagged."""
+        if not isinstance(entries, list) or not entries:
+            raise HubError(422, "receipts: expected a non-empty JSON array")
+        if len(entries) > MAX_BATCH:
+            raise HubError(413, f"receipts: {len(entries)} in one batch; send at most {MAX_BATCH}")
+        problem = rc.verify(entries, auth.key)
+        if problem is not None:
+            raise HubError(422, f"receipts rejected: {problem}")
+        for e in entries:
+            if not _SESSION.match(e["session"]):
+                raise HubError(422, f"receipts: session id {e['session'][:80]!r}: expected 1-64 of A-Z a-z 0-9 _ -")
+        by_session: dict[str, list[dict]] = {}
+        for e in entries:
+            by_session.setdefault(e["session"], []).append(e)
+        now = self.clock()
+        stored = duplicates = 0
+        new_flags: list[dict] = []
+        with db.write(self.engine) as conn:
+            self._node(conn, nid, auth)
+            r = db.receipts.c
+            ranges = [and_(r.session == s, r.seq.between(es[0]["seq"], es[-1]["seq"])) for s, es in by_session.items()]
+            have = {}
+            for i in range(0, len(ranges), 200):  # (SQLite parses a long OR into a tree 1000 deep at most)
+                have.update({(row.session, row.seq): row.hash for row in conn.execute(
+                    select(r.session, r.seq, r.hash).where(r.node_id == nid, or_(*ranges[i:i + 200])))})
+            rows, touched = [], {}
+            for sid, es in by_session.items():
+                for e in es:
+                    h = e["hash"] if rc.is_checkpoint(e) else rc.receipt_hash(e)
+                    old = have.get((sid, e["seq"]))
+                    if old is not None:
+                        if old == h:  # resent; or the checkpoint linking a continuation to what is stored
+                            duplicates += not rc.is_checkpoint(e)
+                            continue
+                        stored_body = conn.execute(select(r.body).where(r.node_id == nid, r.session == sid,
+                                                                        r.seq == e["seq"])).scalar()
+                        new_flags.append(self._flag(nid, sid, e["seq"], "equivocation",
+                                                    "two different node-signed receipts for one session and seq",
+                                                    [json.loads(stored_body), e], now))
+                        break  # the rest of this session's batch chains off the conflicting one
+                    if rc.is_checkpoint(e):
+                        # stands for a receipt the hub never got (pruned on the node before upload)
+                        rows.append(self._row(nid, e, h, "checkpoint", now))
+                        continue
+                    buyer = e.get("buyer")
+                    if buyer is None:
+                        new_flags.append(self._flag(nid, sid, e["seq"], "uncosigned",
+                                                    "no buyer co-signature: stored for the chain, counts nothing",
+                                                    [e], now))
+                    elif not agreed(e["up"] + e["down"], buyer["up"] + buyer["down"], self.tolerance):
+                        new_flags.append(self._flag(
+                            nid, sid, e["seq"], "disagreement",
+                            f"node counted {e['up'] + e['down']} bytes, buyer signed {buyer['up'] + buyer['down']} "
+                            f"(beyond {self.tolerance:g}%)", [e], now))
+                    rows.append(self._row(nid, e, h, "receipt", now))
+                    touched[sid] = e
+            if rows:
+                stored = self._insert_new(conn, rows)
+            for sid, e in touched.items():
+                self._advance_session(conn, nid, sid, e, now)
+            for f in new_flags:
+                self._insert_flag(conn, f)
+        return {"stored": stored, "duplicates": duplicates, "flags": [
+            {k: f[k] for k in ("session", "seq", "kind", "detail")} for f in new_flags]}
+
+    @staticmethod
+    def _row(nid: str, e: dict, h: str, kind: str, now: float) -> dict:
+        b = e.get("buyer") or {}
+        return {"node_id": nid, "session": e["session"], "seq": e["seq"], "hash": h, "kind": kind, "up": e["up"],
+                "down": e["down"], "time": e["time"], "cosigned": bool(b), "buyer_up": b.get("up"),
+                "buyer_down": b.get("down"), "body": _dumps(e), "stored_at": now}
+
+    def _insert_new(self, conn, rows: list[dict]) -> int:
+        """Insert, skipping a (node, session, seq) another hub process stored meanwhile."""
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dinsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dinsert
+        stmt = dinsert(db.receipts).on_conflict_do_nothing(index_elements=["node_id", "session", "seq"])
+        conn.execute(stmt, rows)
+        r = db.receipts.c
+        got = conn.execute(select(func.count()).where(
+            r.node_id == rows[0]["node_id"], r.stored_at == rows[0]["stored_at"],
+            r.hash.in_([x["hash"] for x in rows]))).scalar()
+        return int(got)
+
+    @staticmethod
+    def _advance_session(conn, nid: str, sid: str, e: dict, now: float) -> None:
+        s = db.sessions.c
+        values = {"stored_seq": e["seq"], "up": e["up"], "down": e["down"], "updated_at": now}
+        if e.get("buyer"):
+            values.update(paid_up=e["buyer"]["up"], paid_down=e["buyer"]["down"])
+        done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid, s.stored_seq < e["seq"])
+                            .values(**values)).rowcount
+        if not done and conn.execute(select(s.session).where(s.node_id == nid, s.session == sid)).first() is None:
+            conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key=(e.get("buyer") or {}).get(
+                "key", ""), state="open", opened_at=now, head="", **values))
+
+    @staticmethod
+    def _flag(nid, sid, seq, kind, detail, evidence, now) -> dict:
+        return {"node_id": nid, "session": sid, "seq": seq, "kind": kind, "detail": detail,
+                "evidence": _dumps(evidence), "created": now}
+
+    @staticmethod
+    def _insert_flag(conn, f: dict) -> None:
+        dialect = conn.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as dinsert
+        else:
+            from sqlalchemy.dialects.sqlite import insert as dinsert
+        conn.execute(dinsert(db.flags).on_conflict_do_nothing(index_elements=["node_id", "session", "seq", "kind"]),
+                     [f])
