@@ -38,6 +38,14 @@ class SessionError(Exception):
         self.status = status
 
 
+class _ReadAgain(Exception):
+    """cosign: the claim is beyond the last poll's figures; read the peer afresh (no lock held) and retry."""
+
+    def __init__(self, wg_key: str):
+        super().__init__(wg_key)
+        self.wg_key = wg_key
+
+
 class Stats(Record):
     polls: int = 0
     poll_cpu: float = 0.0  # seconds of CPU (this thread + `wg` children) spent polling
@@ -532,6 +540,25 @@ class Agent:
 
     def cosign(self, sid: str, buyer_key: str, stmt: dict) -> dict:
         """The buyer's signed cumulative usage: check it, count it as paid, answer with a receipt."""
+        try:
+            return self._cosign(sid, buyer_key, stmt, fresh=False)
+        except _ReadAgain as again:  # claims beyond the last poll: read that peer afresh, then decide
+            self._read_peer(again.wg_key)
+            return self._cosign(sid, buyer_key, stmt, fresh=True)
+
+    def _read_peer(self, wg_key: str) -> None:
+        """Count what one peer carried since the last poll. The dump and the record are one step under
+        wg_lock (as in a poll): a dump older than the baselines would read as a counter reset."""
+        with self.wg_lock:
+            try:
+                dump = self.tunnel.dump()
+            except WgError as exc:
+                log.warning("peer %s: fresh read failed: %s", wg_key, exc)
+                return
+            with self.lock:
+                self._record(dump, self._open_peers(wg_key), only=wg_key)
+
+    def _cosign(self, sid: str, buyer_key: str, stmt: dict, fresh: bool) -> dict:
         with self.lock:
             s = self.ledger.session(sid)
             if s is None or s["buyer_key"] != buyer_key:
@@ -544,7 +571,7 @@ class Agent:
             if stmt["up"] < s["paid_up"] or stmt["down"] < s["paid_down"]:
                 raise SessionError(409, "usage: cumulative figures went down from the last co-signed ones")
             tol = self.cfg.metering.tolerance_percent / 100
-            s = self._bound_statement(s, stmt, tol)
+            s = self._bound_statement(s, stmt, tol, fresh)
             ours = s["rx"] + s["tx"]
             theirs = stmt["up"] + stmt["down"]
             agreed = theirs >= ours * (1 - tol) - 65536  # small absolute slack for a poll's lag
@@ -565,20 +592,17 @@ class Agent:
         return {"receipt": r, "agreed": agreed, "node_bytes": ours, "buyer_bytes": theirs, "state": s["state"],
                 "reason": s["reason"]}
 
-    def _bound_statement(self, s: dict, stmt: dict, tol: float) -> dict:
+    def _bound_statement(self, s: dict, stmt: dict, tol: float, fresh: bool) -> dict:
         """A buyer statement may not claim more than the node measured plus the tolerance (and a poll's
-        lag, read afresh when the claim is beyond the last poll's figures): paid usage above what was
-        carried would hide later unpaid usage from the cut-off. Returns the session as measured."""
+        lag: a claim beyond the last poll's figures raises _ReadAgain once, and the caller reads the
+        peer afresh outside the ledger lock): paid usage above what was carried would hide later unpaid
+        usage from the cut-off. Returns the session as measured. Ledger lock held."""
         def beyond(s):
             return [f"{d} {stmt[d]} > {m} + {tol:.0%}" for d, m in (("up", s["rx"]), ("down", s["tx"]))
                     if stmt[d] > m * (1 + tol) + 65536]
-        if beyond(s) and s["state"] == "open":
-            try:
-                self._record(self.tunnel.dump(), self._open_peers(s["wg_key"]), only=s["wg_key"])
-            except WgError as exc:
-                log.warning("session %s: fresh read failed: %s", s["id"], exc)
-            s = self.ledger.session(s["id"])
         over = beyond(s)
+        if over and s["state"] == "open" and not fresh:
+            raise _ReadAgain(s["wg_key"])
         if over:
             log.warning("session %s: buyer statement refused, it claims more than the node measured: %s",
                         s["id"], "; ".join(over))
