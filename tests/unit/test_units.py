@@ -52,13 +52,15 @@ def test_hostname_defaults_to_the_unit_id(tmp_path):
     ("unit: 'bad id!'\n", "unit"),
     ("unit: a\nhostname: Bad_Host\n", "hostname"),
     ("unit: a\nssh_authorized_keys: [nope]\n", "ssh_authorized_keys[0]"),
-    ("unit: a\nwifi: {country: de, ssid: x, psk: 12345678}\n", "wifi.country"),
+    ("unit: a\nwifi: {country: deu, ssid: x, psk: '12345678'}\n", "wifi.country"),
+    ("unit: a\nwifi: {country: de, ssid: x, psk: 12345678}\n", "wifi.psk"),  # a number: quote it
     ("unit: a\nwifi: {country: DE, ssid: x, psk: short}\n", "wifi.psk"),
     ("unit: a\nwifi: {country: DE, ssid: '', psk: 12345678}\n", "wifi.ssid"),
     ("unit: a\nwifi: {country: DE, ssid: x, psk: '12345678', hidden: maybe}\n", "wifi.hidden"),
     ("unit: a\nwifi: {country: DE, ssid: x, pass: '12345678'}\n", "wifi.pass"),
     ("unit: a\npayout_address: 'a b'\n", "payout_address"),
-    ("unit: a\ncaps: {monthly_gb: 1.5}\n", "caps.monthly_gb"),
+    ("unit: a\ncaps: {monthly_gb: -1}\n", "caps.monthly_gb"),
+    ("unit: a\ncaps: {max_sessions: 1.5}\n", "caps.max_sessions"),
     ("unit: a\ncaps: {up_mbit: -1}\n", "caps.up_mbit"),
     ("unit: a\ncaps: {speed: 1}\n", "caps.speed"),
     ("unit: a\ncaps: {max_sessions: 5000}\n", "caps.max_sessions"),  # the agent would refuse it at boot
