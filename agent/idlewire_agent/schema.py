@@ -57,16 +57,17 @@ class Key:
     """One key. `check(value)` returns the value as the node applies it, or raises Invalid."""
 
     __slots__ = ("case", "default", "doc", "empty", "example", "expect", "hi", "host_only", "keys", "kind", "lo",
-                 "lo_open", "pattern", "test")
+                 "lo_open", "pattern", "secret", "test")
 
     def __init__(self, kind: str, default=MISSING, doc: str = "", expect: str = "", *, lo=None, hi=None,
                  lo_open: bool = False, pattern: str | None = None, test=None, case: str = "",
-                 empty: bool = False, keys: dict | None = None, host_only: bool = False, example=None):
+                 empty: bool = False, keys: dict | None = None, host_only: bool = False, example=None,
+                 secret: bool = False):
         self.kind, self.default, self.doc, self.expect = kind, default, doc, expect
         self.lo, self.hi, self.lo_open = lo, hi, lo_open
         self.pattern = re.compile(pattern) if pattern else None
         self.test, self.case, self.empty, self.keys = test, case, empty, keys
-        self.host_only, self.example = host_only, example
+        self.host_only, self.example, self.secret = host_only, example, secret
 
     def check(self, value):
         try:
@@ -186,7 +187,8 @@ def check_table(keys: dict[str, Key], data, prefix: str, problems: list[str], *,
         try:
             out[name] = key.check(data[name])
         except Invalid as exc:
-            problems.append(f"{prefix}{name}: expected {exc}, got {shown(data[name])}")
+            got = "a value not shown (a secret)" if key.secret else shown(data[name])
+            problems.append(f"{prefix}{name}: expected {exc}, got {got}")
     return out
 
 
@@ -413,7 +415,7 @@ WIFI: dict[str, Key] = {
     "ssid": Key(STR, MISSING, "the network's name", "a network name of 1-32 bytes", test=_ssid,
                 example="Cafe Luna"),
     "psk_hash": Key(STR, MISSING, "WPA-PSK derived from the passphrase (64 hex digits)", "64 hex digits",
-                    pattern=r"[0-9a-f]{64}", case="lower"),
+                    pattern=r"[0-9a-f]{64}", case="lower", secret=True),
     "hidden": Key(BOOL, False, "the network does not broadcast its name"),
 }
 
@@ -437,7 +439,7 @@ STAMP_REQUIRED = ("format", "unit", "hostname", "node_public_key")
 WIFI_INPUT: dict[str, Key] = {
     "country": WIFI["country"], "ssid": WIFI["ssid"],
     "psk": Key(STR, MISSING, "the WPA passphrase (8-63 printable ASCII) or 64 hex digits; stamped hashed",
-               "a WPA passphrase of 8-63 printable ASCII characters or 64 hex digits", host_only=True),
+               "a WPA passphrase of 8-63 printable ASCII characters or 64 hex digits", host_only=True, secret=True),
     "hidden": WIFI["hidden"],
 }
 UNIT_INPUT: dict[str, Key] = {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,7 @@ def load_units(path: Path) -> list[Unit]:
         raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the "
                         "spreadsheet as CSV UTF-8") from None
     try:
-        rows = list(csv.reader(text.splitlines()))
+        rows = list(csv.reader(io.StringIO(text, newline="")))  # not splitlines(): U+2028 is no row end
     except csv.Error as exc:
         raise UserError(f"{path}: not a CSV file: {exc}") from None
     if not rows:
