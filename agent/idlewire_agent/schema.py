@@ -7,10 +7,11 @@ unit.yml and units.csv with it (tools/idlewire/units.py imports this module), so
 accepts is one the node applies. The key tables in README.md and agent/README.md are generated
 from it (tools/scripts/schema_docs.py, checked in lint).
 
-One rule for text, on both sides: surrounding spaces, tabs and line breaks are dropped (a YAML
-folded scalar ends in a newline; a spreadsheet cell may carry a space), and what is left may hold
-no control character, no line or paragraph separator (U+2028/U+2029), no lone surrogate, no
-byte-order mark and no invisible direction override. Numbers: booleans are not numbers; a whole
+One rule for text, on both sides: surrounding white space and line breaks of every kind are
+dropped (a YAML folded scalar ends in a newline, YAML reads NEL and U+2028 as line breaks, a
+spreadsheet cell may carry a space), and what is left may hold no control character, no line or
+paragraph separator (U+2028/U+2029), no lone surrogate, no byte-order mark and no invisible
+direction override. Numbers: booleans are not numbers; a whole
 number may be written 8 or 8.0; infinities and NaN are outside every bound.
 
 Standard library only (the agent imports it).
@@ -39,11 +40,11 @@ class BadText(Invalid):
 # separators, surrogates, the BOM / zero-width no-break space, zero-width and direction controls.
 _BAD_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufeff\u200b-\u200f\u202a-\u202e"
                        "\u2066-\u2069\ufff9-\ufffb]")
-_EDGE = " \t\r\n"
+_EDGE = None  # str.strip(): every Unicode white space and line break (NEL, U+2028, U+2029 too)
 
 
 def text(value) -> str:
-    """The text rule: a str, edges stripped of spaces, tabs and line breaks, nothing invisible."""
+    """The text rule: a str, edges stripped of white space and line breaks, nothing invisible."""
     if not isinstance(value, str):
         raise Invalid("text")
     value = value.strip(_EDGE)
@@ -141,10 +142,9 @@ class Key:
                 return False
             raise Invalid(self.expect or "true or false")
         if self.kind in (INT, NUM):
-            if not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", cell):
+            if len(cell) > 40 or not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", cell):
                 raise Invalid(self.expect or f"a {self.kind}")
-            number = float(cell)
-            return int(number) if re.fullmatch(r"[+-]?\d+", cell) else number
+            return int(cell) if re.fullmatch(r"[+-]?\d+", cell) else float(cell)
         if self.kind == STRS:
             return [k for k in cell.split(";") if k.strip(_EDGE)]
         return cell

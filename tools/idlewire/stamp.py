@@ -83,7 +83,8 @@ def stamp_toml(unit: Unit, public_key: str) -> bytes:
     values = stamp_values(unit, public_key)
     _, problems = schema.check_stamp(values)
     if problems:
-        raise UserError(f"{unit.source or unit.unit}: unit {unit.unit!r}: {problems[0]}")
+        name, _, why = problems[0].partition(": ")
+        raise UserError(f"{unit.source or unit.unit}: unit {unit.unit!r}: field '{name}': {why}")
     return schema.dump_toml(values, "idlewire unit stamp: read once at first boot into /etc/idlewire, "
                             "then erased.").encode()
 

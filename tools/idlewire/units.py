@@ -94,7 +94,7 @@ def _unknown(w: _Where, data: dict, keys: dict, prefix: str = "") -> None:
 
 
 def _blank(v) -> bool:
-    return v is None or (isinstance(v, str) and not v.strip(" \t\r\n"))
+    return v is None or (isinstance(v, str) and not v.strip())
 
 
 def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
@@ -181,7 +181,7 @@ def _cells_to_raw(cells: dict[str, str], w: _Where) -> dict[str, Any]:
     """A CSV row as the mapping a unit.yml would give (each cell read by its key's from_text)."""
     raw: dict[str, Any] = {}
     for col, cell in cells.items():
-        if not cell.strip(" \t\r\n"):
+        if not cell.strip():
             continue
         where = CSV_FIELDS[col]
         key = schema.UNIT_INPUT[where[0]]
