@@ -78,6 +78,18 @@ class Key:
         except Invalid as exc:
             raise Invalid(self.expect or str(exc)) from None
 
+    def check_item(self, value):
+        """One element of a list key (its message says what one element must be)."""
+        try:
+            return self._one_str(value)
+        except BadText as exc:
+            raise Invalid(f"{self.item_expect()}; {exc}") from None
+        except Invalid:
+            raise Invalid(self.item_expect()) from None
+
+    def item_expect(self) -> str:
+        return self.example or self.expect
+
     def _check(self, value):
         kind = self.kind
         if kind == BOOL:
@@ -428,7 +440,8 @@ STAMP: dict[str, Key] = {  # stamp.toml on the boot partition (host writes, firs
                       pattern=r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", empty=True),
     "ssh_authorized_keys": Key(STRS, [], "OpenSSH public key lines for the admin account",
                                "a list of OpenSSH public key lines such as 'ssh-ed25519 AAAA… you@host'",
-                               pattern=SSH_KEY),
+                               pattern=SSH_KEY,
+                               example="an OpenSSH public key line such as 'ssh-ed25519 AAAA… you@host'"),
     "wifi": Key(TABLE, {}, "Wi-Fi client settings", keys=WIFI),
     "caps": UNIT["caps"],
 }

@@ -85,7 +85,7 @@ caps: {{up_mbit: 2.5, monthly_gb: 0, max_sessions: 4}}
 
 @pytest.mark.parametrize(("edit", "why"), [
     (lambda t: t.replace('hostname = "iw-7"', 'hostname = "iw\\u00857"'), "hostname: expected a host name"),
-    (lambda t: t.replace('hostname = "iw-7"', 'hostname = "iw-7\\u2028"'), "hostname: expected a host name"),
+    (lambda t: t.replace('hostname = "iw-7"', 'hostname = "iw\\u2028-7"'), "hostname: expected a host name"),
     (lambda t: t.replace("max_sessions = 4", "max_sessions = 4000"), "caps.max_sessions: expected"),
     (lambda t: t.replace("max_sessions = 4", "max_sessions = nan"), "caps.max_sessions: expected"),
     (lambda t: t.replace("format = 1", "format = 2"), "format: expected format 1"),

@@ -249,12 +249,12 @@ def load_target(name_or_path: str) -> Target:
     return target
 
 
-def _schema_check(f: _Fields, name: str, key, value):
+def _schema_check(f: _Fields, name: str, key, value, index: str = ""):
     """A value checked by its key in the agent's schema (the rule the node applies), one line."""
     try:
-        return key.check(value)
+        return key.check_item(value) if index else key.check(value)
     except schema.Invalid as exc:
-        raise UserError(f"{f.where(name)}: expected {exc}, got {schema.shown(value)}") from None
+        raise UserError(f"{f.where(name)}{index}: expected {exc}, got {schema.shown(value)}") from None
 
 
 def role_prefixes() -> set[str]:
@@ -268,7 +268,7 @@ def load_site(path: Path | None) -> Site:
     f = _Fields(path, _load_yaml(path))
     f.unknown({"hostname", "ssh_authorized_keys", "timezone", "vars"})
     hostname = _schema_check(f, "hostname", schema.UNIT["hostname"], f.get("hostname", str, "idlewire"))
-    keys = [_schema_check(f, f"ssh_authorized_keys[{i}]", schema.STAMP["ssh_authorized_keys"], [key])[0]
+    keys = [_schema_check(f, "ssh_authorized_keys", schema.STAMP["ssh_authorized_keys"], key, f"[{i}]")
             for i, key in enumerate(f.strings("ssh_authorized_keys", []))]
     variables = f.get("vars", dict, {})
     prefixes = role_prefixes()

@@ -79,10 +79,10 @@ class _Where:
     def fail(self, fld: str, msg: str) -> UserError:
         return UserError(f"{self.where}: field '{fld}': {msg}")
 
-    def check(self, key: schema.Key, fld: str, value):
+    def check(self, key: schema.Key, fld: str, value, item: bool = False):
         """The schema's verdict on one value (the node's, too): the value as applied, or one line."""
         try:
-            return key.check(value)
+            return key.check_item(value) if item else key.check(value)
         except Invalid as exc:
             raise self.fail(fld, f"expected {exc}, got {schema.shown(value)}") from None
 
@@ -116,7 +116,7 @@ def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
     ssh = raw.get("ssh_authorized_keys") or []
     if not isinstance(ssh, list):
         raise w.fail("ssh_authorized_keys", f"expected a list of OpenSSH public key lines, got {schema.shown(ssh)}")
-    ssh = [w.check(keys["ssh_authorized_keys"], f"ssh_authorized_keys[{i}]", [k])[0] for i, k in enumerate(ssh)]
+    ssh = [w.check(keys["ssh_authorized_keys"], f"ssh_authorized_keys[{i}]", k, item=True) for i, k in enumerate(ssh)]
 
     wifi = None
     wraw = raw.get("wifi")
