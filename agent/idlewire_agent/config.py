@@ -1,6 +1,8 @@
-"""/etc/idlewire/node.toml: loading and validation. Every error names its key and what is expected.
+"""/etc/idlewire/node.toml and unit.toml: loading and validation against the one schema.
 
-Sections (all optional; defaults in the records below):
+Every key (type, bounds, default, doc line, the check) is declared once in schema.py, which the
+host's `idlewire stamp` imports too; the records below take their defaults from it. Every error
+names its key and what is expected.
 
     [node]        region, price_per_gb, log_level, state_dir, key_file, marketplace, unit_file
     [interfaces]  wan, lan, management (interface names)
@@ -11,22 +13,18 @@ Sections (all optional; defaults in the records below):
     [receipts]    keep_closed, keep_days
     [shaping] [schedule] [quota] [firewall]   see policy.py
 
-and the unit's own settings, /etc/idlewire/unit.toml ([node] unit_file), written at first boot
-from the stamp `idlewire stamp` put on the boot partition (roles/base idlewire-stamp):
+One key per fact: the shaper shapes [interfaces] wan and [tunnel] interface/port, and [sessions]
+max is the one session limit (the quota keeper and the shaper read it). The old [shaping]
+wan_interface, tunnel_interface, tunnel_port and [quota] max_sessions still read, each with a
+deprecation line (schema.MOVED); an old and a new key with different values is an error naming
+both.
 
-    unit = "shop-0001"             # the vendor's id for this unit
-    hostname = "iw-0001"
-    node_public_key = "…"          # base64 ed25519 public key of node.key
-    payout_address = "bc1q…"       # where the owner is paid (reported, signed, in /health)
-    [caps]                         # the unit's limits; each replaces node.toml's value
-    up_mbit = 10                   #   shaping.cap_up_mbit   (also bounds schedule rules)
-    down_mbit = 50                 #   shaping.cap_down_mbit (also bounds schedule rules)
-    monthly_gb = 500               #   quota.monthly_gb
-    max_sessions = 8               #   quota.max_sessions
-
-A unit file that is absent is fine (a node provisioned live has none); one with a bad value is
-an error naming the unit file and the key, like node.toml's. A cap above the line rate is
-lowered to it, with a note.
+unit.toml ([node] unit_file, schema.UNIT) is the unit's own settings, written at first boot by
+`idlewire-agent consume-stamp` (consume.py) from the stamp `idlewire stamp` put on the boot
+partition: unit, hostname, node_public_key, payout_address and [caps] up_mbit, down_mbit,
+monthly_gb (0 = no quota), max_sessions, each replacing node.toml's value. A unit file that is
+absent is fine (a node provisioned live has none); one with a bad value is an error naming the
+unit file and the key, like node.toml's. A cap above the line rate is lowered to it, with a note.
 """
 
 from __future__ import annotations

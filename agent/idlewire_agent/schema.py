@@ -70,6 +70,13 @@ class Key:
         self.test, self.case, self.empty, self.keys = test, case, empty, keys
         self.host_only, self.example, self.secret = host_only, example, secret
 
+    def but(self, **changes) -> Key:
+        """A copy with some attributes changed (the same fact read in another file: a unit's cap)."""
+        k = Key.__new__(Key)
+        for name in Key.__slots__:
+            setattr(k, name, changes.get(name, getattr(self, name)))
+        return k
+
     def check(self, value):
         try:
             return self._check(value)
@@ -394,16 +401,17 @@ def migrate(data: dict) -> tuple[dict, list[str], list[str]]:
 
 # --- the unit: unit.yml / units.csv (host) → stamp.toml (boot partition) → unit.toml (node) -----
 
+# A unit's caps replace node.toml's values: the same facts, so the same keys (bounds, check); a
+# cap not given leaves node.toml's value (no default).
 CAPS: dict[str, Key] = {
-    "up_mbit": rate(10, "buyers' upload cap; replaces shaping.cap_up_mbit, bounds every schedule rule"),
-    "down_mbit": rate(50, "buyers' download cap; replaces shaping.cap_down_mbit, bounds every schedule rule"),
-    "monthly_gb": Key(NUM, 0, "GB per month; replaces quota.monthly_gb (0 = no quota)",
-                      "a number of GB >= 0 (0 = no quota) up to 1000000000", lo=0, hi=1e9),
-    "max_sessions": Key(INT, 8, "sessions at once; replaces sessions.max", "a number of sessions 1-3840",
-                        lo=1, hi=3840),
+    "up_mbit": NODE["shaping"]["cap_up_mbit"].but(
+        default=MISSING, doc="buyers' upload cap; replaces shaping.cap_up_mbit, bounds every schedule rule"),
+    "down_mbit": NODE["shaping"]["cap_down_mbit"].but(
+        default=MISSING, doc="buyers' download cap; replaces shaping.cap_down_mbit, bounds every schedule rule"),
+    "monthly_gb": NODE["quota"]["monthly_gb"].but(
+        default=MISSING, doc="GB per month; replaces quota.monthly_gb (0 = no quota)"),
+    "max_sessions": NODE["sessions"]["max"].but(default=MISSING, doc="sessions at once; replaces sessions.max"),
 }
-for _k in CAPS.values():
-    _k.default = MISSING  # a cap not given leaves node.toml's value
 
 UNIT: dict[str, Key] = {  # unit.toml on the node: what the stamp leaves for the agent
     "unit": Key(STR, MISSING, "the vendor's id for this unit",
