@@ -37,6 +37,7 @@ lint: deps-test
 	$(BIN)/ruff check .
 	$(BIN)/yamllint --strict .
 	$(BIN)/python tools/scripts/role_docs.py --check
+	$(BIN)/python tools/scripts/schema_docs.py --check
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/ansible-lint --offline --profile production -q
 
 unit: deps-test

@@ -80,8 +80,7 @@ def real(args) -> dict:
     out: dict = {}
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="iw-bench-") as tmp:
         node = NodeLab(lab, Path(tmp), 170, sessions__max=args.sessions + 10, tunnel__pool="10.170.64.0/18",
-                       metering__poll_interval=args.poll, sessions__idle_timeout=3600,
-                       quota__max_sessions=args.sessions + 10)
+                       metering__poll_interval=args.poll, sessions__idle_timeout=3600)
         # As the service runs it: the role's unit environment and its /usr/bin/idlewire-agent script.
         node.python = ["env", f"PYTHONPATH={REPO / 'agent'}", "MALLOC_ARENA_MAX=1", args.agent_python]
         node.entry = ["-c", "import sys; from idlewire_agent.__main__ import main; sys.exit(main())"]

@@ -72,7 +72,24 @@ def main(argv: list[str] | None = None) -> int:
                             epilog="Example: systemctl stop idlewire-agent; idlewire-agent ledger reset; "
                             "systemctl start idlewire-agent")
     reset.add_argument("--config", default=DEFAULT_CONFIG, help=f"node.toml (default {DEFAULT_CONFIG})")
+    stamp = sub.add_parser(
+        "consume-stamp", help="apply the unit stamp on the boot partition (first boot), erase its secrets",
+        description="Apply BOOT/idlewire/stamp.toml and node.key (left by `idlewire stamp`) to this node: "
+        "/etc/idlewire/node.key and unit.toml, the admin's SSH keys, hostname, Wi-Fi; then erase the "
+        "secrets from the boot partition and leave stamp.done. A stamp with a bad value is refused whole "
+        "(one line, exit 2), its secrets erased all the same. No stamp: nothing to do, exit 0.",
+        epilog="Example: idlewire-agent consume-stamp   (idlewire-firstboot runs it at every boot)")
+    stamp.add_argument("--boot", metavar="DIR", help="the mounted boot partition (default: /boot/firmware or "
+                       "/boot/efi, mounted from fstab when needed)")
+    stamp.add_argument("--root", metavar="DIR", default="/", help="the root filesystem to apply it to (default /)")
+    stamp.add_argument("--admin", metavar="USER", default="idlewire", help="the account whose "
+                       "authorized_keys get the stamped SSH keys (default idlewire)")
     args = parser.parse_args(argv)
+
+    if args.command == "consume-stamp":
+        from .consume import consume
+
+        return consume(args.boot, args.root, args.admin)
 
     if args.command == "shaping":
         return shaping.cli_main(args)

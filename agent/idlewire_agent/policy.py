@@ -1,14 +1,15 @@
 """What the owner sells: caps, schedules, quota, session limits and buyer isolation settings.
 
-Parsed from node.toml sections [shaping], [schedule], [quota] and [firewall]. config.load()
+Parsed from node.toml sections [shaping], [schedule], [quota] and [firewall], each key checked
+by its entry in schema.NODE (its type, bounds, default and doc line live there). config.load()
 calls parse_sections(); it returns the parsed policy and a list of problems, each naming its key
 and what is expected. Rates are in Mbit/s in the file (floats allowed) and bits/s in the model.
+The shaper's interfaces and port are [interfaces] wan, [tunnel] interface and port, and the session
+limit is [sessions] max: one key per fact (the old [shaping] wan_interface, tunnel_interface,
+tunnel_port and [quota] max_sessions still read, with a deprecation line, see schema.MOVED).
 
     [shaping]
     enabled = true
-    wan_interface = "eth0"         # the owner's line
-    tunnel_interface = "wg0"       # the buyers' WireGuard interface
-    tunnel_port = 51820            # its UDP listen port (classifies tunnel traffic on the WAN)
     tunnel_mtu = 1420
     line_up_mbit = 20              # what the line really carries, measured, a little below sync
     line_down_mbit = 100
@@ -32,7 +33,6 @@ and what is expected. Rates are in Mbit/s in the file (floats allowed) and bits/
     [quota]
     monthly_gb = 500               # up + down; 0 = no quota
     reset_day = 1                  # day of month the quota starts over (29-31: last day if shorter)
-    max_sessions = 8
 
     [firewall]
     table = "idlewire"             # the nftables table (inet family) the firewall role installs
@@ -45,34 +45,36 @@ and what is expected. Rates are in Mbit/s in the file (floats allowed) and bits/
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from . import schema
 from .record import Record, field
 
 SECTIONS = ("shaping", "schedule", "quota", "firewall")
 SHAPING_STATE_PATH = "/run/idlewire/shaping.json"  # shaping.STATE_PATH (here: no need to import shaping)
-DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-MBIT = 1_000_000
-_IFNAME = re.compile(r"^[A-Za-z0-9_.@-]{1,15}$")
-_HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$|^24:00$")
+DAYS = schema.DAYS
+MBIT = schema.MBIT
+
+
+def _d(section: str, key: str):
+    return schema.NODE[section][key].default
 
 
 class Shaping(Record):
-    enabled: bool = False
-    wan_interface: str = "eth0"
-    tunnel_interface: str = "wg0"
-    tunnel_port: int = 51820
-    tunnel_mtu: int = 1420
-    line_up: int = 20 * MBIT
-    line_down: int = 100 * MBIT
-    overhead: int = 18
-    floor_up: int = 1 * MBIT
-    floor_down: int = 5 * MBIT
-    cap_up: int = 10 * MBIT
-    cap_down: int = 50 * MBIT
-    session_cap_up: int = 0
-    session_cap_down: int = 0
+    enabled: bool = _d("shaping", "enabled")
+    wan_interface: str = _d("interfaces", "wan")  # [interfaces] wan: config.parse sets it
+    tunnel_interface: str = _d("tunnel", "interface")  # [tunnel] interface
+    tunnel_port: int = _d("tunnel", "port")  # [tunnel] port
+    tunnel_mtu: int = _d("shaping", "tunnel_mtu")
+    line_up: int = _d("shaping", "line_up_mbit") * MBIT
+    line_down: int = _d("shaping", "line_down_mbit") * MBIT
+    overhead: int = _d("shaping", "overhead")
+    floor_up: int = _d("shaping", "floor_up_mbit") * MBIT
+    floor_down: int = _d("shaping", "floor_down_mbit") * MBIT
+    cap_up: int = _d("shaping", "cap_up_mbit") * MBIT
+    cap_down: int = _d("shaping", "cap_down_mbit") * MBIT
+    session_cap_up: int = _d("shaping", "session_cap_up_mbit") * MBIT
+    session_cap_down: int = _d("shaping", "session_cap_down_mbit") * MBIT
 
 
 class Rule(Record):
@@ -84,16 +86,16 @@ class Rule(Record):
 
 
 class Quota(Record):
-    monthly_bytes: int = 0  # 0 = no quota
-    reset_day: int = 1
-    max_sessions: int = 8
+    monthly_bytes: int = _d("quota", "monthly_gb") * 1_000_000_000  # 0 = no quota
+    reset_day: int = _d("quota", "reset_day")
+    max_sessions: int = _d("sessions", "max")  # [sessions] max: config.parse sets it
 
 
 class Firewall(Record):
-    table: str = "idlewire"
-    required: bool = True
-    nat_port_low: int = 61440
-    nat_port_high: int = 65535
+    table: str = _d("firewall", "table")
+    required: bool = _d("firewall", "required")
+    nat_port_low: int = int(_d("firewall", "buyer_nat_ports").split("-")[0])
+    nat_port_high: int = int(_d("firewall", "buyer_nat_ports").split("-")[1])
     # The node's public address(es) (behind a home router: the router's), blocked for buyers with
     # the learned WAN gateway(s) in the agent's table inet <table>_learned (isolation.py).
     public_addresses: list[str] = field(default_factory=list)
@@ -111,165 +113,82 @@ class Policy(Record):
     firewall: Firewall = field(default_factory=Firewall)
 
 
-class _Reader:
-    """Typed reads of one section; each failure appends 'section.key: expected X, got Y'."""
-
-    def __init__(self, name: str, section: Any, known: set[str], problems: list[str]):
-        self.name, self.problems = name, problems
-        if not isinstance(section, dict):
-            problems.append(f"[{name}]: expected a table, got {section!r}")
-            section = {}
-        self.section = section
-        for key in sorted(set(section) - known):
-            problems.append(f"{name}.{key}: unknown key; expected one of {', '.join(sorted(known))}")
-
-    def bad(self, key: str, expect: str) -> None:
-        self.problems.append(f"{self.name}.{key}: expected {expect}, got {self.section[key]!r}")
-
-    def get(self, key: str, default, check, expect: str):
-        if key not in self.section:
-            return default
-        value = self.section[key]
-        try:
-            ok = check(value)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            self.bad(key, expect)
-            return default
-        return value
-
-    def mbit(self, key: str, default: int, allow_zero: bool = False) -> int:
-        expect = "a rate in Mbit/s " + (">= 0 (0 = none)" if allow_zero else "> 0") + " (e.g. 20 or 0.5)"
-        v = self.get(key, None, lambda v: _number(v) and (v > 0 or (allow_zero and v == 0)) and v < 100_000,
-                     expect)
-        return default if v is None else round(v * MBIT)
-
-    def integer(self, key: str, default: int, lo: int, hi: int, expect: str) -> int:
-        return self.get(key, default, lambda v: _int(v) and lo <= v <= hi, expect)
-
-
-def _number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _ip_list(v) -> bool:
-    import ipaddress
-
-    return isinstance(v, list) and all(isinstance(a, str) and ipaddress.ip_address(a) for a in v)
-
-
 def _minutes(text: str) -> int:
     h, m = text.split(":")
     return int(h) * 60 + int(m)
 
 
+def _bits(mbit) -> int:
+    return round(mbit * MBIT)
+
+
 def _shaping(data: Any, problems: list[str]) -> Shaping:
-    d = Shaping()
-    keys = {"enabled", "wan_interface", "tunnel_interface", "tunnel_port", "tunnel_mtu", "line_up_mbit",
-            "line_down_mbit", "overhead", "floor_up_mbit", "floor_down_mbit", "cap_up_mbit", "cap_down_mbit",
-            "session_cap_up_mbit", "session_cap_down_mbit"}
-    r = _Reader("shaping", data, keys, problems)
-    ifname = "an interface name (1-15 letters, digits, _ . - @)"
-    s = Shaping(
-        enabled=r.get("enabled", d.enabled, lambda v: isinstance(v, bool), "true or false"),
-        wan_interface=r.get("wan_interface", d.wan_interface, lambda v: bool(_IFNAME.match(v)), ifname),
-        tunnel_interface=r.get("tunnel_interface", d.tunnel_interface, lambda v: bool(_IFNAME.match(v)), ifname),
-        tunnel_port=r.integer("tunnel_port", d.tunnel_port, 1, 65535, "a UDP port 1-65535"),
-        tunnel_mtu=r.integer("tunnel_mtu", d.tunnel_mtu, 1280, 9000, "an MTU 1280-9000"),
-        line_up=r.mbit("line_up_mbit", d.line_up),
-        line_down=r.mbit("line_down_mbit", d.line_down),
-        overhead=r.integer("overhead", d.overhead, 0, 256,
-                           "bytes per packet 0-256 beyond what the kernel counts (e.g. 18 Ethernet FCS+VLAN, 8 PPPoE)"),
-        floor_up=r.mbit("floor_up_mbit", d.floor_up, allow_zero=True),
-        floor_down=r.mbit("floor_down_mbit", d.floor_down, allow_zero=True),
-        cap_up=r.mbit("cap_up_mbit", d.cap_up),
-        cap_down=r.mbit("cap_down_mbit", d.cap_down),
-        session_cap_up=r.mbit("session_cap_up_mbit", d.session_cap_up, allow_zero=True),
-        session_cap_down=r.mbit("session_cap_down_mbit", d.session_cap_down, allow_zero=True),
-    )
-    if s.wan_interface == s.tunnel_interface and "tunnel_interface" in r.section:
-        problems.append(f"shaping.tunnel_interface: expected an interface other than wan_interface, "
-                        f"got {s.tunnel_interface!r}")
+    keys = schema.NODE["shaping"]
+    v = schema.check_table(keys, data, "shaping.", problems)
+    s = Shaping()
+    for name, value in v.items():
+        if name.endswith("_mbit"):
+            setattr(s, name.removesuffix("_mbit"), _bits(value))
+        else:
+            setattr(s, name, value)
     for d_, line in (("up", s.line_up), ("down", s.line_down)):
         for what in ("floor", "cap"):
             key = f"{what}_{d_}_mbit"
-            if key in r.section and getattr(s, f"{what}_{d_}") > line:
+            if key in v and getattr(s, f"{what}_{d_}") > line:
                 problems.append(f"shaping.{key}: expected at most line_{d_}_mbit ({line / MBIT:g}), "
-                                f"got {r.section[key]!r}")
+                                f"got {data[key]!r}")
     return s
 
 
 def _schedule(data: Any, problems: list[str]) -> list[Rule]:
-    r = _Reader("schedule", data, {"rule"}, problems)
-    rules = r.section.get("rule", [])
+    if not isinstance(data, dict):
+        problems.append(f"schedule: expected a table, got {schema.shown(data)}")
+        return []
+    for k in sorted(set(data) - {"rule"}, key=str):
+        problems.append(f"schedule.{k}: unknown key; expected one of rule")
+    rules = data.get("rule", [])
     if not isinstance(rules, list):
         problems.append(f"schedule.rule: expected a list of [[schedule.rule]] tables, got {rules!r}")
         return []
     out = []
     for i, raw in enumerate(rules):
         name = f"schedule.rule[{i}]"
-        rr = _Reader(name, raw, {"days", "start", "end", "cap_up_mbit", "cap_down_mbit"}, problems)
-        days = rr.get("days", list(DAYS), lambda v: isinstance(v, list) and v and all(d in DAYS for d in v),
-                      "a non-empty list of mon tue wed thu fri sat sun")
-        hhmm = 'a time "HH:MM" 00:00-24:00'
-        start = rr.get("start", None, lambda v: isinstance(v, str) and bool(_HHMM.match(v)), hhmm)
-        end = rr.get("end", None, lambda v: isinstance(v, str) and bool(_HHMM.match(v)), hhmm)
-        for key in ("start", "end"):
-            if key not in rr.section:
-                problems.append(f"{name}.{key}: missing; expected {hhmm}")
-        cap_up = rr.mbit("cap_up_mbit", 0)
-        cap_down = rr.mbit("cap_down_mbit", 0)
-        for key in ("cap_up_mbit", "cap_down_mbit"):
-            if key not in rr.section:
-                problems.append(f"{name}.{key}: missing; expected a rate in Mbit/s > 0")
+        v = schema.check_table(schema.RULE, raw, f"{name}.", problems)
+        raw = raw if isinstance(raw, dict) else {}
+        for key in ("start", "end", "cap_up_mbit", "cap_down_mbit"):
+            if key not in raw:
+                problems.append(f"{name}.{key}: missing; expected {schema.RULE[key].expect}")
+        start, end = v.get("start"), v.get("end")
         if start is not None and end is not None and start == end:
             problems.append(f"{name}.end: expected a time different from start, got {end!r}")
-        if start and end and cap_up and cap_down:
+        if start and end and "cap_up_mbit" in v and "cap_down_mbit" in v:
+            days = v.get("days", list(DAYS))
             out.append(Rule(tuple(DAYS.index(d) for d in days), _minutes(start), _minutes(end) % 1440,
-                            cap_up, cap_down))
+                            _bits(v["cap_up_mbit"]), _bits(v["cap_down_mbit"])))
     return out
 
 
 def _quota(data: Any, problems: list[str]) -> Quota:
-    d = Quota()
-    r = _Reader("quota", data, {"monthly_gb", "reset_day", "max_sessions"}, problems)
-    gb = r.get("monthly_gb", 0, lambda v: _number(v) and v >= 0, "a number of GB >= 0 (0 = no quota)")
-    return Quota(
-        monthly_bytes=round(gb * 1_000_000_000),
-        reset_day=r.integer("reset_day", d.reset_day, 1, 31, "a day of the month 1-31"),
-        max_sessions=r.integer("max_sessions", d.max_sessions, 1, 3840, "a number of sessions 1-3840"),
-    )
+    v = schema.check_table(schema.NODE["quota"], data, "quota.", problems)
+    q = Quota()
+    q.monthly_bytes = round(v.get("monthly_gb", 0) * 1_000_000_000)
+    q.reset_day = v.get("reset_day", q.reset_day)
+    return q
 
 
 def _firewall(data: Any, problems: list[str]) -> Firewall:
-    d = Firewall()
-    r = _Reader("firewall", data, {"table", "required", "buyer_nat_ports", "public_addresses"}, problems)
-    fw = Firewall(
-        table=r.get("table", d.table, lambda v: isinstance(v, str) and bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", v)),
-                    "an nftables table name (letters, digits, _)"),
-        required=r.get("required", d.required, lambda v: isinstance(v, bool), "true or false"),
-    )
-    fw.public_addresses = r.get("public_addresses", [], _ip_list, 'a list of IP addresses, e.g. ["203.0.113.7"]')
-    if "buyer_nat_ports" in r.section:
-        v = r.section["buyer_nat_ports"]
-        m = re.match(r"^(\d+)-(\d+)$", v) if isinstance(v, str) else None
-        lo, hi = (int(m[1]), int(m[2])) if m else (0, 0)
-        size = hi - lo + 1
-        if not m or not (1024 <= lo < hi <= 65535) or size & (size - 1) or lo % size:
-            r.bad("buyer_nat_ports", '"LOW-HIGH", a block of 2^n ports starting at a multiple of 2^n '
-                  '(e.g. "61440-65535" or "49152-65535")')
-        else:
-            fw.nat_port_low, fw.nat_port_high = lo, hi
+    v = schema.check_table(schema.NODE["firewall"], data, "firewall.", problems)
+    fw = Firewall(table=v.get("table", Firewall.table), required=v.get("required", Firewall.required),
+                  public_addresses=v.get("public_addresses", []))
+    if "buyer_nat_ports" in v:
+        fw.nat_port_low, fw.nat_port_high = (int(x) for x in v["buyer_nat_ports"].split("-"))
     return fw
 
 
 def parse_sections(data: dict[str, Any]) -> tuple[Policy, list[str]]:
-    """Validate the policy sections of a node.toml mapping: (policy, problems naming each key)."""
+    """Validate the policy sections of a node.toml mapping (schema.NODE): (policy, problems naming
+    each key). The shaper's interfaces and port and the quota keeper's session limit are not read
+    here: config.parse sets them from [interfaces], [tunnel] and [sessions], their one owner."""
     problems: list[str] = []
     pol = Policy(
         shaping=_shaping(data.get("shaping", {}), problems),

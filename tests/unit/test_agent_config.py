@@ -92,7 +92,6 @@ cap_up_mbit = 15
 cap_down_mbit = 80
 [quota]
 monthly_gb = 500
-max_sessions = 8
 """
 
 UNIT = """
@@ -134,7 +133,7 @@ def test_unit_caps_replace_the_roles_and_are_bounded_by_the_line(tmp_path):
     # without a unit file, node.toml alone (a node provisioned live)
     unit.unlink()
     cfg = load(node)
-    assert not cfg.unit.present and (cfg.policy.shaping.cap_up, cfg.policy.quota.max_sessions) == (10_000_000, 8)
+    assert not cfg.unit.present and (cfg.policy.shaping.cap_up, cfg.policy.quota.max_sessions) == (10_000_000, 10)
     # check-config reports the unit and what its caps change
     unit.write_text(UNIT)
     r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(node)], capture_output=True,

@@ -1,5 +1,11 @@
 """roles/firewall's nftables table rendered with StrictUndefined: the exact rules buyers meet."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jinja2
 import pytest
 import yaml
@@ -104,3 +110,44 @@ def test_firewall_and_agent_defaults_agree():
     fw, agent = role_defaults("firewall"), role_defaults("agent")
     assert fw["firewall_tunnel_interface"] == agent["agent_tunnel_interface"]
     assert fw["firewall_buyer_nat_ports"] == agent["agent_buyer_nat_ports"]
+    assert fw["firewall_table"] == agent["agent_firewall_table"]
+    assert int(fw["firewall_tunnel_port"]) == agent["agent_tunnel_port"]
+    assert agent["agent_api_port"] in fw["firewall_admin_tcp_ports"]
+
+
+def test_firewall_follows_the_agents_variables():
+    """One variable per fact: setting the agent's moves the firewall's (site.yml runs both roles)."""
+    fw = role_defaults("firewall", {"agent_tunnel_interface": "wg7", "agent_tunnel_port": 4500,
+                                    "agent_buyer_nat_ports": "49152-65535", "agent_firewall_table": "iwx"})
+    assert (fw["firewall_tunnel_interface"], fw["firewall_tunnel_port"], fw["firewall_buyer_nat_ports"],
+            fw["firewall_table"]) == ("wg7", "4500", "49152-65535", "iwx")
+
+
+@pytest.mark.parametrize(("extra", "ok"), [
+    ({}, True),
+    ({"agent_tunnel_interface": "wg7"}, True),  # the firewall's follows it
+    ({"firewall_tunnel_interface": "wg7"}, False),  # a copy set by hand to something else
+    ({"firewall_tunnel_port": 4500}, False),
+    ({"firewall_buyer_nat_ports": "49152-65535"}, False),
+    ({"firewall_table": "other"}, False),
+    ({"firewall_admin_tcp_ports": [22]}, False),
+    ({"firewall_admin_tcp_ports": []}, True),
+])
+def test_the_play_fails_when_the_roles_copies_differ(tmp_path, extra, ok):
+    root = Path(__file__).resolve().parents[2]
+    play = tmp_path / "play.yml"
+    play.write_text(f"""- hosts: localhost
+  gather_facts: false
+  vars: {json.dumps(extra)}
+  roles:
+    - role: firewall
+      when: false
+  tasks:
+    - ansible.builtin.include_role: {{name: agent, tasks_from: shared_facts}}
+""")
+    r = subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", "localhost,", "-c", "local",
+                        str(play)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "ANSIBLE_ROLES_PATH": str(root / "roles")})
+    assert (r.returncode == 0) == ok, r.stdout[-2000:]
+    if not ok:
+        assert "roles firewall and agent disagree" in r.stdout and "set the agent_* variable only" in r.stdout

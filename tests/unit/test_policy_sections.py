@@ -46,8 +46,14 @@ buyer_nat_ports = "49152-65535"
 
 
 def test_good_sections_parse():
-    pol, problems = parse_sections(tomllib.loads(GOOD))
-    assert problems == []
+    cfg = config.parse(tomllib.loads(GOOD))  # old keys: read, one deprecation line each
+    pol = cfg.policy
+    assert cfg.warnings == [
+        "shaping.wan_interface is deprecated: write it as interfaces.wan (read as that now)",
+        "shaping.tunnel_interface is deprecated: write it as tunnel.interface (read as that now)",
+        "shaping.tunnel_port is deprecated: write it as tunnel.port (read as that now)",
+        "quota.max_sessions is deprecated: write it as sessions.max (read as that now)"]
+    assert (cfg.interfaces.wan, cfg.tunnel.interface, cfg.tunnel.port, cfg.sessions.max) == ("eth1", "wg0", 51821, 3)
     s = pol.shaping
     assert (s.enabled, s.wan_interface, s.tunnel_port, s.overhead) == (True, "eth1", 51821, 26)
     assert (s.line_up, s.line_down, s.floor_up, s.cap_down, s.session_cap_down) == (
@@ -69,18 +75,17 @@ def test_defaults_without_sections():
 
 def test_every_bad_key_is_named_with_what_is_expected():
     bad = {
-        "shaping": {"wan_interface": "an interface name that is far too long", "tunnel_port": 70000,
-                    "line_up_mbit": -1, "cap_down_mbit": 500, "overhead": "18", "colour": 1},
+        "shaping": {"line_up_mbit": -1, "cap_down_mbit": 500, "overhead": "18", "colour": 1},
         "schedule": {"rule": [{"days": ["monday"], "start": "8:00", "end": "25:00", "cap_up_mbit": 5}]},
-        "quota": {"monthly_gb": -5, "reset_day": 32, "max_sessions": 0},
+        "quota": {"monthly_gb": -5, "reset_day": 32},
         "firewall": {"buyer_nat_ports": "60000-65535", "required": "yes"},
     }
     _, problems = parse_sections(bad)
     keys = [p.split(":")[0] for p in problems]
-    assert keys == ["shaping.colour", "shaping.wan_interface", "shaping.tunnel_port", "shaping.line_up_mbit",
+    assert keys == ["shaping.colour", "shaping.line_up_mbit",
                     "shaping.overhead", "shaping.cap_down_mbit", "schedule.rule[0].days",
                     "schedule.rule[0].start", "schedule.rule[0].end", "schedule.rule[0].cap_down_mbit",
-                    "quota.monthly_gb", "quota.reset_day", "quota.max_sessions", "firewall.required",
+                    "quota.monthly_gb", "quota.reset_day", "firewall.required",
                     "firewall.buyer_nat_ports"], problems
     assert all("expected" in p for p in problems)
     assert "shaping.cap_down_mbit: expected at most line_down_mbit (100), got 500" in problems
@@ -94,12 +99,50 @@ def test_role_renders_a_node_toml_the_agent_accepts(tmp_path):
                             "cap_up_mbit": 80, "cap_down_mbit": 80}],
     })
     lines = text.splitlines()
-    for expected in ['[shaping]', 'enabled = true', 'wan_interface = "eth0"', 'line_down_mbit = 100',
+    for expected in ['[shaping]', 'enabled = true', 'wan = "eth0"', 'line_down_mbit = 100',
                      '[[schedule.rule]]', 'days = ["sat", "sun"]', 'start = "01:00"', 'cap_down_mbit = 80',
-                     'monthly_gb = 250', 'reset_day = 1', 'max_sessions = 8', 'buyer_nat_ports = "61440-65535"']:
+                     'monthly_gb = 250', 'reset_day = 1', 'max = 8', 'buyer_nat_ports = "61440-65535"']:
         assert expected in lines, expected
     path = tmp_path / "node.toml"
     path.write_text(text)
     cfg = config.load(path)
     assert cfg.policy.shaping.enabled and cfg.policy.quota.monthly_bytes == 250 * 10**9
     assert cfg.policy.schedule[0].days == (5, 6)
+
+
+def test_one_key_per_fact_old_and_new_disagreeing_is_an_error_naming_both():
+    data = {"tunnel": {"interface": "iw0"}, "shaping": {"tunnel_interface": "wg0"},
+            "sessions": {"max": 20}, "quota": {"max_sessions": 8}}
+    try:
+        config.parse(data, "node.toml")
+    except config.ConfigError as exc:
+        lines = str(exc).splitlines()
+    else:
+        raise AssertionError("accepted")
+    assert lines == [
+        "node.toml: shaping.tunnel_interface: 'wg0' conflicts with tunnel.interface = 'iw0'; expected one value: "
+        "keep tunnel.interface, remove shaping.tunnel_interface (deprecated)",
+        "node.toml: quota.max_sessions: 8 conflicts with sessions.max = 20; expected one value: keep sessions.max, "
+        "remove quota.max_sessions (deprecated)"]
+    # the same value twice is only a deprecation; the shaper and the quota keeper read the one owner
+    cfg = config.parse({"tunnel": {"interface": "wg1", "port": 4500}, "shaping": {"tunnel_interface": "wg1"},
+                        "interfaces": {"wan": "eth1"}})
+    sh = cfg.policy.shaping
+    assert (sh.tunnel_interface, sh.tunnel_port, sh.wan_interface) == ("wg1", 4500, "eth1")
+    assert cfg.warnings == ["shaping.tunnel_interface is deprecated: write it as tunnel.interface (read as that now)"]
+    # defaults agree: the shaper shapes the agent's tunnel (iw0), not a wg0 nobody creates
+    cfg = config.parse({})
+    assert (cfg.policy.shaping.tunnel_interface, cfg.policy.quota.max_sessions) == (cfg.tunnel.interface,
+                                                                                     cfg.sessions.max)
+
+
+def test_deprecation_is_one_line_on_stderr(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "node.toml"
+    p.write_text('[shaping]\nwan_interface = "eth1"\n')
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(p)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stderr.strip() == (
+        f"{p}: shaping.wan_interface is deprecated: write it as interfaces.wan (read as that now)"), r.stderr

@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from idlewire_agent import schema
+
 from .errors import UserError
 from .paths import data_dir
 
 TARGETS_DIR = data_dir() / "image" / "targets"
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
 _UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-_HOSTNAME_RE = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_KEY_RE = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-\S+)\s+[A-Za-z0-9+/=]+(\s.*)?$")
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,16 @@ def _load_yaml(path: Path, expected: str = "a mapping of settings at the top lev
     import yaml  # here, not at the top: `idlewire flash` reads no YAML unless given a unit (~8 ms)
 
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (some editors write one) is not content
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -244,6 +249,14 @@ def load_target(name_or_path: str) -> Target:
     return target
 
 
+def _schema_check(f: _Fields, name: str, key, value, index: str = ""):
+    """A value checked by its key in the agent's schema (the rule the node applies), one line."""
+    try:
+        return key.check_item(value) if index else key.check(value)
+    except schema.Invalid as exc:
+        raise UserError(f"{f.where(name)}{index}: expected {exc}, got {schema.shown(value)}") from None
+
+
 def role_prefixes() -> set[str]:
     return {p.name for p in (data_dir() / "roles").iterdir() if p.is_dir()}
 
@@ -254,20 +267,14 @@ def load_site(path: Path | None) -> Site:
         return Site()
     f = _Fields(path, _load_yaml(path))
     f.unknown({"hostname", "ssh_authorized_keys", "timezone", "vars"})
-    hostname = f.get("hostname", str, "idlewire")
-    if not _HOSTNAME_RE.match(hostname):
-        raise UserError(f"{f.where('hostname')}: expected lowercase letters, digits and '-' "
-                        f"(at most 63), got {hostname!r}")
-    keys = f.strings("ssh_authorized_keys", [])
-    for i, key in enumerate(keys):
-        if not _KEY_RE.match(key.strip()):
-            raise UserError(f"{f.where('ssh_authorized_keys')}[{i}]: expected an OpenSSH public key "
-                            f"line such as 'ssh-ed25519 AAAA… you@host', got {key[:40]!r}")
+    hostname = _schema_check(f, "hostname", schema.UNIT["hostname"], f.get("hostname", str, "idlewire"))
+    keys = [_schema_check(f, "ssh_authorized_keys", schema.STAMP["ssh_authorized_keys"], key, f"[{i}]")
+            for i, key in enumerate(f.strings("ssh_authorized_keys", []))]
     variables = f.get("vars", dict, {})
     prefixes = role_prefixes()
     for key in variables:
         if not isinstance(key, str) or key.split("_", 1)[0] not in prefixes:
             raise UserError(f"{f.where('vars')}: {key!r} is not a role variable; role variables "
                             f"start with a role name: {', '.join(sorted(p + '_' for p in prefixes))}")
-    return Site(hostname=hostname, ssh_authorized_keys=tuple(k.strip() for k in keys),
+    return Site(hostname=hostname, ssh_authorized_keys=tuple(keys),
                 timezone=f.get("timezone", str, "Etc/UTC"), vars=dict(variables), path=path)

@@ -3,7 +3,7 @@
 Only the FAT boot partition changes, and it is never mounted: the files go in with mtools at the
 partition's byte offset (`mcopy -i IMAGE@@OFFSET`), the offset read from the partition table with
 `sfdisk -J`. What lands on the boot partition (consumed and erased by the unit's first boot, see
-roles/base/templates/usr/local/sbin/idlewire-stamp.j2)::
+`idlewire-agent consume-stamp`, agent/idlewire_agent/consume.py)::
 
     idlewire/stamp.toml   unit id, hostname, SSH keys, Wi-Fi (hashed PSK), payout address, caps
     idlewire/node.key     the node's ed25519 private key (base64 of its 32 bytes: the agent's format)
@@ -30,45 +30,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from idlewire_agent import schema
+
 from . import bmap, rawio
 from .errors import UserError
+from .nodekey import load_node_key
 from .units import Unit
 
 STAMP_DIR = "idlewire"
-STAMP_FORMAT = 1
+STAMP_FORMAT = schema.STAMP_FORMAT
 FICLONE = 0x40049409
 STAMP_CHUNK = 32 << 20  # direct writes of a stamped copy, from a mapping of the golden image
 RECORD_COLUMNS = ("unit", "hostname", "node_public_key", "image", "target", "stamped_at")
 
 
 # --- keys -----------------------------------------------------------------------------------
-
-def load_node_key(data: bytes):
-    """An ed25519 private key from PEM (PKCS#8), OpenSSH, or the agent's own format (base64 of the
-    32 raw bytes, as /etc/idlewire/node.key holds it); ValueError says what is wrong."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    text = data.strip()
-    if text and b"-----" not in text:
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except ValueError:
-            raw = b""
-        if len(raw) == 32:
-            return Ed25519PrivateKey.from_private_bytes(raw)
-    try:
-        if b"OPENSSH PRIVATE KEY" in data:
-            key = serialization.load_ssh_private_key(data, password=None)
-        else:
-            key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, Exception) as exc:  # cryptography raises several kinds
-        raise ValueError("not an unencrypted ed25519 private key (PEM, OpenSSH, or base64 of 32 bytes) "
-                         f"({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"expected an ed25519 key, got {type(key).__name__.removeprefix('_')}")
-    return key
-
 
 def node_key(unit: Unit) -> tuple[bytes, str]:
     """(the private key as the agent reads it: base64 of 32 raw bytes + newline, base64 of the
@@ -85,29 +61,32 @@ def node_key(unit: Unit) -> tuple[bytes, str]:
 
 # --- stamp content --------------------------------------------------------------------------
 
-def _toml_str(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)  # a JSON string is a TOML basic string
+def stamp_values(unit: Unit, public_key: str) -> dict:
+    """What goes into stamp.toml, keyed as schema.STAMP names it."""
+    values: dict = {"format": STAMP_FORMAT, "unit": unit.unit, "hostname": unit.hostname,
+                    "node_public_key": public_key,
+                    "stamped_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "ssh_authorized_keys": list(unit.ssh_authorized_keys)}
+    if unit.payout_address:
+        values["payout_address"] = unit.payout_address
+    if unit.wifi:
+        w = unit.wifi
+        values["wifi"] = {"country": w.country, "ssid": w.ssid, "psk_hash": w.psk_hash, "hidden": w.hidden}
+    if unit.caps:
+        values["caps"] = dict(sorted(unit.caps.items()))
+    return values
 
 
 def stamp_toml(unit: Unit, public_key: str) -> bytes:
-    lines = [
-        "# idlewire unit stamp: read once at first boot into /etc/idlewire, then erased.",
-        f"format = {STAMP_FORMAT}",
-        f"unit = {_toml_str(unit.unit)}",
-        f"hostname = {_toml_str(unit.hostname)}",
-        f"node_public_key = {_toml_str(public_key)}",
-        f"stamped_at = {_toml_str(time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))}",
-        "ssh_authorized_keys = [" + ", ".join(_toml_str(k) for k in unit.ssh_authorized_keys) + "]",
-    ]
-    if unit.payout_address:
-        lines.append(f"payout_address = {_toml_str(unit.payout_address)}")
-    if unit.wifi:
-        w = unit.wifi
-        lines += ["", "[wifi]", f"country = {_toml_str(w.country)}", f"ssid = {_toml_str(w.ssid)}",
-                  f"psk_hash = {_toml_str(w.psk_hash)}", f"hidden = {'true' if w.hidden else 'false'}"]
-    if unit.caps:
-        lines += ["", "[caps]"] + [f"{k} = {v}" for k, v in sorted(unit.caps.items())]
-    return ("\n".join(lines) + "\n").encode()
+    """stamp.toml for one unit, checked against the schema the node reads it with: a value the
+    node would refuse is refused here, in one line naming the unit and the field."""
+    values = stamp_values(unit, public_key)
+    _, problems = schema.check_stamp(values)
+    if problems:
+        name, _, why = problems[0].partition(": ")
+        raise UserError(f"{unit.source or unit.unit}: unit {unit.unit!r}: field '{name}': {why}")
+    return schema.dump_toml(values, "idlewire unit stamp: read once at first boot into /etc/idlewire, "
+                            "then erased.").encode()
 
 
 # --- the image ------------------------------------------------------------------------------
