@@ -121,8 +121,12 @@ def preflight(path: Path) -> None:
         read(path)
         if not os.access(path, os.W_OK):
             raise UserError(f"{path}: the record is not writable; fix its permissions or give another --record")
-    elif not os.access(path.parent if str(path.parent) else Path("."), os.W_OK):
-        raise UserError(f"{path}: cannot create the record in {path.parent}; give another --record")
+        return
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists():  # created later (stamp --out DIR makes its directory)
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{path}: cannot create the record in {parent}; give another --record")
 
 
 @dataclass
