@@ -184,7 +184,8 @@ def _check_record(rec: Path, chosen: list) -> None:
         if u.node_key_pem and known:
             pub = stamp.node_key(u)[1]
             if pub in known:
-                raise UserError(f"{u.where}: field 'node_key': this key is already in {rec} as unit "
+                where = getattr(u, "source", "") or f"unit {u.unit}"
+                raise UserError(f"{where}: field 'node_key': this key is already in {rec} as unit "
                                 f"{known[pub]!r}; every unit needs its own node key")
 
 
@@ -272,7 +273,7 @@ def _report_card(c, verify_only: bool, as_json: bool) -> None:
         err.print(f"[red]failed[/red] {c.target}{who}: {c.error}", highlight=False)
     elif c.verified is False:
         first = c.mismatches[0] if c.mismatches else None
-        err.print(f"[red]differs[/red] {c.target}: {len(c.mismatches)} range(s) do not match the image"
+        err.print(f"[red]differs[/red] {c.target}{who}: {len(c.mismatches)} range(s) do not match the image"
                   + (f", first at bytes {first[0]}-{first[1]}" if first else "")
                   + ": the write was interrupted or the card is faulty; flash it again", highlight=False)
     elif not as_json:

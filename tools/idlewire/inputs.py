@@ -63,8 +63,7 @@ def distinct(paths: list[Path]) -> None:
     for p in paths:
         key = identity(p)
         if key in seen:
-            same = "is named twice" if str(seen[key]) == str(p) else f"and {seen[key]} are the same file"
-            raise UserError(f"{p}: {same}; give each target once")
+            raise UserError(f"{p}: the same file as {seen[key]}; give each target once")
         seen[key] = p
 
 

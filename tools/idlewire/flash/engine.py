@@ -68,9 +68,10 @@ class CardReport:
 
 def _write_failure(target: Path, exc: BaseException) -> str:
     if isinstance(exc, OSError):
-        what = {errno.ENOSPC: "no space left on it", errno.EROFS: "it is read-only",
+        what: dict | str = {errno.ENOSPC: "no space left on it", errno.EROFS: "it is read-only",
                 errno.EIO: "I/O error (a faulty card or a loose reader)",
-                errno.EDQUOT: "disk quota exceeded"}.get(exc.errno or 0, exc.strerror or str(exc))
+                errno.EDQUOT: "disk quota exceeded", errno.EPERM: "not permitted (is it read-only?)"}
+        what = what.get(exc.errno or 0, exc.strerror or str(exc))
         return f"{target}: writing failed: {what}"
     return f"{target}: writing failed: {exc}"
 

@@ -191,6 +191,10 @@ def _block(path: Path, st_: os.stat_result, image_size: int, force_fixed: bool, 
                          written=nothing)
     if write:
         _check_in_use(text, name)
+        ro = sysp / "ro"
+        if ro.exists() and ro.read_text().strip() == "1":
+            raise FlashError(f"{text}: is read-only (a card's lock switch, or `losetup -r`); unlock it first",
+                             target=text)
         if not _removable_kind(name, sysp) and not force_fixed:
             raise FlashError(f"{text}: is a fixed (non-removable) disk; if you really mean to overwrite it, "
                              "add --force-fixed", target=text)
