@@ -66,13 +66,14 @@ class CardReport:
         return not self.error and self.verified is not False
 
 
+WRITE_ERRORS = {errno.ENOSPC: "no space left on it", errno.EROFS: "it is read-only",
+                errno.EIO: "I/O error (a faulty card or a loose reader)", errno.EDQUOT: "disk quota exceeded",
+                errno.EPERM: "not permitted (is it read-only?)"}
+
+
 def _write_failure(target: Path, exc: BaseException) -> str:
     if isinstance(exc, OSError):
-        what: dict | str = {errno.ENOSPC: "no space left on it", errno.EROFS: "it is read-only",
-                errno.EIO: "I/O error (a faulty card or a loose reader)",
-                errno.EDQUOT: "disk quota exceeded", errno.EPERM: "not permitted (is it read-only?)"}
-        what = what.get(exc.errno or 0, exc.strerror or str(exc))
-        return f"{target}: writing failed: {what}"
+        return f"{target}: writing failed: {WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))}"
     return f"{target}: writing failed: {exc}"
 
 
