@@ -49,7 +49,8 @@ def flash(
     verify_only: Annotated[bool, Opt("--verify-only", help="Write nothing: compare the card "
                                      "with IMAGE (finds interrupted or failed writes).")] = False,
     skip_boot: Annotated[bool, Opt("--skip-boot", help="With --verify-only: leave out the boot "
-                                   "partition (cards stamped while flashing differ there).")] = False,
+                                   "partition as IMAGE's own table places it (cards stamped while flashing "
+                                   "differ there; the card's table is never trusted).")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
 ):
     """Write IMAGE to one or more cards (or image files): sparse, verified, refusing unsafe targets.
@@ -73,8 +74,17 @@ def flash(
     the same time from one read of IMAGE, each stamped with its own unit, and reports per card.
     A regular file as TARGET is written beside it (.TARGET.partial) and renamed over it once
     written and read back, so a refused, failed or interrupted write leaves it as it was; the new
-    file keeps the old one's mode and owner. A file a loop device is attached to is refused: flash
-    the loop device instead.
+    file keeps the old one's mode and owner. An existing file is only replaced when idlewire
+    wrote it (or it holds no data) unless --force; one of this command's own files (IMAGE, the
+    bmap, --unit/--units, --record) never is, nor is one file named twice (a link, ./x and x). A
+    file a loop device is attached to is refused: flash the loop device instead. Ctrl-C, SIGTERM
+    and SIGHUP leave no partial file and no temporary copy of a unit's private key (those live on
+    tmpfs, 0600, or in IDLEWIRE_SECRET_DIR).
+
+    The record (--record, a CSV shared safely by any number of runs) gets one row per card whose
+    write began, with the unit's public key and status ok or failed; when it cannot be written
+    the rows go to a fallback file beside it (or in the working directory) and to stdout. A
+    node_key already in the record is refused before anything is written.
 
     Speed: writes and reads bypass the page cache (O_DIRECT); each range is read back while the
     later ones are being written; an image written to files only is checked against its bmap
