@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`idlewire flash --units`: time from the command's start to the first byte written, by rows.
 
-Usage: bench/flash_first_byte.py [--rows 10000] [--cards 2] [--image IMG]
+Usage: bench/flash_first_byte.py [--rows 10000] [--wifi-rows N] [--cards 2] [--image IMG]
 
 Runs `idlewire flash IMAGE card1.img … --units units.csv` in a fresh interpreter (timed from its
 start) with a units.csv of 1 row per card, then of ROWS rows without Wi-Fi, then of ROWS rows
@@ -83,6 +83,7 @@ def run(image: Path, d: Path, units: Path, cards: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=10000)
+    ap.add_argument("--wifi-rows", type=int, help="rows of the Wi-Fi file (default: --rows)")
     ap.add_argument("--cards", type=int, default=2)
     ap.add_argument("--image", type=Path)
     a = ap.parse_args()
@@ -95,7 +96,7 @@ def main() -> None:
             image = make_image(d / "small.img", size=48 << 20, boot_size=33 << 20, data_mib=2)
         base = None
         for label, rows, wifi in (("just the rows needed", a.cards, True), (f"{a.rows} rows", a.rows, False),
-                                  (f"{a.rows} rows with Wi-Fi", a.rows, True)):
+                                  (f"{a.wifi_rows or a.rows} rows with Wi-Fi", a.wifi_rows or a.rows, True)):
             units = d / "units.csv"
             write_units(units, rows, wifi)
             m = run(image, d, units, a.cards)

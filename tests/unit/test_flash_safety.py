@@ -337,3 +337,37 @@ def test_a_signal_mid_stamp_leaves_no_partial_image_and_no_key(small, tmp_path):
     # every image that exists is in the record, with the key printed on stdout
     assert sorted(f"small-{r['unit']}.img" for r in rows) == made
     assert all(r["node_public_key"] in stdout for r in rows)
+
+
+# --- one line where a traceback was --------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["xz", "gz", "zst"])
+@pytest.mark.parametrize("size", [0, 1, 5, 17, 40])
+def test_tiny_and_truncated_archives_are_one_line(small, tmp_path, kind, size):
+    whole = small.with_name(small.name + ".xz").read_bytes() if kind == "xz" else None
+    if whole is None:
+        tool = {"gz": "gzip", "zst": "zstd"}[kind]
+        whole = subprocess.run([tool, "-c", "-q", str(small)], capture_output=True, check=True).stdout
+    img = tmp_path / f"tiny.img.{kind}"
+    img.write_bytes(whole[:size])
+    shutil.copyfile(small.with_suffix(".bmap"), tmp_path / "tiny.bmap")
+    one_line_error(idlewire("flash", img, tmp_path / "card.img", check=False), str(img))
+    assert not (tmp_path / "card.img").exists()
+
+
+@pytest.mark.parametrize(("what", "content", "words"), [
+    ("bmap", b"<html><body>404</body></html>", "not a bmap file"),
+    ("bmap", b"\xff\xfe<\x00b\x00m\x00a\x00p\x00", "not UTF-8"),
+    ("bmap", b'<bmap version="2.0"><ImageSize>-5</ImageSize><BlockSize>4096</BlockSize>'
+             b"<ChecksumType>sha256</ChecksumType></bmap>", "not a size"),
+    ("sha256", b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8"),
+    ("sha256", b"zzzz  small.img.xz\n", "holds no sha256"),
+])
+def test_companions_that_are_garbage_are_one_line(small, tmp_path, what, content, words):
+    d = tmp_path / "set"
+    d.mkdir()
+    for name in ("small.img.xz", "small.bmap"):
+        os.link(small.with_name(name), d / name)
+    (d / f"small.{what}").unlink(missing_ok=True)
+    (d / f"small.{what}").write_bytes(content)
+    one_line_error(idlewire("flash", d / "small.img.xz", tmp_path / "card.img", check=False), words)
