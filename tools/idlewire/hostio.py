@@ -117,6 +117,18 @@ def signals_interrupt() -> Iterator[None]:
             signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP held back inside the block (delivered when it ends): for the
+    few writes that must not be cut in half, such as the record's."""
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _tmpfs_dirs() -> list[str]:
     uid = os.getuid()
     return [d for d in (os.environ.get("IDLEWIRE_SECRET_DIR"), "/dev/shm", f"/run/user/{uid}", "/run")

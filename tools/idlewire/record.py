@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hostio
 from .errors import UserError
 
 COLUMNS = ("unit", "hostname", "node_public_key", "image", "target", "stamped_at")
@@ -146,6 +147,11 @@ def append(path: Path, rows: list[dict[str, str]]) -> Outcome:
     for the record's own failure (the caller also prints every row on stdout)."""
     if not rows:
         return Outcome(path, False)
+    with hostio.signals_deferred():  # a second Ctrl-C or SIGTERM waits for the rows
+        return _append_or_fall_back(path, rows)
+
+
+def _append_or_fall_back(path: Path, rows: list[dict[str, str]]) -> Outcome:
     try:
         _append_locked(path, rows)
         return Outcome(path, False)
