@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests")]
 
+from flash_record import small_image  # noqa: E402 (bench/ is this script's directory)
+
 PROBE = r"""
 import os, sys, time, threading
 T0 = time.monotonic()
@@ -89,11 +91,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="idlewire-bench-ttfb-") as tmp:
         d = Path(tmp)
-        image = a.image
-        if image is None:
-            from imagelab import make_image
-
-            image = make_image(d / "small.img", size=48 << 20, boot_size=33 << 20, data_mib=2)
+        image = a.image or small_image(d)
         base = None
         for label, rows, wifi in (("just the rows needed", a.cards, True), (f"{a.rows} rows", a.rows, False),
                                   (f"{a.wifi_rows or a.rows} rows with Wi-Fi", a.wifi_rows or a.rows, True)):

@@ -28,6 +28,13 @@ sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tests")]
 from idlewire import record  # noqa: E402
 
 
+def small_image(d: Path) -> Path:
+    """A 48 MiB synthetic image (FAT boot + ext4 root, 2 MiB of data) with its .bmap."""
+    from imagelab import make_image
+
+    return make_image(d / "small.img", size=48 << 20, boot_size=33 << 20, data_mib=2)
+
+
 def _old_append(path: Path, row: dict[str, str]) -> None:
     """The former append_record: whole file read, written aside, renamed (no lock)."""
     existing = path.read_text() if path.exists() else ""
@@ -91,11 +98,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="idlewire-bench-record-") as tmp:
         d = Path(tmp)
-        image = a.image
-        if image is None:
-            from imagelab import make_image
-
-            image = make_image(d / "small.img", size=48 << 20, boot_size=33 << 20, data_mib=2)
+        image = a.image or small_image(d)
         lost_new = lost_old = 0
         for r in range(a.rounds):
             lost, secs = idlewire_round(d, image, a.procs, r)
