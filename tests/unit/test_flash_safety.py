@@ -371,3 +371,42 @@ def test_companions_that_are_garbage_are_one_line(small, tmp_path, what, content
     (d / f"small.{what}").unlink(missing_ok=True)
     (d / f"small.{what}").write_bytes(content)
     one_line_error(idlewire("flash", d / "small.img.xz", tmp_path / "card.img", check=False), words)
+
+
+def test_a_card_cut_off_by_a_signal_is_recorded_as_failed_with_its_key(small, tmp_path):
+    """SIGTERM after the card got its first bytes: the record says failed, with the unit's key
+    (the card's boot partition may hold it), and the key is on stdout."""
+    if can_loop():
+        pytest.skip(can_loop())
+    gz = tmp_path / "small.img.gz"
+    with gz.open("wb") as f:
+        subprocess.run(["gzip", "-1", "-c", str(small)], stdout=f, check=True)
+    shutil.copyfile(small.with_suffix(".bmap"), tmp_path / "small.bmap")
+    back = tmp_path / "back.img"
+    with back.open("wb") as f:
+        f.truncate(small.stat().st_size)
+    rec = tmp_path / "rec.csv"
+    for _ in range(5):
+        with loop_device(back) as dev:
+            proc = subprocess.Popen([sys.executable, "-m", "idlewire", "flash", str(gz), str(dev), "--unit",
+                                     str(unit_file(tmp_path, "cut1")), "--record", str(rec)],
+                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                if back.stat().st_blocks:
+                    proc.send_signal(signal.SIGTERM)
+                    break
+                time.sleep(0.001)
+            out, errtext = proc.communicate(timeout=120)
+        assert "Traceback" not in errtext, errtext
+        if proc.returncode == 0:
+            rec.unlink()
+            with back.open("wb") as f:
+                f.truncate(small.stat().st_size)
+            continue
+        assert proc.returncode == 130, errtext
+        rows = record.read(rec)
+        assert [(r["unit"], r["status"]) for r in rows] == [("cut1", "failed")], rows
+        assert rows[0]["node_public_key"] in out
+        return
+    pytest.fail("the flash always finished before the signal")

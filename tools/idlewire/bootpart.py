@@ -11,7 +11,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,15 +93,12 @@ def write_stamp_files(image: Path, offset: int, files: dict[str, bytes], present
                         "stamp.done); stamp a copy of the golden image instead")
     if not present:
         mtools(["mmd", "-D", "s", f"::/{STAMP_DIR}"], image, offset, check=False)
-    tmp = hostio.secret_dir("idlewire-stamp-", sum(map(len, files.values())) + (1 << 20))
-    try:
+    with hostio.private_dir("idlewire-stamp-", sum(map(len, files.values())) + (1 << 20)) as tmp:
         paths = []
         for name, data in files.items():
             hostio.write_private(tmp / name, data)
             paths.append(str(tmp / name))
         mtools(["mcopy", "-o", "-Q", *paths, f"::/{STAMP_DIR}/"], image, offset)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def copy_range(sfd: int, dfd: int, off: int, end: int) -> None:

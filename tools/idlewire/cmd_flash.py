@@ -234,13 +234,14 @@ def _write(src, infos: list, chosen: list | None, rec: Path | None, verify: bool
         raise _os_error(exc) from None
     finally:
         if chosen and rec is not None:
-            _record(rec, src.path, reports, loud=not finished or not as_json)
+            _record(rec, src.path, reports, interrupted=not finished, as_json=as_json)
     return result
 
 
-def _record(rec: Path, image: Path, reports: list, loud: bool) -> None:
+def _record(rec: Path, image: Path, reports: list, interrupted: bool, as_json: bool) -> None:
     """Append every written card's unit to the record (status failed when its card failed); when
-    the record cannot be written, a fallback file; `loud`: the rows on stdout too."""
+    the record cannot be written, a fallback file. The rows go to stdout too when no summary
+    will carry the keys (the record failed, or the run was interrupted or failed)."""
     from . import record
 
     rows = [{"unit": c.unit, "hostname": c.hostname, "node_public_key": c.node_public_key, "image": str(image),
@@ -250,8 +251,9 @@ def _record(rec: Path, image: Path, reports: list, loud: bool) -> None:
     if out.fallback:
         err.print(f"[red]error:[/red] the record could not be written ({out.reason}); the units' public keys "
                   f"are in {out.path} and below", highlight=False, soft_wrap=True)
+    if out.fallback or interrupted:
         print(record.rows_text(rows), end="", flush=True)
-    elif loud and rows and any(r[record.STATUS] == record.FAILED for r in rows):
+    if not out.fallback and not as_json and any(r[record.STATUS] == record.FAILED for r in rows):
         err.print(f"failed cards recorded as failed in {out.path}", highlight=False)
 
 

@@ -52,7 +52,7 @@ def stamp(
     `idlewire flash IMAGE DEV1 DEV2 … --units units.csv` stamps while writing.
     """
     from . import stamp as st
-    from .hostio import signals_interrupt
+    from .hostio import signals_deferred, signals_interrupt
     from .inputs import text_file
     from .units import load_unit, load_units
 
@@ -68,7 +68,8 @@ def stamp(
             done, record = _stamp_all(golden, image, todo, source, units is not None, out, record, as_json)
             total = time.monotonic() - t0
         finally:
-            golden.close()
+            with signals_deferred():  # the golden boot partition's copy goes, even on a second Ctrl-C
+                golden.close()
     if as_json:
         print(json.dumps({"golden": str(image), "record": str(record), "seconds": round(total, 3),
                           "units": [{"unit": s.unit.unit, "hostname": s.unit.hostname, "image": str(s.image),

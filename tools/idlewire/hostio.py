@@ -168,6 +168,21 @@ def secret_dir(prefix: str, need: int = 0) -> Path:
                     "mount a tmpfs and point IDLEWIRE_SECRET_DIR at it, or stamp fewer units at once")
 
 
+@contextlib.contextmanager
+def private_dir(prefix: str, need: int = 0) -> Iterator[Path]:
+    """secret_dir() for the length of a block, removed however the block ends (a signal that
+    arrives while it is being made is held back until it can be removed again)."""
+    d = None
+    try:
+        with signals_deferred():
+            d = secret_dir(prefix, need)
+        yield d
+    finally:
+        if d is not None:
+            with signals_deferred():
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def ensure_room(directory: Path, need: int, what: str) -> None:
     """A UserError when the filesystem of `directory` has less than `need` bytes free."""
     sv = os.statvfs(directory)

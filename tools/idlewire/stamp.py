@@ -182,11 +182,13 @@ class Golden:
         self.bs = self.bmap.block_size if self.bmap else bmap.BLOCK
         self.first_in = self.layout.boot_offset // self.bs  # blocks touching the boot partition
         self.last_in = (self.layout.boot_end - 1) // self.bs
-        self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-        self.work = hostio.secret_dir("idlewire-stamp-")  # 0700 on tmpfs: node keys pass here
         self.count = itertools.count(1)
         self.map, self.view = None, memoryview(b"")
+        self.fd, self.work = -1, None
         try:
+            with hostio.signals_deferred():  # both are undone by close(), however __init__ ends
+                self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+                self.work = hostio.secret_dir("idlewire-stamp-")  # 0700 on tmpfs: node keys pass here
             self.map, self.view = rawio.map_file(self.fd)  # once: unmapping a big mapping is not free
             blocks = ([(a, b) for a, b, _ in self.bmap.ranges] if self.bmap
                       else bmap.data_ranges(self.fd, self.size, self.bs))
@@ -221,7 +223,8 @@ class Golden:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        shutil.rmtree(self.work, ignore_errors=True)
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> Golden:
         return self

@@ -194,7 +194,8 @@ class _Flash:
         """Each unit's stamped boot partition, in a private directory on tmpfs (it holds keys)."""
         skip = None
         if self.units:
-            self.work = hostio.secret_dir("idlewire-flash-")
+            with hostio.signals_deferred():  # removed by close(), whenever a signal comes
+                self.work = hostio.secret_dir("idlewire-flash-")
             prefix, layout = boot_prefix(self.src, self.work)
             hostio.ensure_room(self.work, len(self.units) * prefix.stat().st_blocks * 512 + (8 << 20),
                                "the units' stamped boot partitions")
@@ -318,11 +319,15 @@ class _Flash:
     # --- every exit ---
 
     def abort(self, exc: BaseException) -> None:
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc) or type(exc).__name__
+        for r in self.reports:  # a card cut off mid-write is a failed card, never a unit
+            if not r.error:
+                r.error, r.verified = f"stopped before it was complete: {why}", False
         for w in self.writers:
             w.failed = w.failed or exc
             with contextlib.suppress(Exception):  # a failed writer skips its queued jobs: room soon
                 w.q.put(None, timeout=10)
-        for t in self.targets[:len(self.fds)]:
+        for t in self.targets:  # also one whose partial file exists but whose descriptor was not kept yet
             with contextlib.suppress(OSError):
                 publish(t, ok=False)
 
@@ -379,10 +384,12 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
         run.write_tables()
         run.finish()
     except BaseException as exc:
-        run.abort(exc)
+        with hostio.signals_deferred():  # a second Ctrl-C must not cut the clean-up short
+            run.abort(exc)
         raise
     finally:
-        run.close()
+        with hostio.signals_deferred():
+            run.close()
     return run.result()
 
 
