@@ -111,14 +111,18 @@ def to_xml(bmap: BlockMap) -> str:
 def parse(path: Path) -> BlockMap:
     """Read a .bmap (ours or bmaptool's); a damaged file is a one-line UserError."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
         root = ET.fromstring(text)  # noqa: S314 (local file the user chose; no entities expanded)
     except OSError as exc:
         raise UserError(f"{path}: cannot read: {exc.strerror}") from None
-    except ET.ParseError as exc:
-        raise UserError(f"{path}: not a bmap file: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not a bmap file (not UTF-8 text, byte {exc.start})") from None
+    except (ET.ParseError, ValueError) as exc:
+        raise UserError(f"{path}: not a bmap file: {str(exc)[:120]}") from None
+    if root.tag != "bmap":
+        raise UserError(f"{path}: not a bmap file (its XML root is <{str(root.tag)[:40]}>, not <bmap>)")
     major = root.get("version", "0").split(".")[0]
-    if root.tag != "bmap" or major not in ("1", "2"):
+    if major not in ("1", "2"):
         raise UserError(f"{path}: unsupported bmap version {root.get('version')!r}; expected 1.x or 2.x")
     try:
         ctype = (root.findtext("ChecksumType") or "sha1").strip()
@@ -136,5 +140,5 @@ def parse(path: Path) -> BlockMap:
             ranges.append((int(first), int(last or first), r.get("chksum", "")))
         return BlockMap(int(root.findtext("ImageSize", "0")), int(root.findtext("BlockSize", "0")),
                         tuple(ranges))
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{path}: malformed bmap: {exc}") from None
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise UserError(f"{path}: malformed bmap: {str(exc)[:120]}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -51,18 +52,24 @@ def stamp(
     `idlewire flash IMAGE DEV1 DEV2 … --units units.csv` stamps while writing.
     """
     from . import stamp as st
+    from .hostio import signals_deferred, signals_interrupt
+    from .inputs import text_file
     from .units import load_unit, load_units
 
     if (unit is None) == (units is None):
         raise UserError("give exactly one of --unit unit.yml or --units units.csv")
+    source = unit or units
+    text_file(source, "--unit" if unit else "--units")  # type: ignore[arg-type]
     todo = [load_unit(unit)] if unit else load_units(units)  # type: ignore[arg-type]
     t0 = time.monotonic()
-    golden = st.Golden(image)  # every check of the image; its boot partition set aside once
-    try:
-        done, record = _stamp_all(golden, image, todo, units, out, record, as_json)
-        total = time.monotonic() - t0
-    finally:
-        golden.close()
+    with signals_interrupt():  # SIGTERM / SIGHUP clean up as Ctrl-C does
+        golden = st.Golden(image)  # every check of the image; its boot partition set aside once
+        try:
+            done, record = _stamp_all(golden, image, todo, source, units is not None, out, record, as_json)
+            total = time.monotonic() - t0
+        finally:
+            with signals_deferred():  # the golden boot partition's copy goes, even on a second Ctrl-C
+                golden.close()
     if as_json:
         print(json.dumps({"golden": str(image), "record": str(record), "seconds": round(total, 3),
                           "units": [{"unit": s.unit.unit, "hostname": s.unit.hostname, "image": str(s.image),
@@ -73,8 +80,7 @@ def stamp(
         err.print(f"{len(done)} unit(s) in {total:.1f}s ({total / len(done):.2f}s each); public keys in {record}")
 
 
-def _stamp_all(golden, image: Path, todo: list, units: Path | None, out: Path | None, record: Path | None,
-               as_json: bool):
+def _outputs(image: Path, todo: list, units: bool, out: Path | None) -> list[Path]:
     from . import stamp as st
 
     stem, _ = st.companions(image)
@@ -83,38 +89,77 @@ def _stamp_all(golden, image: Path, todo: list, units: Path | None, out: Path | 
             raise UserError("--units needs --out DIR, the directory for the stamped images")
         if out.exists() and not out.is_dir():
             raise UserError(f"{out}: exists and is not a directory; --out with --units is a directory")
-        targets = [out / f"{stem}-{u.unit}.img" for u in todo]
-    else:
-        target = out or image.with_name(f"{stem}-{todo[0].unit}.img")
-        if target.is_dir():
-            target = target / f"{stem}-{todo[0].unit}.img"
-        if target.suffix != ".img":
-            raise UserError(f"{target}: the output image name must end in .img")
-        targets = [target]
+        return [out / f"{stem}-{u.unit}.img" for u in todo]
+    target = out or image.with_name(f"{stem}-{todo[0].unit}.img")
+    if target.is_dir():
+        target = target / f"{stem}-{todo[0].unit}.img"
+    if target.suffix != ".img":
+        raise UserError(f"{target}: the output image name must end in .img")
+    return [target]
+
+
+def _check_outputs(targets: list[Path], inputs_: dict[str, Path]) -> None:
+    """No output is an input (however it is named), exists already, or is named twice."""
+    from . import inputs
+
     for t in targets:
-        if t.resolve() == image.resolve():
-            raise UserError(f"{t}: is the golden image itself; give another --out")
-        if t.exists():
+        for what, p in inputs_.items():
+            if os.path.lexists(t) and inputs.identity(t) == inputs.identity(p):
+                raise UserError(f"{t}: is {what} itself; give another --out")
+        if os.path.lexists(t):
             raise UserError(f"{t}: already exists; remove it or give another --out (stamping never overwrites)")
-    record = record or targets[0].parent / "stamped-units.csv"
-    done: list = []
-    # two units at a time: one's mtools, key and hashing run while the other's copy is written
+    inputs.distinct(targets)
+
+
+def _stamp_all(golden, image: Path, todo: list, source: Path, many: bool, out: Path | None,
+               record: Path | None, as_json: bool):
     from concurrent.futures import ThreadPoolExecutor
 
+    targets = _outputs(image, todo, many, out)
+    record = record or targets[0].parent / "stamped-units.csv"
+    _check_outputs(targets, {"the golden image": image, "the unit file": source, "the record": record})
+    _check_record(record)
+    # two units at a time: one's mtools, key and hashing run while the other's copy is written
     pool = ThreadPoolExecutor(max_workers=2)
+    futures = [pool.submit(golden.stamp, u, t) for u, t in zip(todo, targets, strict=True)]
+    done: list = []
+    finished = False
     try:
         with err.status("stamping") as status:
-            for i, (u, s) in enumerate(zip(todo, pool.map(golden.stamp, todo, targets), strict=True), start=1):
+            for i, (u, f) in enumerate(zip(todo, futures, strict=True), start=1):
+                s = f.result()
                 status.update(f"stamping ({i}/{len(todo)} done, {u.unit})")
                 done.append(s)
                 if not as_json:
                     print(f"{u.unit}\t{s.node_public_key}\t{s.image}", flush=True)
+        finished = True
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        # the units stamped before a failure are recorded too: their images exist
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        if done:
-            st.append_record(record, [{"unit": s.unit.unit, "hostname": s.unit.hostname,
-                                       "node_public_key": s.node_public_key, "image": str(s.image),
-                                       "stamped_at": now} for s in done])
+        # every unit whose image exists is recorded, also those finished after a failure or Ctrl-C
+        late = [f.result() for f in futures[len(done):] if f.done() and not f.cancelled() and f.exception() is None]
+        # on a failure no summary follows: the keys not yet printed are printed now
+        _record(record, done + late, print_rows=[] if finished else (done + late if as_json else late))
     return done, record
+
+
+def _check_record(record: Path) -> None:
+    from . import record as rec
+
+    rec.preflight(record)
+
+
+def _record(record: Path, stamped: list, print_rows: list) -> None:
+    from . import record as rec
+
+    def row(s) -> dict[str, str]:
+        return {"unit": s.unit.unit, "hostname": s.unit.hostname, "node_public_key": s.node_public_key,
+                "image": str(s.image), "stamped_at": rec.now(), rec.STATUS: rec.OK}
+
+    rows = [row(s) for s in stamped]
+    outcome = rec.append(record, rows)
+    if outcome.fallback:
+        err.print(f"[red]error:[/red] the record could not be written ({outcome.reason}); the units' public "
+                  f"keys are in {outcome.path} and below", highlight=False, soft_wrap=True)
+        print_rows = stamped
+    if print_rows:
+        print(rec.rows_text([row(s) for s in print_rows]), end="", flush=True)

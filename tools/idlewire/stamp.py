@@ -16,32 +16,39 @@ partition's ranges recomputed.
 from __future__ import annotations
 
 import base64
-import csv
 import fcntl
 import hashlib
-import io
 import itertools
-import json
 import os
 import shutil
-import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from idlewire_agent import schema
 
-from . import bmap, rawio
+from . import bmap, hostio, rawio, record
+from .bootpart import (  # noqa: F401
+    FICLONE,
+    STAMP_DIR,
+    Layout,
+    boot_listing,
+    companions,
+    copy_range,
+    find_bmap,
+    read_boot_file,
+    read_layout,
+    sparse_copy,
+    write_stamp_files,
+)
 from .errors import UserError
+from .inputs import regular_file
 from .nodekey import load_node_key
 from .units import Unit
 
-STAMP_DIR = "idlewire"
 STAMP_FORMAT = schema.STAMP_FORMAT
-FICLONE = 0x40049409
 STAMP_CHUNK = 32 << 20  # direct writes of a stamped copy, from a mapping of the golden image
-RECORD_COLUMNS = ("unit", "hostname", "node_public_key", "image", "target", "stamped_at")
+RECORD_COLUMNS = record.COLUMNS
 
 
 # --- keys -----------------------------------------------------------------------------------
@@ -89,124 +96,16 @@ def stamp_toml(unit: Unit, public_key: str) -> bytes:
                             "then erased.").encode()
 
 
-# --- the image ------------------------------------------------------------------------------
+# --- the boot partition (shared with flash: bootpart.py) -------------------------------------
 
-@dataclass(frozen=True)
-class Layout:
-    table: str  # gpt | dos
-    size: int
-    boot_offset: int
-    boot_size: int
-
-    @property
-    def boot_end(self) -> int:
-        return self.boot_offset + self.boot_size
-
-
-def read_layout(image: Path) -> Layout:
-    """Partition 1 (the FAT boot partition) of an image, from `sfdisk -J`."""
-    try:
-        out = subprocess.run(["sfdisk", "-J", str(image)], capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        raise UserError("sfdisk is not installed (Debian package 'fdisk')") from None
-    if out.returncode != 0:
-        raise UserError(f"{image}: no partition table found ({out.stderr.strip().splitlines()[-1:]}); "
-                        "is this an idlewire image?")
-    pt = json.loads(out.stdout)["partitiontable"]
-    parts = pt.get("partitions") or []
-    sector = int(pt.get("sectorsize", 512))
-    if not parts:
-        raise UserError(f"{image}: the partition table is empty; is this an idlewire image?")
-    p = parts[0]
-    vfat = {"C12A7328-F81F-11D2-BA4B-00A0C93EC93B", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7", "c", "b", "e", "ef"}
-    if str(p.get("type", "")).upper() not in {t.upper() for t in vfat}:
-        raise UserError(f"{image}: partition 1 has type {p.get('type')}, not a FAT boot partition")
-    return Layout(pt["label"], image.stat().st_size, p["start"] * sector, p["size"] * sector)
-
-
-def _mtools(args: list[str], image: Path, offset: int, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1", "MTOOLS_NO_VFAT": "0", "TZ": "UTC"}
-    try:
-        res = subprocess.run([args[0], "-i", f"{image}@@{offset}", *args[1:]], capture_output=True,
-                             text=True, env=env, check=False)
-    except FileNotFoundError:
-        raise UserError(f"{args[0]} is not installed (Debian package 'mtools')") from None
-    if check and res.returncode != 0:
-        raise UserError(f"{image}: {args[0]} on the boot partition failed: "
-                        f"{(res.stderr or res.stdout).strip().splitlines()[-1:] or res.returncode}")
-    return res
-
-
-def boot_listing(image: Path, offset: int, path: str = f"::/{STAMP_DIR}") -> list[str]:
-    """File names in a directory of the boot partition ([] when it does not exist)."""
-    res = _mtools(["mdir", "-b", path], image, offset, check=False)
-    if res.returncode != 0:
-        return []
-    return sorted(line.rsplit("/", 1)[-1] for line in res.stdout.split() if line.strip())
-
-
-def read_boot_file(image: Path, offset: int, name: str) -> bytes:
-    res = subprocess.run(["mtype", "-i", f"{image}@@{offset}", f"::/{STAMP_DIR}/{name}"], capture_output=True,
-                         env={**os.environ, "MTOOLS_SKIP_CHECK": "1"}, check=False)
-    if res.returncode != 0:
-        raise UserError(f"{image}: no {STAMP_DIR}/{name} on the boot partition")
-    return res.stdout
-
-
-def write_stamp_files(image: Path, offset: int, files: dict[str, bytes], present: list[str] | None = None) -> None:
-    """Write files into ::/idlewire/ of the FAT at `offset`; refuses a partition already stamped.
-    `present`: the directory's listing when already known (a copy of a checked golden image)."""
-    present = boot_listing(image, offset) if present is None else present
-    if "stamp.toml" in present or "stamp.done" in present:
-        raise UserError(f"{image}: already stamped (boot partition has {STAMP_DIR}/stamp.toml or "
-                        "stamp.done); stamp a copy of the golden image instead")
-    if not present:
-        _mtools(["mmd", "-D", "s", f"::/{STAMP_DIR}"], image, offset, check=False)
-    with tempfile.TemporaryDirectory(prefix="idlewire-stamp-") as tmp:
-        paths = []
-        for name, data in files.items():
-            p = Path(tmp) / name
-            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            paths.append(str(p))
-        _mtools(["mcopy", "-o", "-Q", *paths, f"::/{STAMP_DIR}/"], image, offset)
-
-
-# --- copies and block maps -------------------------------------------------------------------
-
-def sparse_copy(src: Path, dst: Path, ranges: list[tuple[int, int]] | None = None,
-                block: int = bmap.BLOCK) -> str:
-    """Copy `src` into a new `dst`: a reflink when possible, else only the mapped ranges.
-
-    Returns how it was done ("reflink" or "ranges"). `ranges` are inclusive block ranges; when
-    absent they are found with SEEK_DATA.
-    """
-    size = src.stat().st_size
-    sfd = os.open(src, os.O_RDONLY)
-    try:
-        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            try:
-                fcntl.ioctl(dfd, FICLONE, sfd)
-                return "reflink"
-            except OSError:
-                pass
-            os.ftruncate(dfd, size)
-            if ranges is None:
-                ranges = bmap.data_ranges(sfd, size, block)
-            for first, last in ranges:
-                off, end = first * block, min((last + 1) * block, size)
-                while off < end:
-                    n = os.copy_file_range(sfd, dfd, end - off, off, off)
-                    if n == 0:
-                        break
-                    off += n
-            return "ranges"
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
+def stamp_boot(prefix: Path, scratch: Path, layout: Layout, unit: Unit, present: list[str] | None = None) -> str:
+    """`scratch`: a sparse copy of `prefix` (an image's golden boot partition) stamped with
+    `unit`; returns the unit's node public key. Shared by `stamp` and stamping while flashing."""
+    sparse_copy(prefix, scratch)
+    pem, pub = node_key(unit)
+    write_stamp_files(scratch, layout.boot_offset, {"stamp.toml": stamp_toml(unit, pub), "node.key": pem},
+                      present=present)
+    return pub
 
 
 # --- one unit --------------------------------------------------------------------------------
@@ -221,27 +120,11 @@ class Stamped:
     seconds: float
 
 
-def companions(image: Path) -> tuple[str, Path]:
-    """(stem, directory) of an artifact set: idlewire-x86_64-0.1.0.img → idlewire-x86_64-0.1.0."""
-    name = image.name
-    for suffix in (".img.xz", ".img.gz", ".img.zst", ".img"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)], image.parent
-    return image.stem, image.parent
-
-
-def find_bmap(image: Path) -> Path | None:
-    stem, d = companions(image)
-    for cand in (d / f"{stem}.bmap", d / f"{stem}.img.bmap", d / f"{image.name}.bmap"):
-        if cand.exists():
-            return cand
-    return None
-
-
 def check_golden(image: Path) -> tuple[Layout, bmap.BlockMap | None, list[str]]:
     """The golden image's layout, its .bmap (None when there is none) and its ::/idlewire listing."""
     if not image.exists():
         raise UserError(f"{image}: no such image")
+    regular_file(image, "the golden image")
     if not image.name.endswith(".img"):
         raise UserError(f"{image}: stamping needs the uncompressed .img (it writes a copy with one "
                         "partition changed); decompress it first, or stamp while flashing with "
@@ -277,11 +160,13 @@ class Golden:
         self.bs = self.bmap.block_size if self.bmap else bmap.BLOCK
         self.first_in = self.layout.boot_offset // self.bs  # blocks touching the boot partition
         self.last_in = (self.layout.boot_end - 1) // self.bs
-        self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-        self.work = Path(tempfile.mkdtemp(prefix="idlewire-stamp-"))  # 0700: node keys pass here
         self.count = itertools.count(1)
         self.map, self.view = None, memoryview(b"")
+        self.fd, self.work = -1, None
         try:
+            with hostio.signals_deferred():  # both are undone by close(), however __init__ ends
+                self.fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+                self.work = hostio.secret_dir("idlewire-stamp-")  # 0700 on tmpfs: node keys pass here
             self.map, self.view = rawio.map_file(self.fd)  # once: unmapping a big mapping is not free
             blocks = ([(a, b) for a, b, _ in self.bmap.ranges] if self.bmap
                       else bmap.data_ranges(self.fd, self.size, self.bs))
@@ -303,12 +188,7 @@ class Golden:
                 os.ftruncate(pfd, self.size)
                 for a, b in blocks:
                     x, y = max(a, self.first_in), min(b, self.last_in)
-                    off, end = x * self.bs, min((y + 1) * self.bs, self.size)
-                    while off < end:
-                        n = os.copy_file_range(self.fd, pfd, end - off, off, off)
-                        if n == 0:
-                            break
-                        off += n
+                    copy_range(self.fd, pfd, x * self.bs, min((y + 1) * self.bs, self.size))
             finally:
                 os.close(pfd)
         except BaseException:
@@ -321,7 +201,8 @@ class Golden:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        shutil.rmtree(self.work, ignore_errors=True)
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def __enter__(self) -> Golden:
         return self
@@ -337,10 +218,7 @@ class Golden:
         tmp_bmap = None
         scratch = self.work / f"boot-{next(self.count)}.img"
         try:
-            sparse_copy(self.prefix, scratch)
-            pem, pub = node_key(unit)
-            write_stamp_files(scratch, self.layout.boot_offset,
-                              {"stamp.toml": stamp_toml(unit, pub), "node.key": pem}, present=self.listing)
+            pub = stamp_boot(self.prefix, scratch, self.layout, unit, present=self.listing)
             sfd = os.open(scratch, os.O_RDONLY | os.O_CLOEXEC)
             smap, sview = rawio.map_file(sfd)
             try:
@@ -399,21 +277,6 @@ class Golden:
             os.close(fd)
 
 
-def append_record(path: Path, rows: list[dict[str, str]]) -> None:
-    """Add rows to the vendor's CSV of stamped units (public keys), written whole then renamed."""
-    existing = ""
-    if path.exists():
-        existing = path.read_text()
-        first = existing.splitlines()[0] if existing else ""
-        if first and first.split(",") != list(RECORD_COLUMNS):
-            raise UserError(f"{path}: not an idlewire record (its header is not {','.join(RECORD_COLUMNS)}); "
-                            "give another --record file")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=RECORD_COLUMNS, lineterminator="\n")
-    if not existing:
-        w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k, "") for k in RECORD_COLUMNS})
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(existing + buf.getvalue())
-    tmp.rename(path)
+def append_record(path: Path, rows: list[dict[str, str]]) -> record.Outcome:
+    """Add rows to the vendor's record of stamped units (see record.py: locked, never lost)."""
+    return record.append(path, rows)
