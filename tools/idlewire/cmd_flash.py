@@ -11,6 +11,7 @@ from typing import Annotated
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
+from . import signing
 from .clikit import App, Arg, Opt
 from .errors import UserError
 
@@ -55,6 +56,9 @@ def flash(
     skip_boot: Annotated[bool, Opt("--skip-boot", help="With --verify-only: leave out the boot "
                                    "partition (cards stamped while flashing differ there).")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
+    keys: Annotated[list[Path] | None, Opt("--key", metavar="PUB", help="Flash only if IMAGE (and its "
+                                           ".bmap) carry a signature by this SSH public key (IMAGE.sig "
+                                           "from `idlewire build --sign`); repeat for several keys.")] = None,
 ):
     """Write IMAGE to one or more cards (or image files): sparse, verified, refusing unsafe targets.
 
@@ -110,6 +114,8 @@ def flash(
     show = not as_json or sys.stderr.isatty()
     t0 = time.monotonic()
     try:  # the refusals come before any progress bar: an error stays one line
+        if keys:
+            signing.verify_for_flash(image, bmap_file, keys)
         src = fl.open_source(image, bmap_file, preverify=False)
         mine = tuple(p for p in (image, src.bmap_path) if p)
         infos = [fl.inspect_target(t, src.size, force_fixed=force_fixed, write=not verify_only, sources=mine)

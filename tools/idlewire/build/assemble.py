@@ -43,7 +43,7 @@ def assemble(target: Target, bake_dir: Path, image: Path, run: Runner) -> dict:
     meta = json.loads((bake_dir / "bake.json").read_text())
     ids = DiskIds(**meta["ids"])
     root, boot = bake_dir / "rootfs", bake_dir / "bootfs"
-    when = epoch() or int((bake_dir / "bake.json").stat().st_mtime)
+    when = meta.get("epoch") or epoch() or int((bake_dir / "bake.json").stat().st_mtime)
     env = {"SOURCE_DATE_EPOCH": str(when), "E2FSPROGS_FAKE_TIME": str(when),
            "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
 
