@@ -12,6 +12,7 @@ giving the old and the new key during a rotation accepts both (see README, "Sign
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -37,8 +38,11 @@ def check_private_key(key: Path) -> None:
     except OSError as exc:
         raise UserError(f"--sign {key}: cannot read it ({exc.strerror})") from None
     if head.startswith(tuple(t.encode() for t in KEY_TYPES)):
+        if os.environ.get("SSH_AUTH_SOCK"):
+            return  # ssh-keygen signs with the private half held by ssh-agent (or a token)
         raise UserError(f"--sign {key}: this is a public key; give the private key "
-                        f"({key.with_suffix('') if key.suffix == '.pub' else 'without .pub'})")
+                        f"({key.with_suffix('') if key.suffix == '.pub' else 'without .pub'}), or load it "
+                        "into ssh-agent")
     if b"PRIVATE KEY" not in head:
         raise UserError(f"--sign {key}: not an SSH private key (expected '-----BEGIN OPENSSH PRIVATE KEY-----')")
 
