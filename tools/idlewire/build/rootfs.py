@@ -15,7 +15,7 @@ from ..config import Target, digest
 from ..errors import UserError
 from .runner import Runner, require_tools
 
-ROOTFS_FORMAT = 3  # bump when the way we call mmdebstrap changes the result
+ROOTFS_FORMAT = 4  # bump when the way we call mmdebstrap changes the result
 
 #: What a package postinst leaves that differs from one run or host to the next: SSH host keys
 #: (random; every unit makes its own at first boot), systemd-resolved's copy of the build host's
@@ -23,7 +23,8 @@ ROOTFS_FORMAT = 3  # bump when the way we call mmdebstrap changes the result
 HOST_LEFTOVERS = ('rm -f "$1"/etc/ssh/ssh_host_*_key "$1"/etc/ssh/ssh_host_*_key.pub'
                   ' "$1"/etc/.resolv.conf.systemd-resolved.bak'
                   ' && { [ -L "$1/etc/resolv.conf" ] || rm -f "$1/etc/resolv.conf"; }'
-                  ' && printf "localhost\\n" > "$1/etc/hostname"')
+                  ' && rm -f "$1/etc/hostname" && printf "localhost\\n" > "$1/etc/hostname"'
+                  ' && chmod 644 "$1/etc/hostname"')
 
 
 
