@@ -58,7 +58,7 @@ def load_pins(manifest: Path, target: Target) -> dict[str, str]:
 def preflight(target: Target, cache: Path, pinned: dict[str, str] | None = None) -> None:
     """Everything that can be checked before any work starts: tools, and the mirror if needed."""
     require_tools("tar", "unshare", "mount", "dpkg-query", "sfdisk", "mkfs.vfat", "mcopy",
-                  "mkfs.ext4", "faketime", "xz", "zstd", "du", "ssh-keygen")
+                  "mkfs.ext4", "debugfs", "faketime", "xz", "zstd", "du", "ssh-keygen")
     if not rootfs_path(target, cache, pinned).exists():
         require_tools("mmdebstrap")
         if not pinned or missing_debs(target, cache, pinned):
