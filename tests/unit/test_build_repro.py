@@ -189,3 +189,36 @@ def test_replay_check_names_what_differs(tmp_path):
     assert "beta=2.1 (wanted 2.0)" in msg and "gamma=absent (wanted 3)" in msg
     assert "extra=5 (not in the manifest)" in msg and "gone" not in msg
     rootfs._check_installed(tmp_path, {"alpha": "1.0", "beta": "2.1", "extra": "5"})
+
+
+@pytest.mark.skipif(not (shutil.which("mkfs.ext4") and shutil.which("debugfs")), reason="needs e2fsprogs")
+def test_assembled_root_has_no_ctime_of_this_machine(tmp_path):
+    """mkfs.ext4 -d copies ctimes (when this host touched each file): the assemble pins them."""
+    from idlewire.build.assemble import _pin_ctimes
+    from idlewire.build.runner import Runner
+
+    when, offset = 1_700_000_000, 1 << 20
+    tree = tmp_path / "tree"
+    (tree / "dir").mkdir(parents=True)
+    (tree / "dir/a file").write_text("x")
+    (tree / 'q"uote').write_text("y")
+    (tree / "link").symlink_to("dir/a file")
+    img = tmp_path / "disk.img"
+    with img.open("wb") as f:
+        f.truncate(offset + (16 << 20))
+    env = {"E2FSPROGS_FAKE_TIME": str(when)}
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", f"offset={offset}", "-d", tree, img, "16M"],
+                   env={**os.environ, **env}, check=True, capture_output=True)
+    before = img.read_bytes()
+    run = Runner(tmp_path / "log")
+    run.open()
+    _pin_ctimes(img, offset, tree, when, env, run)
+
+    def ctime(path: str) -> str:
+        out = subprocess.run(["debugfs", "-R", f'stat "{path}"', f"{img}?offset={offset}"],
+                             capture_output=True, text=True, check=True).stdout
+        return next(line for line in out.splitlines() if "ctime:" in line).split()[1]
+
+    for path in ("/", "/dir", "/dir/a file", '/q""uote', "/link"):
+        assert ctime(path) == f"0x{when:08x}:00000000", path
+    assert img.read_bytes()[:offset] == before[:offset]  # nothing outside the filesystem touched
