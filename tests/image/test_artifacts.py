@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import IDLEWIRE, ROOT
@@ -86,3 +87,61 @@ def test_pi_boot_partition_has_what_the_firmware_loads(build_image):
     table = json.loads(subprocess.run(["sfdisk", "-J", str(img)], capture_output=True, text=True,
                                       check=True).stdout)["partitiontable"]
     assert table["label"] == "dos" and table["partitions"][0]["type"] == "c"
+
+
+def test_sbom_of_the_built_image(build_image):
+    """The SBOM beside the image: valid CycloneDX, every package of the manifest, real licences."""
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    built = build_image("x86_64")
+    path = built.image.with_suffix(".cdx.json")
+    errors = JsonStrictValidator(SchemaVersion.V1_6).validate_str(path.read_text(), all_errors=True)
+    assert errors is None, [str(e) for e in errors][:5]
+    doc = json.loads(path.read_text())
+    debs = {c["name"]: c for c in doc["components"] if c["bom-ref"].startswith("deb:")}
+    assert {n: c["version"] for n, c in debs.items()} == built.manifest["packages"]
+    assert {"idlewire-agent", "idlewire-roles"} <= {c["name"] for c in doc["components"]}
+    src = {p["name"]: p["value"] for p in debs["libc6"]["properties"]}
+    assert src["idlewire:debian:source"] == "glibc"
+    named = [n for n, c in debs.items() if c["licenses"] != [{"license": {"name": "NOASSERTION"}}]]
+    assert len(named) > len(debs) / 2, "most Debian packages have machine-readable copyright files"
+    assert built.manifest["built"] == doc["metadata"]["timestamp"]
+
+
+def test_signed_build_is_refused_after_one_byte_changes(build_image, site_file, test_key, tmp_path):
+    """`build --sign` (cached stages, so seconds), then `flash --key` on a changed copy: refused."""
+    build_image("x86_64")
+    res = subprocess.run([*IDLEWIRE, "build", "--target", "x86_64", "--config", str(site_file),
+                          "--out", str(tmp_path), "--no-compress", "--sign", str(test_key), "--json"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    img = Path(json.loads(res.stdout)["image"])
+    for suffix in (".img", ".bmap", ".sha256", ".manifest.json", ".cdx.json"):
+        assert img.with_name(img.name.removesuffix(".img") + suffix + ".sig").exists(), suffix
+    pub = test_key.with_suffix(".pub")
+    from idlewire import signing
+
+    signing.verify_files([img, img.with_suffix(".manifest.json"), img.with_suffix(".cdx.json")], [pub])
+    with img.open("r+b") as f:  # one byte inside the root filesystem
+        f.seek(img.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    card = tmp_path / "card.img"
+    bad = subprocess.run([*IDLEWIRE, "flash", str(img), str(card), "--key", str(pub)],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "does not verify" in bad.stderr and not card.exists(), bad.stderr
+
+
+def test_from_manifest_replays_the_package_set(build_image, site_file, tmp_path):
+    """`build --from MANIFEST`: the kept .debs become the only repository; same package versions."""
+    built = build_image("x86_64")
+    manifest = built.image.with_suffix(".manifest.json")
+    res = subprocess.run([*IDLEWIRE, "build", "--target", "x86_64", "--config", str(site_file),
+                          "--out", str(tmp_path), "--no-compress", "--from", str(manifest), "--json"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = json.loads((tmp_path / manifest.name).read_text())
+    assert again["packages"] == built.manifest["packages"]
+    assert again["inputs"]["rootfs"] != built.manifest["inputs"]["rootfs"]  # its own, pinned rootfs

@@ -46,9 +46,22 @@ def build(
     allow_no_login: Annotated[bool, Opt(
         "--allow-no-login", help="Build without an SSH key (a golden image: `idlewire stamp` adds "
         "keys per unit).")] = False,
-    no_xz: Annotated[bool, Opt("--no-xz", help="Skip the .img.xz (faster, for tests).")] = False,
-    xz_level: Annotated[int, Opt("--xz-level", min=0, max=9, help="xz preset: 1 is fast "
-                                 "(the default, for the edit-build loop), 9 smallest (releases).")] = 1,
+    compress: Annotated[str, Opt("--compress", metavar="zstd|xz|none", help="Compressor of the "
+                                 "downloadable image: zstd (the default: multi-threaded, seconds), xz "
+                                 "(smallest, minutes), none.")] = "zstd",
+    release: Annotated[bool, Opt("--release", help="A release: xz at --xz-level (the smallest "
+                                 "download) instead of zstd.")] = False,
+    no_xz: Annotated[bool, Opt("--no-compress", "--no-xz", help="Write no compressed image "
+                               "(faster, for tests).")] = False,
+    xz_level: Annotated[int, Opt("--xz-level", min=0, max=9, help="xz preset with --compress xz "
+                                 "or --release: 9 is the smallest.")] = 9,
+    from_manifest: Annotated[Path | None, Opt("--from", metavar="MANIFEST", help="Rebuild with "
+                                              "exactly the Debian package versions a previous build's "
+                                              ".manifest.json records (from the kept .debs, else the "
+                                              "mirror).")] = None,
+    sign: Annotated[Path | None, Opt("--sign", metavar="KEY", help="Sign every artifact with this "
+                                     "SSH private key (FILE.sig beside each, ssh-keygen -Y sign, "
+                                     "namespace idlewire-image).")] = None,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Stream every tool's output.")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
 ):
@@ -56,15 +69,25 @@ def build(
 
     Each stage is cached under ~/.cache/idlewire by a hash of its inputs: a rebuild after a role
     or site change reuses the Debian rootfs and only re-bakes. Artifacts in OUT:
-    idlewire-TARGET-VERSION.img, .img.xz, .bmap, .sha256, .manifest.json; the log in OUT/logs/.
+    idlewire-TARGET-VERSION.img, .img.zst (or .img.xz), .bmap, .sha256, .manifest.json and
+    .cdx.json (the SBOM, CycloneDX); with --sign KEY a .sig beside each; the log in OUT/logs/.
+
+    Reproducible: the same checkout, site file, SOURCE_DATE_EPOCH and package versions give the
+    same image bytes. Rebuild a shipped image with `--from OUT/idlewire-…manifest.json`.
     """
     from .build.pipeline import build as run_build
+    from .build.pipeline import load_pins
     from .config import load_site, load_target
 
+    if compress not in ("zstd", "xz", "none"):
+        raise UserError(f"--compress {compress!r}: choose zstd, xz or none")
+    kind = "xz" if release else compress
+    chosen = None if no_xz or kind == "none" else (kind, xz_level if kind == "xz" else 3)
     t = load_target(target)
     site = load_site(config)
+    pinned = load_pins(from_manifest, t) if from_manifest else None
     result = run_build(t, site, out, verbose=verbose, allow_no_login=allow_no_login,
-                       xz_level=None if no_xz else xz_level, console=err)
+                       compress=chosen, pinned=pinned, sign_key=sign, console=err)
     if as_json:
         print(json.dumps({"target": t.name, "image": str(result.image),
                           "artifacts": [str(p) for p in result.artifacts],

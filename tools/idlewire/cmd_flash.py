@@ -52,6 +52,9 @@ def flash(
                                    "partition as IMAGE's own table places it (cards stamped while flashing "
                                    "differ there; the card's table is never trusted).")] = False,
     as_json: Annotated[bool, Opt("--json", help="Print a JSON summary on stdout.")] = False,
+    keys: Annotated[list[Path] | None, Opt("--key", metavar="PUB", help="Flash only if IMAGE (and its "
+                                           ".bmap) carry a signature by this SSH public key (IMAGE.sig "
+                                           "from `idlewire build --sign`); repeat for several keys.")] = None,
 ):
     """Write IMAGE to one or more cards (or image files): sparse, verified, refusing unsafe targets.
 
@@ -95,12 +98,12 @@ def flash(
 
     with signals_interrupt():  # SIGTERM / SIGHUP clean up as Ctrl-C does
         _flash(image, targets, bmap_file, unit, units, start, record, force, force_fixed, no_verify,
-               verify_only, skip_boot, as_json)
+               verify_only, skip_boot, as_json, keys)
 
 
 def _flash(image: Path, targets: list[Path], bmap_file: Path | None, unit: Path | None, units: Path | None,
            start: int, record: Path | None, force: bool, force_fixed: bool, no_verify: bool, verify_only: bool,
-           skip_boot: bool, as_json: bool) -> None:
+           skip_boot: bool, as_json: bool, keys: list[Path] | None = None) -> None:
     from . import flash as fl
 
     if unit and units:
@@ -111,7 +114,7 @@ def _flash(image: Path, targets: list[Path], bmap_file: Path | None, unit: Path 
     try:  # the refusals come before any progress bar: an error stays one line
         chosen = _units(unit, units, start, len(targets), verify_only)
         _check_targets(targets, inputs_, force, verify_only)
-        src = _open_checked_source(image, bmap_file)
+        src = _open_checked_source(image, bmap_file, keys)
         if rec is not None:
             _check_record(rec, chosen or [])
         mine = tuple(p for p in (image, src.bmap_path) if p)
@@ -174,13 +177,16 @@ def _check_targets(targets: list[Path], inputs_: dict[str, Path | None], force: 
             inputs.overwritable(t, {k: v for k, v in inputs_.items() if v is not None}, force=force)
 
 
-def _open_checked_source(image: Path, bmap_file: Path | None):
-    """THE place the source is opened and checked, before any target is opened: the image, its
-    bmap, its .sha256 and the container's own size (an uncompressed image's ranges are checked
-    against the bmap just before, or while, writing). A signature check of the artifacts
-    (`flash --key`) belongs here too."""
+def _open_checked_source(image: Path, bmap_file: Path | None, keys=None):
+    """THE place the source is opened and checked, before any target is opened: the artifacts'
+    signatures (`flash --key`), the image, its bmap, its .sha256 and the container's own size (an
+    uncompressed image's ranges are checked against the bmap just before, or while, writing)."""
     from . import flash as fl
 
+    if keys:
+        from . import signing
+
+        signing.verify_for_flash(image, bmap_file, keys)
     return fl.open_source(image, bmap_file, preverify=False)
 
 

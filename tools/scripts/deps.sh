@@ -8,7 +8,8 @@ want=${1:-image}
 
 # Debian packages for building images (mmdebstrap + emulation + filesystem tools) ...
 pkgs_image=(mmdebstrap debian-archive-keyring arch-test qemu-user-static binfmt-support
-  dosfstools mtools faketime e2fsprogs fdisk xz-utils zstd bmap-tools python3-venv ca-certificates)
+  dosfstools mtools faketime e2fsprogs fdisk xz-utils zstd bmap-tools python3-venv ca-certificates
+  openssh-client)
 # ... and for testing them: QEMU system emulators + firmware, SSH client, networking parts.
 pkgs_test=(qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 openssh-client
   wireguard-tools wireguard-go nftables iperf3 iproute2 iputils-ping systemd-container

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..config import Target
-from ..errors import UserError
+from ..errors import StageError, UserError
 from .ids import DiskIds
 from .runner import Runner, require_tools
 
@@ -38,12 +38,44 @@ def epoch() -> int:
     return int(os.environ.get("SOURCE_DATE_EPOCH", "0") or 0)
 
 
+def _pin_ctimes(image: Path, offset: int, root: Path, when: int, env: dict, run: Runner) -> None:
+    """Every inode's change time := `when`.
+
+    `mkfs.ext4 -d` copies each file's ctime, which is when the bake (or tar) last touched it on
+    this machine, and no system call sets a ctime; so debugfs sets them in the new filesystem,
+    by path (one command per path, a second or two for a whole root). E2FSPROGS_FAKE_TIME in
+    `env` keeps the superblock's write time at `when` too.
+    """
+    lines = [f"sif / ctime @{when}"]
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted((*dirnames, *filenames)):
+            rel = "/" + os.path.relpath(os.path.join(dirpath, name), root)
+            if "\n" in rel:
+                raise UserError(f"{root}{rel!r}: a path with a newline cannot go into the image")
+            lines.append('sif "' + rel.replace('"', '""') + f'" ctime @{when}')
+    script = image.with_name(image.name + ".debugfs")
+    script.write_text("\n".join(lines) + "\n")
+    run.note(f"debugfs: ctime of {len(lines)} paths set to {when}")
+    try:
+        out = subprocess.run(["debugfs", "-w", "-f", str(script), f"{image}?offset={offset}"],
+                             env={**os.environ, **env}, capture_output=True, text=True)
+    finally:
+        script.unlink(missing_ok=True)
+    # debugfs echoes each command ("debugfs: sif ...") and prints a line of its own on a failure
+    failures = [ln for ln in out.stdout.splitlines() + out.stderr.splitlines()
+                if ln.strip() and not ln.startswith("debugfs")]
+    if out.returncode != 0 or failures:
+        raise StageError("assemble", f"debugfs could not set change times: {failures[:1] or out.returncode}",
+                         run.log_path, (failures or [""])[0][:200])
+
+
 def assemble(target: Target, bake_dir: Path, image: Path, run: Runner) -> dict:
-    require_tools("sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4", "faketime")
+    require_tools("sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4", "debugfs", "faketime")
     meta = json.loads((bake_dir / "bake.json").read_text())
     ids = DiskIds(**meta["ids"])
     root, boot = bake_dir / "rootfs", bake_dir / "bootfs"
-    when = epoch() or int((bake_dir / "bake.json").stat().st_mtime)
+    when = meta.get("epoch") or epoch() or int((bake_dir / "bake.json").stat().st_mtime)
     env = {"SOURCE_DATE_EPOCH": str(when), "E2FSPROGS_FAKE_TIME": str(when),
            "MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
 
@@ -77,6 +109,8 @@ def assemble(target: Target, bake_dir: Path, image: Path, run: Runner) -> dict:
     run.run(["mkfs.ext4", "-q", "-F", "-L", target.root.label, "-U", ids.root_fs_uuid, "-m", "1",
              "-E", f"offset={root_off},hash_seed={ids.root_hash_seed},root_owner=0:0",
              "-d", root, image, f"{root_size // 1024}k"], env=env)
+
+    _pin_ctimes(image, root_off, root, when, env, run)
 
     # Partition table last, so an interrupted assemble never looks like a bootable disk.
     if target.table == "gpt":

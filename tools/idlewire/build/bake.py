@@ -20,15 +20,16 @@ from pathlib import Path
 from ..config import Site, Target, digest
 from ..errors import UserError
 from ..paths import data_dir
-from . import ids
+from . import ids, sbom
 from .ids import DiskIds, derive_ids
 from .runner import Runner, require_tools
+from .sbom import copyright_licences
 
-BAKE_FORMAT = 1
+BAKE_FORMAT = 2
 #: What the bake applies (in paths.data_dir()), and this stage's own code: a change to any file
 #: below these changes the bake key.
 BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent", "image/boot")
-BAKE_CODE = (Path(__file__), Path(ids.__file__))
+BAKE_CODE = (Path(__file__), Path(ids.__file__), Path(sbom.__file__))
 #: Keeps the ESP's kernel and initrd in step with /boot (systemd-boot targets); see the script.
 ESP_SYNC = data_dir() / "image/boot/idlewire-esp-sync"
 
@@ -54,6 +55,19 @@ def bake_key(target: Target, site: Site, rootfs_tar: Path) -> str:
         "site": site.inputs(), "target": [target.name, target.loader, target.cmdline,
                                           [p.__dict__ for p in target.partitions]],
     })[:16]
+
+
+def build_epoch(rootfs_tar: Path) -> int:
+    """The one timestamp of a build: SOURCE_DATE_EPOCH when set, else when the rootfs was made.
+
+    Every file the bake writes is clamped to it, and the filesystem tools' clocks are frozen at it,
+    so the image does not depend on when (or how fast) it was baked.
+    """
+    if sde := os.environ.get("SOURCE_DATE_EPOCH", "").strip():
+        if not sde.isdigit():
+            raise UserError(f"SOURCE_DATE_EPOCH={sde!r} is not a whole number of seconds since 1970")
+        return int(sde)
+    return int(rootfs_tar.stat().st_mtime)
 
 
 def bake_vars(target: Target, site: Site) -> dict:
@@ -88,12 +102,21 @@ def build_bake(target: Target, site: Site, rootfs_tar: Path, cache: Path,
     run.run(["tar", "-xpf", rootfs_tar, "-C", root, "--numeric-owner",
              "--xattrs", "--xattrs-include=*"])
     ids = derive_ids(key, target.table)
-    _run_playbook(root, bake_vars(target, site), tmp, run, target.architecture)
+    when = build_epoch(rootfs_tar)
+    # Throwaway host keys for `sshd -t` in the roles' validate steps (the rootfs has none, so that
+    # it is reproducible); _finalize removes them again: each unit makes its own at first boot.
+    run.run(["ssh-keygen", "-A", "-f", root])
+    _run_playbook(root, bake_vars(target, site), tmp, run, target.architecture, when)
     _finalize(target, root, boot, ids, run)
-    packages = _packages(root)
+    details = package_details(root)
+    clamp_times(root, when)
+    clamp_times(boot, when)
     (tmp / "bake.json").write_text(json.dumps({
-        "key": key, "rootfs": rootfs_tar.name, "target": target.name,
-        "ids": ids.to_dict(), "packages": packages,
+        "key": key, "rootfs": rootfs_tar.name, "target": target.name, "epoch": when,
+        "ids": ids.to_dict(), "packages": {name: d["version"] for name, d in details.items()},
+        "package_details": details,
+        "components": {"idlewire-agent": tree_hash(("agent/idlewire_agent",)),
+                       "idlewire-roles": tree_hash(("ansible.cfg", "playbooks", "roles"))},
     }, indent=1, sort_keys=True))
     if out.exists():
         shutil.rmtree(out)
@@ -134,7 +157,8 @@ def _host_python_mounts() -> tuple[str, str]:
     return " && ".join(cmds), "/run/iwhost/python3"
 
 
-def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, architecture: str) -> None:
+def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, architecture: str,
+                  when: int) -> None:
     vars_file = workdir / "vars.json"
     policy = root / "usr/sbin/policy-rc.d"  # no service starts inside the chroot
     policy.write_text("#!/bin/sh\nexit 101\n")
@@ -155,6 +179,15 @@ def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, archi
         "ANSIBLE_CONFIG": str(data_dir() / "ansible.cfg"),
         "ANSIBLE_FORCE_COLOR": "0",
         "ANSIBLE_NOCOLOR": "1",
+        # One chroot exec per task instead of mkdir/put/chmod/run/rm: each is a /bin/sh of the
+        # target, emulated on a foreign rootfs. ansible.cfg's [ssh_connection] setting is ssh's own.
+        "ANSIBLE_PIPELINING": "True",
+        # Per-task times in the build log: where a slow bake spends its time.
+        "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
+        # useradd & co. stamp /etc/shadow with "today" unless told the build's date; nothing run
+        # in the chroot leaves bytecode stamped with the bake's clock.
+        "SOURCE_DATE_EPOCH": str(when),
+        "PYTHONDONTWRITEBYTECODE": "1",
         "ANSIBLE_LOCAL_TEMP": str(workdir / "ansible-local"),
         "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
     }
@@ -222,8 +255,6 @@ def _finalize(target: Target, root: Path, boot: Path, ids: DiskIds, run: Runner)
             link.unlink(missing_ok=True)
             link.symlink_to("/usr/local/sbin/idlewire-esp-sync")
     run.note(f"kernel command line: {cmdline}")
-    _pin_atimes(root)
-    _pin_atimes(boot)
 
 
 #: mkfs.ext4 -d copies each file's access time, and reading a file for the copy updates it
@@ -232,14 +263,21 @@ def _finalize(target: Target, root: Path, boot: Path, ids: DiskIds, run: Runner)
 PINNED_ATIME = 4102444800  # 2100-01-01T00:00:00Z
 
 
-def _pin_atimes(tree: Path) -> None:
-    for dirpath, dirnames, filenames in os.walk(tree):
-        for name in (*dirnames, *filenames):
+def clamp_times(tree: Path, when: int) -> int:
+    """No modification time after `when` (the bake's own writes), every access time pinned.
+
+    Returns how many paths were clamped. Children first, so that a directory's time is set last.
+    """
+    limit, atime, clamped = when * 10**9, PINNED_ATIME * 10**9, 0
+    for dirpath, dirnames, filenames in os.walk(tree, topdown=False):
+        for name in (*filenames, *dirnames):
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
-            os.utime(path, ns=(PINNED_ATIME * 10**9, st.st_mtime_ns), follow_symlinks=False)
+            clamped += st.st_mtime_ns > limit
+            os.utime(path, ns=(atime, min(st.st_mtime_ns, limit)), follow_symlinks=False)
     st = os.lstat(tree)
-    os.utime(tree, ns=(PINNED_ATIME * 10**9, st.st_mtime_ns))
+    os.utime(tree, ns=(atime, min(st.st_mtime_ns, limit)))
+    return clamped
 
 
 def _kernel_files(root: Path) -> tuple[Path, Path]:
@@ -253,12 +291,23 @@ def _kernel_files(root: Path) -> tuple[Path, Path]:
     return kernels[-1], initrd
 
 
-def _packages(root: Path) -> dict[str, str]:
+def package_details(root: Path) -> dict[str, dict[str, str | list[str]]]:
+    """Every installed package: version, architecture, source package and version, licences."""
+    fields = ("version", "architecture", "source", "source_version")
     out = subprocess.run(
-        ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\n"],
+        ["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f",
+         "${db:Status-Abbrev}\t${Package}\t${Version}\t${Architecture}\t${source:Package}\t"
+         "${source:Version}\n"],
         capture_output=True, text=True, check=True,
     ).stdout
-    return dict(line.split("\t", 1) for line in sorted(out.splitlines()) if line)
+    details = {}
+    for line in sorted(out.splitlines()):
+        status, name, *values = line.split("\t")
+        if not status.startswith("ii"):
+            continue  # removed, config files only
+        details[name] = {**dict(zip(fields, values, strict=True)),
+                         "licences": copyright_licences(root, name)}
+    return dict(sorted(details.items()))
 
 
 def _prune(keep: Path, limit: int = 3) -> None:

@@ -15,9 +15,10 @@ from ..errors import StageError, UserError
 
 # Debian package that ships each tool the build calls, for the "missing tool" message.
 TOOL_PACKAGES = {
-    "mmdebstrap": "mmdebstrap", "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs",
+    "mmdebstrap": "mmdebstrap", "sfdisk": "fdisk", "mkfs.ext4": "e2fsprogs", "debugfs": "e2fsprogs",
     "mkfs.vfat": "dosfstools", "mcopy": "mtools", "mmd": "mtools", "xz": "xz-utils",
-    "tar": "tar", "faketime": "faketime",
+    "tar": "tar", "faketime": "faketime", "zstd": "zstd", "ssh-keygen": "openssh-client",
+    "dpkg-deb": "dpkg",
     "unshare": "util-linux", "du": "coreutils", "dpkg-query": "dpkg", "mount": "mount", "umount": "mount",
 }
 
