@@ -144,7 +144,7 @@ def _os_error(exc: OSError) -> UserError:
 
 def _units(unit: Path | None, units: Path | None, start: int, count: int, verify_only: bool) -> list | None:
     """The units to stamp the targets with (None: no stamping)."""
-    from .inputs import text_file
+    from .inputs import regular_file
     from .units import load_unit, load_units
 
     if verify_only and (unit or units):
@@ -153,10 +153,10 @@ def _units(unit: Path | None, units: Path | None, start: int, count: int, verify
     if unit:
         if count != 1:
             raise UserError(f"--unit stamps one card but {count} targets were given; use --units units.csv")
-        text_file(unit, "--unit")
+        regular_file(unit, "--unit")  # its encoding: the loader says (config._load_yaml, units)
         return [load_unit(unit)]
     if units:
-        text_file(units, "--units")
+        regular_file(units, "--units")
         rows = load_units(units)
         chosen = rows[start - 1:start - 1 + count]
         if len(chosen) < count:

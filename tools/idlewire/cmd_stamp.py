@@ -53,13 +53,13 @@ def stamp(
     """
     from . import stamp as st
     from .hostio import signals_deferred, signals_interrupt
-    from .inputs import text_file
+    from .inputs import regular_file
     from .units import load_unit, load_units
 
     if (unit is None) == (units is None):
         raise UserError("give exactly one of --unit unit.yml or --units units.csv")
     source = unit or units
-    text_file(source, "--unit" if unit else "--units")  # type: ignore[arg-type]
+    regular_file(source, "--unit" if unit else "--units")  # type: ignore[arg-type]  (encoding: the loader)
     todo = [load_unit(unit)] if unit else load_units(units)  # type: ignore[arg-type]
     t0 = time.monotonic()
     with signals_interrupt():  # SIGTERM / SIGHUP clean up as Ctrl-C does

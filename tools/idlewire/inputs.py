@@ -46,17 +46,6 @@ def regular_file(path: Path, what: str) -> os.stat_result:
     return st_
 
 
-def text_file(path: Path, what: str) -> None:
-    """A regular file of UTF-8 text (a BOM allowed); else a one-line UserError."""
-    regular_file(path, what)
-    try:
-        path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 ({what})") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read ({what}): {exc.strerror}") from None
-
-
 def identity(path: Path) -> tuple[int, int] | str:
     """What a name leads to: (device, inode) when it exists, else its absolute real path."""
     try:
