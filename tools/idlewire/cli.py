@@ -80,6 +80,7 @@ def build(
 # Command groups live in their own modules (tools/idlewire/cmd_*.py), each with
 # `register(app: App) -> None`, so that every part of the CLI is owned in one place.
 COMMAND_MODULES = ("receipts", "client", "stamp", "flash", "console", "verify")
+COMMAND_MODULES += ("economy",)  # becomes part of `hub` once the hub is merged
 
 
 def _register_commands() -> None:
