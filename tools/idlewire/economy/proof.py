@@ -82,8 +82,10 @@ def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified],
     """Verified bytes per node, the usage offences (inflated, forged) with receipt ids, bytes per buyer.
 
     A co-signed session within tolerance counts min(node, buyer) bytes. Beyond tolerance it counts
-    nothing; if the node claimed more than the buyer signed it is inflated usage. A forged buyer
-    signature is forged usage. Buyers are charged for what counted.
+    nothing and lowers the node's agreement (reputation); if the node claimed more than the buyer
+    signed and `staking.inflated_min_buyers` different buyers (or the hub's prober, a buyer the hub
+    trusts) say so in the epoch, it is inflated usage. A forged buyer signature is forged usage.
+    Buyers are charged for what counted.
     """
     out: dict[str, Verified] = {}
     buyers: dict[str, int] = {}
@@ -107,9 +109,13 @@ def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified],
             v.receipts += 1
             buyers[u.buyer] = buyers.get(u.buyer, 0) + counted
         elif nb > bb:
-            inflated.setdefault(u.node, []).append(u.receipt)
+            inflated.setdefault(u.node, []).append((u.receipt, u.buyer))
+    need, prober = rules.staking.inflated_min_buyers, rules.probes.prober_buyer
     offences = [Offence(n, FORGED_USAGE, tuple(sorted(ids))) for n, ids in forged.items()]
-    offences += [Offence(n, INFLATED_USAGE, tuple(sorted(ids))) for n, ids in inflated.items()]
+    for n, claims in inflated.items():
+        buyers_saying_so = {b for _, b in claims}
+        if need and (len(buyers_saying_so) >= need or prober in buyers_saying_so):
+            offences.append(Offence(n, INFLATED_USAGE, tuple(sorted(r for r, _ in claims))))
     return out, offences, buyers
 
 

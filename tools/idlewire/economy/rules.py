@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from idlewire_agent.config import MeteringConfig
+
 from . import PPM
 
 
@@ -47,6 +49,10 @@ class Staking:
     slash_forged_usage_ppm: int = 500_000
     slash_inflated_usage_ppm: int = 200_000
     slash_failed_probes_ppm: int = 50_000
+    # Inflated usage (the node signed more than the buyer co-signed, beyond tolerance) costs stake only
+    # when that many different buyers disagree with the node in one epoch, or the hub's prober does:
+    # one stingy buyer must not be able to get an honest node slashed.
+    inflated_min_buyers: int = 3
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,7 @@ class Probes:
     max_latency_ms: int = 250              # ... and at most this round-trip latency
     slash_after_failures: int = 3          # failed probes in one epoch that cost stake
     heartbeat_seconds: int = 60            # expected heartbeat interval (uptime = heartbeats seen / expected)
+    prober_buyer: str = "prober"           # the buyer id the hub's prober buys probe sessions as
 
 
 @dataclass(frozen=True)
@@ -75,8 +82,10 @@ class Regions:
 class Market:
     decimals: int = 6
     price_per_gb_micro_usd: int = 500_000  # buyers pay $0.50 per GB, burned at the oracle price
-    # Node and buyer counts of one session may differ by this much and still count as verified.
-    tolerance_ppm: int = 10_000
+    # Node and buyer counts of one session may differ by this much and still count as verified: by
+    # default what a node itself accepts as agreement (node.toml [metering] tolerance_percent), so a
+    # node running the defaults never signs what the network calls inflated.
+    tolerance_ppm: int = round(MeteringConfig().tolerance_percent * 10_000)
     tolerance_bytes: int = 1 << 20
 
 
