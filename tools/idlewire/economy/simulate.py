@@ -33,6 +33,7 @@ REGIONS = {"US": (0.32, 0.22), "DE": (0.20, 0.14), "JP": (0.12, 0.08), "GB": (0.
            "BR": (0.08, 0.12), "NG": (0.04, 0.10), "KE": (0.04, 0.08)}
 CAPS = np.array([20, 50, 100, 300])
 BYTES_PER_GB = 10**9
+PROBE_BYTES = 50 * 10**6   # what one probe session moves
 
 
 @dataclass
@@ -96,6 +97,7 @@ def run(rules: Rules, cfg: SimConfig, progress=None) -> SimResult:
     expected_hb = max(1, rules.epoch_seconds // rules.probes.heartbeat_seconds)
     secs_bytes = rules.epoch_seconds * 125_000
     ids: list[str] = []
+    prober = rules.probes.prober_buyer
 
     def join(count_per_region: np.ndarray, epoch: int) -> None:
         for ri, count in enumerate(count_per_region.tolist()):
@@ -167,6 +169,8 @@ def run(rules: Rules, cfg: SimConfig, progress=None) -> SimResult:
                 got = c // 10 if k == 1 else c * 9 // 10
                 for t in range(1 if k != 1 else 3):
                     probes.append(Probe(f"{nid}/e{epoch}/p{t}", nid, True, got, c, 40))
+                if inf:   # an inflater inflates the prober's session too, and the prober's word is enough
+                    usage.append(Usage(f"{nid}/e{epoch}/probe", nid, prober, PROBE_BYTES * 13 // 10, PROBE_BYTES))
         # buyers buy from the market the tokens they will burn
         served_region = np.bincount(region, weights=served, minlength=len(codes)).astype(np.int64).tolist()
         for ri, code in enumerate(codes):
@@ -223,7 +227,8 @@ def plot(result: SimResult, out: Path) -> list[Path]:
             "emission (schedule)": [r["emission"] for r in rows]}),
         "price": ("Oracle price", "USD per token", {"price": [r["price_usd"] for r in rows]}),
         "nodes_per_region": ("Nodes per region", "nodes", {c: [r["nodes_per_region"][c] for r in rows] for c in codes}),
-        "multipliers": ("Regional multipliers", "x", {c: [r["multipliers"][c] for r in rows] for c in codes}),
+        "multipliers": ("Regional multipliers", "multiplier (x)",
+                        {c: [r["multipliers"][c] for r in rows] for c in codes}),
     }
     paths = []
     for name in PLOTS:
