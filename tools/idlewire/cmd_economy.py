@@ -66,7 +66,7 @@ def register(app: App) -> None:
         a demand curve (growth plus a weekly swing), cheaters (fake speeds fail probes; inflated usage
         is slashed with the receipts as evidence), churn (new nodes join where rewards per node are
         highest) and a token market (owners sell part of their rewards; buyers buy what they burn;
-        the price moves toward where burned balances minted). Every epoch is settled by the same
+        the price moves with the tokens buyers want against the tokens owners sell). Every epoch is settled by the same
         function the hub calls, into a signed statement.
 
         Example:  idlewire economy simulate --nodes 10000 --epochs 365 --out sim/

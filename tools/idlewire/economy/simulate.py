@@ -5,8 +5,8 @@ underserved), a demand curve (growth plus a weekly swing), cheaters (nodes that 
 times the speed they deliver and so fail probes; nodes that inflate their usage above what buyers
 co-sign), churn (nodes leave; new ones join where rewards per node are highest: the flywheel), and
 a token market (owners sell part of their rewards, buyers buy the tokens they burn, the price
-follows burned vs minted). Each epoch calls settle.settle() exactly as the hub does, on an
-in-memory ledger; numpy only draws the population.
+moves with the tokens buyers want against the tokens owners sell). Each epoch calls
+settle.settle() exactly as the hub does, on an in-memory ledger; numpy only draws the population.
 """
 
 from __future__ import annotations
@@ -71,11 +71,12 @@ class _Pop:
         self.n = 0
 
 
-def _price_step(price: int, burned: int, minted: int) -> int:
-    """The market: the price moves toward where burning balances minting (at most ±5 % an epoch)."""
-    if minted <= 0:
-        return price
-    change = max(-0.05, min(0.05, 0.05 * (burned - minted) / minted))
+def _price_step(price: int, wanted: int, sold: int) -> int:
+    """The market: tokens buyers want at this price against tokens owners sold; excess demand lifts
+    the price, excess supply lowers it (at most 5 % an epoch). Its rest point is burned = sold."""
+    if sold <= 0:
+        return price * 105 // 100 if wanted else price
+    change = max(-0.05, min(0.05, 0.05 * (wanted - sold) / sold))
     return max(1, round(price * (1 + change)))
 
 
@@ -172,9 +173,11 @@ def run(rules: Rules, cfg: SimConfig, progress=None) -> SimResult:
                 if inf:   # an inflater inflates the prober's session too, and the prober's word is enough
                     usage.append(Usage(f"{nid}/e{epoch}/probe", nid, prober, PROBE_BYTES * 13 // 10, PROBE_BYTES))
         # buyers buy from the market the tokens they will burn
+        wanted = 0
         served_region = np.bincount(region, weights=served, minlength=len(codes)).astype(np.int64).tolist()
         for ri, code in enumerate(codes):
             need, _ = tokens_for(rules, served_region[ri], price)
+            wanted += need
             ledger.transfer(epoch, "transfer", market, f"buyer:{code}", min(need, ledger.balance(market)), "buy")
         unserved_by = dict(zip(codes, unserved.tolist(), strict=True))
         res = settle(rules, state, EpochInputs(nodes, usage, probes, [], unserved_by), price, ledger, key)
@@ -184,8 +187,10 @@ def run(rules: Rules, cfg: SimConfig, progress=None) -> SimResult:
         count_region = np.bincount(region, minlength=len(codes)).astype(float)
         ri_of = {c: i for i, c in enumerate(codes)}
         sell = round(cfg.sell * PPM)
+        sold = 0
         for r in res.rewarded:
             ledger.transfer(epoch, "transfer", f"payout:{r.payout}", market, r.reward * sell // PPM, "sell")
+            sold += r.reward * sell // PPM
             per_region[ri_of[r.region]] += r.reward
         reward_per_node = 0.7 * reward_per_node + 0.3 * (per_region / np.maximum(count_region, 1)) / dec
         row = {"epoch": epoch, "nodes": len(alive), "price_usd": price / 1e6, "supply": st["supply"] / dec,
@@ -197,7 +202,7 @@ def run(rules: Rules, cfg: SimConfig, progress=None) -> SimResult:
                "multipliers": {c: st["multipliers"].get(c, PPM) / PPM for c in codes},
                "statement": res.hash}
         result.rows.append(row)
-        price = _price_step(price, st["burned"], st["minted"])
+        price = _price_step(price, wanted, sold)
         if progress:
             progress(epoch + 1, cfg.epochs, time.perf_counter() - t0)
     assert supply(ledger) == -ledger.balance("mint") - ledger.balance("burn")
