@@ -228,8 +228,8 @@ def plot(result: SimResult, out: Path) -> list[Path]:
     views = {
         "supply": ("Token supply", "tokens", {"supply": [r["supply"] for r in rows]}),
         "burned_vs_minted": ("Burned vs minted per epoch", "tokens", {
-            "minted": [r["minted"] for r in rows], "burned": [r["burned"] for r in rows],
-            "emission (schedule)": [r["emission"] for r in rows]}),
+            "emission (schedule)": [r["emission"] for r in rows], "minted": [r["minted"] for r in rows],
+            "burned": [r["burned"] for r in rows]}),
         "price": ("Oracle price", "USD per token", {"price": [r["price_usd"] for r in rows]}),
         "nodes_per_region": ("Nodes per region", "nodes", {c: [r["nodes_per_region"][c] for r in rows] for c in codes}),
         "multipliers": ("Regional multipliers", "multiplier (x)",
@@ -239,8 +239,8 @@ def plot(result: SimResult, out: Path) -> list[Path]:
     for name in PLOTS:
         title, ylabel, series = views[name]
         fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
-        for label, ys in series.items():
-            ax.plot(x, ys, label=label, linewidth=1.4)
+        for label, ys in series.items():   # the schedule dashed: minted lies on it when every unit is earned
+            ax.plot(x, ys, label=label, linewidth=1.4, linestyle="--" if "schedule" in label else "-")
         ax.set_title(title)
         ax.set_xlabel("epoch (day)")
         ax.set_ylabel(ylabel)
