@@ -37,7 +37,7 @@ def test_rules_in_yaml_and_json_override_what_they_name(tmp_path):
 
 @pytest.mark.parametrize("name, text, words", [
     ("r.toml", "[staking]\nmin_stake = -5\n", "staking.min_stake: expected a whole number ≥ 0, got -5"),
-    ("r.toml", "[staking]\nmin_stak = 5\n", "staking.min_stak: unknown key (known: min_stake,"),
+    ("r.toml", "[staking]\nmin_stak = 5\n", "staking.min_stak: unknown key (known: inflated_min_buyers, min_stake,"),
     ("r.toml", "[staking]\nslash_equivocation_ppm = 2000000\n", "staking.slash_equivocation_ppm: expected a "
                                                                  "fraction in ppm from 0 to 1000000"),
     ("r.toml", "[emission]\nunallocated = \"burn\"\n", "emission.unallocated: expected carry or drop, got 'burn'"),
