@@ -316,6 +316,11 @@ def test_unbonding_stake_stays_slashable_and_is_released_after_the_period():
     assert ledger.balance("payout:a") == MIN - MIN * half // PPM
 
 
+def test_negative_usage_is_refused_naming_the_receipt():
+    with pytest.raises(ValueError, match="usage r9: byte counts must be ≥ 0"):
+        settle(RULES, EconomyState(), EpochInputs([report("a")], [Usage("r9", "a", "B", -1, 5)]), PRICE, fresh(), KEY)
+
+
 def test_the_ledger_refuses_an_overdraft():
     ledger = fresh()
     with pytest.raises(Overdraft):

@@ -96,6 +96,8 @@ def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified],
         if v is None:
             v = out[u.node] = Verified()
         nb, bb = u.node_bytes, u.buyer_bytes
+        if nb < 0 or bb < 0:
+            raise ValueError(f"usage {u.receipt}: byte counts must be ≥ 0, got node {nb}, buyer {bb}")
         v.claimed += nb
         if u.status == FORGED:
             forged.setdefault(u.node, []).append(u.receipt)
