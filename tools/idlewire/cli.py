@@ -102,7 +102,7 @@ def build(
 
 # Command groups live in their own modules (tools/idlewire/cmd_*.py), each with
 # `register(app: App) -> None`, so that every part of the CLI is owned in one place.
-COMMAND_MODULES = ("receipts", "client", "stamp", "flash", "console", "verify", "hub")
+COMMAND_MODULES = ("receipts", "client", "stamp", "flash", "console", "verify", "hub", "economy")
 
 
 def _register_commands() -> None:

@@ -1,0 +1,154 @@
+"""Proof of bandwidth: what the hub knows about an epoch, as plain records, and what it proves.
+
+The hub supplies, per epoch:
+  * `Usage`: one session's bytes in the epoch from its receipts — what the node signed and what the
+    buyer co-signed (the hub has verified both signatures and the chain with
+    idlewire_agent.receipts; `status` says what it found);
+  * `NodeReport`: per node, region, payout address, advertised cap and heartbeats seen;
+  * `Probe`: each probe the hub's prober ran (a short session bought as a buyer would);
+  * `Offence`: what the hub detected itself, e.g. equivocation (two node-signed receipts for one
+    session and sequence number), with the receipt ids.
+
+Only co-signed usage within tolerance counts as verified. Uptime = heartbeats AND passed probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from . import PPM
+from .rules import Rules
+
+# Usage.status values the hub reports.
+COSIGNED = "cosigned"    # node and buyer signatures good
+UNSIGNED = "unsigned"    # no buyer co-signature: counts nothing, costs nothing (the buyer may have vanished)
+FORGED = "forged"        # a buyer co-signature that does not verify, or by a key not the session's buyer
+
+EQUIVOCATION, FORGED_USAGE, INFLATED_USAGE, FAILED_PROBES = ("equivocation", "forged_usage", "inflated_usage",
+                                                             "failed_probes")
+OFFENCES = (EQUIVOCATION, FORGED_USAGE, INFLATED_USAGE, FAILED_PROBES)
+
+
+class Usage(NamedTuple):
+    receipt: str        # id of the newest receipt of the session in this epoch (evidence)
+    node: str
+    buyer: str
+    node_bytes: int     # up + down the node signed for this session in the epoch
+    buyer_bytes: int    # up + down the buyer co-signed
+    status: str = COSIGNED
+
+
+class NodeReport(NamedTuple):
+    node: str
+    region: str         # ISO 3166 country code the node claims
+    payout: str         # payout address from its signed payout statement
+    cap_mbit: int       # advertised down cap in force (supply)
+    heartbeats: int     # heartbeats the hub received in the epoch
+
+
+class Probe(NamedTuple):
+    id: str
+    node: str
+    reached: bool
+    mbit: int           # measured throughput
+    advertised_mbit: int
+    latency_ms: int
+
+
+class Offence(NamedTuple):
+    node: str
+    kind: str           # one of OFFENCES
+    evidence: tuple[str, ...]   # receipt ids or probe ids
+
+
+@dataclass(slots=True)
+class Verified:
+    """What the epoch proves for one node."""
+
+    bytes: int = 0          # verified: co-signed, within tolerance (the smaller of the two counts)
+    claimed: int = 0        # what the node signed, all sessions
+    disagreement: int = 0   # |node - buyer| summed over co-signed sessions
+    receipts: int = 0       # sessions that counted
+
+
+def within_tolerance(rules: Rules, node_bytes: int, buyer_bytes: int) -> bool:
+    m = rules.market
+    diff = abs(node_bytes - buyer_bytes)
+    return diff <= m.tolerance_bytes or diff <= max(node_bytes, buyer_bytes) * m.tolerance_ppm // PPM
+
+
+def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified], list[Offence], dict[str, int]]:
+    """Verified bytes per node, the usage offences (inflated, forged) with receipt ids, bytes per buyer.
+
+    A co-signed session within tolerance counts min(node, buyer) bytes. Beyond tolerance it counts
+    nothing and lowers the node's agreement (reputation); if the node claimed more than the buyer
+    signed and `staking.inflated_min_buyers` different buyers (or the hub's prober, a buyer the hub
+    trusts) say so in the epoch, it is inflated usage. A forged buyer signature is forged usage.
+    Buyers are charged for what counted.
+    """
+    out: dict[str, Verified] = {}
+    buyers: dict[str, int] = {}
+    inflated: dict[str, list[str]] = {}
+    forged: dict[str, list[str]] = {}
+    for u in usage:
+        v = out.get(u.node)
+        if v is None:
+            v = out[u.node] = Verified()
+        nb, bb = u.node_bytes, u.buyer_bytes
+        if nb < 0 or bb < 0:
+            raise ValueError(f"usage {u.receipt}: byte counts must be ≥ 0, got node {nb}, buyer {bb}")
+        v.claimed += nb
+        if u.status == FORGED:
+            forged.setdefault(u.node, []).append(u.receipt)
+            continue
+        if u.status != COSIGNED:
+            continue
+        v.disagreement += nb - bb if nb >= bb else bb - nb
+        if within_tolerance(rules, nb, bb):
+            counted = nb if nb < bb else bb
+            v.bytes += counted
+            v.receipts += 1
+            buyers[u.buyer] = buyers.get(u.buyer, 0) + counted
+        elif nb > bb:
+            inflated.setdefault(u.node, []).append((u.receipt, u.buyer))
+    need, prober = rules.staking.inflated_min_buyers, rules.probes.prober_buyer
+    offences = [Offence(n, FORGED_USAGE, tuple(sorted(ids))) for n, ids in forged.items()]
+    for n, claims in inflated.items():
+        buyers_saying_so = {b for _, b in claims}
+        if need and (len(buyers_saying_so) >= need or prober in buyers_saying_so):
+            offences.append(Offence(n, INFLATED_USAGE, tuple(sorted(r for r, _ in claims))))
+    return out, offences, buyers
+
+
+def probe_passed(rules: Rules, p: Probe) -> bool:
+    r = rules.probes
+    return (p.reached and p.latency_ms <= r.max_latency_ms
+            and p.mbit * PPM >= p.advertised_mbit * r.pass_throughput_ppm)
+
+
+def judge_probes(rules: Rules, probes: list[Probe]) -> tuple[dict[str, tuple[int, int]], list[Offence]]:
+    """(passed, failed) per node, and a failed-probes offence with the probe ids for a node that
+    failed at least `probes.slash_after_failures` probes in the epoch."""
+    counts: dict[str, list[int]] = {}
+    failed_ids: dict[str, list[str]] = {}
+    for p in probes:
+        c = counts.setdefault(p.node, [0, 0])
+        if probe_passed(rules, p):
+            c[0] += 1
+        else:
+            c[1] += 1
+            failed_ids.setdefault(p.node, []).append(p.id)
+    need = rules.probes.slash_after_failures
+    offences = [Offence(n, FAILED_PROBES, tuple(sorted(ids))) for n, ids in failed_ids.items()
+                if need and len(ids) >= need]
+    return {n: (c[0], c[1]) for n, c in counts.items()}, offences
+
+
+def uptime_ppm(rules: Rules, heartbeats: int, passed: int, failed: int) -> int:
+    """Heartbeat coverage of the epoch, times the share of probes passed (1 when no probe ran)."""
+    expected = max(1, rules.epoch_seconds // rules.probes.heartbeat_seconds)
+    hb = min(PPM, heartbeats * PPM // expected)
+    if passed + failed == 0:
+        return hb
+    return hb * passed // (passed + failed)

@@ -1,0 +1,251 @@
+"""One epoch's burn-and-mint settlement, and the signed statement it ends in.
+
+    settle(rules, state, inputs, price, ledger, key) → EpochResult
+
+in this order, each step a function of the previous ones only (no clock, no randomness, sorted
+iteration), so the same inputs give the same statement hash:
+
+ 1. proof of bandwidth: verified bytes per node (co-signed, within tolerance), probe verdicts,
+    uptime (heartbeats AND passed probes); offences: the hub's (equivocation) + inflated/forged
+    usage + failed probes;
+ 2. slashing: each offence takes its fraction of the node's bonded and unbonding stake into
+    `slashed`, the evidence (receipt or probe ids) recorded with it; an offending node earns nothing
+    this epoch;
+ 3. burn: each buyer's verified bytes * price per GB (micro-USD) ÷ oracle price → tokens burned from
+    `buyer:ID` (what it holds at most; the rest is reported as shortfall);
+ 4. regional multipliers (scores.multipliers) and reputations (scores.next_reputation);
+ 5. mint: pool = emission_for(epoch) + carry; a node is eligible with stake ≥ staking.min_stake,
+    no offence, verified bytes > 0 and uptime > 0; its weight is
+
+        weight = verified_bytes * multiplier_ppm * max(reputation_ppm, floor) * uptime_ppm
+        reward = pool * weight // Σ weights                      (integer division: to the last unit)
+
+    minted = Σ rewards ≤ pool; the rest (rounding dust, or all of it when nobody is eligible) is
+    carried to the next epoch (emission.unallocated = "carry") or never minted ("drop");
+ 6. unbonding stake that has served its delay is released;
+ 7. the statement: totals, multipliers, slashes with evidence, the Merkle root over the rewards
+    (idlewire_agent.merkle), the previous statement's hash, signed with the hub's ed25519 key.
+
+The hub runs it inside one database transaction with a `Ledger` on its tables.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from idlewire_agent import merkle
+
+from . import PPM
+from .ledger import BURN, MINT, Ledger, supply
+from .proof import NodeReport, Offence, Probe, Usage, judge_probes, uptime_ppm, verify_usage
+from .rules import Rules, emission_for
+from .scores import agreement_ppm, epoch_score_ppm, multipliers, next_reputation
+from .staking import Slash, Unbonding, release, slash, stake_account
+
+GENESIS_PREV = "0" * 64
+
+
+@dataclass
+class EconomyState:
+    """What settlement carries from one epoch to the next (besides the ledger)."""
+
+    epoch: int = 0
+    reputation: dict[str, int] = field(default_factory=dict)
+    carry: int = 0
+    unbonding: list[Unbonding] = field(default_factory=list)
+    prev: str = GENESIS_PREV
+
+
+@dataclass
+class EpochInputs:
+    nodes: list[NodeReport]
+    usage: list[Usage] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
+    offences: list[Offence] = field(default_factory=list)   # detected by the hub (equivocation)
+    unserved: dict[str, int] = field(default_factory=dict)   # region → bytes asked for with no node to serve
+
+
+@dataclass(slots=True)
+class NodeResult:
+    node: str
+    region: str
+    payout: str
+    verified_bytes: int
+    uptime_ppm: int
+    reputation_ppm: int
+    multiplier_ppm: int
+    stake: int
+    weight: int = 0
+    reward: int = 0
+    why_not: str = ""   # why the node earned nothing, for `earnings`
+
+
+@dataclass
+class EpochResult:
+    statement: dict
+    nodes: dict[str, NodeResult]
+    rewarded: list[NodeResult]      # the Merkle tree's leaves, in order (by node)
+    levels: list[list[bytes]]
+    slashes: list[Slash]
+    burned: dict[str, int]
+    shortfall: dict[str, int]       # buyer → micro-USD of verified usage its tokens did not cover
+    released: list[Unbonding]
+
+    @property
+    def hash(self) -> str:
+        return merkle.statement_hash(self.statement)
+
+    def inclusion_proof(self, node: str) -> tuple[dict, list[list[str]]]:
+        """(leaf, proof) for a rewarded node; KeyError for a node without a reward this epoch."""
+        epoch = self.statement["epoch"]
+        i = bisect.bisect_left(self.rewarded, node, key=lambda r: r.node)
+        if i == len(self.rewarded) or self.rewarded[i].node != node:
+            raise KeyError(f"{node}: no reward in epoch {epoch}")
+        return _leaf(epoch, self.rewarded[i]), merkle.proof(self.levels, i)
+
+    def leaves(self) -> list[dict]:
+        return [_leaf(self.statement["epoch"], r) for r in self.rewarded]
+
+
+def tokens_for(rules: Rules, nbytes: int, price_micro_usd: int) -> tuple[int, int]:
+    """(base units to burn, micro-USD owed) for NBYTES of verified usage at the oracle PRICE."""
+    owed = nbytes * rules.market.price_per_gb_micro_usd // 10**9
+    return owed * 10**rules.market.decimals // price_micro_usd, owed
+
+
+def public_b64(key: Ed25519PrivateKey) -> str:
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return base64.b64encode(raw).decode()
+
+
+_dumps = json.JSONEncoder(ensure_ascii=True).encode
+
+
+def _leaf(epoch: int, res: NodeResult) -> dict:
+    return {"v": 1, "epoch": epoch, "node": res.node, "payout": res.payout, "reward": res.reward,
+            "verified_bytes": res.verified_bytes, "multiplier_ppm": res.multiplier_ppm,
+            "reputation_ppm": res.reputation_ppm, "uptime_ppm": res.uptime_ppm}
+
+
+def _leaf_hash(epoch: int, res: NodeResult) -> bytes:
+    """merkle.leaf_hash(_leaf(epoch, res)), built without a dict and a generic json.dumps per leaf."""
+    text = (f'{{"epoch":{epoch},"multiplier_ppm":{res.multiplier_ppm},"node":{_dumps(res.node)},'
+            f'"payout":{_dumps(res.payout)},"reputation_ppm":{res.reputation_ppm},"reward":{res.reward},'
+            f'"uptime_ppm":{res.uptime_ppm},"v":1,"verified_bytes":{res.verified_bytes}}}')
+    return hashlib.sha256(b"\x00" + text.encode()).digest()
+
+
+def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_usd: int, ledger: Ledger,
+           key: Ed25519PrivateKey) -> EpochResult:
+    if price_micro_usd <= 0:
+        raise ValueError(f"epoch {state.epoch}: oracle price must be > 0 micro-USD, got {price_micro_usd}")
+    epoch = state.epoch
+    reports: dict[str, NodeReport] = {}
+    for r in inputs.nodes:
+        if r.node in reports:
+            raise ValueError(f"epoch {epoch}: node {r.node} reported twice")
+        reports[r.node] = r
+
+    # 1. proof of bandwidth
+    verified, usage_offences, buyer_bytes = verify_usage(rules, inputs.usage)
+    probe_counts, probe_offences = judge_probes(rules, inputs.probes)
+
+    # 2. slashing
+    offences = sorted([*inputs.offences, *usage_offences, *probe_offences],
+                      key=lambda o: (o.node, o.kind, o.evidence))
+    slashes = [slash(rules, ledger, state.unbonding, epoch, o) for o in offences]
+    offended = {o.node for o in offences}
+
+    # 3. burn
+    burned: dict[str, int] = {}
+    shortfall: dict[str, int] = {}
+    for buyer in sorted(buyer_bytes):
+        want, owed = tokens_for(rules, buyer_bytes[buyer], price_micro_usd)
+        acct = f"buyer:{buyer}"
+        have = ledger.balance(acct)
+        take = min(want, have)
+        ledger.transfer(epoch, "burn", acct, BURN, take, f"usage:{buyer_bytes[buyer]}")
+        burned[buyer] = take
+        if take < want:
+            shortfall[buyer] = owed - take * price_micro_usd // 10**rules.market.decimals
+
+    # 4. multipliers and reputation
+    demand: dict[str, int] = dict(inputs.unserved)
+    cap: dict[str, int] = {}
+    for n, r in reports.items():
+        v = verified.get(n)
+        if v is not None and v.bytes:
+            demand[r.region] = demand.get(r.region, 0) + v.bytes
+        if r.heartbeats > 0:
+            cap[r.region] = cap.get(r.region, 0) + r.cap_mbit
+    mults = multipliers(rules, demand, cap)
+    rep = state.reputation
+    floor = rules.reputation.floor_ppm
+    min_stake = rules.staking.min_stake
+    results: dict[str, NodeResult] = {}
+    total = 0
+    for n in sorted(reports):
+        r = reports[n]
+        v = verified.get(n)
+        vb, claimed, disagree = (v.bytes, v.claimed, v.disagreement) if v is not None else (0, 0, 0)
+        passed, failed = probe_counts.get(n, (0, 0))
+        up = uptime_ppm(rules, r.heartbeats, passed, failed)
+        score = epoch_score_ppm(up, agreement_ppm(claimed, disagree), n in offended)
+        reputation = rep[n] = next_reputation(rules, rep.get(n), score)
+        mult = mults.get(r.region, PPM)
+        stake = ledger.balance(stake_account(n))
+        res = NodeResult(n, r.region, r.payout, vb, up, reputation, mult, stake)
+        if n in offended:
+            res.why_not = "slashed this epoch"
+        elif stake < min_stake:
+            res.why_not = f"stake {stake} below the minimum {min_stake}"
+        elif vb == 0:
+            res.why_not = "no verified usage"
+        elif up == 0:
+            res.why_not = "no uptime (no heartbeats or every probe failed)"
+        else:
+            res.weight = vb * mult * (reputation if reputation > floor else floor) * up
+            total += res.weight
+        results[n] = res
+    for n in [n for n in rep if n not in reports]:   # nodes not seen this epoch decay toward 0
+        rep[n] = next_reputation(rules, rep[n], 0)
+        if rep[n] == 0:
+            del rep[n]
+
+    # 5. mint
+    emission = emission_for(rules, epoch)
+    pool = emission + state.carry
+    minted = 0
+    rewarded: list[NodeResult] = []
+    if total:
+        for res in results.values():   # sorted by node
+            if res.weight:
+                res.reward = reward = pool * res.weight // total
+                if reward:
+                    ledger.transfer(epoch, "mint", MINT, f"payout:{res.payout}", reward, f"epoch:{epoch}")
+                    minted += reward
+                    rewarded.append(res)
+    carry_out = pool - minted if rules.emission.unallocated == "carry" else 0
+
+    # 6. unbonding
+    released = release(ledger, state.unbonding, epoch)
+
+    # 7. statement
+    levels = merkle.tree([_leaf_hash(epoch, r) for r in rewarded])
+    statement = {
+        "v": 1, "type": "epoch", "network": rules.name, "rules": rules.digest(), "epoch": epoch,
+        "price_micro_usd": price_micro_usd, "emission": emission, "carried_in": state.carry, "minted": minted,
+        "carried_out": carry_out, "burned": sum(burned.values()), "supply": supply(ledger),
+        "slashed": sum(s.amount for s in slashes), "slashes": [s.to_dict() for s in slashes],
+        "multipliers": mults, "rewarded": len(rewarded), "merkle_root": merkle.root_of(levels),
+        "prev": state.prev, "hub": public_b64(key),
+    }
+    statement = merkle.sign_statement(key, statement)
+    state.epoch, state.carry, state.prev = epoch + 1, carry_out, merkle.statement_hash(statement)
+    return EpochResult(statement, results, rewarded, levels, slashes, burned, shortfall, released)
