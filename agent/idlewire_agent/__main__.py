@@ -116,6 +116,13 @@ def run_agent(path: str) -> int:
         print(f"{path}: [node] region: {cfg.region!r}: a marketplace ([node] marketplace) needs the node's country "
               "as an ISO 3166-1 alpha-2 code, e.g. region = \"DE\"", file=sys.stderr)
         return 2
+    if cfg.marketplace.startswith("https:"):
+        try:
+            import ssl  # noqa: F401
+        except ImportError:
+            print(f"{path}: [node] marketplace: {cfg.marketplace} is https:// but this Python has no ssl module: "
+                  "install it (OpenWrt: opkg install python3-openssl)", file=sys.stderr)
+            return 2
     # The agent speaks plain HTTP on the LAN and never TLS: keep http.client from loading the ssl
     # module (about 1 MB of RSS on a small node), unless the marketplace is an https:// hub.
     if "ssl" not in sys.modules and not cfg.marketplace.startswith("https:"):

@@ -190,7 +190,8 @@ class Seller:
     """The node in the market, in two threads of its own (never the poll's or the API's):
 
     - "market": registers (retrying while the hub is away), heartbeats every heartbeat_interval
-      (uptime, caps in force, open sessions with their ledger heads) and uploads the ledger's
+      and within a second of a session opening or closing (uptime, caps in force, open sessions
+      with their ledger heads: the hub's count of free places stays right) and uploads the ledger's
       queue of receipts in batches as soon as there are any (Ledger.pending_uploads);
     - "channel": the long poll the node opened; "open" requests go to Agent.open_session, the
       function the local API calls (every admission rule holds for hub buyers), and "relay"
@@ -244,9 +245,26 @@ class Seller:
                                    version=__version__)
         self.registered.set()
         self.state = "registered"
+        self.report_public(out.get("seen_from") or "")
         where = self.endpoint() or "not reachable from the internet (no [tunnel] endpoint)"
         log.info("marketplace %s: registered as node %s, endpoint %s", self.market.netloc, out["node"], where)
         return out
+
+    def report_public(self, seen_from: str) -> None:
+        """The node's public addresses (where the hub saw it come from, the endpoint it reports) are
+        kept from its buyers: isolation blocks them from the next check (Guard.report)."""
+        import ipaddress
+
+        addrs = []
+        for a in (seen_from, self.agent.cfg.tunnel.endpoint):
+            try:
+                ip = ipaddress.ip_address(a)
+            except ValueError:
+                continue
+            if ip.is_global:
+                addrs.append(str(ip))
+        if self.agent.guard is not None and addrs:
+            self.agent.guard.report("hub", addrs)
 
     # --- receipts ---------------------------------------------------------------------------------
     def upload_once(self) -> int:
@@ -304,17 +322,22 @@ class Seller:
             log.warning("marketplace %s: %s; retrying", self.market.netloc, exc)
         self.state = f"unreachable: {exc}"
 
+    def _open_ids(self) -> set[str]:
+        with self.agent.lock:
+            return {r[0] for r in self.agent.ledger.db.execute("SELECT id FROM sessions WHERE state = 'open'")}
+
     def _run(self, stop: threading.Event) -> None:
-        delay, beat_due = 1.0, 0.0
+        delay, beat_due, told = 1.0, 0.0, None
         while not stop.is_set():
             try:
                 if not self.registered.is_set():
                     self.register()
                     delay = 1.0
                 now = time.monotonic()
-                if now >= beat_due:
+                ids = self._open_ids()
+                if now >= beat_due or ids != told:  # a session opened or closed: the hub hears at once
                     self.market.heartbeat(uptime=now - self.started, caps=self.caps(), sessions=self.sessions())
-                    beat_due = now + self.market.heartbeat_interval
+                    beat_due, told = now + self.market.heartbeat_interval, ids
                 while self.upload_once() and not stop.is_set():
                     pass
                 delay = 1.0

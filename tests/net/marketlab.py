@@ -101,6 +101,7 @@ class MarketLab:
         }))
         self.agent: subprocess.Popen | None = None
         self.log = tmp / "agent.log"
+        (tmp / "client.log").touch()
         self.buyer_key = tmp / "buyer.key"
 
     # --- the hub ----------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ class MarketLab:
         self.hub_proc.wait(10)
 
     def hub(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.hub_fwd.port}{path}", timeout=10) as r:  # noqa: S310
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.hub_fwd.port}{path}", timeout=10) as r:
             return json.load(r)
 
     def hub_receipts(self) -> dict[tuple[str, int], tuple[str, str]]:
@@ -179,25 +180,31 @@ class MarketLab:
 
     # --- the buyer --------------------------------------------------------------------------------
     def client(self, *args: str) -> subprocess.Popen:
+        self.log_start = (self.tmp / "client.log").stat().st_size
         return self.buyer.popen("env", "--default-signal=INT", sys.executable, "-m", "idlewire", "client", "connect",
                                 "--hub", self.hub_url, "--region", "DE", "--key", str(self.buyer_key),
                                 "--interface", self.buyer_wg, "--json", "--route", "198.51.100.0/24", *args,
-                                stdout=subprocess.PIPE, stderr=open(self.tmp / "client.log", "a"), text=True,  # noqa: SIM115
+                                stdout=subprocess.PIPE, stderr=open(self.tmp / "client.log", "a"), text=True,
                                 env=ENV)
 
-    def first_byte(self, timeout: float = 15) -> float:
-        """Tries a TCP connection to the web through the tunnel until one byte comes back; the time then."""
+    def first_byte(self, timeout: float = 15) -> tuple[float, float]:
+        """Tries a TCP connection to the web through the tunnel until one byte comes back: (when the
+        client had its session from the hub, when the byte came)."""
         deadline = time.monotonic() + timeout
+        log, got = self.tmp / "client.log", 0.0
         while time.monotonic() < deadline:
+            if not got and "session " in log.read_text()[self.log_start:]:
+                got = time.monotonic()
             try:
-                s = ns_socket(self.buyer.name, WEB, self.echo_port, timeout=0.3)
+                s = ns_socket(self.buyer.name, WEB, self.echo_port, timeout=0.1)
             except OSError:
                 time.sleep(0.01)
                 continue
-            with s:
-                with contextlib.suppress(OSError):
-                    if s.recv(1) == b"x":
-                        return time.monotonic()
+            with s, contextlib.suppress(OSError):
+                s.settimeout(1)
+                if s.recv(1) == b"x":
+                    now = time.monotonic()
+                    return got or now, now
         raise AssertionError("no byte through the tunnel: " + (self.tmp / "client.log").read_text()[-2000:]
                              + "\nagent.log: " + self.log.read_text()[-3000:])
 

@@ -203,7 +203,10 @@ def create_app(engine, clock=time.time) -> FastAPI:
     @app.post("/v1/nodes", summary="Register or update a node (signed by the node key)")
     async def register(request: Request, body: Registration):
         auth = await signed(request)
-        return await run_in_threadpool(hub.register, auth, body.model_dump())
+        out = await run_in_threadpool(hub.register, auth, body.model_dump())
+        # the address the node's request came from: its home router's public one, which the node
+        # keeps its buyers away from (agent isolation Guard.report)
+        return {**out, "seen_from": request.client.host if request.client else ""}
 
     @app.post("/v1/nodes/{nid}/heartbeat", summary="Heartbeat (signed by the node key)")
     async def heartbeat(request: Request, nid: str, body: Heartbeat):
