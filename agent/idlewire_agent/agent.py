@@ -573,11 +573,20 @@ class Agent:
             return [f"{d} {stmt[d]} > {m} + {tol:.0%}" for d, m in (("up", s["rx"]), ("down", s["tx"]))
                     if stmt[d] > m * (1 + tol) + 65536]
         if beyond(s) and s["state"] == "open":
+            # Judged on a fresh read, NOT recorded: this runs outside wg_lock, and a poll that read
+            # its dump before this one and records after it would take the counters it finds below
+            # the baselines written here for a reset and count them all again. The next poll counts
+            # the bytes; the receipt states what the ledger holds.
             try:
-                self._record(self.tunnel.dump(), self._open_peers(s["wg_key"]), only=s["wg_key"])
+                peer = self.tunnel.dump().get(s["wg_key"])
             except WgError as exc:
                 log.warning("session %s: fresh read failed: %s", s["id"], exc)
-            s = self.ledger.session(s["id"])
+                peer = None
+            base = self.ledger.db.execute("SELECT rx_raw, tx_raw FROM peers WHERE wg_key = ? AND session = ?",
+                                          (s["wg_key"], s["id"])).fetchone()
+            if peer is not None and base is not None and not beyond(
+                    {**s, "rx": s["rx"] + max(0, peer.rx - base[0]), "tx": s["tx"] + max(0, peer.tx - base[1])}):
+                return s
         over = beyond(s)
         if over:
             log.warning("session %s: buyer statement refused, it claims more than the node measured: %s",
