@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hublab import HubProc, free_port
-from idlewire_agent import keys
 from idlewire_agent import receipts as rc
 from idlewire_agent.agent import Agent
 from idlewire_agent.config import parse
@@ -19,6 +18,7 @@ from idlewire_agent.market import MarketError, Seller
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from synthetic import SyntheticTunnel
+from test_agent_receipts_final import _session as co_signed
 
 
 @pytest.fixture
@@ -40,13 +40,7 @@ def _agent(tmp_path, hub_url: str) -> Agent:
 
 
 def _session(a: Agent, buyer, n: int) -> str:
-    k = keys.wg_keypair()[1]
-    sid = a.open_session(rc.pub_b64(buyer), k)["session"]
-    for i in range(1, n + 1):
-        a.tunnel.traffic(k, 1000, 2000)
-        a.poll()
-        a.cosign(sid, rc.pub_b64(buyer), rc.sign_usage(buyer, sid, 1000 * i, 2000 * i, 100 + i))
-    return sid
+    return co_signed(a, buyer, n, close=False)[0]
 
 
 def _hub_chain(hub: HubProc, sid: str) -> list[dict]:
