@@ -139,6 +139,13 @@ class MarketLab:
         finally:
             db.close()
 
+    def hub_flags(self) -> list[tuple[str, int]]:
+        db = sqlite3.connect(self.hub_db)
+        try:
+            return db.execute("SELECT kind, seq FROM flags").fetchall()
+        finally:
+            db.close()
+
     def hub_chain(self, sid: str) -> list[dict]:
         db = sqlite3.connect(self.hub_db)
         try:

@@ -84,6 +84,8 @@ def test_a_buyer_from_the_internet_cosigns_through_the_hub_and_every_receipt_rea
     ours = m.node_receipts()
     hubs = m.hub_receipts()
     assert {k: h for k, (_, h) in hubs.items()} == ours
+    flags = m.hub_flags()
+    assert not {k for k, _ in flags} & {"equivocation", "disagreement"}, flags
     seqs = sorted(q for (s, q) in ours if s == sid)
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 4
     from idlewire_agent import receipts as rc
