@@ -159,3 +159,16 @@ def test_public_addresses_the_hub_saw_are_kept_from_buyers(tmp_path, hub):
     assert reported == [("hub", ["8.8.4.4"])]
     out = seller.register()
     assert out["seen_from"] == "127.0.0.1"
+
+
+def test_a_marketplace_needs_a_country_code_one_line_at_start(tmp_path):
+    import subprocess
+
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(f'[node]\nstate_dir = "{tmp_path}/state"\nkey_file = "{tmp_path}/node.key"\n'
+                   'marketplace = "http://hub.example"\nregion = "home-lab"\n'
+                   f'[tunnel]\nprivate_key_file = "{tmp_path}/wg.key"\n[api]\nadmin_token_file = "{tmp_path}/t"\n')
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "run", "--config", str(cfg)], capture_output=True,
+                       text=True, timeout=60, env={"PYTHONPATH": str(Path(__file__).parents[2] / "agent")})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "[node] region: 'home-lab'" in r.stderr and 'region = "DE"' in r.stderr
