@@ -129,9 +129,20 @@ def run_agent(path: str) -> int:
     if cfg is None:
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
+    if cfg.marketplace and not (len(cfg.region) == 2 and cfg.region.isascii() and cfg.region.isalpha()):
+        print(f"{path}: [node] region: {cfg.region!r}: a marketplace ([node] marketplace) needs the node's country "
+              "as an ISO 3166-1 alpha-2 code, e.g. region = \"DE\"", file=sys.stderr)
+        return 2
+    if cfg.marketplace.startswith("https:"):
+        try:
+            import ssl  # noqa: F401
+        except ImportError:
+            print(f"{path}: [node] marketplace: {cfg.marketplace} is https:// but this Python has no ssl module: "
+                  "install it (OpenWrt: opkg install python3-openssl)", file=sys.stderr)
+            return 2
     # The agent speaks plain HTTP on the LAN and never TLS: keep http.client from loading the ssl
-    # module (about 1 MB of RSS on a small node). Remove this if the agent ever needs https.
-    if "ssl" not in sys.modules:
+    # module (about 1 MB of RSS on a small node), unless the marketplace is an https:// hub.
+    if "ssl" not in sys.modules and not cfg.marketplace.startswith("https:"):
         sys.modules["ssl"] = None  # type: ignore[assignment]
     from . import api
     from .agent import Agent
@@ -195,6 +206,15 @@ def run_agent(path: str) -> int:
         return 1
     logging.getLogger("idlewire.agent").info("running: node key %s, interface %s, polling every %gs",
                                              agent.node_pub, cfg.tunnel.interface, cfg.metering.poll_interval)
+    try:  # the market runs in threads of its own; with marketplace = "" it is not even imported
+        if cfg.marketplace:
+            from .market import Seller
+
+            Seller(agent, cfg.marketplace).start(stop)
+        else:
+            agent.ledger.disable_uploads()
+    except LedgerError as exc:  # a full disk at start: the market starts with the next start
+        logging.getLogger("idlewire.agent").error("marketplace: %s", exc)
     while not stop.wait(cfg.metering.poll_interval):
         try:
             agent.poll()

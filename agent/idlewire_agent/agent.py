@@ -620,10 +620,13 @@ class Agent:
         """
         keep, days = self.cfg.receipts.keep_closed, self.cfg.receipts.keep_days
         db = self.ledger.db
+        # With a marketplace, a session whose receipts wait in the upload queue is left alone.
+        market = 1 if self.cfg.marketplace else 0
         with self.lock:
             if days:
                 row = db.execute("SELECT id FROM sessions WHERE state = 'closed' AND retention < 2 AND closed_at < ? "
-                                 "ORDER BY closed_at LIMIT 1", (self.clock() - days * 86400,)).fetchone()
+                                 "AND (? = 0 OR NOT EXISTS (SELECT 1 FROM uploads u WHERE u.session = sessions.id)) "
+                                 "ORDER BY closed_at LIMIT 1", (self.clock() - days * 86400, market)).fetchone()
                 if row:
                     with self.ledger.tx():
                         db.execute("DELETE FROM receipts WHERE session = ?1 AND seq > (SELECT max(seq) FROM receipts "
@@ -635,7 +638,8 @@ class Agent:
             if not keep:
                 return False
             row = db.execute("SELECT id FROM sessions WHERE state = 'closed' AND retention < 2 AND retention = 0 "
-                             "LIMIT 1").fetchone()
+                             "AND (? = 0 OR NOT EXISTS (SELECT 1 FROM uploads u WHERE u.session = sessions.id)) "
+                             "LIMIT 1", (market,)).fetchone()
             if not row:
                 return False
             sid = row[0]

@@ -8,7 +8,8 @@ even that is picked up at the next poll, as long as the interface's counters sur
 
 Tables: sessions (one row per buyer session, with its totals), peers (raw counter baselines),
 daily (totals per UTC day), meta (lifetime totals, interface index, schema), receipts, nonces
-(of signed API requests, so that a replay is refused across restarts too).
+(of signed API requests, so that a replay is refused across restarts too), uploads (receipts not
+yet acknowledged by the marketplace hub: see "Receipts for the hub" below).
 
 State checks (at every start, before anything is written): the file is a SQLite database that
 passes `PRAGMA quick_check`, of a schema this agent knows, and it is THE ledger this node kept: a
@@ -74,6 +75,9 @@ CREATE TABLE IF NOT EXISTS nonces (   -- signed API requests seen, until their t
     nonce TEXT PRIMARY KEY, expires INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS nonces_expires ON nonces(expires);
+CREATE TABLE IF NOT EXISTS uploads (  -- receipts the marketplace hub has not acknowledged yet
+    session TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (session, seq)
+) WITHOUT ROWID;
 """
 
 
@@ -323,6 +327,72 @@ class Ledger:
                 db.execute("UPDATE peers SET rx_raw = 0, tx_raw = 0")
             else:
                 db.executemany("UPDATE peers SET rx_raw = 0, tx_raw = 0 WHERE wg_key = ?", [(k,) for k in keys])
+
+    # --- receipts for the hub ([node] marketplace) ---------------------------------------
+    # The upload queue is a table, `uploads` (session, seq): a trigger adds every receipt as it is
+    # inserted, in the transaction that inserts it (so a receipt exists <=> it is queued, whatever
+    # crashes when); a batch the hub acknowledged leaves the queue in one transaction. A crash or
+    # power cut between the hub's commit and ours resends that batch, which the hub skips as
+    # duplicates (it stores once per node, session and seq); nothing is skipped, since a row leaves
+    # the queue only after the hub said it has it. Retention (agent.prune_receipts) leaves queued
+    # sessions alone.
+    def enable_uploads(self) -> int:
+        """Queue every receipt from now on (and the ones already here, the first time); the count queued."""
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'receipts_upload'"
+                          ).fetchone() is None:
+                db.execute("CREATE TRIGGER receipts_upload AFTER INSERT ON receipts BEGIN "
+                           "INSERT OR IGNORE INTO uploads VALUES (new.session, new.seq); END")
+                if self.meta("uploads_since") is None:  # first time: what is here goes too
+                    db.execute("INSERT OR IGNORE INTO uploads SELECT session, seq FROM receipts")
+                    self.set_meta(db, "uploads_since", time.time())
+            return db.execute("SELECT count(*) FROM uploads").fetchone()[0]
+
+    def disable_uploads(self) -> None:
+        """No marketplace: stop queueing (what is queued stays, for when one is set again)."""
+        with self.lock:
+            if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'receipts_upload'"
+                               ).fetchone() is None:
+                return
+        with self.tx() as db:
+            db.execute("DROP TRIGGER IF EXISTS receipts_upload")
+
+    def pending_uploads(self, limit: int = 500) -> list[tuple[str, int, str]]:
+        """(session, seq, body) of up to `limit` queued receipts, whole sessions' runs in seq order;
+        a queued receipt whose row is gone (deleted while no marketplace was set) is dropped from
+        the queue here with a count in meta."""
+        with self.lock:
+            rows = self.db.execute("SELECT u.session, u.seq, r.body FROM uploads u LEFT JOIN receipts r "
+                                   "ON r.session = u.session AND r.seq = u.seq ORDER BY u.session, u.seq LIMIT ?",
+                                   (limit,)).fetchall()
+        gone = [(r[0], r[1]) for r in rows if r[2] is None]
+        if gone:
+            with self.tx() as db:
+                db.executemany("DELETE FROM uploads WHERE session = ? AND seq = ?", gone)
+                db.execute("INSERT INTO meta VALUES ('uploads_gone', ?) ON CONFLICT(key) DO UPDATE "
+                           "SET value = value + excluded.value", (len(gone),))
+        return [(r[0], r[1], r[2]) for r in rows if r[2] is not None]
+
+    def receipt_body(self, session: str, seq: int) -> str | None:
+        with self.lock:
+            row = self.db.execute("SELECT body FROM receipts WHERE session = ? AND seq = ?", (session, seq)).fetchone()
+        return row[0] if row else None
+
+    def uploaded(self, sent: list[tuple[str, int]]) -> None:
+        """The hub acknowledged these (session, seq): they leave the queue, in one transaction."""
+        with self.tx() as db:
+            db.executemany("DELETE FROM uploads WHERE session = ? AND seq = ?", sent)
+
+    def upload_backlog(self) -> int:
+        with self.lock:
+            return self.db.execute("SELECT count(*) FROM uploads").fetchone()[0]
+
+    def heads(self) -> list[tuple[str, str]]:
+        """(session, body of its newest receipt or "") for every open session."""
+        with self.lock:
+            return [(r[0], r[1] or "") for r in self.db.execute(
+                "SELECT s.id, (SELECT body FROM receipts WHERE session = s.id ORDER BY seq DESC LIMIT 1) "
+                "FROM sessions s WHERE s.state = 'open'")]
 
     # --- totals ---------------------------------------------------------------------------
     def lifetime(self) -> tuple[int, int]:

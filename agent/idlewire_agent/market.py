@@ -21,6 +21,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import threading
 import time
 from urllib.parse import urlsplit
@@ -142,24 +143,32 @@ class Market:
             raise ValueError(f"receipt {sent_seq} is not in the chain given")
         return [before if receipts.is_checkpoint(before) else receipts.make_checkpoint(self.key, before), *rest]
 
-    def serve(self, open_session, stop: threading.Event, wait: float = 25.0, retry: float = 5.0) -> None:
+    def serve(self, open_session, stop: threading.Event, wait: float = 25.0, retry: float = 5.0,
+              relay=None, on_error=None) -> None:
         """The channel: long-poll until `stop`; each "open" request calls open_session(buyer_key,
         wg_public_key) -> the session as the node's POST /sessions answers it, sent back to the hub;
-        an exception's message is the refusal. A hub outage is waited out, `retry` s apart."""
+        each "relay" request (a buyer's own signed call to the node's session API, carried by the
+        hub) calls relay(buyer_key, request) -> {"status", "body"}; an exception's message is the
+        refusal. A hub outage is waited out, `retry` s apart (on_error(exc) hears of each)."""
         while not stop.is_set():
             try:
                 reqs = self.poll(wait)
             except MarketError as exc:
+                if on_error is not None:
+                    on_error(exc)
                 log.warning("channel: %s; retrying in %g s", exc, retry)
                 stop.wait(retry)
                 continue
             for req in reqs:
-                if req.get("kind") != "open":
-                    self._safe_answer(req["id"], error=f"unknown request kind {req.get('kind')!r}")
+                kind, body = req.get("kind"), req.get("body") or {}
+                if kind not in ("open", "relay") or (kind == "relay" and relay is None):
+                    self._safe_answer(req["id"], error=f"unknown request kind {kind!r}")
                     continue
-                body = req.get("body") or {}
                 try:
-                    result = open_session(body.get("buyer_key", ""), body.get("wg_public_key", ""))
+                    if kind == "open":
+                        result = open_session(body.get("buyer_key", ""), body.get("wg_public_key", ""))
+                    else:
+                        result = relay(body.get("buyer_key", ""), body.get("request"))
                 except Exception as exc:  # the refusal goes to the buyer, the loop goes on
                     self._safe_answer(req["id"], error=str(exc) or type(exc).__name__)
                     continue
@@ -170,3 +179,236 @@ class Market:
             self.answer(rid, result, error)
         except MarketError as exc:
             log.warning("channel: answering request %s: %s", rid, exc)
+
+
+# --- the agent's side: what runs when node.toml [node] marketplace names a hub ------------------------
+_RELAYED = re.compile(r"^/(sessions/[0-9a-f]{16}(/usage|/close|/receipts)?|receipts\?session=[0-9a-f]{16})$")
+_RELAY_HEADERS = ("X-Idlewire-Key", "X-Idlewire-Time", "X-Idlewire-Nonce", "X-Idlewire-Signature")
+
+
+class Seller:
+    """The node in the market, in two threads of its own (never the poll's or the API's):
+
+    - "market": registers (retrying while the hub is away), heartbeats every heartbeat_interval
+      and within a second of a session opening or closing (uptime, caps in force, open sessions
+      with their ledger heads: the hub's count of free places stays right) and uploads the ledger's
+      queue of receipts in batches as soon as there are any (Ledger.pending_uploads);
+    - "channel": the long poll the node opened; "open" requests go to Agent.open_session, the
+      function the local API calls (every admission rule holds for hub buyers), and "relay"
+      requests -- a buyer's own signed call to the node's session API (co-sign usage, read
+      receipts, close), carried by the hub -- go through the API's own routing with the buyer's
+      signature and nonce checked by the node itself; the admin token is never honoured there.
+    """
+
+    def __init__(self, agent, url: str, batch: int = 500, clock=time.time):
+        self.agent, self.batch, self.clock = agent, batch, clock
+        self.market = Market(url, agent.node_key, clock=clock)
+        self.registered = threading.Event()
+        self.started = time.monotonic()
+        self.state = "starting"  # what /health could say: registered | unreachable: WHY
+        self.sent = self.duplicates = 0
+
+    # --- what the node tells the hub --------------------------------------------------------------
+    def endpoint(self) -> str:
+        """HOST:PORT buyers reach WireGuard at: [tunnel] endpoint (the public address the owner, or
+        the NAT mapping, gives) and port; "" when the node does not know one."""
+        host, port = self.agent.cfg.tunnel.endpoint, self.agent.cfg.tunnel.port
+        if not host:
+            return ""
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def caps(self) -> dict:
+        cfg = self.agent.cfg
+        sh, q = cfg.policy.shaping, cfg.policy.quota
+        most = min(x for x in (cfg.sessions.max, q.max_sessions) if x) if (cfg.sessions.max or q.max_sessions) else 1
+        return {"up_mbit": round(max(sh.cap_up, 1000) / 1e6, 3), "down_mbit": round(max(sh.cap_down, 1000) / 1e6, 3),
+                "monthly_gb": round(q.monthly_bytes / 1e9, 3), "max_sessions": max(1, min(int(most), 3840))}
+
+    def sessions(self) -> list[dict]:
+        out = []
+        for sid, body in self.agent.ledger.heads():
+            head = ""
+            if body:
+                r = json.loads(body)
+                head = r["hash"] if receipts.is_checkpoint(r) else receipts.receipt_hash(r)
+            out.append({"session": sid, "head": head})
+        return out
+
+    def register(self) -> dict:
+        a = self.agent
+        u = a.cfg.unit
+        payout = a.payout or receipts.payout_statement(a.node_key, u.payout_address or "", u.unit or "")
+        from . import __version__
+
+        out = self.market.register(wg_public_key=a.wg_pub, payout=payout, region=a.cfg.region.upper(),
+                                   caps=self.caps(), price_per_gb=a.cfg.price_per_gb, endpoint=self.endpoint(),
+                                   version=__version__)
+        self.registered.set()
+        self.state = "registered"
+        self.report_public(out.get("seen_from") or "")
+        where = self.endpoint() or "not reachable from the internet (no [tunnel] endpoint)"
+        log.info("marketplace %s: registered as node %s, endpoint %s", self.market.netloc, out["node"], where)
+        return out
+
+    def report_public(self, seen_from: str) -> None:
+        """The node's public addresses (where the hub saw it come from, the endpoint it reports) are
+        kept from its buyers: isolation blocks them from the next check (Guard.report)."""
+        import ipaddress
+
+        addrs = []
+        for a in (seen_from, self.agent.cfg.tunnel.endpoint):
+            try:
+                ip = ipaddress.ip_address(a)
+            except ValueError:
+                continue
+            if ip.is_global:
+                addrs.append(str(ip))
+        if self.agent.guard is not None and addrs:
+            self.agent.guard.report("hub", addrs)
+
+    # --- receipts ---------------------------------------------------------------------------------
+    def upload_once(self) -> int:
+        """One batch from the ledger's queue to the hub; the number of receipts the hub acknowledged
+        (0: nothing queued). MarketError when the hub is away or refuses: the queue stays."""
+        rows = self.agent.ledger.pending_uploads(self.batch)
+        if not rows:
+            return 0
+        entries, sent, first = [], [], {}
+        for sid, seq, body in rows:
+            if sid not in first:
+                first[sid] = seq
+                if seq > 1:  # the hub has seq-1 (it left the queue): continue the chain from it
+                    before = self.agent.ledger.receipt_body(sid, seq - 1)
+                    if before is not None:
+                        b = json.loads(before)
+                        entries.append(b if receipts.is_checkpoint(b) else receipts.make_checkpoint(self.market.key, b))
+            entries.append(json.loads(body))
+            sent.append((sid, seq))
+        out = self.market.upload(entries)
+        self.agent.ledger.uploaded(sent)
+        self.sent += int(out.get("stored", 0))
+        self.duplicates += int(out.get("duplicates", 0))
+        for f in out.get("flags") or ():
+            log.warning("hub flagged session %s seq %s: %s (%s)", f.get("session"), f.get("seq"), f.get("kind"),
+                        f.get("detail"))
+        return len(sent)
+
+    # --- the channel ------------------------------------------------------------------------------
+    def relay(self, buyer_key: str, request) -> dict:
+        """A buyer's signed call to the node's session API, as the hub carried it: {"method",
+        "path", "headers", "body"} -> {"status", "body"}. Only the buyer's own session calls pass."""
+        if not isinstance(request, dict):
+            raise ValueError("relay: expected a request object")
+        method, path, body = request.get("method"), request.get("path"), request.get("body", "")
+        headers = request.get("headers")
+        if method not in ("GET", "POST", "DELETE") or not isinstance(path, str) or not _RELAYED.match(path) \
+                or not isinstance(body, str) or len(body) > 65536 or not isinstance(headers, dict):
+            return {"status": 404, "body": {"error": "only a buyer's own session calls pass through the hub"}}
+        h = _relay_headers(headers)
+        if h.get("x-idlewire-key") != buyer_key:
+            return {"status": 401, "body": {"error": "the request is not signed by the buyer the hub vouched for"}}
+        return _relay_exchange(self.agent, method, path, h, body.encode())
+
+    # --- threads ----------------------------------------------------------------------------------
+    def start(self, stop: threading.Event) -> None:
+        queued = self.agent.ledger.enable_uploads()
+        if queued:
+            log.info("marketplace: %d receipt(s) wait in the ledger's upload queue", queued)
+        threading.Thread(target=self._run, args=(stop,), daemon=True, name="market").start()
+        threading.Thread(target=self._channel, args=(stop,), daemon=True, name="channel").start()
+
+    def _unreachable(self, exc: Exception) -> None:
+        if self.state != f"unreachable: {exc}":
+            log.warning("marketplace %s: %s; retrying", self.market.netloc, exc)
+        self.state = f"unreachable: {exc}"
+
+    def _open_ids(self) -> set[str]:
+        with self.agent.lock:
+            return {r[0] for r in self.agent.ledger.db.execute("SELECT id FROM sessions WHERE state = 'open'")}
+
+    def _run(self, stop: threading.Event) -> None:
+        delay, beat_due, told = 1.0, 0.0, None
+        while not stop.is_set():
+            try:
+                if not self.registered.is_set():
+                    self.register()
+                    delay = 1.0
+                now = time.monotonic()
+                ids = self._open_ids()
+                if now >= beat_due or ids != told:  # a session opened or closed: the hub hears at once
+                    self.market.heartbeat(uptime=now - self.started, caps=self.caps(), sessions=self.sessions())
+                    beat_due, told = now + self.market.heartbeat_interval, ids
+                while self.upload_once() and not stop.is_set():
+                    pass
+                delay = 1.0
+                stop.wait(1.0)
+            except MarketError as exc:
+                if exc.status == 404:  # the hub forgot us (a new database): register again
+                    self.registered.clear()
+                self._unreachable(exc)
+                stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+            except Exception:  # a bug must not end the market thread (the agent meters on)
+                log.exception("marketplace")
+                stop.wait(delay)
+                delay = min(delay * 2, 60.0)
+
+    def _channel(self, stop: threading.Event) -> None:
+        while not stop.is_set() and not self.registered.wait(1.0):
+            pass
+
+        def on_error(exc):
+            if exc.status == 404:
+                self.registered.clear()
+                while not stop.is_set() and not self.registered.wait(1.0):
+                    pass
+
+        self.market.serve(self._open, stop, relay=self.relay, on_error=on_error, retry=2.0)
+
+    def _open(self, buyer_key: str, wg_public_key: str) -> dict:
+        from .agent import SessionError
+
+        try:
+            return self.agent.open_session(buyer_key, wg_public_key)
+        except SessionError as exc:
+            raise RuntimeError(f"HTTP {exc.status}: {exc}") from None
+
+
+def _relay_headers(given: dict):
+    from .api import Headers
+
+    h = Headers()
+    for name in _RELAY_HEADERS:
+        v = given.get(name, given.get(name.lower()))
+        if isinstance(v, str) and len(v) <= 200:
+            h[name.lower()] = v
+    return h
+
+
+def _relay_exchange(agent, method: str, path: str, headers, body: bytes) -> dict:
+    """Serve one relayed request with the local API's own routing and checks (no socket)."""
+    from . import api
+
+    class Relayed(api.Exchange):
+        out: tuple = (500, {"error": "no answer"})
+
+        def _admin(self) -> bool:  # the admin token never crosses the hub
+            return False
+
+        def _send(self, code, body, ctype="application/json") -> None:
+            self.out = (code, body)
+
+        def _send_stream(self, chunks) -> None:
+            self.out = (200, json.loads("".join(chunks)))
+
+    class _Server:
+        def __init__(self):
+            self.agent = agent
+
+        @staticmethod
+        def fault(method, path, exc) -> None:
+            log.error("relayed %s %s: %s", method, path[:100], exc)
+
+    ex = Relayed(_Server(), None, "hub", (method, path, "HTTP/1.1", headers, body))
+    ex.handle()
+    return {"status": ex.out[0], "body": ex.out[1]}

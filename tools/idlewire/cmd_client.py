@@ -91,6 +91,54 @@ class Buyer:
         return self.request("GET", f"/receipts?session={session}")
 
 
+class HubBuyer(Buyer):
+    """A buyer who came through a hub: the same signed calls to the node's session API, carried by
+    the hub over the channel the node opened (POST /v1/nodes/NODE/relay). The node checks the
+    buyer's signature and nonce itself; the hub only carries them (it can neither forge a
+    co-signature nor replay one), and the node's API never faces the internet or the tunnel."""
+
+    def __init__(self, hub_url: str, key, timeout: float = 20):
+        super().__init__(hub_url, key, timeout)
+        self.node = ""
+
+    def hub(self, method: str, path: str, body: dict | None = None):
+        try:
+            return super().request(method, path, body)
+        except NodeError as exc:
+            raise NodeError(exc.status, str(exc).replace("the node at", "the hub at")) from None
+
+    def connect(self, wg_public_key: str, region: str | None) -> dict:
+        out = self.hub("POST", "/v1/connect", {"wg_public_key": wg_public_key, "region": region})
+        self.node = out["node"]
+        return out
+
+    def request(self, method: str, path: str, body: dict | None = None, sign: bool = True):
+        import secrets
+
+        from idlewire_agent import receipts
+
+        data = json.dumps(body).encode() if body is not None else b""
+        inner = {"method": method, "path": path, "body": data.decode(),
+                 "headers": receipts.sign_request(self.key, method, path, data, int(time.time()),
+                                                  secrets.token_hex(16))}
+        out = self.hub("POST", f"/v1/nodes/{self.node}/relay", {"request": inner})
+        if not isinstance(out, dict) or not isinstance(out.get("status"), int):
+            raise NodeError(0, f"{method} {path} via the hub: unexpected answer {str(out)[:100]}")
+        if out["status"] >= 400:
+            msg = out["body"].get("error", "") if isinstance(out.get("body"), dict) else ""
+            raise NodeError(out["status"], f"{method} {path} (node {self.node} via the hub): "
+                                           f"HTTP {out['status']} {msg}")
+        return out["body"]
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """HOST:PORT or [V6]:PORT -> (host, port)."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"the hub gave the node's endpoint as {endpoint!r}; expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
 def _run(*argv: str, input: str | None = None) -> str:
     p = subprocess.run(argv, capture_output=True, text=True, input=input, check=False)
     if p.returncode != 0:
@@ -178,7 +226,12 @@ def register(app: App) -> None:
 
     @client.command()
     def connect(
-        url: Annotated[str, Arg(help="The node's API, e.g. http://192.168.1.20:8740")],
+        url: Annotated[str, Arg(help="The node's API on your LAN, e.g. http://192.168.1.20:8740 (or --hub).")] = "",
+        hub: Annotated[str, Opt("--hub", help="Buy from a hub instead, e.g. https://hub.example: it picks a "
+                                "node, which answers over the channel it opened; usage is co-signed through "
+                                "the hub.")] = "",
+        region: Annotated[str, Opt("--region", help="With --hub: a node in this country (ISO 3166 code, "
+                                   "e.g. DE).")] = "",
         key: Annotated[Path, Opt("--key", help="Your buyer key (ed25519, made if missing, 0600).")] =
             DEFAULT_KEY,
         interface: Annotated[str, Opt("--interface", "-i", help="WireGuard interface to create.")] =
@@ -201,13 +254,38 @@ def register(app: App) -> None:
         Prints throughput and the cost at the node's price. Needs root (it creates an interface).
         Ctrl-C or SIGTERM (systemd, `timeout`, `kill`) closes the session and saves the receipts.
 
+        With --hub, the hub picks a node (--region, free capacity, price) and asks it over the
+        channel the node opened (it works behind any NAT); the node's WireGuard is reached at the
+        public endpoint it reported. The co-signatures, receipts and the close go through the hub
+        too, signed by your key for the node, which checks them itself.
+
         Example:  sudo idlewire client connect http://192.168.1.20:8740 --duration 60 --receipts r.json
+        Example:  sudo idlewire client connect --hub https://hub.example --region DE --duration 60
         """
-        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
-            raise UserError(f"URL: expected http://HOST:PORT of the node's API, got {url!r}")
-        buyer = Buyer(url, load_key(key))
+        target = hub or url
+        what = "--hub: expected http(s)://HOST[:PORT] of the hub" if hub else \
+            "URL: expected http://HOST:PORT of the node's API (or --hub URL)"
+        if bool(hub) == bool(url) or urlsplit(target).scheme not in ("http", "https") or \
+                not urlsplit(target).hostname:
+            raise UserError(f"{what}, got {target!r}" if target else "give the node's URL or --hub URL")
+        if region and not (len(region) == 2 and region.isascii() and region.isalpha()):
+            raise UserError(f"--region: expected an ISO 3166-1 alpha-2 country code like DE, got {region!r}")
         priv, pub = _wg_keypair()
-        s = buyer.open(pub)
+        if hub:
+            buyer = HubBuyer(hub, load_key(key))
+            got = buyer.connect(pub, region.upper() or None)
+            s = got["session"]
+            if s.get("node_key") != got["node_key"] or s.get("wg_public_key") != got["wg_public_key"]:
+                raise UserError(f"node {got['node']}: its answer does not match what the hub registered; "
+                                "try again (another node)")
+            if not got.get("endpoint"):
+                raise UserError(f"node {got['node']} reported no public endpoint (not reachable from the "
+                                "internet); try again")
+            host, port = parse_endpoint(got["endpoint"])
+            s = {**s, "endpoint_host": host, "endpoint_port": port}
+        else:
+            buyer = Buyer(url, load_key(key))
+            s = buyer.open(pub)
         sid = s["session"]
         out = sys.stderr
         # SIGTERM ends the session as Ctrl-C does (closed on the node, receipts saved)
@@ -215,7 +293,7 @@ def register(app: App) -> None:
         print(f"session {sid}: address {s['address']}, node {s['wg_public_key']}, "
               f"price {s['price_per_gb']}/GB", file=out)
         try:
-            bring_up(interface, priv, s, urlsplit(url).hostname or "", _routes(route or []))
+            bring_up(interface, priv, s, urlsplit(target).hostname or "", _routes(route or []))
             start = last_t = time.monotonic()
             last_total = 0
             while True:

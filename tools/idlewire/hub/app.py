@@ -6,6 +6,8 @@
     POST /v1/nodes/{id}/requests/{rid}      node    the node's answer to one request
     POST /v1/nodes/{id}/receipts            node    a batch of co-signed receipts
     POST /v1/connect                        buyer   pick a node, ask it over its channel, return its answer
+    POST /v1/nodes/{id}/relay               buyer   a buyer-signed call to the node's session API (co-sign,
+                                                    receipts, close), carried over the node's channel
     GET  /v1/nodes | /v1/sessions | /v1/receipts | /v1/usage | /v1/flags   open   listings
 
 Node and buyer requests are signed as the node's own API wants buyers to sign (agent
@@ -108,6 +110,17 @@ class Connect(BaseModel):
     max_price: float | None = Field(None, ge=0)
 
 
+class NodeRequest(BaseModel):
+    method: str = Field(pattern=r"^(GET|POST|DELETE)$")
+    path: str = Field(max_length=200, pattern=r"^/[\x21-\x7e]*$")
+    headers: dict[str, str] = Field(max_length=8, description="X-Idlewire-Key/-Time/-Nonce/-Signature")
+    body: str = Field("", max_length=65536)
+
+
+class Relay(BaseModel):
+    request: NodeRequest = Field(description="a call to the node's session API, signed by the buyer for the node")
+
+
 class Batch(BaseModel):
     receipts: list[dict] = Field(description="receipts and checkpoints in chain order (agent receipts format)")
 
@@ -190,7 +203,10 @@ def create_app(engine, clock=time.time) -> FastAPI:
     @app.post("/v1/nodes", summary="Register or update a node (signed by the node key)")
     async def register(request: Request, body: Registration):
         auth = await signed(request)
-        return await run_in_threadpool(hub.register, auth, body.model_dump())
+        out = await run_in_threadpool(hub.register, auth, body.model_dump())
+        # the address the node's request came from: its home router's public one, which the node
+        # keeps its buyers away from (agent isolation Guard.report)
+        return {**out, "seen_from": request.client.host if request.client else ""}
 
     @app.post("/v1/nodes/{nid}/heartbeat", summary="Heartbeat (signed by the node key)")
     async def heartbeat(request: Request, nid: str, body: Heartbeat):
@@ -230,6 +246,14 @@ def create_app(engine, clock=time.time) -> FastAPI:
     async def connect(request: Request, body: Connect):
         auth = await signed(request)
         rid, node = await run_in_threadpool(hub.queue_open, auth, body.model_dump())
+        out = await answered(rid, node)
+        if out["state"] != "answered":
+            raise HubError(502, f"node {node['id']} refused the session: {(out['result'] or {}).get('error')}")
+        return {"node": node["id"], "node_key": node["node_key"], "wg_public_key": node["wg_key"],
+                "endpoint": node["endpoint"], "region": node["region"], "price_per_gb": node["price_per_gb"],
+                "session": out["result"]}
+
+    async def answered(rid: str, node: dict) -> dict:
         deadline = time.monotonic() + CONNECT_TIMEOUT
         while (out := await run_in_threadpool(hub.outcome, rid)) is None:
             left = deadline - time.monotonic()
@@ -238,11 +262,17 @@ def create_app(engine, clock=time.time) -> FastAPI:
                     raise HubError(504, f"node {node['id']} did not answer within {CONNECT_TIMEOUT:g} s; try again")
                 continue  # answered just now
             await waker.wait(waker.requests, rid, left)
+        return out
+
+    @app.post("/v1/nodes/{nid}/relay", summary="A buyer's signed call to the node's session API, carried over "
+              "the node's channel (signed by the buyer key)")
+    async def relay(request: Request, nid: str, body: Relay):
+        auth = await signed(request)
+        rid, node = await run_in_threadpool(hub.queue_relay, auth, nid, body.request.model_dump())
+        out = await answered(rid, node)
         if out["state"] != "answered":
-            raise HubError(502, f"node {node['id']} refused the session: {(out['result'] or {}).get('error')}")
-        return {"node": node["id"], "node_key": node["node_key"], "wg_public_key": node["wg_key"],
-                "endpoint": node["endpoint"], "region": node["region"], "price_per_gb": node["price_per_gb"],
-                "session": out["result"]}
+            raise HubError(502, f"node {nid}: {(out['result'] or {}).get('error')}")
+        return out["result"]
 
     @app.get("/v1/nodes", summary="Registered nodes")
     def list_nodes(region: str | None = None):

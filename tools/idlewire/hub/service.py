@@ -255,10 +255,6 @@ class Hub:
     def answer(self, nid: str, auth: Signed, rid: str, body: dict) -> dict:
         ok = bool(body.get("ok"))
         result = body.get("result") if ok else {"error": str(body.get("error") or "refused")[:300]}
-        if ok and (not isinstance(result, dict) or not isinstance(result.get("session"), str)
-                   or not _SESSION.match(result["session"])):
-            raise HubError(422, "result: expected the opened session ({\"session\": ID, ...} as the node's "
-                                "POST /sessions answers)")
         now = self.clock()
         with db.write(self.engine) as conn:
             self._node(conn, nid, auth)
@@ -266,6 +262,13 @@ class Hub:
                                                          db.requests.c.node_id == nid)).mappings().first()
             if req is None:
                 raise HubError(404, f"request {rid}: not sent to node {nid}")
+            if ok and req["kind"] == "open" and (not isinstance(result, dict) or not isinstance(
+                    result.get("session"), str) or not _SESSION.match(result["session"])):
+                raise HubError(422, "result: expected the opened session ({\"session\": ID, ...} as the node's "
+                                    "POST /sessions answers)")
+            if ok and req["kind"] == "relay" and (not isinstance(result, dict) or not isinstance(
+                    result.get("status"), int) or "body" not in result):
+                raise HubError(422, "result: expected the node API's answer ({\"status\": N, \"body\": ...})")
             if not conn.execute(update(db.requests).where(db.requests.c.id == rid, db.requests.c.state == "delivered")
                                 .values(state="answered" if ok else "failed", answered_at=now,
                                         result=_dumps(result))).rowcount:
@@ -322,6 +325,25 @@ class Hub:
             conn.execute(insert(db.requests).values(id=rid, node_id=node["id"], kind="open", buyer_key=buyer_key,
                                                     body=_dumps(msg), state="queued", created=self.clock()))
         return rid, node
+
+    def queue_relay(self, auth: Signed, nid: str, request: dict) -> tuple[str, dict]:
+        """A buyer's own signed call to the node's session API (co-signed usage, receipts, close),
+        carried to the node over its channel: the node checks the buyer's signature and nonce
+        itself, so the hub can neither forge nor replay one; the node's admin API stays off the WAN."""
+        h = request.get("headers")
+        if not isinstance(h, dict) or h.get("X-Idlewire-Key") != auth.key:
+            raise HubError(422, "request.headers: expected the node request signed with the same buyer key "
+                                "(X-Idlewire-Key) as this one")
+        with db.write(self.engine) as conn:
+            self._spend(conn, auth)
+            node = conn.execute(select(db.nodes).where(db.nodes.c.id == nid)).mappings().first()
+            if node is None:
+                raise HubError(404, f"no node {nid}")
+            rid = os.urandom(12).hex()
+            conn.execute(insert(db.requests).values(id=rid, node_id=nid, kind="relay", buyer_key=auth.key,
+                                                    body=_dumps({"buyer_key": auth.key, "request": request}),
+                                                    state="queued", created=self.clock()))
+        return rid, dict(node)
 
     def outcome(self, rid: str) -> dict | None:
         with db.read(self.engine) as conn:
