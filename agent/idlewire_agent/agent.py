@@ -38,6 +38,9 @@ class SessionError(Exception):
         self.status = status
 
 
+_UNREAD = object()  # cosign: the peer's counters have not been read afresh (yet)
+
+
 class _ReadAgain(Exception):
     """cosign: the claim is beyond the last poll's figures; read the peer afresh (no lock held) and retry."""
 
@@ -541,24 +544,23 @@ class Agent:
     def cosign(self, sid: str, buyer_key: str, stmt: dict) -> dict:
         """The buyer's signed cumulative usage: check it, count it as paid, answer with a receipt."""
         try:
-            return self._cosign(sid, buyer_key, stmt, fresh=False)
+            return self._cosign(sid, buyer_key, stmt, _UNREAD)
         except _ReadAgain as again:  # claims beyond the last poll: read that peer afresh, then decide
-            self._read_peer(again.wg_key)
-            return self._cosign(sid, buyer_key, stmt, fresh=True)
+            return self._cosign(sid, buyer_key, stmt, self._peek_peer(again.wg_key))
 
-    def _read_peer(self, wg_key: str) -> None:
-        """Count what one peer carried since the last poll. The dump and the record are one step under
-        wg_lock (as in a poll): a dump older than the baselines would read as a counter reset."""
+    def _peek_peer(self, wg_key: str) -> Peer | None:
+        """One peer's counters now, read under wg_lock and not the ledger lock (a command runs). Only
+        to judge a claim: not recorded, so a poll's older dump can never meet newer baselines (that
+        read as a counter reset and counted everything again); the next poll counts the bytes, and
+        the receipt states what the ledger holds."""
         with self.wg_lock:
             try:
-                dump = self.tunnel.dump()
+                return self.tunnel.dump().get(wg_key)
             except WgError as exc:
                 log.warning("peer %s: fresh read failed: %s", wg_key, exc)
-                return
-            with self.lock:
-                self._record(dump, self._open_peers(wg_key), only=wg_key)
+                return None
 
-    def _cosign(self, sid: str, buyer_key: str, stmt: dict, fresh: bool) -> dict:
+    def _cosign(self, sid: str, buyer_key: str, stmt: dict, fresh) -> dict:
         with self.lock:
             s = self.ledger.session(sid)
             if s is None or s["buyer_key"] != buyer_key:
@@ -592,17 +594,24 @@ class Agent:
         return {"receipt": r, "agreed": agreed, "node_bytes": ours, "buyer_bytes": theirs, "state": s["state"],
                 "reason": s["reason"]}
 
-    def _bound_statement(self, s: dict, stmt: dict, tol: float, fresh: bool) -> dict:
+    def _bound_statement(self, s: dict, stmt: dict, tol: float, fresh) -> dict:
         """A buyer statement may not claim more than the node measured plus the tolerance (and a poll's
-        lag: a claim beyond the last poll's figures raises _ReadAgain once, and the caller reads the
-        peer afresh outside the ledger lock): paid usage above what was carried would hide later unpaid
-        usage from the cut-off. Returns the session as measured. Ledger lock held."""
+        lag: a claim beyond the last poll's figures raises _ReadAgain once; the caller reads the peer
+        afresh outside the ledger lock and passes its counters as `fresh`): paid usage above what was
+        carried would hide later unpaid usage from the cut-off. Returns the session as measured.
+        Ledger lock held."""
         def beyond(s):
             return [f"{d} {stmt[d]} > {m} + {tol:.0%}" for d, m in (("up", s["rx"]), ("down", s["tx"]))
                     if stmt[d] > m * (1 + tol) + 65536]
         over = beyond(s)
-        if over and s["state"] == "open" and not fresh:
-            raise _ReadAgain(s["wg_key"])
+        if over and s["state"] == "open":
+            if fresh is _UNREAD:
+                raise _ReadAgain(s["wg_key"])
+            base = self.ledger.db.execute("SELECT rx_raw, tx_raw FROM peers WHERE wg_key = ? AND session = ?",
+                                          (s["wg_key"], s["id"])).fetchone()
+            if fresh is not None and base is not None:
+                over = beyond({**s, "rx": s["rx"] + max(0, fresh.rx - base[0]),
+                               "tx": s["tx"] + max(0, fresh.tx - base[1])})
         if over:
             log.warning("session %s: buyer statement refused, it claims more than the node measured: %s",
                         s["id"], "; ".join(over))
