@@ -90,7 +90,21 @@ def expected_vars(name: str, vars_file: dict[str, Any], inventory_vars: dict[str
     else:
         merged.update(vars_file)
     merged.update(inventory_vars or {})
-    return merged
+    return {k: _follow(merged, v) for k, v in merged.items()}
+
+
+# A role default that follows another role's variable (one variable per shared fact), e.g.
+# firewall_table: "{{ agent_firewall_table | default('idlewire') }}".
+_FOLLOW = re.compile(r"^\{\{\s*(\w+)\s*\|\s*default\((.+)\)\s*\}\}$")
+
+
+def _follow(merged: dict[str, Any], value: Any, depth: int = 0) -> Any:
+    m = _FOLLOW.match(value.strip()) if isinstance(value, str) else None
+    if not m or depth > 8:
+        return value
+    if m[1] in merged:
+        return _follow(merged, merged[m[1]], depth + 1)
+    return yaml.safe_load(m[2])
 
 
 def feature(v: dict[str, Any], what: str) -> tuple[str | None, Any]:
