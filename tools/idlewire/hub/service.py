@@ -16,7 +16,6 @@ import time
 
 from idlewire_agent import config as agent_config
 from idlewire_agent import receipts as rc
-from idlewire_agent.api import _NONCE as NONCE_RE  # the node's own nonce rule
 from idlewire_agent.api import CLOCK_SKEW
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -29,7 +28,6 @@ CHANNEL_LIVE = 90  # a node is offered to buyers while its channel was polled wi
 CONNECT_TIMEOUT = 15.0  # a buyer's connect waits this long for the node's answer
 MAX_BATCH = 5000  # receipts per upload
 TOLERANCE_PERCENT = agent_config.MeteringConfig().tolerance_percent  # the agent's default
-SLACK_BYTES = 65536  # as the node's cosign(): a poll's lag
 
 _SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -76,11 +74,6 @@ def region_ok(cc: str) -> bool:
     return bool(re.fullmatch(r"[A-Z]{2}", cc)) and cc not in _NOT_COUNTRY
 
 
-def agreed(node_bytes: int, buyer_bytes: int, tolerance_percent: float = TOLERANCE_PERCENT) -> bool:
-    """The node's cosign() rule: the buyer signed at least what the node counted, within tolerance."""
-    return buyer_bytes >= node_bytes * (1 - tolerance_percent / 100) - SLACK_BYTES
-
-
 def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True)
 
@@ -107,7 +100,7 @@ class Hub:
         if abs(int(t) - now) > CLOCK_SKEW:
             raise HubError(401, f"X-Idlewire-Time: stale request ({int(t) - int(now):+d} s from the hub's "
                                 f"clock; allowed ±{CLOCK_SKEW} s): check the sender's clock (NTP)")
-        if not NONCE_RE.match(nonce):
+        if not rc.NONCE.match(nonce):  # the node's own nonce rule
             raise HubError(401, "X-Idlewire-Nonce: expected 16-64 characters A-Z a-z 0-9 _ -")
         if not _KEY.match(key) or len(sig) > 200 or not rc.request_valid(key, sig, method, path, t, nonce, body):
             raise HubError(401, "X-Idlewire-Signature: not a valid signature of this request by X-Idlewire-Key "
@@ -395,7 +388,7 @@ class Hub:
                         new_flags.append(self._flag(nid, sid, e["seq"], "uncosigned",
                                                     "no buyer co-signature: stored for the chain, counts nothing",
                                                     [e], now))
-                    elif not agreed(e["up"] + e["down"], buyer["up"] + buyer["down"], self.tolerance):
+                    elif not rc.agreed(e["up"] + e["down"], buyer["up"] + buyer["down"], self.tolerance / 100):
                         new_flags.append(self._flag(
                             nid, sid, e["seq"], "disagreement",
                             f"node counted {e['up'] + e['down']} bytes, buyer signed {buyer['up'] + buyer['down']} "
