@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from . import queries
+from . import db, queries
 from .service import CONNECT_TIMEOUT, Hub, HubError, Signed
 
 MAX_BODY = 4 << 20
@@ -236,6 +236,7 @@ class Batcher:
 
 def create_app(engine, clock=time.time) -> FastAPI:
     hub = Hub(engine, clock)
+    db.checkpoint_in_background(engine)
     waker = Waker(hub)
     beats = Batcher(hub.heartbeats)
     app = FastAPI(title="idlewire hub", version=__version__,
@@ -364,6 +365,4 @@ def create_app(engine, clock=time.time) -> FastAPI:
 def from_env() -> FastAPI:
     """The app for each of `idlewire hub serve --workers N`'s processes: the database from
     $IDLEWIRE_HUB_DB (the parent migrated it before starting them)."""
-    from . import db
-
     return create_app(db.make_engine(db.default_url()))

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import (
@@ -205,6 +206,8 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            if getattr(engine, "checkpointer", None):
+                cur.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint_in_background() does it
             cur.close()
 
         # pysqlite's own BEGIN is deferred: a reader that later writes fails at once with "database
@@ -220,6 +223,28 @@ def make_engine(url: str) -> Engine:
     engine = create_engine(url, pool_size=6, max_overflow=6, pool_pre_ping=True)
     engine.write_lock = contextlib.nullcontext()
     return engine
+
+
+def checkpoint_in_background(engine: Engine, every: float = 1.0) -> None:
+    """SQLite: copy the WAL into the database from a thread of its own (PRAGMA wal_checkpoint
+    (PASSIVE): it waits for no one and no writer waits for it) instead of in the commit that
+    crosses 1000 pages, which holds the write lock through the checkpoint's fsync and stalled
+    every heartbeat behind it."""
+    if not is_sqlite(engine) or getattr(engine, "checkpointer", None):
+        return
+
+    def run():
+        while True:
+            time.sleep(every)
+            try:
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            except Exception:  # noqa: S110 (busy or away for a moment: the next tick tries again)
+                pass
+
+    engine.checkpointer = threading.Thread(target=run, name="hub-wal-checkpoint", daemon=True)
+    engine.pool.dispose()  # connections opened from now on leave checkpoints to the thread
+    engine.checkpointer.start()
 
 
 @contextlib.contextmanager
