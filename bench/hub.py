@@ -7,7 +7,8 @@
    process: each receipt carries two signatures (node and buyer), so one core verifies at most
    half that many receipts a second.
 2. Receipts verified and stored per second (goal >= 5,000/s): 4 nodes upload co-signed chains in
-   batches through the real API (`idlewire hub serve` on loopback, one process), each batch after
+   batches through the real API (`idlewire hub serve --workers N` on loopback, N = --workers, by
+   default one process per core, so the nodes' uploads are verified on every core), each batch after
    the first of a session led by the node's checkpoint, as agent market.py sends them; the count
    stored is checked afterwards.
 3. Heartbeats of --nodes simulated nodes (registered through the API first) sent open-loop at
@@ -16,7 +17,9 @@
 
 The client runs on the same 2 cores as the hub (and whatever else the machine runs: the load
 average is printed), so the wall-clock figures are a floor for a hub on its own machine; the hub's
-own CPU time per receipt and per heartbeat (from /proc) gives what one core of its own would do.
+own CPU time per receipt and per heartbeat (from /proc) gives what one core of its own would do,
+and the client's own CPU time gives the share of the machine it took (and how late its threads
+were to send: lateness that is the client's, not the hub's).
 """
 
 from __future__ import annotations
@@ -100,15 +103,16 @@ def bench_receipts(url: str, total: int, batch: int, uploaders: int = 4) -> dict
                 errors.append(str(exc))
 
     threads = [threading.Thread(target=upload, args=nb) for nb in nodes]
-    t = time.perf_counter()
+    cpu, t = time.process_time(), time.perf_counter()
     for th in threads:
         th.start()
     for th in threads:
         th.join()
     elapsed = time.perf_counter() - t
+    client = (time.process_time() - cpu) / elapsed / (os.cpu_count() or 1)
     sent = sum(len(c) for _, bs in nodes for c in bs) - sum(1 for _, bs in nodes for b in bs if rc.is_checkpoint(b[0]))
     return {"receipts": sent, "stored": stored[0], "seconds": round(elapsed, 2),
-            "per_second": round(stored[0] / elapsed), "errors": errors[:3]}
+            "per_second": round(stored[0] / elapsed), "errors": errors[:3], "client_share": round(client, 3)}
 
 
 def _post(conn_box: list, host: str, path: str, body: bytes, headers: dict) -> int:
@@ -165,20 +169,22 @@ def register_many(url: str, n: int, workers: int = 16) -> list[tuple]:
 def bench_heartbeats(url: str, nodes: list[tuple], rate: float, workers: int = 32) -> dict:
     host = url.split("//")[1]
     n = len(nodes)
-    t0 = time.time() + 2.0
+    start = time.time()
     jobs = []
     for i, (key, nid) in enumerate(nodes):  # signed ahead: the client's CPU is not the hub's latency
-        at = t0 + i / rate
+        at = start + i / rate  # (the signed time: within the hub's clock skew of the real send)
         path = f"/v1/nodes/{nid}/heartbeat"
         body = json.dumps({"uptime": 3600 + i, "sessions": [{"session": os.urandom(8).hex(), "head": "a" * 64}]
                            if i % 3 == 0 else []}).encode()
         h = rc.sign_request(key, "POST", path, body, int(at), os.urandom(16).hex())
         h["Content-Type"] = "application/json"
         jobs.append((at, path, body, h))
+    shift = time.time() + 0.5 - start  # the schedule starts once every request is signed
     todo: queue.Queue = queue.Queue()
-    for j in jobs:
-        todo.put(j)
-    lat, errors = [], [0]
+    for at, path, body, h in jobs:
+        todo.put((at + shift, path, body, h))
+    t0 = start + shift
+    lat, late, errors = [], [], [0]
     lock = threading.Lock()
 
     def work():
@@ -191,23 +197,29 @@ def bench_heartbeats(url: str, nodes: list[tuple], rate: float, workers: int = 3
             wait = at - time.time()
             if wait > 0:
                 time.sleep(wait)
+            sent = time.time()
             status = _post(box, host, path, body, h)
             done = time.time()
             with lock:
                 lat.append(done - at)
+                late.append(sent - at)  # the client's own lag: all its threads busy, or no CPU for it
                 if status != 200:
                     errors[0] += 1
 
+    cpu, wall = time.process_time(), time.perf_counter()
     threads = [threading.Thread(target=work) for _ in range(workers)]
     for th in threads:
         th.start()
     for th in threads:
         th.join()
+    client = (time.process_time() - cpu) / (time.perf_counter() - wall) / (os.cpu_count() or 1)
     span = max(1e-9, (t0 + (n - 1) / rate) - t0)
     lat.sort()
+    late.sort()
     return {"heartbeats": n, "target_rate": rate, "achieved_rate": round(n / max(span, lat[-1] + span), 1),
             "p50_ms": round(statistics.median(lat) * 1000, 1), "p99_ms": round(lat[int(0.99 * (n - 1))] * 1000, 1),
-            "max_ms": round(lat[-1] * 1000, 1), "errors": errors[0]}
+            "max_ms": round(lat[-1] * 1000, 1), "errors": errors[0],
+            "client_late_p99_ms": round(late[int(0.99 * (n - 1))] * 1000, 1), "client_share": round(client, 3)}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -252,13 +264,15 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=10000)
     ap.add_argument("--rate", type=float, default=333)
     ap.add_argument("--backends", default="sqlite,postgresql")
-    ap.add_argument("--workers", type=int, default=1, help="hub processes (`idlewire hub serve --workers`)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="hub processes (`idlewire hub serve --workers`; default: one per core): signature "
+                         "checks are CPU work, so receipts/s scales with the processes up to the cores")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     verify = raw_verify_rate()
     results: dict = {"ed25519_verify_per_second": round(verify), "receipt_limit_per_core": round(verify / 2),
-                     "load_average_before": os.getloadavg()[0], "backends": {}}
+                     "load_average_before": os.getloadavg()[0], "hub_processes": args.workers, "backends": {}}
     pg = None
     try:
         for name in args.backends.split(","):
@@ -286,6 +300,7 @@ def main() -> int:
         ("receipts verified+stored /s (goal >= 5000)", lambda r: r["receipts"]["per_second"]),
         ("  stored / sent", lambda r: f"{r['receipts']['stored']}/{r['receipts']['receipts']}"),
         ("  hub CPU ms per 1000 receipts", lambda r: r["receipts"]["hub_cpu_ms_per_1000"]),
+        ("  bench client's share of the machine", lambda r: f"{r['receipts']['client_share']:.0%}"),
         ("registrations /s", lambda r: r["registrations_per_second"]),
         ("  hub CPU ms per registration", lambda r: r["registration_cpu_ms"]),
         ("heartbeats achieved /s", lambda r: r["heartbeats"]["achieved_rate"]),
@@ -294,11 +309,13 @@ def main() -> int:
         ("heartbeat max ms", lambda r: r["heartbeats"]["max_ms"]),
         ("heartbeat errors", lambda r: r["heartbeats"]["errors"]),
         ("  hub CPU ms per heartbeat", lambda r: r["heartbeats"]["hub_cpu_ms_each"]),
+        ("  bench client's share of the machine", lambda r: f"{r['heartbeats']['client_share']:.0%}"),
+        ("  bench client late to send, p99 ms", lambda r: r["heartbeats"]["client_late_p99_ms"]),
     ]
     print(f"ed25519 verify on one core: {results['ed25519_verify_per_second']}/s -> at most "
           f"{results['receipt_limit_per_core']} receipts/s per hub process (2 signatures each)")
     print(f"load average: {results['load_average_before']:.1f} before, {results['load_average_after']:.1f} after "
-          f"(2 cores, shared)")
+          f"({os.cpu_count()} cores, shared); hub processes: {args.workers}")
     print(f"{'':46}" + "".join(f"{n:>14}" for n in names))
     for label, get in rows:
         print(f"{label:46}" + "".join(f"{get(results['backends'][n])!s:>14}" for n in names))

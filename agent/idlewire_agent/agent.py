@@ -576,7 +576,7 @@ class Agent:
             s = self._bound_statement(s, stmt, tol, fresh)
             ours = s["rx"] + s["tx"]
             theirs = stmt["up"] + stmt["down"]
-            agreed = theirs >= ours * (1 - tol) - 65536  # small absolute slack for a poll's lag
+            agreed = receipts.agreed(ours, theirs, tol)
             last = self.ledger.db.execute("SELECT body FROM receipts WHERE session = ? ORDER BY seq DESC LIMIT 1",
                                           (sid,)).fetchone()
             last = json.loads(last[0]) if last else None

@@ -49,7 +49,7 @@ from .ledger import LedgerError
 log = logging.getLogger("idlewire.api")
 
 CLOCK_SKEW = 120
-_NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+_NONCE = receipts.NONCE
 _SID = re.compile(r"^[0-9a-f]{16}$")
 _UINT = re.compile(r"^[0-9]{1,12}$")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -55,6 +56,14 @@ GENESIS = "0" * 64
 _FIELDS = {"v": int, "node": str, "session": str, "seq": int, "up": int, "down": int, "time": int, "prev": str,
            "sig": str}
 _OPTIONAL = {"buyer_key": str, "final": str}  # node-signed; "buyer" (a statement) is checked on its own
+NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # X-Idlewire-Nonce of a signed request
+SLACK_BYTES = 65536  # absolute slack in agreed(): a poll's lag between the node's count and the buyer's
+
+
+def agreed(node_bytes: int, buyer_bytes: int, tolerance: float) -> bool:
+    """The buyer signed at least what the node counted, within `tolerance` (a fraction: 0.02 is 2%)
+    and SLACK_BYTES. The node's cosign() and the hub's disagreement flag both decide by this."""
+    return buyer_bytes >= node_bytes * (1 - tolerance) - SLACK_BYTES
 
 
 class StrictJSONError(ValueError):

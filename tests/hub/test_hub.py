@@ -162,6 +162,50 @@ def test_replayed_and_stale_heartbeats_are_refused(hub):
     assert exc.value.status == 403 and "another key" in one_line(exc.value)
 
 
+def test_heartbeats_arriving_together_are_answered_each_on_its_own(hub):
+    """Heartbeats that arrive at once share a write batch; each still gets its own answer: a replay
+    sent alongside its original, another node's key, an unknown node and a bad body are refused
+    and the good ones stored, whatever else is in their batch."""
+    nodes = [node_market(hub.url) for _ in range(6)]
+    jobs = []  # (expected status, path, body, headers)
+    for i, m in enumerate(nodes):
+        path = f"/v1/nodes/{m.node_id}/heartbeat"
+        data = json.dumps({"uptime": 100 + i, "sessions": [{"session": f"s{i}x" * 4, "head": "c" * 64}]}).encode()
+        h = rc.sign_request(m.key, "POST", path, data, int(time.time()), os.urandom(16).hex())
+        jobs += [(200, path, data, h)] * (2 if i == 0 else 1)  # node 0's twice at once: one is a replay
+    other = Ed25519PrivateKey.generate()
+    path = f"/v1/nodes/{nodes[1].node_id}/heartbeat"
+    data = json.dumps({"uptime": 1, "sessions": []}).encode()
+    jobs.append((403, path, data, rc.sign_request(other, "POST", path, data, int(time.time()), os.urandom(16).hex())))
+    path = "/v1/nodes/0123456789abcdef0123/heartbeat"
+    jobs.append((404, path, data, rc.sign_request(other, "POST", path, data, int(time.time()), os.urandom(16).hex())))
+    path = f"/v1/nodes/{nodes[2].node_id}/heartbeat"
+    bad = json.dumps({"uptime": -5, "sessions": []}).encode()
+    jobs.append((422, path, bad, rc.sign_request(nodes[2].key, "POST", path, bad, int(time.time()),
+                                                 os.urandom(16).hex())))
+    got: list = [None] * len(jobs)
+    go = threading.Barrier(len(jobs))
+
+    def send(i):
+        go.wait()
+        got[i] = raw(hub.url, "POST", jobs[i][1], jobs[i][2], jobs[i][3])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(jobs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    statuses = [g[0] for g in got]
+    assert sorted(statuses[:2]) == [200, 401], got[:2]  # the original and its replay, in either order
+    assert "replayed" in next(g[1]["error"] for g in got[:2] if g[0] == 401)
+    assert statuses[2:] == [j[0] for j in jobs[2:]], got
+    assert "another key" in got[-3][1]["error"] and "register first" in got[-2][1]["error"]
+    assert "uptime" in got[-1][1]["error"]
+    listed = {n["id"]: n for n in json.loads(cli("nodes", "--db", hub.db_url, "--json").stdout)}
+    for i, m in enumerate(nodes):
+        assert listed[m.node_id]["uptime"] == 100 + i and listed[m.node_id]["open_sessions"] == 1
+
+
 # --- buyers through the node's channel -------------------------------------------------------------
 def _serve(m: Market, opened: list, refuse: threading.Event | None = None):
     def open_session(buyer_key, wg_key):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 
 from fastapi import FastAPI, Query, Request
@@ -30,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from . import queries
+from . import db, queries
 from .service import CONNECT_TIMEOUT, Hub, HubError, Signed
 
 MAX_BODY = 4 << 20
@@ -74,6 +75,46 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+def _signed_path(scope) -> str:
+    """The path with query the request's signature covers, as the client sent it."""
+    path = scope.get("raw_path", b"").decode("latin-1") or scope["path"]
+    if scope.get("query_string"):
+        path += "?" + scope["query_string"].decode("latin-1")
+    return path
+
+
+_HEARTBEAT = re.compile(r"^/v1/nodes/([^/]+)/heartbeat$")
+
+
+class HeartbeatPath:
+    """ASGI middleware: POST /v1/nodes/{nid}/heartbeat, the hot path (every node, every minute), is
+    answered here ahead of FastAPI's routing, models and thread hop; `handle(nid, headers, path,
+    body)` (signature check, body check, the batched write) gives (status, JSON answer)."""
+
+    def __init__(self, app, handle):
+        self.app, self.handle = app, handle
+
+    async def __call__(self, scope, receive, send):
+        m = _HEARTBEAT.match(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if m is None:
+            return await self.app(scope, receive, send)
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        status, out = await self.handle(m.group(1), headers, _signed_path(scope), b"".join(chunks))
+        body = json.dumps(out).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        return None
 
 
 class Registration(BaseModel):
@@ -166,9 +207,51 @@ class Waker:
                         ev.set()
 
 
+class Batcher:
+    """Group commit: the requests that arrive while one batch is in the database go together in the
+    next (one transaction, one commit; up to `most`). `fn` takes a list of items and returns one
+    answer per item, or the HubError refusing it. Should a whole batch fail (the database away),
+    its items are tried one by one, so none fails for another's sake."""
+
+    def __init__(self, fn, most: int = 256):
+        self.fn, self.most = fn, most
+        self.pending: list[tuple[object, asyncio.Future]] = []
+        self.task: asyncio.Task | None = None
+
+    async def submit(self, item):
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((item, fut))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:self.most], self.pending[self.most:]
+            try:
+                answers = await run_in_threadpool(self.fn, [item for item, _ in batch])
+            except Exception as exc:
+                answers = [exc] if len(batch) == 1 else [await self._alone(item) for item, _ in batch]
+            for (_, fut), answer in zip(batch, answers, strict=True):
+                if fut.done():  # the client went away
+                    continue
+                if isinstance(answer, BaseException):
+                    fut.set_exception(answer)
+                else:
+                    fut.set_result(answer)
+
+    async def _alone(self, item):
+        try:
+            return (await run_in_threadpool(self.fn, [item]))[0]
+        except Exception as exc:
+            return exc
+
+
 def create_app(engine, clock=time.time) -> FastAPI:
     hub = Hub(engine, clock)
+    db.checkpoint_in_background(engine)
     waker = Waker(hub)
+    beats = Batcher(hub.heartbeats)
     app = FastAPI(title="idlewire hub", version=__version__,
                   description="The reference marketplace: nodes register and heartbeat, buyers are sent to "
                               "them over a channel the node opened, receipts are verified and stored.")
@@ -187,14 +270,9 @@ def create_app(engine, clock=time.time) -> FastAPI:
         where = ".".join(str(x) for x in e.get("loc", ()))
         return JSONResponse({"error": f"{where}: {e.get('msg', 'invalid')}"}, status_code=422)
 
-    app.add_middleware(BodyLimit)
-
     async def signed(request: Request) -> Signed:
         body = await request.body()
-        path = request.scope.get("raw_path", b"").decode("latin-1") or request.url.path
-        if request.url.query:
-            path += "?" + request.url.query
-        return hub.authenticate(request.headers, request.method, path, body)
+        return hub.authenticate(request.headers, request.method, _signed_path(request.scope), body)
 
     @app.get("/v1", summary="What this hub is")
     def info():
@@ -208,10 +286,26 @@ def create_app(engine, clock=time.time) -> FastAPI:
         # keeps its buyers away from (agent isolation Guard.report)
         return {**out, "seen_from": request.client.host if request.client else ""}
 
-    @app.post("/v1/nodes/{nid}/heartbeat", summary="Heartbeat (signed by the node key)")
+    async def beat(nid: str, headers, path: str, body: bytes) -> tuple[int, dict]:
+        try:
+            auth = hub.authenticate(headers, "POST", path, body)
+            try:
+                data = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                raise HubError(400, "body: not JSON; expected {\"uptime\": S, \"sessions\": [...]}") from None
+            return 200, await beats.submit((nid, auth, data))
+        except HubError as exc:
+            return exc.status, {"error": exc.message}
+
+    @app.post("/v1/nodes/{nid}/heartbeat", summary="Heartbeat (signed by the node key)",
+              description="Answered by the HeartbeatPath middleware ahead of the routing; this declaration is "
+                          "its schema.")
     async def heartbeat(request: Request, nid: str, body: Heartbeat):
-        auth = await signed(request)
-        return await run_in_threadpool(hub.heartbeat, nid, auth, body.model_dump())
+        status, out = await beat(nid, request.headers, _signed_path(request.scope), await request.body())
+        return JSONResponse(out, status_code=status)
+
+    app.add_middleware(HeartbeatPath, handle=beat)
+    app.add_middleware(BodyLimit)  # the outer one: also in front of HeartbeatPath
 
     @app.get("/v1/nodes/{nid}/channel", summary="Long poll for requests to the node (signed by the node key)")
     async def channel(request: Request, nid: str, wait: float = Query(25, ge=0, le=60)):
@@ -301,6 +395,4 @@ def create_app(engine, clock=time.time) -> FastAPI:
 def from_env() -> FastAPI:
     """The app for each of `idlewire hub serve --workers N`'s processes: the database from
     $IDLEWIRE_HUB_DB (the parent migrated it before starting them)."""
-    from . import db
-
     return create_app(db.make_engine(db.default_url()))

@@ -8,7 +8,10 @@ nonces of signed requests (replay protection shared by every hub process), nodes
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import (
@@ -157,6 +160,37 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+class WriterLock:
+    """One SQLite writer at a time, queued on a lock that wakes the next one the moment it is free:
+    a thread lock within the process, flock(2) on "DB-writer.lock" between hub processes. (SQLite's
+    own busy handler makes a blocked writer sleep, up to 100 ms a try, while the database is free
+    again long before: that, not the work, made heartbeats wait seconds under load.)"""
+
+    def __init__(self, db_path: str | None):
+        self.thread = threading.Lock()
+        self.path = f"{db_path}-writer.lock" if db_path else None
+        self.fd: int | None = None
+
+    def __enter__(self):
+        self.thread.acquire()
+        try:
+            if self.path:
+                if self.fd is None:
+                    self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.thread.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if self.fd is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.thread.release()
+
+
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
     if url.startswith("sqlite"):
@@ -172,6 +206,8 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA busy_timeout=30000")
+            if getattr(engine, "checkpointer", None):
+                cur.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint_in_background() does it
             cur.close()
 
         # pysqlite's own BEGIN is deferred: a reader that later writes fails at once with "database
@@ -180,14 +216,41 @@ def make_engine(url: str) -> Engine:
         def _begin(conn):
             conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("write") else "BEGIN")
 
+        engine.write_lock = WriterLock(path if path and path != ":memory:" else None)
         return engine
-    return create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    # Per hub process; the heartbeats of a process share one transaction at a time (app.Batcher),
+    # so a few connections serve it, and 8 processes stay within PostgreSQL's default 100.
+    engine = create_engine(url, pool_size=6, max_overflow=6, pool_pre_ping=True)
+    engine.write_lock = contextlib.nullcontext()
+    return engine
+
+
+def checkpoint_in_background(engine: Engine, every: float = 1.0) -> None:
+    """SQLite: copy the WAL into the database from a thread of its own (PRAGMA wal_checkpoint
+    (PASSIVE): it waits for no one and no writer waits for it) instead of in the commit that
+    crosses 1000 pages, which holds the write lock through the checkpoint's fsync and stalled
+    every heartbeat behind it."""
+    if not is_sqlite(engine) or getattr(engine, "checkpointer", None):
+        return
+
+    def run():
+        while True:
+            time.sleep(every)
+            try:
+                with engine.connect() as conn:
+                    conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            except Exception:  # noqa: S110 (busy or away for a moment: the next tick tries again)
+                pass
+
+    engine.checkpointer = threading.Thread(target=run, name="hub-wal-checkpoint", daemon=True)
+    engine.pool.dispose()  # connections opened from now on leave checkpoints to the thread
+    engine.checkpointer.start()
 
 
 @contextlib.contextmanager
 def write(engine: Engine):
     """A write transaction (SQLite: BEGIN IMMEDIATE, so concurrent writers queue instead of failing)."""
-    with engine.connect().execution_options(write=True) as conn, conn.begin():
+    with engine.write_lock, engine.connect().execution_options(write=True) as conn, conn.begin():
         yield conn
 
 

@@ -16,10 +16,10 @@ import time
 
 from idlewire_agent import config as agent_config
 from idlewire_agent import receipts as rc
-from idlewire_agent.api import _NONCE as NONCE_RE  # the node's own nonce rule
 from idlewire_agent.api import CLOCK_SKEW
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from . import db
 
@@ -28,8 +28,8 @@ LIVE_AFTER = 3 * HEARTBEAT_INTERVAL  # a node heard from within this is listed a
 CHANNEL_LIVE = 90  # a node is offered to buyers while its channel was polled within this
 CONNECT_TIMEOUT = 15.0  # a buyer's connect waits this long for the node's answer
 MAX_BATCH = 5000  # receipts per upload
+MAX_SESSIONS = 4096  # open sessions listed in one heartbeat
 TOLERANCE_PERCENT = agent_config.MeteringConfig().tolerance_percent  # the agent's default
-SLACK_BYTES = 65536  # as the node's cosign(): a poll's lag
 
 _SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -56,7 +56,13 @@ class HubError(Exception):
 
 
 # Hot paths execute statements built once (building one costs more than running it on SQLite).
-_NONCE_INSERT = insert(db.nonces)
+# The nonce insert does nothing on a replay (returns no row) instead of failing: the transaction goes
+# on, so a batch of heartbeats refuses the replayed one alone. (RETURNING, not rowcount: psycopg's
+# rowcount through SQLAlchemy is -1 here.)
+_NONCE_INSERT = {"sqlite": sqlite_dialect.insert(db.nonces).on_conflict_do_nothing().returning(db.nonces.c.nonce),
+                 "postgresql": pg_dialect.insert(db.nonces).on_conflict_do_nothing().returning(db.nonces.c.nonce)}
+_NODES_GET = select(db.nodes.c.id, db.nodes.c.node_key, db.nodes.c.open_sessions).where(
+    db.nodes.c.id.in_(bindparam("nids", expanding=True)))
 _NONCE_PURGE = delete(db.nonces).where(db.nonces.c.expires < bindparam("now"))
 _NODE_GET = select(db.nodes.c.node_key, db.nodes.c.heartbeats, db.nodes.c.open_sessions, db.nodes.c.region,
                    db.nodes.c.endpoint).where(db.nodes.c.id == bindparam("nid"))
@@ -76,9 +82,25 @@ def region_ok(cc: str) -> bool:
     return bool(re.fullmatch(r"[A-Z]{2}", cc)) and cc not in _NOT_COUNTRY
 
 
-def agreed(node_bytes: int, buyer_bytes: int, tolerance_percent: float = TOLERANCE_PERCENT) -> bool:
-    """The node's cosign() rule: the buyer signed at least what the node counted, within tolerance."""
-    return buyer_bytes >= node_bytes * (1 - tolerance_percent / 100) - SLACK_BYTES
+def heartbeat_body(body) -> tuple[float, dict | None, dict[str, str]]:
+    """A heartbeat's JSON body checked: (uptime, caps in force or None, {session: ledger head})."""
+    if not isinstance(body, dict):
+        raise HubError(422, "body: expected {\"uptime\": S, \"caps\": {...}, \"sessions\": [...]}")
+    uptime = body.get("uptime")
+    if isinstance(uptime, bool) or not isinstance(uptime, int | float) or not 0 <= uptime < 1e12:
+        raise HubError(422, "uptime: expected the seconds since the agent started (a number >= 0)")
+    caps = Hub._caps(body["caps"]) if body.get("caps") is not None else None
+    sessions = body.get("sessions", [])
+    if not isinstance(sessions, list) or len(sessions) > MAX_SESSIONS:
+        raise HubError(422, f"sessions: expected a list of at most {MAX_SESSIONS} open sessions")
+    listed = {}
+    for i, s in enumerate(sessions):
+        sid, head = (s.get("session"), s.get("head", "")) if isinstance(s, dict) else (None, None)
+        if not isinstance(sid, str) or not _SESSION.match(sid) or not isinstance(head, str) \
+                or not (head == "" or _HEX64.match(head)):
+            raise HubError(422, f"sessions[{i}]: expected a session id and the SHA-256 hex of its newest receipt")
+        listed[sid] = head
+    return float(uptime), caps, listed
 
 
 def _dumps(obj) -> str:
@@ -107,7 +129,7 @@ class Hub:
         if abs(int(t) - now) > CLOCK_SKEW:
             raise HubError(401, f"X-Idlewire-Time: stale request ({int(t) - int(now):+d} s from the hub's "
                                 f"clock; allowed ±{CLOCK_SKEW} s): check the sender's clock (NTP)")
-        if not NONCE_RE.match(nonce):
+        if not rc.NONCE.match(nonce):  # the node's own nonce rule
             raise HubError(401, "X-Idlewire-Nonce: expected 16-64 characters A-Z a-z 0-9 _ -")
         if not _KEY.match(key) or len(sig) > 200 or not rc.request_valid(key, sig, method, path, t, nonce, body):
             raise HubError(401, "X-Idlewire-Signature: not a valid signature of this request by X-Idlewire-Key "
@@ -118,10 +140,9 @@ class Hub:
         """Record the request's nonce; a replay fails here (unique key), in whichever hub process."""
         if auth.spent:
             return
-        try:  # (the failed insert ends the transaction: the refusal rolls it back)
-            conn.execute(_NONCE_INSERT, {"key": auth.key, "nonce": auth.nonce, "expires": auth.expires})
-        except IntegrityError:
-            raise HubError(401, "X-Idlewire-Nonce: already used (replayed request)") from None
+        if conn.execute(_NONCE_INSERT[conn.dialect.name],
+                        {"key": auth.key, "nonce": auth.nonce, "expires": auth.expires}).first() is None:
+            raise HubError(401, "X-Idlewire-Nonce: already used (replayed request)")
         auth.spent = True
         if random.random() < 0.002:  # noqa: S311 (housekeeping, not security)
             conn.execute(_NONCE_PURGE, {"now": self.clock()})
@@ -181,23 +202,56 @@ class Hub:
                 "channel": f"/v1/nodes/{nid}/channel"}
 
     def heartbeat(self, nid: str, auth: Signed, body: dict) -> dict:
-        caps = self._caps(body["caps"]) if body.get("caps") is not None else None
-        listed = {}
-        for i, s in enumerate(body.get("sessions") or []):
-            if not _SESSION.match(s["session"]) or not (s["head"] == "" or _HEX64.match(s["head"])):
-                raise HubError(422, f"sessions[{i}]: expected a session id and the SHA-256 hex of its newest receipt")
-            listed[s["session"]] = s["head"]
+        out = self.heartbeats([(nid, auth, body)])[0]
+        if isinstance(out, HubError):
+            raise out
+        return out
+
+    def heartbeats(self, beats: list[tuple[str, Signed, dict]]) -> list[dict | HubError]:
+        """Heartbeats, many in one write transaction (the app batches those that arrive together):
+        one SELECT of their nodes, one nonce insert each (the replay guard), one executemany UPDATE.
+        Each gets its own answer: a refused one (bad body, replay, unknown node, another key) does
+        not hold back the others."""
         now = self.clock()
+        out: list = [None] * len(beats)
+        parsed: list = [None] * len(beats)
+        for i, (_nid, _auth, body) in enumerate(beats):
+            try:
+                parsed[i] = heartbeat_body(body)
+            except HubError as exc:
+                out[i] = exc
+        todo = [i for i in range(len(beats)) if out[i] is None]
+        if not todo:
+            return out
         with db.write(self.engine) as conn:
-            node = self._node(conn, nid, auth)
-            args = {"nid": nid, "b_now": now, "b_uptime": float(body["uptime"]), "b_open": len(listed)}
-            if caps is None:
-                conn.execute(_BEAT, args)
-            else:
-                conn.execute(_BEAT_CAPS, {**args, "b_caps": _dumps(caps), "b_max": int(caps["max_sessions"])})
-            if node["open_sessions"] or listed:
-                self._sync_sessions(conn, nid, listed, now)
-        return {"ok": True, "heartbeat_interval": HEARTBEAT_INTERVAL}
+            known = {r.id: r for r in conn.execute(_NODES_GET, {"nids": sorted({beats[i][0] for i in todo})})}
+            plain, capped = [], []
+            for i in sorted(todo, key=lambda i: beats[i][0]):  # one row order in every process: no deadlock
+                nid, auth, _ = beats[i]
+                uptime, caps, listed = parsed[i]
+                node = known.get(nid)
+                try:
+                    if node is None:
+                        raise HubError(404, f"no node {nid}: register first (POST /v1/nodes)")
+                    if node.node_key != auth.key:
+                        raise HubError(403, f"node {nid}: request signed by another key than the node's")
+                    self._spend(conn, auth)
+                except HubError as exc:
+                    out[i] = exc
+                    continue
+                args = {"nid": nid, "b_now": now, "b_uptime": uptime, "b_open": len(listed)}
+                if caps is None:
+                    plain.append(args)
+                else:
+                    capped.append({**args, "b_caps": _dumps(caps), "b_max": int(caps["max_sessions"])})
+                if node.open_sessions or listed:
+                    self._sync_sessions(conn, nid, listed, now)
+                out[i] = {"ok": True, "heartbeat_interval": HEARTBEAT_INTERVAL}
+            if plain:
+                conn.execute(_BEAT, plain)
+            if capped:
+                conn.execute(_BEAT_CAPS, capped)
+        return out
 
     @staticmethod
     def _sync_sessions(conn, nid: str, listed: dict[str, str], now: float) -> None:
@@ -396,7 +450,8 @@ class Hub:
             rows, touched = [], {}
             for sid, es in by_session.items():
                 for e in es:
-                    h = e["hash"] if rc.is_checkpoint(e) else rc.receipt_hash(e)
+                    enc = rc.canonical(e)  # encoded once: the hash and the stored body
+                    h = e["hash"] if rc.is_checkpoint(e) else rc.sha256_hex(enc)
                     old = have.get((sid, e["seq"]))
                     if old is not None:
                         if old == h:  # resent; or the checkpoint linking a continuation to what is stored
@@ -410,19 +465,19 @@ class Hub:
                         break  # the rest of this session's batch chains off the conflicting one
                     if rc.is_checkpoint(e):
                         # stands for a receipt the hub never got (pruned on the node before upload)
-                        rows.append(self._row(nid, e, h, "checkpoint", now))
+                        rows.append(self._row(nid, e, h, "checkpoint", now, enc))
                         continue
                     buyer = e.get("buyer")
                     if buyer is None:
                         new_flags.append(self._flag(nid, sid, e["seq"], "uncosigned",
                                                     "no buyer co-signature: stored for the chain, counts nothing",
                                                     [e], now))
-                    elif not agreed(e["up"] + e["down"], buyer["up"] + buyer["down"], self.tolerance):
+                    elif not rc.agreed(e["up"] + e["down"], buyer["up"] + buyer["down"], self.tolerance / 100):
                         new_flags.append(self._flag(
                             nid, sid, e["seq"], "disagreement",
                             f"node counted {e['up'] + e['down']} bytes, buyer signed {buyer['up'] + buyer['down']} "
                             f"(beyond {self.tolerance:g}%)", [e], now))
-                    rows.append(self._row(nid, e, h, "receipt", now))
+                    rows.append(self._row(nid, e, h, "receipt", now, enc))
                     touched[sid] = e
             if rows:
                 stored = self._insert_new(conn, rows)
@@ -434,11 +489,11 @@ class Hub:
             {k: f[k] for k in ("session", "seq", "kind", "detail")} for f in new_flags]}
 
     @staticmethod
-    def _row(nid: str, e: dict, h: str, kind: str, now: float) -> dict:
+    def _row(nid: str, e: dict, h: str, kind: str, now: float, enc: bytes) -> dict:
         b = e.get("buyer") or {}
         return {"node_id": nid, "session": e["session"], "seq": e["seq"], "hash": h, "kind": kind, "up": e["up"],
                 "down": e["down"], "time": e["time"], "cosigned": bool(b), "buyer_up": b.get("up"),
-                "buyer_down": b.get("down"), "body": _dumps(e), "stored_at": now}
+                "buyer_down": b.get("down"), "body": enc.decode(), "stored_at": now}
 
     def _insert_new(self, conn, rows: list[dict]) -> int:
         """Insert, skipping a (node, session, seq) another hub process stored meanwhile."""
