@@ -99,7 +99,7 @@ def test_missing_tool_without_root_install(tmp_path):
     bindir = tmp_path / "bin"  # every tool the build uses but mmdebstrap
     bindir.mkdir()
     for tool in ("tar", "unshare", "mount", "dpkg-query", "sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4",
-                 "faketime", "xz", "zstd", "du", "ssh-keygen"):
+                 "faketime", "xz", "zstd", "du", "ssh-keygen", "debugfs"):
         (bindir / tool).symlink_to(shutil.which(tool))
     msg = one_line_error(idlewire("build", "--target", "x86_64", "--config", str(site), "--out", str(tmp_path / "o"),
                                   env={"IDLEWIRE_CACHE": str(tmp_path / "cache"), "PATH": str(bindir)}))

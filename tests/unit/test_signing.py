@@ -82,8 +82,8 @@ def test_one_changed_byte_is_refused_before_writing(signed, tmp_path):
     data[len(data) // 2] ^= 0x01  # one bit of one byte, inside the root filesystem's data
     img.write_bytes(bytes(data))
     card = tmp_path / "card.img"
-    card.write_bytes(b"old card contents")
-    res = idlewire("flash", img, card, "--key", signed["pub"], check=False)
+    card.write_bytes(b"old card contents")  # not an image idlewire wrote: --force, so only the signature stops it
+    res = idlewire("flash", img, card, "--key", signed["pub"], "--force", check=False)
     refused(res, "does not verify")
     assert img.name in res.stderr and "nothing written" in res.stderr
     assert card.read_bytes() == b"old card contents"
