@@ -96,6 +96,7 @@ class Agent:
         # What the owner sells (policy.py): set up by start_policy(), absent in plain metering tests.
         self.shaper = None
         self.quota = None
+        self.home = None  # idle.Home: UPnP port mapping and node-mode measurement ([home])
 
     # --- policy: shaping, schedule, quota, isolation ------------------------------------------
     def start_policy(self, stop: threading.Event) -> None:
@@ -108,6 +109,9 @@ class Agent:
         from .policy import SHAPING_STATE_PATH
 
         pol = self.cfg.policy
+        from . import idle
+
+        self.home = idle.Home(self.cfg, stop)
         self.quota = quota.QuotaKeeper(pol.quota, os.path.join(self.cfg.state_dir, "quota.json"),
                                        on_exhausted=self.close_all)
         sh = pol.shaping.replace(wan_interface=self.cfg.interfaces.wan,
@@ -124,7 +128,9 @@ class Agent:
         with self.lock:
             rows = self.ledger.db.execute("SELECT id, address FROM sessions WHERE state = 'open'").fetchall()
         self.shaper.sync_sessions({sid: [addr.split("/")[0]] for sid, addr in rows})
-        sched = schedule.Scheduler(pol.schedule, (sh.cap_up, sh.cap_down), self.shaper.set_caps)
+        # node mode: the idle measurement sits between the schedule and the shaper (minimum of both)
+        sched = schedule.Scheduler(pol.schedule, (sh.cap_up, sh.cap_down),
+                                   self.home.start_meter(sh, self.shaper.set_caps))
         threading.Thread(target=sched.run, args=(stop,), daemon=True, name="schedule").start()
 
     def close_all(self, reason: str) -> None:
@@ -490,6 +496,7 @@ class Agent:
                      "shaped": pol.shaping.enabled, "monthly_gb": pol.quota.monthly_bytes / 1e9,
                      "max_sessions": pol.quota.max_sessions,
                      "from_unit": sorted(u.caps)},
+            **(self.home.health() if self.home else {}),
         }
 
     def metrics(self) -> str:
@@ -517,6 +524,7 @@ class Agent:
             ("idlewire_clamps_total", "counter", "Deltas clamped to the line rate", st.clamps),
             ("idlewire_counter_resets_total", "counter", "Counter resets handled", st.resets),
             ("idlewire_resident_memory_bytes", "gauge", "Agent resident memory", rss),
+            *(self.home.metrics() if self.home else ()),
         ]
         out = []
         for name, kind, help_, value in lines:

@@ -38,6 +38,19 @@ and what is expected. Rates are in Mbit/s in the file (floats allowed) and bits/
     table = "idlewire"             # the nftables table (inet family) the firewall role installs
     required = true                # refuse sessions while that table is not loaded
     buyer_nat_ports = "61440-65535"  # masquerade source ports of buyers: an aligned power-of-2 block
+
+    [home]                         # how the node sits in the owner's home (idle.py, upnp.py)
+    mode = "node"                  # "node": one NIC on the owner's LAN, the owner's traffic does not
+                                   # cross it: measure it; "router": the node is the home router
+    source = "auto"                # node mode: "upnp" (router's WAN counters), "latency" (RTT to the
+                                   # reflectors), "auto" (upnp, else latency) or "off" (fixed caps)
+    interval = 2.0                 # seconds between measurements (0.5-60)
+    margin_percent = 10            # of the line, kept free for the owner's next burst
+    reflectors = ["1.1.1.1", "9.9.9.9", "8.8.8.8"]   # stable hosts answering ICMP echo (IPv4)
+    latency_ms = 15                # delay above the baseline RTT that means "the line is busy"
+    upnp_map = "auto"              # map the WireGuard port on the router over UPnP IGD: true, false,
+                                   # or "auto" = when [node] marketplace is set
+    upnp_lease = 3600              # seconds; renewed at half
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ from typing import Any
 
 from .record import Record, field
 
-SECTIONS = ("shaping", "schedule", "quota", "firewall")
+SECTIONS = ("shaping", "schedule", "quota", "firewall", "home")
 SHAPING_STATE_PATH = "/run/idlewire/shaping.json"  # shaping.STATE_PATH (here: no need to import shaping)
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MBIT = 1_000_000
@@ -98,11 +111,23 @@ class Firewall(Record):
         return 0xFFFF & ~(self.nat_port_high - self.nat_port_low)
 
 
+class Home(Record):
+    mode: str = "node"
+    source: str = "auto"
+    interval: float = 2.0
+    margin_percent: float = 10.0
+    reflectors: tuple[str, ...] = ("1.1.1.1", "9.9.9.9", "8.8.8.8")
+    latency_ms: float = 15.0
+    upnp_map: bool | str = "auto"
+    upnp_lease: int = 3600
+
+
 class Policy(Record):
     shaping: Shaping = field(default_factory=Shaping)
     schedule: list[Rule] = field(default_factory=list)
     quota: Quota = field(default_factory=Quota)
     firewall: Firewall = field(default_factory=Firewall)
+    home: Home = field(default_factory=Home)
 
 
 class _Reader:
@@ -255,6 +280,32 @@ def _firewall(data: Any, problems: list[str]) -> Firewall:
     return fw
 
 
+def _home(data: Any, problems: list[str]) -> Home:
+    d = Home()
+    r = _Reader("home", data, set(Home._fields), problems)
+
+    def ipv4(v) -> bool:
+        parts = v.split(".") if isinstance(v, str) else []
+        return len(parts) == 4 and all(p.isdigit() and int(p) < 256 for p in parts)
+
+    return Home(
+        mode=r.get("mode", d.mode, lambda v: v in ("node", "router"), '"node" or "router"'),
+        source=r.get("source", d.source, lambda v: v in ("auto", "upnp", "latency", "off"),
+                     '"auto", "upnp", "latency" or "off"'),
+        interval=float(r.get("interval", d.interval, lambda v: _number(v) and 0.5 <= v <= 60, "seconds 0.5-60")),
+        margin_percent=float(r.get("margin_percent", d.margin_percent, lambda v: _number(v) and 0 <= v <= 90,
+                                   "a percentage of the line 0-90")),
+        reflectors=tuple(r.get("reflectors", d.reflectors,
+                               lambda v: isinstance(v, list) and 0 < len(v) <= 8 and all(ipv4(x) for x in v),
+                               'a list of 1-8 IPv4 addresses answering ping, e.g. ["1.1.1.1", "9.9.9.9"]')),
+        latency_ms=float(r.get("latency_ms", d.latency_ms, lambda v: _number(v) and 1 <= v <= 1000,
+                               "milliseconds 1-1000")),
+        upnp_map=r.get("upnp_map", d.upnp_map, lambda v: isinstance(v, bool) or v == "auto",
+                       'true, false or "auto"'),
+        upnp_lease=r.integer("upnp_lease", d.upnp_lease, 120, 604800, "seconds 120-604800"),
+    )
+
+
 def parse_sections(data: dict[str, Any]) -> tuple[Policy, list[str]]:
     """Validate the policy sections of a node.toml mapping: (policy, problems naming each key)."""
     problems: list[str] = []
@@ -263,5 +314,6 @@ def parse_sections(data: dict[str, Any]) -> tuple[Policy, list[str]]:
         schedule=_schedule(data.get("schedule", {}), problems),
         quota=_quota(data.get("quota", {}), problems),
         firewall=_firewall(data.get("firewall", {}), problems),
+        home=_home(data.get("home", {}), problems),
     )
     return pol, problems

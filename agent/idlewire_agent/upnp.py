@@ -1,0 +1,206 @@
+"""The home router over UPnP IGD: the WireGuard port mapped for buyers, and the WAN byte counters.
+
+Driven through miniupnpc's `upnpc` CLI, which Debian (miniupnpc) and OpenWrt (miniupnpc) both
+package; nothing is linked or pip-installed. `upnpc -s` discovers the IGD once (SSDP, ~2 s); every
+later call names its description URL (`-u`) and takes milliseconds.
+
+* **Port mapping** (`PortMapper`): UDP `[tunnel] port` on the router's public address → this
+  node's LAN address, same port (another one if a second node behind the same router holds it),
+  leased for `[home] upnp_lease` s and renewed at half the lease; removed when the agent stops.
+  `status()` is what /health, the log and the hub report: the public endpoint, or "not
+  reachable from the internet: forward UDP PORT to this node (ADDR) on your router".
+* **WAN counters** (`Igd.counters()`): `GetTotalBytesReceived/Sent` of the router's WAN, which
+  idle.py turns into the owner's traffic. IGD v1 counters are 32-bit: `wrap_delta` handles the wrap.
+
+Every command goes through `run()`, one function with a timeout (a hung router must not hang
+the agent).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import re
+import subprocess
+import threading
+import time
+
+log = logging.getLogger("idlewire.upnp")
+
+UPNPC = "upnpc"
+DESCRIPTION = "idlewire"
+WRAP = 1 << 32
+
+
+def run(argv: list[str], timeout: float = 10) -> tuple[int, str]:
+    """(exit code, stdout+stderr) of a command; 127 when missing, 124 on timeout."""
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return 127, f"{argv[0]}: not installed"
+    except subprocess.TimeoutExpired:
+        return 124, f"{argv[0]}: no answer in {timeout:g} s"
+    return p.returncode, p.stdout + p.stderr
+
+
+def _field(text: str, pattern: str) -> str | None:
+    m = re.search(pattern, text, re.M)
+    return m[1] if m else None
+
+
+def wrap_delta(new: int, old: int) -> int:
+    """Bytes between two readings of a counter that may be 32-bit (IGD v1): a counter that went
+    down wrapped when the old reading fits 32 bits, else it was reset (count the new value)."""
+    if new >= old:
+        return new - old
+    return new + WRAP - old if old < WRAP else new
+
+
+class Igd:
+    """One Internet Gateway Device found on the LAN (what `upnpc -s` printed)."""
+
+    def __init__(self, url: str, lan_ip: str, external_ip: str):
+        self.url, self.lan_ip, self.external_ip = url, lan_ip, external_ip
+
+    @classmethod
+    def parse(cls, text: str) -> Igd | None:
+        url = _field(text, r"^\s*desc:\s*(\S+)")
+        if not url or not re.search(r"^Found valid IGD", text, re.M):
+            return None
+        return cls(url, _field(text, r"^Local LAN ip address\s*:\s*(\S+)") or "",
+                   _field(text, r"^ExternalIPAddress\s*=\s*(\S+)") or "")
+
+    def counters(self, timeout: float = 5) -> tuple[int, int] | None:
+        """(bytes received, bytes sent) on the router's WAN, or None when it does not say."""
+        rc, out = run([UPNPC, "-u", self.url, "-s"], timeout)
+        m = re.search(r"^Bytes:\s*Sent:\s*(\d+)\s+Recv:\s*(\d+)", out, re.M)
+        if rc != 0 or not m:
+            return None
+        ext = _field(out, r"^ExternalIPAddress\s*=\s*(\S+)")
+        if ext:
+            self.external_ip = ext
+        return int(m[2]), int(m[1])
+
+    def add(self, lan_ip: str, port: int, ext_port: int, lease: int) -> tuple[bool, str]:
+        rc, out = run([UPNPC, "-u", self.url, "-e", DESCRIPTION, "-a", lan_ip, str(port), str(ext_port),
+                       "UDP", str(lease)])
+        ok = rc == 0 and re.search(rf"external \S+:{ext_port} UDP is redirected", out) is not None
+        why = _field(out, r"(AddPortMapping\(.*)$") or out.strip().splitlines()[-1:] or ["no answer"]
+        return ok, why if isinstance(why, str) else why[0]
+
+    def delete(self, ext_port: int) -> bool:
+        rc, out = run([UPNPC, "-u", self.url, "-d", str(ext_port), "UDP"])
+        return rc == 0 and "failed" not in out
+
+
+def discover(timeout: float = 10) -> tuple[Igd | None, str]:
+    """(the IGD, "") or (None, why not): one SSDP discovery with `upnpc -s`."""
+    rc, out = run([UPNPC, "-s"], timeout)
+    igd = Igd.parse(out)
+    if igd is not None:
+        return igd, ""
+    if rc == 127:
+        return None, "upnpc is not installed (Debian/OpenWrt package miniupnpc)"
+    if "No IGD UPnP Device found" in out or "No valid UPNP Internet Gateway Device found" in out:
+        return None, "no UPnP IGD answered on the LAN (UPnP off on the router?)"
+    if re.search(r"Found a \(not connected\?\) IGD", out):
+        return None, "the router's UPnP IGD says its WAN is not connected"
+    return None, (out.strip().splitlines() or ["upnpc failed"])[-1][:200]
+
+
+def _public(addr: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return False
+    return ip.is_global
+
+
+class PortMapper:
+    """Keeps the WireGuard port mapped on the home router while the agent runs.
+
+    `run(stop)` discovers the router, maps, renews at half the lease and retries discovery every
+    `retry` s while there is none; on stop the mapping is removed. `status()` is thread-safe.
+    """
+
+    def __init__(self, port: int, lease: int = 3600, retry: float = 60, discover_fn=discover):
+        self.port, self.lease, self.retry = port, lease, retry
+        self.discover = discover_fn
+        self.igd: Igd | None = None
+        self.ext_port: int | None = None
+        self.why = "not checked yet"
+        self.renewed = 0.0
+        self.lock = threading.Lock()
+
+    def status(self) -> dict:
+        """What /health and the hub report: reachable with the endpoint, or why not and the fix."""
+        with self.lock:
+            if self.igd is not None and self.ext_port is not None:
+                return {"reachable": True, "how": "upnp", "endpoint": f"{self.igd.external_ip}:{self.ext_port}",
+                        "lan_address": self.igd.lan_ip, "lease_s": self.lease, "renewed": round(self.renewed)}
+            lan = self.igd.lan_ip if self.igd else "its LAN address"
+            return {"reachable": False, "why": self.why,
+                    "message": f"not reachable from the internet: forward UDP {self.port} to this node "
+                               f"({lan}) on your router",
+                    "fix": f"forward UDP {self.port} to {lan} on the home router, or enable UPnP IGD on it"}
+
+    def map_once(self) -> bool:
+        """Discover if needed and (re)map; True when the port is mapped."""
+        igd = self.igd
+        if igd is None:
+            igd, why = self.discover()
+            if igd is None:
+                with self.lock:
+                    self.why = why
+                return False
+        if not _public(igd.external_ip):
+            with self.lock:
+                self.igd, self.ext_port = igd, None
+                self.why = (f"the router's WAN address {igd.external_ip or '?'} is not public (double NAT or "
+                            "carrier-grade NAT): a mapping on it does not reach the internet")
+            return False
+        wanted = [self.ext_port or self.port] + [random.randrange(49152, 65536) for _ in range(3)]  # noqa: S311
+        why = ""
+        for ext in wanted:
+            ok, why = igd.add(igd.lan_ip, self.port, ext, self.lease)
+            if ok:
+                with self.lock:
+                    first = self.ext_port is None
+                    self.igd, self.ext_port, self.renewed, self.why = igd, ext, time.time(), ""
+                if first:
+                    log.info("UDP %d mapped on the home router: buyers reach this node at %s:%d (lease %d s)",
+                             self.port, igd.external_ip, ext, self.lease)
+                return True
+            if "718" not in why and "Conflict" not in why:
+                break
+        with self.lock:
+            self.igd, self.ext_port = None, None  # rediscover next time (the router may have changed)
+            self.why = f"the router refused the mapping: {why}"
+        return False
+
+    def remove(self) -> None:
+        with self.lock:
+            igd, ext = self.igd, self.ext_port
+            self.ext_port = None
+            self.why = "the agent stopped"
+        if igd is not None and ext is not None:
+            if igd.delete(ext):
+                log.info("UDP %d mapping removed from the home router", ext)
+            else:
+                log.warning("could not remove the UDP %d mapping from the home router (it expires with its lease)",
+                            ext)
+
+    def run(self, stop: threading.Event) -> None:
+        was = None
+        while not stop.is_set():
+            try:
+                ok = self.map_once()
+            except Exception:  # a router's odd answer must not stop renewals
+                log.exception("UPnP port mapping failed")
+                ok = False
+            if ok is not was and not ok:
+                log.warning("%s (%s)", self.status()["message"], self.why)
+            was = ok
+            stop.wait(max(5.0, self.lease / 2) if ok else self.retry)
+        self.remove()

@@ -1,0 +1,140 @@
+"""Node mode for real: Debian's miniupnpd as the home router, the agent on the owner's LAN.
+
+The node maps its WireGuard port over UPnP IGD and the internet reaches it through the router's
+public address; a router without UPnP gets "not reachable" and the fix; the owner's download
+lowers the buyers' cap within seconds and it comes back when the owner stops, measured from the
+router's WAN counters and, with UPnP off, from latency. Bounds are generous (a loaded 2-core
+host); bench/idle.py measures the timings.
+"""
+
+import time
+
+import pytest
+from homelab import HomeLab, HomeNode, have_homelab
+
+pytestmark = pytest.mark.net
+
+SHAPING = {"shaping__enabled": True, "shaping__line_down_mbit": 40, "shaping__line_up_mbit": 10,
+           "shaping__cap_down_mbit": 30, "shaping__cap_up_mbit": 8, "shaping__floor_down_mbit": 2,
+           "shaping__floor_up_mbit": 0.5, "home__interval": 1.0}
+
+
+@pytest.fixture
+def homelab(lab):
+    why = have_homelab()
+    if why:
+        pytest.skip(why)
+    return lab
+
+
+def wait_for(cond, timeout: float, what: str, step: float = 0.3):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = cond()
+        if last:
+            return last
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; last: {last!r}")
+
+
+def udp_counter(home: HomeLab, port: int) -> int:
+    """Datagrams to UDP `port` that reached the node (an nftables counter in the node)."""
+    out = home.node.run("nft", "list", "chain", "ip", "probe", "input").stdout
+    return int(out.split("packets ")[1].split()[0])
+
+
+def send_udp(home: HomeLab, host: str, port: int, n: int = 5) -> None:
+    code = ("import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            f"[s.sendto(b'\\x01'+bytes(147),({host!r},{port})) for _ in range({n})]\n")
+    home.inet.run("python3", "-c", code)
+
+
+def test_port_mapped_reaches_node_and_is_removed_on_stop(homelab, tmp_path):
+    home = HomeLab(homelab, tmp_path / "lab")
+    node = HomeNode(home, tmp_path / "node", home__upnp_map=True, home__upnp_lease=120)
+    home.node.run("nft", "-f", "-", input="table ip probe {\n chain input {\n type filter hook input priority 0;\n"
+                                          f" udp dport {node.port} counter\n }}\n}}\n")
+    node.start()
+    try:
+        r = wait_for(lambda: node.get("/health").get("reachability", {}).get("reachable") and
+                     node.get("/health")["reachability"], 30, "the UPnP mapping")
+        assert r["endpoint"] == f"{home.public}:{node.port}"
+        assert f"dport {node.port} dnat ip to {home.node_ip}:{node.port}" in home.nat_rules()
+        # the internet reaches the node's WireGuard port through the router's public address
+        before = udp_counter(home, node.port)
+        send_udp(home, home.public, node.port)
+        assert wait_for(lambda: udp_counter(home, node.port) >= before + 5, 10, "datagrams at the node")
+        assert "idlewire_reachable 1" in node.get("/metrics")
+    finally:
+        node.stop()
+    # removed on stop: the router's rule is gone and nothing more reaches the node
+    assert f"dport {node.port}" not in home.nat_rules()
+    before = udp_counter(home, node.port)
+    send_udp(home, home.public, node.port)
+    time.sleep(1)
+    assert udp_counter(home, node.port) == before
+    assert "mapping removed" in node.log.read_text()
+
+
+def test_router_without_upnp_says_not_reachable_with_the_fix(homelab, tmp_path):
+    home = HomeLab(homelab, tmp_path / "lab", upnp=False)
+    node = HomeNode(home, tmp_path / "node", home__upnp_map=True)
+    node.start()
+    try:
+        r = wait_for(lambda: node.get("/health").get("reachability", {}).get("why") != "not checked yet" and
+                     node.get("/health")["reachability"], 30, "discovery to give up")
+        assert r["reachable"] is False
+        assert r["message"].startswith(f"not reachable from the internet: forward UDP {node.port} to this node")
+        assert "no UPnP IGD" in r["why"]
+        assert "not reachable from the internet" in node.log.read_text()
+    finally:
+        node.stop()
+
+
+def _owner_lowers_cap(home: HomeLab, node: HomeNode, source: str) -> None:
+    home.iperf_server()
+    node.start()
+    try:
+        idle = wait_for(lambda: (i := node.get("/health").get("idle")) and i["source"] == source and
+                        i["cap_down_mbit"] >= 25 and i, 40, f"the {source} measurement with the line idle")
+        assert idle["mode"] == "node"
+        assert tunnel_ceil(home, node) >= 25e6  # the shaper's buyer tree carries the cap
+        owner = home.owner_download(seconds=20)
+        try:
+            busy = wait_for(lambda: node.get("/health")["idle"]["cap_down_mbit"] < 15 and
+                            node.get("/health")["idle"], 15, "the cap to fall while the owner downloads")
+            assert tunnel_ceil(home, node) < 16e6
+            if source == "upnp":
+                assert busy["owner_down_mbit"] > 15
+            else:
+                assert busy["delay_ms"] is not None
+        finally:
+            owner.kill()
+            owner.wait()
+        wait_for(lambda: node.get("/health")["idle"]["cap_down_mbit"] >= 25, 40,
+                 "the cap to come back after the owner stopped")
+        metrics = node.get("/metrics")
+        assert "idlewire_idle_cap_down_mbit" in metrics
+    finally:
+        node.stop()
+
+
+def tunnel_ceil(home: HomeLab, node: HomeNode) -> float:
+    """The buyers' download cap live in the node's tc tree (class 1:1 on the tunnel interface)."""
+    out = home.node.run("tc", "class", "show", "dev", node.wg, "classid", "1:1").stdout
+    word = out.split(" rate ")[1].split()[0]
+    scale = {"K": 1e3, "M": 1e6, "G": 1e9}.get(word[-4], 1) if word.endswith("bit") else 1
+    return float(word.rstrip("bitKMG")) * scale
+
+
+def test_owner_download_lowers_buyers_cap_from_router_counters(homelab, tmp_path):
+    home = HomeLab(homelab, tmp_path / "lab")
+    node = HomeNode(home, tmp_path / "node", **SHAPING, home__source="upnp")
+    _owner_lowers_cap(home, node, "upnp")
+
+
+def test_owner_download_lowers_buyers_cap_from_latency_without_upnp(homelab, tmp_path):
+    home = HomeLab(homelab, tmp_path / "lab", upnp=False)
+    node = HomeNode(home, tmp_path / "node", **SHAPING, home__source="auto", home__reflectors=[home.isp])
+    _owner_lowers_cap(home, node, "latency")
