@@ -1,0 +1,76 @@
+"""[home] settings, upnpc's output as Debian's miniupnpc 2.2.4 prints it, counter wrap, the role's
+[home] block. The real router is in tests/net/test_home.py."""
+
+import subprocess
+import sys
+
+import pytest
+import rolerender
+from idlewire_agent import policy, upnp
+
+# `upnpc -s` against miniupnpd 2.3.1 in tests/homelab.py (trimmed banner)
+STATUS = """upnpc : miniupnpc library test client, version 2.2.4.
+List of UPNP devices found on the network :
+ desc: http://192.168.1.1:41895/rootDesc.xml
+ st: urn:schemas-upnp-org:device:InternetGatewayDevice:1
+
+Found valid IGD : http://192.168.1.1:41895/ctl/IPConn
+Local LAN ip address : 192.168.1.20
+Connection Type : IP_Routed
+Status : Connected, uptime=2s, LastConnectionError : ERROR_NONE
+MaxBitRateDown : 40000000 bps (40.0 Mbps)   MaxBitRateUp 10000000 bps (10.0 Mbps)
+ExternalIPAddress = 11.22.33.2
+Bytes:   Sent:      516\tRecv:      4096
+Packets: Sent:        6\tRecv:        6
+"""
+
+
+def test_igd_parsed_from_upnpc_status():
+    igd = upnp.Igd.parse(STATUS)
+    assert (igd.url, igd.lan_ip, igd.external_ip) == ("http://192.168.1.1:41895/rootDesc.xml", "192.168.1.20",
+                                                      "11.22.33.2")
+    assert upnp.Igd.parse("No IGD UPnP Device found on the network !\n") is None
+    assert upnp.Igd.parse(STATUS.replace("Found valid IGD", "Found a (not connected?) IGD")) is None
+
+
+def test_counter_wrap_and_reset():
+    assert upnp.wrap_delta(100, 40) == 60
+    assert upnp.wrap_delta(10, (1 << 32) - 6) == 16  # a 32-bit IGD v1 counter wrapped
+    assert upnp.wrap_delta(10, 1 << 40) == 10  # a 64-bit counter went down: a reset, count the new value
+
+
+def test_missing_upnpc_is_a_reason_not_a_crash(monkeypatch):
+    monkeypatch.setattr(upnp, "UPNPC", "/nonexistent/upnpc")
+    igd, why = upnp.discover(timeout=2)
+    assert igd is None and "miniupnpc" in why
+    m = upnp.PortMapper(51820, discover_fn=lambda: (None, why))
+    assert m.map_once() is False
+    s = m.status()
+    assert s["reachable"] is False and "forward UDP 51820" in s["message"]
+
+
+def test_home_defaults_and_errors_name_the_key():
+    pol, problems = policy.parse_sections({})
+    assert problems == [] and pol.home.mode == "node" and pol.home.source == "auto" and pol.home.upnp_map == "auto"
+    pol, problems = policy.parse_sections({"home": {"mode": "bridge", "source": "snmp", "interval": 0,
+                                                    "reflectors": ["1.1.1.1; rm -rf /"], "upnp_map": "yes",
+                                                    "upnp_lease": 5, "margin": 3}})
+    text = "\n".join(problems)
+    for key in ("home.mode", "home.source", "home.interval", "home.reflectors", "home.upnp_map",
+                "home.upnp_lease", "home.margin: unknown key"):
+        assert key in text, text
+    pol, problems = policy.parse_sections({"home": {"reflectors": ["10.0.0.1"], "upnp_map": True,
+                                                    "interval": 1}})
+    assert problems == [] and pol.home.reflectors == ("10.0.0.1",) and pol.home.upnp_map is True
+
+
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_role_renders_home_block_that_validates(tmp_path, value):
+    f = tmp_path / "node.toml"
+    f.write_text(rolerender.render("agent", "etc/idlewire/node.toml.j2",
+                                   {"agent_upnp_map": value, "agent_mode": "router"}))
+    expect = {"auto": 'upnp_map = "auto"', True: "upnp_map = true", False: "upnp_map = false"}[value]
+    assert expect in f.read_text() and 'mode = "router"' in f.read_text()
+    r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(f)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
