@@ -9,8 +9,10 @@ the node's real line trees shape it to the buyers' cap. The owner then steps 0 -
 the line (iperf3 -R paced at 80 %). Per source:
 
   * follow down: seconds from the owner's start until cap_down <= line - 80 % (+ margin)
-  * follow up: seconds from the owner's stop until cap_down >= 90 % of the configured cap
-  * owner ratio: the owner's received rate / what it asked for (80 % of the line)
+  * follow up: seconds from the owner's stop until cap_down is back to 90 % of where it was
+    before the owner started (with the buyer loading the node: "cap before")
+  * owner ratio: the owner's received rate / what it asked for (80 % of the line), with the buyer
+    loading the node; "(alone)": the same without the buyer (what the lab itself gives)
   * ping p95 added: owner's ping p95 to the internet while busy, minus on the idle line
 
     sudo .venv/bin/python bench/idle.py [--line 40] [--seconds 20] [--json]
@@ -65,12 +67,15 @@ def run_source(source: str, line: float, seconds: float, interval: float) -> dic
             while time.time() < deadline and node.get("/health").get("idle", {}).get("source") != source:
                 time.sleep(0.5)
             idle_p95 = ping_p95(home.owner, home.isp, 40, 0.05)
+            # the owner alone on the line, for reference: what the lab gives it without buyers
+            want = line * 0.8
+            out, _ = home.owner_download(5, mbit=want).communicate(timeout=60)
+            alone = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
             # the buyer stand-in: a download to the node's buyer NAT port block, all the time
+            threading.Thread(target=watch, daemon=True).start()
             buyer = home.node.popen(*IPERF3, "-c", home.isp, "-p", "5202", "-R", "-t", str(seconds * 3 + 30),
                                     "--cport", "61500", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(6)
-            threading.Thread(target=watch, daemon=True).start()
-            want = line * 0.8
+            time.sleep(8)
             t_on = time.monotonic()
             owner = home.owner_download(seconds, mbit=want)
             time.sleep(min(seconds / 2, 8))
@@ -85,12 +90,16 @@ def run_source(source: str, line: float, seconds: float, interval: float) -> dic
             node.stop()
         margin = line * 0.1
         down_at = next((t for t, c in samples if t >= t_on and c <= line - want + margin), None)
-        up_at = next((t for t, c in samples if t >= t_off and c >= 0.9 * cap), None)
+        before = sorted(c for t, c in samples if t_on - 3 <= t < t_on) or [cap]
+        cap_before = before[len(before) // 2]
+        up_at = next((t for t, c in samples if t >= t_off and c >= 0.9 * cap_before), None)
         return {"source": source, "line_mbit": line, "owner_asked_mbit": want,
                 "follow_down_s": round(down_at - t_on, 2) if down_at else None,
                 "follow_up_s": round(up_at - t_off, 2) if up_at else None,
-                "owner_ratio": round(got / want, 3), "ping_p95_idle_ms": idle_p95,
+                "owner_ratio": round(got / want, 3), "owner_alone_ratio": round(alone / want, 3),
+                "ping_p95_idle_ms": idle_p95,
                 "ping_p95_added_ms": round(busy_p95 - idle_p95, 1),
+                "cap_before_mbit": cap_before,
                 "cap_min_mbit": min((c for t, c in samples if t_on <= t <= t_off), default=None)}
 
 
@@ -113,12 +122,15 @@ def main() -> int:
     load = os.getloadavg()[0]
     print(f"node mode, line {args.line:g} Mbit/s, owner 0 -> 80 % -> 0, interval {args.interval:g} s, "
           f"load {load:.1f}")
-    print(f"{'source':8} {'follow down':>12} {'follow up':>10} {'owner ratio':>12} {'ping p95 +':>11} {'cap min':>8}")
+    print(f"{'source':8} {'follow down':>12} {'follow up':>10} {'owner ratio':>12} {'(alone)':>8} {'ping p95 +':>11} "
+          f"{'cap before':>10} {'cap min':>8}")
     for r in rows:
         def s(v, unit=""):
             return "never" if v is None else f"{v:g}{unit}"
         print(f"{r['source']:8} {s(r['follow_down_s'], ' s'):>12} {s(r['follow_up_s'], ' s'):>10} "
-              f"{r['owner_ratio']:>12.3f} {s(r['ping_p95_added_ms'], ' ms'):>11} {s(r['cap_min_mbit']):>8}")
+              f"{r['owner_ratio']:>12.3f} {r['owner_alone_ratio']:>8.3f} {s(r['ping_p95_added_ms'], ' ms'):>11} "
+              f"{s(r['cap_before_mbit']):>10} "
+              f"{s(r['cap_min_mbit']):>8}")
     print("goal: the cap follows in <= 3 s (issue 17)")
     return 0
 

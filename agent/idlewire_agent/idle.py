@@ -9,12 +9,16 @@ schedule makes: the effective cap is the minimum of both). The owner's use comes
 * **upnp** — the home router's WAN byte counters over UPnP IGD (`GetTotalBytesReceived/Sent`,
   upnp.py): owner = WAN rate - this node's own rate (its interface counters: buyers' encrypted
   and clear traffic both cross the WAN). A rise is taken at once; a fall is followed at half
-  the difference per interval (a bursty owner does not make the cap flap).
+  the difference per interval (a bursty owner does not make the cap flap). While the line is
+  full and the owner on it, the owner's TCP is squeezed and hides its demand: the cap halves
+  per interval until the line has room again.
 * **latency** — when the router offers no counters: the cake-autorate idea. RTT to stable
-  reflectors (`[home] reflectors`, ICMP echo), a baseline that follows a lower RTT at once and a
+  reflectors (`[home] reflectors`, ICMP echo, the median of 3 per interval so one burst is not
+  load), a baseline that follows a lower RTT at once and a
   higher one only slowly; when the delay above baseline exceeds `latency_ms`, the line is
   congested and the cap backs off (x0.7 per interval, down to the floor); while the delay stays
-  below half of it the cap probes up by 5 % of the line per interval. ICMP echo cannot tell
+  below half of it (after 2 such intervals in a row) the cap probes up by 5 % of the line per
+  interval. ICMP echo cannot tell
   which direction is congested: both caps back off together.
 * **none** — `source = "off"`, or nothing works (no IGD counters, no reflector answers): the
   configured caps, and `/health` says why.
@@ -37,7 +41,11 @@ log = logging.getLogger("idlewire.idle")
 
 BACKOFF = 0.7  # latency source: the cap is multiplied by this per congested interval
 PROBE_STEP = 0.05  # ... and grows by this share of the line per calm interval
+CALM = 2  # ... once this many calm intervals followed the last congested one
 BASELINE_UP = 0.01  # a higher RTT moves the baseline by this share of the difference per sample
+PROBES = 3  # latency source: echoes per reflector per interval; their median counts (one burst is not load)
+RELEASE = 0.75  # upnp source: a falling owner rate is followed by this share of the difference per interval
+SQUEEZE = 0.5  # upnp source: the cap's factor per interval while the line is full and the owner on it
 
 
 def iface_bytes(dev: str) -> tuple[int, int]:
@@ -128,6 +136,7 @@ class IdleMeter:
         self.baseline: dict[str, float] = {}
         self._last: tuple[float, tuple[int, int], tuple[int, int]] | None = None
         self._pinger: Pinger | None = None
+        self._calm = CALM + 1  # latency source: calm intervals in a row
         self.lock = threading.Lock()
 
     # --- the caps -------------------------------------------------------------------------------
@@ -142,14 +151,18 @@ class IdleMeter:
         floor = (self.sh.floor_up, self.sh.floor_down)[i]
         return min(floor, self.base[i]), min(self.base[i], line)
 
+    def _bounded(self, caps) -> tuple[int, int]:
+        """Caps kept inside their bounds, so that a long calm spell banks no credit."""
+        return tuple(max(lo, min(hi, int(c))) for c, (lo, hi) in  # type: ignore[return-value]
+                     zip(caps, (self._bounds(0), self._bounds(1)), strict=True))
+
     def _apply(self) -> None:
         with self.lock:
-            want = tuple(max(lo, min(hi, c)) for c, (lo, hi) in
-                         zip(self.caps, (self._bounds(0), self._bounds(1)), strict=True))
+            want = self._bounded(self.caps)
             if self.applied is not None and all(abs(w - a) <= 0.02 * max(a, 1) for w, a in
                                                 zip(want, self.applied, strict=True)):
                 return
-            self.applied = want  # type: ignore[assignment]
+            self.applied = want
         self.apply(*want)
 
     # --- sources --------------------------------------------------------------------------------
@@ -158,15 +171,19 @@ class IdleMeter:
         if igd is None:
             self.why = "no UPnP IGD on the LAN"
             return False
-        wan = igd.counters()
-        if wan is None:
-            self.why = "the router's IGD does not report its WAN byte counters"
-            return False
         try:
-            own = iface_bytes(self.wan)
+            own0 = iface_bytes(self.wan)
+            wan = igd.counters()
+            own1 = iface_bytes(self.wan)
         except OSError as exc:
             self.why = f"cannot read this node's counters on {self.wan}: {exc.strerror}"
             return False
+        if wan is None:
+            self.why = "the router's IGD does not report its WAN byte counters"
+            return False
+        # the router read its counters somewhere during the upnpc call (tens of ms on a busy
+        # node): ours at the middle of it, so that a buyer at line rate is not taken for the owner
+        own = ((own0[0] + own1[0]) // 2, (own0[1] + own1[1]) // 2)
         now = self.clock()
         last, self._last = self._last, (now, wan, own)
         if last is None or now - last[0] <= 0:
@@ -180,9 +197,15 @@ class IdleMeter:
             own_d = own[1 - i] - last[2][1 - i] if own[1 - i] >= last[2][1 - i] else own[1 - i]
             rate = min(max(0, wan_d - own_d) * 8 / dt, line * 1.5)
             prev = self.owner[i]
-            self.owner[i] = rate if rate >= prev else prev + (rate - prev) / 2
-            caps.append(int(line - self.owner[i] - line * margin))
-        self.caps = (caps[0], caps[1])
+            self.owner[i] = rate if rate >= prev else prev + (rate - prev) * RELEASE
+            cap = line - self.owner[i] - line * margin
+            # A full line with the owner on it hides how much more the owner wants (its TCP is
+            # squeezed by the buyers'): halve the buyers at once instead of growing by the margin
+            # per interval.
+            if wan_d * 8 / dt >= line * (1 - margin) and rate >= line * margin / 2:
+                cap = min(cap, self.caps[i] * SQUEEZE)
+            caps.append(int(cap))
+        self.caps = self._bounded(caps)
         return True
 
     def _latency(self) -> bool:
@@ -196,15 +219,21 @@ class IdleMeter:
                 self.why = f"cannot send ICMP echo: {exc.strerror}"
                 return False
         delays = []
-        for host in self.home.reflectors:
-            rtt = self._pinger.rtt(host, timeout=min(1.0, self.home.interval))
-            if rtt is None:
+        rtts: dict[str, list[float]] = {}
+        for k in range(PROBES):
+            if k:
+                time.sleep(self.home.interval / (PROBES + 1))
+            for host in self.home.reflectors:
+                rtt = self._pinger.rtt(host, timeout=min(1.0, self.home.interval / 2))
+                rtts.setdefault(host, []).append(1e9 if rtt is None else rtt * 1000)  # a loss is late
+        for host, ms_list in rtts.items():
+            if min(ms_list) >= 1e9:
                 continue
-            ms = rtt * 1000
-            base = self.baseline.get(host, ms)
-            base = ms if ms < base else base + (ms - base) * BASELINE_UP
+            ms_list.sort()
+            base = self.baseline.get(host, ms_list[0])
+            base = ms_list[0] if ms_list[0] < base else base + (ms_list[0] - base) * BASELINE_UP
             self.baseline[host] = base
-            delays.append(ms - base)
+            delays.append(min(ms_list[len(ms_list) // 2] - base, 10_000.0))
         if not delays:
             self.why = f"no reflector answered ({', '.join(self.home.reflectors)})"
             return False
@@ -212,12 +241,14 @@ class IdleMeter:
         self.delay_ms = delays[len(delays) // 2]
         lines = (self.sh.line_up, self.sh.line_down)
         if self.delay_ms > self.home.latency_ms:
+            self._calm = 0
             self.caps = tuple(int(c * BACKOFF) for c in self.caps)  # type: ignore[assignment]
         elif self.delay_ms < self.home.latency_ms / 2:
-            self.caps = tuple(int(c + line * PROBE_STEP) for c, line in zip(self.caps, lines, strict=True))  # type: ignore[assignment]
-        # keep the state inside the bounds, so a long calm spell does not bank credit
-        self.caps = tuple(max(lo, min(hi, c)) for c, (lo, hi) in  # type: ignore[assignment]
-                          zip(self.caps, (self._bounds(0), self._bounds(1)), strict=True))
+            self._calm += 1
+            if self._calm > CALM:  # after a back-off the queue drains at once: that is not room yet
+                self.caps = tuple(int(c + line * PROBE_STEP)  # type: ignore[assignment]
+                                  for c, line in zip(self.caps, lines, strict=True))
+        self.caps = self._bounded(self.caps)
         return True
 
     def tick(self) -> str:

@@ -46,7 +46,13 @@ def run(argv: list[str], timeout: float = 10) -> tuple[int, str]:
 
 def _field(text: str, pattern: str) -> str | None:
     m = re.search(pattern, text, re.M)
-    return m[1] if m else None
+    return clean(m[1]) if m else None
+
+
+def clean(text: str, limit: int = 200) -> str:
+    """What a router (or anything answering SSDP on the LAN) said, safe for /health and the log:
+    printable ASCII only, bounded."""
+    return "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
 
 
 def wrap_delta(new: int, old: int) -> int:
@@ -86,8 +92,8 @@ class Igd:
         rc, out = run([UPNPC, "-u", self.url, "-e", DESCRIPTION, "-a", lan_ip, str(port), str(ext_port),
                        "UDP", str(lease)])
         ok = rc == 0 and re.search(rf"external \S+:{ext_port} UDP is redirected", out) is not None
-        why = _field(out, r"(AddPortMapping\(.*)$") or out.strip().splitlines()[-1:] or ["no answer"]
-        return ok, why if isinstance(why, str) else why[0]
+        why = _field(out, r"(AddPortMapping\(.*)$") or clean((out.strip().splitlines() or ["no answer"])[-1])
+        return ok, why
 
     def delete(self, ext_port: int) -> bool:
         rc, out = run([UPNPC, "-u", self.url, "-d", str(ext_port), "UDP"])
@@ -106,7 +112,7 @@ def discover(timeout: float = 10) -> tuple[Igd | None, str]:
         return None, "no UPnP IGD answered on the LAN (UPnP off on the router?)"
     if re.search(r"Found a \(not connected\?\) IGD", out):
         return None, "the router's UPnP IGD says its WAN is not connected"
-    return None, (out.strip().splitlines() or ["upnpc failed"])[-1][:200]
+    return None, clean((out.strip().splitlines() or ["upnpc failed"])[-1])
 
 
 def _public(addr: str) -> bool:

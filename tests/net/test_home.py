@@ -7,7 +7,11 @@ router's WAN counters and, with UPnP off, from latency. Bounds are generous (a l
 host); bench/idle.py measures the timings.
 """
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from homelab import HomeLab, HomeNode, have_homelab
@@ -138,3 +142,37 @@ def test_owner_download_lowers_buyers_cap_from_latency_without_upnp(homelab, tmp
     home = HomeLab(homelab, tmp_path / "lab", upnp=False)
     node = HomeNode(home, tmp_path / "node", **SHAPING, home__source="auto", home__reflectors=[home.isp])
     _owner_lowers_cap(home, node, "latency")
+
+
+RENEW = """
+import sys, threading, time
+from idlewire_agent import upnp
+m = upnp.PortMapper(int(sys.argv[1]), lease=10)
+stop = threading.Event()
+t = threading.Thread(target=m.run, args=(stop,))
+t.start()
+time.sleep(float(sys.argv[2]))
+print(m.status()["reachable"], flush=True)
+stop.set()
+t.join(30)
+"""
+
+
+def test_lease_is_renewed_before_it_expires(homelab, tmp_path):
+    """A 10 s lease renewed at half: 14 s after it was made the router still has the mapping; it is
+    removed when the mapper stops (at 24 s)."""
+    home = HomeLab(homelab, tmp_path / "lab")
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2] / "agent")}
+    p = home.node.popen(sys.executable, "-c", RENEW, "40123", "24", stdout=subprocess.PIPE, text=True,
+                        env={**os.environ, **env})
+    try:
+        wait_for(lambda: "40123" in home.nat_rules(), 20, "the mapping")
+        time.sleep(14)  # past the first lease's end
+        listed = home.node.run("upnpc", "-l").stdout
+        assert "40123->192.168.1.20:40123" in listed, listed
+        out, _ = p.communicate(timeout=40)
+    finally:
+        p.kill()
+    assert out.strip() == "True"
+    assert "40123" not in home.nat_rules()
+    assert home.miniupnpd_log().count("AddPortMapping: ext port 40123") >= 3  # mapped + renewed twice

@@ -74,3 +74,12 @@ def test_role_renders_home_block_that_validates(tmp_path, value):
     r = subprocess.run([sys.executable, "-m", "idlewire_agent", "check-config", str(f)], capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_what_a_router_says_is_cleaned_before_health_and_log():
+    text = STATUS.replace("ExternalIPAddress = 11.22.33.2", "ExternalIPAddress = 10.0.0.1\x1b[2J")
+    igd = upnp.Igd.parse(text)
+    assert igd.external_ip == "10.0.0.1?[2J"
+    m = upnp.PortMapper(51820, discover_fn=lambda: (igd, ""))
+    assert m.map_once() is False  # not public: no mapping is even tried
+    assert "not public" in m.status()["why"] and "\x1b" not in m.status()["why"]
