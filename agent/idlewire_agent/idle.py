@@ -157,13 +157,13 @@ class IdleMeter:
                      zip(caps, (self._bounds(0), self._bounds(1)), strict=True))
 
     def _apply(self) -> None:
-        with self.lock:
+        with self.lock:  # one set_caps at a time (the schedule's thread and ours)
             want = self._bounded(self.caps)
             if self.applied is not None and all(abs(w - a) <= 0.02 * max(a, 1) for w, a in
                                                 zip(want, self.applied, strict=True)):
                 return
-            self.applied = want
-        self.apply(*want)
+            self.apply(*want)
+            self.applied = want  # only once tc took it: /health reports what is in force
 
     # --- sources --------------------------------------------------------------------------------
     def _upnp(self) -> bool:

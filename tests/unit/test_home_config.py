@@ -83,3 +83,41 @@ def test_what_a_router_says_is_cleaned_before_health_and_log():
     m = upnp.PortMapper(51820, discover_fn=lambda: (igd, ""))
     assert m.map_once() is False  # not public: no mapping is even tried
     assert "not public" in m.status()["why"] and "\x1b" not in m.status()["why"]
+
+
+class ScriptedIgd:
+    """WAN counters as a router would report them: `rx` grows by what the test says per second."""
+
+    def __init__(self):
+        self.rx = self.tx = 0
+
+    def counters(self):
+        return self.rx, self.tx
+
+
+def test_cap_is_line_minus_owner_minus_margin_and_never_above_the_schedule(monkeypatch):
+    from idlewire_agent import idle
+
+    monkeypatch.setattr(idle, "iface_bytes", lambda dev: (0, 0))  # this node moves nothing here
+
+    sh = policy.Shaping(enabled=True, line_up=10_000_000, line_down=40_000_000, floor_up=500_000,
+                        floor_down=2_000_000, cap_up=8_000_000, cap_down=30_000_000)
+    applied = []
+    igd = ScriptedIgd()
+    now = [0.0]
+    meter = idle.IdleMeter(policy.Home(source="upnp", margin_percent=10), sh, lambda u, d: applied.append((u, d)),
+                           "eth0", igd=lambda: igd, clock=lambda: now[0])
+
+    def second(owner_down_mbit):
+        now[0] += 1
+        igd.rx += int(owner_down_mbit * 1e6 / 8)
+        meter.tick()
+        return applied[-1][1] / 1e6
+
+    second(0)
+    assert second(0) == 30  # idle line: the configured cap (40 - 4 margin is above it)
+    assert second(20) == 16  # 40 - 20 - 4
+    meter.set_base(8_000_000, 10_000_000)  # the schedule says 10 now: the lower wins
+    assert second(20) == 10
+    assert second(39) == 2  # owner takes the line: the floor
+    assert meter.figures()["source"] == "upnp" and meter.figures()["owner_down_mbit"] == 39
