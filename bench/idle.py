@@ -49,10 +49,10 @@ def run_source(source: str, line: float, seconds: float, interval: float) -> dic
             "shaping__enabled": True, "shaping__line_down_mbit": line, "shaping__line_up_mbit": line / 4,
             "shaping__cap_down_mbit": cap, "shaping__cap_up_mbit": line / 8, "shaping__floor_down_mbit": line / 40,
             "shaping__floor_up_mbit": line / 160, "home__interval": interval, "home__source": source,
-            "home__reflectors": [home.isp]})
+            "home__reflectors": [home.server_ip]})
         home.iperf_server(5201)
         home.iperf_server(5202)
-        node.start(timeout=60)
+        node.start()
         samples: list[tuple[float, float]] = []
         stop = threading.Event()
 
@@ -66,20 +66,20 @@ def run_source(source: str, line: float, seconds: float, interval: float) -> dic
             deadline = time.time() + 40
             while time.time() < deadline and node.get("/health").get("idle", {}).get("source") != source:
                 time.sleep(0.5)
-            idle_p95 = ping_p95(home.owner, home.isp, 40, 0.05)
+            idle_p95 = ping_p95(home.owner, home.server_ip, 40, 0.05)
             # the owner alone on the line, for reference: what the lab gives it without buyers
             want = line * 0.8
             out, _ = home.owner_download(5, mbit=want).communicate(timeout=60)
             alone = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
             # the buyer stand-in: a download to the node's buyer NAT port block, all the time
             threading.Thread(target=watch, daemon=True).start()
-            buyer = home.node.popen(*IPERF3, "-c", home.isp, "-p", "5202", "-R", "-t", str(seconds * 3 + 30),
+            buyer = home.node.popen(*IPERF3, "-c", home.server_ip, "-p", "5202", "-R", "-t", str(seconds * 3 + 30),
                                     "--cport", "61500", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(8)
             t_on = time.monotonic()
             owner = home.owner_download(seconds, mbit=want)
             time.sleep(min(seconds / 2, 8))
-            busy_p95 = ping_p95(home.owner, home.isp, 40, 0.05)
+            busy_p95 = ping_p95(home.owner, home.server_ip, 40, 0.05)
             out, _ = owner.communicate(timeout=seconds + 30)
             t_off = time.monotonic()
             got = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6

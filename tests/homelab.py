@@ -1,13 +1,16 @@
 """A home behind a real home router: the lab for node mode, UPnP port mapping and NAT traversal.
 
-    internet ns                         router ns (Debian's miniupnpd: UPnP IGD + NAT-PMP)
-    up0 11.22.33.1 ──── line ──── wan0 11.22.33.2 (nftables masquerade, the UPnP chains)
-    (ISP gateway, reflector,         br0 192.168.1.1/24 ─┬─ owner ns  eth0 192.168.1.10
-     iperf3 server, buyers)                               └─ node ns   eth0 192.168.1.20
+    server ns 11.22.0.2 ── 11.22.0.1  internet ns (forwards; hub and buyers can live here)
+    (iperf3, reflector)               up1 11.22.33.1 ──── line ──── wan0 11.22.33.2  router ns
+                                                   (Debian's miniupnpd: UPnP IGD + NAT-PMP, nftables NAT)
+                                      br0 192.168.1.1/24 ─┬─ owner ns  eth0 192.168.1.10
+                                                          └─ node ns   eth0 192.168.1.20
 
 * **The line**: a TBF on each side of the WAN link (download on the internet's egress, upload on
   the router's), with a deep queue like a real modem's, so a saturated line is both slower and
-  late (what the latency estimator notices).
+  late (what the latency estimator notices). The iperf3 server and the reflector sit one hop
+  further, in `server`: a TCP sender whose own egress is the bottleneck keeps that queue short
+  (TCP small queues), which no real line does.
 * **The router** runs `/usr/sbin/miniupnpd` (package miniupnpd-nftables: Debian builds 2.3.x with
   the nftables backend) in the foreground (`-d`) with its own config file in the lab's temp dir:
   `ext_ifname=wan0`, `listening_ip=br0`, `secure_mode=yes` (a LAN host maps ports to itself
@@ -16,15 +19,15 @@
   (a home router with UPnP switched off).
 * **Addresses**: miniupnpd refuses port forwarding when its WAN address is private or reserved
   (RFC 1918, CGNAT, even the documentation ranges), as a real router behind CGNAT must. So the
-  "internet" is 11.22.33.0/24, an address block that exists only inside these namespaces: the
-  internet namespace has no route anywhere else, and test traffic never leaves the lab.
+  "internet" is 11.22.0.0/16 (home n's line: 11.22.32+n.0/24), addresses that exist only inside
+  these namespaces: nothing routes anywhere else, and test traffic never leaves the lab.
 
     with Lab() as lab:
         home = HomeLab(lab, tmp_path)          # upnp=False: a router without UPnP
         home.node.run("upnpc", "-s")           # the node sees the IGD
         home.owner_download(seconds=10)        # the owner busy: iperf3 -R from the internet
 
-Used by tests/net/test_homelab.py, tests/net/test_node_mode.py and bench/idle.py; the hub and
+Used by tests/net/test_home.py and bench/idle.py; the hub and
 end-to-end tests can put the hub and buyers in `inet` and more homes behind more routers
 (`HomeLab(lab, tmp, inet=home1.inet, n=2)` adds a second home to the same internet).
 """
@@ -44,11 +47,10 @@ from netlab import Lab, Netns
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "net"))
 
-from agentlab import Forwarder, _toml
+from agentlab import Forwarder, NodeLab, write_node_toml
 
-REPO = Path(__file__).resolve().parents[1]
 MINIUPNPD = "/usr/sbin/miniupnpd"
-ISP = "11.22.33.1"  # the internet side of the line: gateway, reflector, iperf3 server, buyers
+SERVER = "11.22.0.2"  # a host on the internet: iperf3 server, ICMP reflector
 IPERF3 = ("nice", "-n", "-10", "iperf3")
 
 
@@ -69,6 +71,14 @@ class HomeLab:
         self.lab, self.tmp, self.n = lab, Path(tmp), n
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.inet = inet or lab.ns("inet")
+        self.server_ip = SERVER
+        if inet is None:  # a new internet: its server host, one hop behind
+            self.server = lab.ns("srv")
+            lab.link(self.inet, "11.22.0.1/24", self.server, f"{SERVER}/24")
+            self.server.run("ip", "route", "add", "default", "via", "11.22.0.1")
+            self.inet.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        else:
+            self.server = next(ns for ns in lab.namespaces if ns.name.endswith("-srv"))
         self.router, self.owner, self.node = lab.ns(f"rtr{n}"), lab.ns(f"own{n}"), lab.ns(f"node{n}")
         self.isp = f"11.22.{32 + n}.1"
         self.public = f"11.22.{32 + n}.2"  # the router's WAN address: the home's public address
@@ -193,11 +203,11 @@ table inet filter {
 
     # --- traffic --------------------------------------------------------------------------------
     def iperf_server(self, port: int = 5201) -> None:
-        """An iperf3 server on the internet side (the owner's download source)."""
-        self.inet.popen(*IPERF3, "-s", "-B", self.isp, "-p", str(port), stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL)
+        """An iperf3 server on the internet's server host (the owner's download source)."""
+        self.server.popen(*IPERF3, "-s", "-B", self.server_ip, "-p", str(port), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
         for _ in range(50):
-            if self.inet.run("ss", "-ltn", f"sport = :{port}").stdout.count("LISTEN"):
+            if self.server.run("ss", "-ltn", f"sport = :{port}").stdout.count("LISTEN"):
                 return
             time.sleep(0.05)
         raise RuntimeError("iperf3 server did not start")
@@ -206,80 +216,50 @@ table inet filter {
         """The owner downloads from the internet for `seconds` (iperf3 -R, TCP; `mbit` paces it,
         0 = as fast as the line lets). Returns the running iperf3 (JSON on stdout)."""
         pace = ["-b", f"{mbit}M"] if mbit else []
-        return self.owner.popen(*IPERF3, "-c", self.isp, "-p", str(port), "-R", "-J", "-t", f"{seconds:g}",
+        return self.owner.popen(*IPERF3, "-c", self.server_ip, "-p", str(port), "-R", "-J", "-t", f"{seconds:g}",
                                 *pace, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-class HomeNode:
-    """The real agent (python -m idlewire_agent run) in the home's node namespace.
+class HomeNode(NodeLab):
+    """The real agent (python -m idlewire_agent run) in the home's node namespace; starts, stops
+    and answers like agentlab.NodeLab's (whose methods it uses), on this lab's namespaces.
 
     The agent's shaper keeps its state in /run/idlewire: each agent here runs in a mount
     namespace of its own with a tmpfs there, so parallel labs (and a host's real agent) never
-    share it. The API is reached through a loopback forwarder into the node namespace.
+    share it. The API listens on the node's loopback (in node mode the one NIC is the WAN, where
+    the agent refuses to listen), reached through a loopback forwarder into the namespace.
     """
 
     def __init__(self, home: HomeLab, tmp: Path, **overrides):
-        self.home, self.tmp = home, Path(tmp)
+        # not NodeLab.__init__: that builds namespaces of its own
+        self.home, self.lab, self.tmp = home, home.lab, Path(tmp)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.node = home.node
         self.wg = home.lab.ifname("iwh")
         home.node.wg_sockets.append(f"/var/run/wireguard/{self.wg}.sock")
         self.port = 51000 + secrets.randbelow(9000)
         self.api_port = 18000 + secrets.randbelow(9000)
+        self.api_host = "127.0.0.1"
         self.cfg = self.tmp / "node.toml"
         self.token_file = self.tmp / "admin.token"
         self.log = self.tmp / "agent.log"
         sections = {
             "node": {"state_dir": str(self.tmp / "state"), "key_file": str(self.tmp / "node.key"),
                      "log_level": "info"},
-            # node mode: one NIC, on the owner's LAN; the API stays on the node's loopback (the
-            # agent refuses to listen on its WAN interface), reached through the forwarder
             "interfaces": {"wan": "eth0"},
             "tunnel": {"interface": self.wg, "port": self.port, "pool": "10.98.0.0/24",
                        "private_key_file": str(self.tmp / "wg.key")},
             "metering": {"poll_interval": 1.0},
-            "api": {"listen": ["127.0.0.1"], "port": self.api_port, "admin_token_file": str(self.token_file)},
+            "api": {"listen": [self.api_host], "port": self.api_port, "admin_token_file": str(self.token_file)},
             "firewall": {"required": False},
         }
-        for key, value in overrides.items():
-            sec, k = key.split("__")
-            sections.setdefault(sec, {})[k] = value
-        self.cfg.write_text(_toml(sections))
+        write_node_toml(self.cfg, sections, overrides)
         self.proc: subprocess.Popen | None = None
         self.fwd: Forwarder | None = None
+        script = 'mkdir -p /run/idlewire && mount -t tmpfs -o mode=0700 tmpfs /run/idlewire && exec "$@"'
+        self.python = ["unshare", "-m", "sh", "-c", script, "agent", sys.executable]
+        self.entry = ["-m", "idlewire_agent"]
 
-    def start(self, timeout: float = 30) -> None:
-        logf = open(self.log, "a")  # noqa: SIM115 (kept open for the process)
-        env = {**os.environ, "PYTHONPATH": str(REPO / "agent")}
-        script = ("mkdir -p /run/idlewire && mount -t tmpfs -o mode=0700 tmpfs /run/idlewire && "
-                  'exec "$@"')
-        self.proc = self.home.node.popen("unshare", "-m", "sh", "-c", script, "agent", sys.executable, "-m",
-                                         "idlewire_agent", "run", "--config", str(self.cfg),
-                                         stdout=logf, stderr=subprocess.STDOUT, env=env)
-        if self.fwd is None:
-            self.fwd = Forwarder(self.home.node.name, "127.0.0.1", self.api_port)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"agent exited: {self.log.read_text()[-3000:]}")
-            try:
-                self.get("/health")
-                return
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"agent did not answer: {self.log.read_text()[-3000:]}")
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout)
-        if self.fwd:
-            self.fwd.close()
-            self.fwd = None
-
-    def get(self, path: str):
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.fwd.port}{path}", timeout=20) as r:
-            body = r.read()
-            ctype = r.headers.get("Content-Type", "")
-        return json.loads(body) if ctype.startswith("application/json") else body.decode()
+    def stop(self) -> None:
+        super().stop()
+        self.fwd = None  # a restarted agent gets a new forwarder

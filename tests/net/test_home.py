@@ -140,7 +140,7 @@ def test_owner_download_lowers_buyers_cap_from_router_counters(homelab, tmp_path
 
 def test_owner_download_lowers_buyers_cap_from_latency_without_upnp(homelab, tmp_path):
     home = HomeLab(homelab, tmp_path / "lab", upnp=False)
-    node = HomeNode(home, tmp_path / "node", **SHAPING, home__source="auto", home__reflectors=[home.isp])
+    node = HomeNode(home, tmp_path / "node", **SHAPING, home__source="auto", home__reflectors=[home.server_ip])
     _owner_lowers_cap(home, node, "latency")
 
 
