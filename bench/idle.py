@@ -40,7 +40,7 @@ from netlab import Lab, have_netns
 from shapelab import ping_p95
 
 
-def run_source(source: str, line: float, seconds: float, interval: float) -> dict:
+def run_source(source: str, line: float, seconds: float, interval: float, latency_ms: float) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"idle-{source}-"))
     with Lab() as lab:
         home = HomeLab(lab, tmp / "lab", upnp=source == "upnp", line_down_mbit=line, line_up_mbit=line / 4)
@@ -49,7 +49,7 @@ def run_source(source: str, line: float, seconds: float, interval: float) -> dic
             "shaping__enabled": True, "shaping__line_down_mbit": line, "shaping__line_up_mbit": line / 4,
             "shaping__cap_down_mbit": cap, "shaping__cap_up_mbit": line / 8, "shaping__floor_down_mbit": line / 40,
             "shaping__floor_up_mbit": line / 160, "home__interval": interval, "home__source": source,
-            "home__reflectors": [home.server_ip]})
+            "home__reflectors": [home.server_ip], "home__latency_ms": latency_ms})
         home.iperf_server(5201)
         home.iperf_server(5202)
         node.start()
@@ -109,19 +109,20 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20, help="how long the owner downloads")
     ap.add_argument("--interval", type=float, default=1.0, help="[home] interval, seconds")
     ap.add_argument("--sources", default="upnp,latency", help="comma-separated: upnp, latency")
+    ap.add_argument("--latency-ms", type=float, default=15, help="[home] latency_ms for the latency source")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args()
     why = have_netns() or have_homelab()
     if why:
         print(f"bench/idle.py: {why}", file=sys.stderr)
         return 2
-    rows = [run_source(s, args.line, args.seconds, args.interval) for s in args.sources.split(",")]
+    rows = [run_source(s, args.line, args.seconds, args.interval, args.latency_ms) for s in args.sources.split(",")]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     load = os.getloadavg()[0]
     print(f"node mode, line {args.line:g} Mbit/s, owner 0 -> 80 % -> 0, interval {args.interval:g} s, "
-          f"load {load:.1f}")
+          f"latency_ms {args.latency_ms:g}, load {load:.1f}")
     print(f"{'source':8} {'follow down':>12} {'follow up':>10} {'owner ratio':>12} {'(alone)':>8} {'ping p95 +':>11} "
           f"{'cap before':>10} {'cap min':>8}")
     for r in rows:

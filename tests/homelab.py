@@ -65,7 +65,7 @@ def have_homelab() -> str | None:
 class HomeLab:
     """One home (router + owner + node) and the internet it hangs off, with a shaped line."""
 
-    def __init__(self, lab: Lab, tmp: Path, *, upnp: bool = True, natpmp: bool = True,
+    def __init__(self, lab: Lab, tmp: Path, *, upnp: bool = True, natpmp: bool = True, igd: bool = True,
                  line_down_mbit: float = 40, line_up_mbit: float = 10, queue_ms: int = 150,
                  inet: Netns | None = None, n: int = 1):
         self.lab, self.tmp, self.n = lab, Path(tmp), n
@@ -104,7 +104,7 @@ class HomeLab:
         self.miniupnpd: subprocess.Popen | None = None
         self.conf = self.tmp / f"miniupnpd{n}.conf"
         if upnp:
-            self.start_miniupnpd(natpmp=natpmp)
+            self.start_miniupnpd(natpmp=natpmp, igd=igd)
 
     # --- the line and the router --------------------------------------------------------------
     @staticmethod
@@ -145,13 +145,14 @@ table inet filter {
 """
         self.router.run("nft", "-f", "-", input=rules)
 
-    def start_miniupnpd(self, natpmp: bool = True) -> None:
-        """Debian's miniupnpd inside the router namespace, foreground, config in the lab's temp dir."""
+    def start_miniupnpd(self, natpmp: bool = True, igd: bool = True) -> None:
+        """Debian's miniupnpd inside the router namespace, foreground, config in the lab's temp dir
+        (`igd=False`: NAT-PMP only, as some routers offer)."""
         self.conf.write_text("\n".join([
             "ext_ifname=wan0",
             "listening_ip=br0",
             "port=0",  # any free port for the HTTP (SOAP) server; SSDP tells clients where
-            "enable_upnp=yes",
+            f"enable_upnp={'yes' if igd else 'no'}",
             f"enable_natpmp={'yes' if natpmp else 'no'}",
             "secure_mode=yes",
             "system_uptime=no",

@@ -1,8 +1,10 @@
-"""The home router over UPnP IGD: the WireGuard port mapped for buyers, and the WAN byte counters.
+"""The home router over UPnP IGD (or NAT-PMP): the WireGuard port mapped for buyers, and the
+router's WAN byte counters.
 
 Driven through miniupnpc's `upnpc` CLI, which Debian (miniupnpc) and OpenWrt (miniupnpc) both
 package; nothing is linked or pip-installed. `upnpc -s` discovers the IGD once (SSDP, ~2 s); every
-later call names its description URL (`-u`) and takes milliseconds.
+later call names its description URL (`-u`) and takes milliseconds. A router with NAT-PMP only
+is driven with libnatpmp's `natpmpc` (Debian package natpmpc), mapping but no counters.
 
 * **Port mapping** (`PortMapper`): UDP `[tunnel] port` on the router's public address → this
   node's LAN address, same port (another one if a second node behind the same router holds it),
@@ -22,6 +24,7 @@ import ipaddress
 import logging
 import random
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -29,6 +32,7 @@ import time
 log = logging.getLogger("idlewire.upnp")
 
 UPNPC = "upnpc"
+NATPMPC = "natpmpc"
 DESCRIPTION = "idlewire"
 WRAP = 1 << 32
 
@@ -66,6 +70,8 @@ def wrap_delta(new: int, old: int) -> int:
 class Igd:
     """One Internet Gateway Device found on the LAN (what `upnpc -s` printed)."""
 
+    how = "upnp"
+
     def __init__(self, url: str, lan_ip: str, external_ip: str):
         self.url, self.lan_ip, self.external_ip = url, lan_ip, external_ip
 
@@ -100,19 +106,63 @@ class Igd:
         return rc == 0 and "failed" not in out
 
 
+class NatPmp(Igd):
+    """A router that speaks NAT-PMP (RFC 6886) but not UPnP IGD, driven with libnatpmp's
+    `natpmpc` (Debian: natpmpc; OpenWrt: natpmpc? not packaged everywhere). No byte counters."""
+
+    how = "nat-pmp"
+
+    @classmethod
+    def probe(cls, timeout: float = 10) -> NatPmp | None:
+        rc, out = run([NATPMPC], timeout)
+        ext = _field(out, r"^Public IP address\s*:\s*(\S+)")
+        gw = _field(out, r"^using gateway\s*:\s*(\S+)")
+        if rc != 0 or not ext:
+            return None
+        lan = ""
+        try:  # the address the gateway sees us by (no packet is sent)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((gw or "192.0.2.1", 5351))
+                lan = s.getsockname()[0]
+        except OSError:
+            pass
+        return cls(f"nat-pmp://{gw}", lan, ext)
+
+    def counters(self, timeout: float = 5) -> tuple[int, int] | None:
+        return None
+
+    def add(self, lan_ip: str, port: int, ext_port: int, lease: int) -> tuple[bool, str]:
+        rc, out = run([NATPMPC, "-a", str(ext_port), str(port), "udp", str(lease)])
+        got = _field(out, r"^Mapped public port (\d+) protocol UDP")
+        if rc == 0 and got == str(ext_port):
+            self.internal = port  # NAT-PMP removes a mapping by its internal port
+            return True, ""
+        return False, f"NAT-PMP mapping refused ({clean((out.strip().splitlines() or ['no answer'])[-1])})"
+
+    def delete(self, ext_port: int) -> bool:
+        rc, out = run([NATPMPC, "-a", "0", str(getattr(self, "internal", ext_port)), "udp", "0"])
+        return rc == 0 and re.search(r"^Mapped public port 0 ", out, re.M) is not None
+
+
 def discover(timeout: float = 10) -> tuple[Igd | None, str]:
-    """(the IGD, "") or (None, why not): one SSDP discovery with `upnpc -s`."""
+    """(the IGD, "") or (None, why not): one SSDP discovery with `upnpc -s`, then NAT-PMP to the
+    default gateway with `natpmpc` when no IGD answered."""
     rc, out = run([UPNPC, "-s"], timeout)
     igd = Igd.parse(out)
     if igd is not None:
         return igd, ""
     if rc == 127:
-        return None, "upnpc is not installed (Debian/OpenWrt package miniupnpc)"
-    if "No IGD UPnP Device found" in out or "No valid UPNP Internet Gateway Device found" in out:
-        return None, "no UPnP IGD answered on the LAN (UPnP off on the router?)"
-    if re.search(r"Found a \(not connected\?\) IGD", out):
-        return None, "the router's UPnP IGD says its WAN is not connected"
-    return None, clean((out.strip().splitlines() or ["upnpc failed"])[-1])
+        why = "upnpc is not installed (Debian/OpenWrt package miniupnpc)"
+    elif "No IGD UPnP Device found" in out or "No valid UPNP Internet Gateway Device found" in out:
+        why = "no UPnP IGD answered on the LAN (UPnP off on the router?)"
+    elif re.search(r"Found a \(not connected\?\) IGD", out):
+        why = "the router's UPnP IGD says its WAN is not connected"
+    else:
+        why = clean((out.strip().splitlines() or ["upnpc failed"])[-1])
+    pmp = NatPmp.probe(timeout)
+    if pmp is not None:
+        return pmp, ""
+    return None, why + "; no NAT-PMP either"
 
 
 def _public(addr: str) -> bool:
@@ -143,7 +193,7 @@ class PortMapper:
         """What /health and the hub report: reachable with the endpoint, or why not and the fix."""
         with self.lock:
             if self.igd is not None and self.ext_port is not None:
-                return {"reachable": True, "how": "upnp", "endpoint": f"{self.igd.external_ip}:{self.ext_port}",
+                return {"reachable": True, "how": self.igd.how, "endpoint": f"{self.igd.external_ip}:{self.ext_port}",
                         "lan_address": self.igd.lan_ip, "lease_s": self.lease, "renewed": round(self.renewed)}
             lan = self.igd.lan_ip if self.igd else "its LAN address"
             return {"reachable": False, "why": self.why,
@@ -175,8 +225,8 @@ class PortMapper:
                     first = self.ext_port is None
                     self.igd, self.ext_port, self.renewed, self.why = igd, ext, time.time(), ""
                 if first:
-                    log.info("UDP %d mapped on the home router: buyers reach this node at %s:%d (lease %d s)",
-                             self.port, igd.external_ip, ext, self.lease)
+                    log.info("UDP %d mapped on the home router (%s): buyers reach this node at %s:%d (lease %d s)",
+                             self.port, igd.how, igd.external_ip, ext, self.lease)
                 return True
             if "718" not in why and "Conflict" not in why:
                 break

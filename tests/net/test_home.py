@@ -81,6 +81,21 @@ def test_port_mapped_reaches_node_and_is_removed_on_stop(homelab, tmp_path):
     assert "mapping removed" in node.log.read_text()
 
 
+def test_nat_pmp_only_router_maps_the_port(homelab, tmp_path):
+    """A router with NAT-PMP and no UPnP IGD: the node maps with natpmpc and removes it on stop."""
+    home = HomeLab(homelab, tmp_path / "lab", igd=False)
+    node = HomeNode(home, tmp_path / "node", home__upnp_map=True)
+    node.start()
+    try:
+        r = wait_for(lambda: node.get("/health").get("reachability", {}).get("reachable") and
+                     node.get("/health")["reachability"], 40, "the NAT-PMP mapping")
+        assert r["how"] == "nat-pmp" and r["endpoint"] == f"{home.public}:{node.port}"
+        assert f"dnat ip to {home.node_ip}:{node.port}" in home.nat_rules()
+    finally:
+        node.stop()
+    assert f"dport {node.port}" not in home.nat_rules()
+
+
 def test_router_without_upnp_says_not_reachable_with_the_fix(homelab, tmp_path):
     home = HomeLab(homelab, tmp_path / "lab", upnp=False)
     node = HomeNode(home, tmp_path / "node", home__upnp_map=True)

@@ -41,6 +41,7 @@ def test_counter_wrap_and_reset():
 
 def test_missing_upnpc_is_a_reason_not_a_crash(monkeypatch):
     monkeypatch.setattr(upnp, "UPNPC", "/nonexistent/upnpc")
+    monkeypatch.setattr(upnp, "NATPMPC", "/nonexistent/natpmpc")  # never to this host's real gateway
     igd, why = upnp.discover(timeout=2)
     assert igd is None and "miniupnpc" in why
     m = upnp.PortMapper(51820, discover_fn=lambda: (None, why))
