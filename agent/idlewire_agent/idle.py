@@ -340,6 +340,10 @@ class Home:
             out["reachability"] = self.mapper.status()
         if self.meter is not None:
             out["idle"] = self.meter.figures()
+        elif out["mode"] == "node":  # say why the caps do not follow the owner
+            why = ('[home] source = "off"' if self.cfg.policy.home.source == "off"
+                   else "[shaping] is off: there is no buyers' cap to lower")
+            out["idle"] = {"mode": "node", "source": "none", "why": why}
         return out
 
     def metrics(self) -> list[tuple[str, str, str, float]]:

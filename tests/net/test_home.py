@@ -106,6 +106,9 @@ def test_router_without_upnp_says_not_reachable_with_the_fix(homelab, tmp_path):
         assert r["reachable"] is False
         assert r["message"].startswith(f"not reachable from the internet: forward UDP {node.port} to this node")
         assert "no UPnP IGD" in r["why"]
+        # node mode without [shaping]: nothing to lower, and /health says so
+        assert node.get("/health")["idle"] == {"mode": "node", "source": "none",
+                                               "why": "[shaping] is off: there is no buyers' cap to lower"}
         assert "not reachable from the internet" in node.log.read_text()
     finally:
         node.stop()
