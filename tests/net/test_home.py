@@ -7,14 +7,19 @@ router's WAN counters and, with UPnP off, from latency. Bounds are generous (a l
 host); bench/idle.py measures the timings.
 """
 
+import json
 import os
+import secrets
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from homelab import HomeLab, HomeNode, have_homelab
+from idlewire_agent import receipts
 
 pytestmark = pytest.mark.net
 
@@ -194,3 +199,40 @@ def test_lease_is_renewed_before_it_expires(homelab, tmp_path):
     assert out.strip() == "True"
     assert "40123" not in home.nat_rules()
     assert home.miniupnpd_log().count("AddPortMapping: ext port 40123") >= 3  # mapped + renewed twice
+
+
+def test_buyer_on_the_internet_handshakes_through_the_mapping(homelab, tmp_path):
+    """A real WireGuard handshake from the internet to the node behind the home router's NAT,
+    through the UPnP mapping only (the router forwards nothing else inbound)."""
+    home = HomeLab(homelab, tmp_path / "lab")
+    node = HomeNode(home, tmp_path / "node", home__upnp_map=True)
+    node.start()
+    try:
+        r = wait_for(lambda: node.get("/health").get("reachability", {}).get("reachable") and
+                     node.get("/health")["reachability"], 30, "the UPnP mapping")
+        priv = home.inet.run("wg", "genkey").stdout.strip()
+        pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True, check=True).stdout.strip()
+        body = json.dumps({"wg_public_key": pub}).encode()
+        buyer = Ed25519PrivateKey.generate()
+        req = urllib.request.Request(node.url + "/sessions", data=body, method="POST",  # noqa: S310 (loopback)
+                                     headers={"Content-Type": "application/json",
+                                              **receipts.sign_request(buyer, "POST", "/sessions", body,
+                                                                      int(time.time()), secrets.token_hex(16))})
+        with urllib.request.urlopen(req, timeout=20) as resp:  # noqa: S310 (the loopback forwarder)
+            s = json.loads(resp.read())
+        wg = homelab.ifname("iwb")
+        home.inet.wireguard(wg)
+        key = tmp_path / "buyer.key"
+        key.write_text(priv)
+        key.chmod(0o600)
+        home.inet.run("wg", "set", wg, "private-key", str(key), "peer", s["wg_public_key"],
+                      "allowed-ips", f"{s['node_address']}/32", "endpoint", r["endpoint"])
+        home.inet.run("ip", "addr", "add", s["address"], "dev", wg)
+        home.inet.run("ip", "link", "set", wg, "up")
+        home.inet.run("ip", "route", "add", f"{s['node_address']}/32", "dev", wg)
+        wait_for(lambda: home.inet.run("ping", "-c1", "-W1", s["node_address"], check=False).returncode == 0,
+                 20, "a ping through the tunnel")
+        hs = home.inet.run("wg", "show", wg, "latest-handshakes").stdout.split()
+        assert int(hs[1]) > 0  # the handshake completed through the router's public address
+    finally:
+        node.stop()
