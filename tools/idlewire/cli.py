@@ -19,7 +19,7 @@ app = App(
     "Every command explains itself:  idlewire COMMAND --help",
     version=__version__,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long its paths
 
 
 @app.command()

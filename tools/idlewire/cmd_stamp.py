@@ -13,7 +13,7 @@ from rich.console import Console
 from .clikit import App, Arg, Opt
 from .errors import UserError
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long its paths
 
 
 def register(app: App) -> None:
