@@ -9,7 +9,7 @@ import sys
 import threading
 
 from . import __version__
-from .config import ConfigError, load
+from .config import ConfigError, load, market_problem
 
 DEFAULT_CONFIG = "/etc/idlewire/node.toml"
 
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                            "default /etc/idlewire/unit.toml, when present): every error names its file and key. "
                            "Prints what the unit's caps change.")
     check.add_argument("file")
+    check.add_argument("--before-stamp", action="store_true", help="FILE is for a golden image whose units are "
+                       "stamped later: a fact the stamp may still give (region for a marketplace) is a note, "
+                       "not an error")
     check.add_argument("--unit", metavar="UNIT_TOML", help="check this unit file instead of the one node.toml "
                        "names (it must exist)")
     shaping.add_cli(sub)
@@ -102,7 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             return 2
+        problem = market_problem(cfg, args.file)
+        if problem and not args.before_stamp:
+            print(problem, file=sys.stderr)
+            return 2
         print(f"{args.file}: OK")
+        if problem:
+            print(f"{args.file}: note: marketplace {cfg.marketplace} without a region: each unit's stamp must "
+                  "give region (unit.yml region:), or the agent refuses to start")
         u = cfg.unit
         if u.present:
             print(f"{u.path}: OK: unit {u.unit or '?'}, payout address {u.payout_address or 'none'}")
@@ -129,9 +139,9 @@ def run_agent(path: str) -> int:
     if cfg is None:
         return 2
     logging.basicConfig(level=cfg.log_level.upper(), format="%(name)s: %(message)s")
-    if cfg.marketplace and not (len(cfg.region) == 2 and cfg.region.isascii() and cfg.region.isalpha()):
-        print(f"{path}: [node] region: {cfg.region!r}: a marketplace ([node] marketplace) needs the node's country "
-              "as an ISO 3166-1 alpha-2 code, e.g. region = \"DE\"", file=sys.stderr)
+    problem = market_problem(cfg, path)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     if cfg.marketplace.startswith("https:"):
         try:

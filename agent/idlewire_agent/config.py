@@ -4,7 +4,7 @@ Every key (type, bounds, default, doc line, the check) is declared once in schem
 host's `idlewire stamp` imports too; the records below take their defaults from it. Every error
 names its key and what is expected.
 
-    [node]        region, price_per_gb, log_level, state_dir, key_file, marketplace, unit_file
+    [node]        region, location, price_per_gb, log_level, state_dir, key_file, marketplace, unit_file
     [interfaces]  wan, lan, management (interface names)
     [tunnel]      interface, port, pool, endpoint, private_key_file
     [metering]    poll_interval, line_rate_mbit, unpaid_cap_mb, tolerance_percent
@@ -19,12 +19,15 @@ One key per fact: the shaper shapes [interfaces] wan and [tunnel] interface/port
 max is the one session limit (the quota keeper and the shaper read it). The old [shaping]
 wan_interface, tunnel_interface, tunnel_port and [quota] max_sessions still read, each with a
 deprecation line (schema.MOVED); an old and a new key with different values is an error naming
-both.
+both. [node] region is the node's ISO 3166-1 alpha-2 country code or "" (none); an old region name
+("unset", "eu-west") reads as "" with a deprecation line, and a node with a marketplace but no
+region is refused at start in one line (market_problem).
 
 unit.toml ([node] unit_file, schema.UNIT) is the unit's own settings, written at first boot by
 `idlewire-agent consume-stamp` (consume.py) from the stamp `idlewire stamp` put on the boot
-partition: unit, hostname, node_public_key, payout_address and [caps] up_mbit, down_mbit,
-monthly_gb (0 = no quota), max_sessions, each replacing node.toml's value. A unit file that is
+partition: unit, hostname, node_public_key, payout_address, marketplace and region (each replacing
+[node]'s, schema.UNIT_OVER) and [caps] up_mbit, down_mbit, monthly_gb (0 = no quota), max_sessions,
+each replacing node.toml's value: the unit's stamp wins over the role's node.toml. A unit file that is
 absent is fine (a node provisioned live has none); one with a bad value is an error naming the
 unit file and the key, like node.toml's. A cap above the line rate is lowered to it, with a note.
 """
@@ -119,6 +122,8 @@ class UnitConfig(Record):
     hostname: str = ""
     node_public_key: str = ""
     payout_address: str = ""
+    marketplace: str | None = None  # None: not stamped, node.toml's stands (schema.UNIT_OVER)
+    region: str | None = None
     caps: dict[str, float | int] = field(default_factory=dict)  # as stamped
     notes: list[str] = field(default_factory=list)  # what the caps changed, one line each
 
@@ -134,6 +139,7 @@ class ReceiptsConfig(Record):
 
 class NodeConfig(Record):
     region: str = _d("node", "region")
+    location: str = _d("node", "location")
     price_per_gb: float = _d("node", "price_per_gb")
     log_level: str = _d("node", "log_level")
     state_dir: str = _d("node", "state_dir")
@@ -149,6 +155,7 @@ class NodeConfig(Record):
     policy: policy.Policy = field(default_factory=policy.Policy)
     unit: UnitConfig = field(default_factory=lambda: UnitConfig())
     warnings: list[str] = field(default_factory=list)  # deprecated keys read, one line each
+    old_region: str = ""  # an old region name read as "" (schema._old_region), for the marketplace's error
 
 
 _OWN_SECTIONS = ("node", "interfaces", "tunnel", "metering", "sessions", "api", "receipts")
@@ -165,9 +172,12 @@ def parse(data: dict, path: str = "node.toml") -> NodeConfig:
     known = {*_OWN_SECTIONS, *policy.SECTIONS}
     problems = [f"[{key}]: unknown section; expected one of {', '.join(sorted(known))}"
                 for key in sorted(set(data) - known, key=str)]
+    given = data.get("node", {}).get("region") if isinstance(data.get("node"), dict) else None
     data, warnings, conflicts = schema.migrate(data)
     problems += conflicts
     cfg = NodeConfig(warnings=warnings)
+    if isinstance(given, str) and data["node"].get("region") == "" and given.strip():
+        cfg.old_region = given
     cfg.policy, policy_problems = policy.parse_sections(data)
     problems += policy_problems
     for name in _OWN_SECTIONS:
@@ -208,8 +218,14 @@ def parse_unit(data: dict, path: str = UNIT_FILE) -> tuple[UnitConfig, list[str]
 
 
 def apply_unit(cfg: NodeConfig, unit: UnitConfig) -> None:
-    """The unit's caps replace node.toml's (a cap above the line is lowered to it); notes say what."""
+    """The unit's market facts and caps replace node.toml's (a cap above the line is lowered to
+    it); notes say what."""
     cfg.unit = unit
+    for key, (_section, name) in schema.UNIT_OVER.items():
+        value = getattr(unit, key)
+        if value is not None:
+            unit.notes.append(f"{key} = {value!r} replaces node.{name} ({getattr(cfg, name)!r})")
+            setattr(cfg, name, value)
     sh, quota = cfg.policy.shaping, cfg.policy.quota
     for d in ("up", "down"):
         key = f"{d}_mbit"
@@ -236,6 +252,18 @@ def apply_unit(cfg: NodeConfig, unit: UnitConfig) -> None:
         unit.notes.append(f"caps.max_sessions = {unit.caps['max_sessions']} replaces sessions.max "
                           f"({cfg.sessions.max})")
         quota.max_sessions = cfg.sessions.max = int(unit.caps["max_sessions"])
+
+
+def market_problem(cfg: NodeConfig, path: str = "node.toml") -> str | None:
+    """One line when a marketplace is set but the node has no region (the hub needs the country
+    buyers pick nodes by), naming the file that set the marketplace and the fix; else None."""
+    if not cfg.marketplace or cfg.region:
+        return None
+    unit = cfg.unit.marketplace is not None
+    got = f"{cfg.old_region!r} (a region name, read as none)" if cfg.old_region and not unit else "none"
+    return (f"{cfg.unit.path if unit else path}: {'region' if unit else 'node.region'}: expected the node's country "
+            f"(ISO 3166-1 alpha-2, e.g. DE) for marketplace {cfg.marketplace}, got {got}; set region = \"DE\" in "
+            "[node] of node.toml (Ansible: agent_region), or region: in the unit's unit.yml before stamping")
 
 
 def _read_toml(path: str, what: str) -> dict:

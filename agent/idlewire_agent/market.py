@@ -240,9 +240,9 @@ class Seller:
         payout = a.payout or receipts.payout_statement(a.node_key, u.payout_address or "", u.unit or "")
         from . import __version__
 
-        out = self.market.register(wg_public_key=a.wg_pub, payout=payout, region=a.cfg.region.upper(),
-                                   caps=self.caps(), price_per_gb=a.cfg.price_per_gb, endpoint=self.endpoint(),
-                                   version=__version__)
+        out = self.market.register(wg_public_key=a.wg_pub, payout=payout, region=a.cfg.region,
+                                   location=a.cfg.location, caps=self.caps(), price_per_gb=a.cfg.price_per_gb,
+                                   endpoint=self.endpoint(), version=__version__)
         self.registered.set()
         self.state = "registered"
         self.report_public(out.get("seen_from") or "")

@@ -244,6 +244,27 @@ def _addresses(v: list) -> bool:
         return False
 
 
+# ISO 3166-1 alpha-2: the 249 officially assigned codes (tests/unit/test_schema_region.py checks the
+# list against Debian's iso-codes when it is installed). User-assigned codes (AA, QM-QZ, XA-XZ, ZZ,
+# so also XK) and the reserved ones (UK, EU, …) name no country a buyer can ask for.
+_COUNTRY_CODES = (
+    "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ BR BS "
+    "BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM DO DZ EC EE "
+    "EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS GT GU GW GY HK HM "
+    "HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN KP KR KW KY KZ LA LB LC "
+    "LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ MR MS MT MU MV MW MX MY MZ NA "
+    "NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN PR PS PT PW PY QA RE RO RS RU RW "
+    "SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO "
+    "TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE YT ZA ZM ZW"
+)
+COUNTRIES = frozenset(_COUNTRY_CODES.split())
+COUNTRY_EXPECT = "an ISO 3166-1 alpha-2 country code such as DE, US or GB (not UK)"
+
+
+def _country(v: str) -> bool:
+    return v in COUNTRIES
+
+
 def _path(default: str, doc: str) -> Key:
     return Key(STR, default, doc, "an absolute path", pattern=ABS_PATH)
 
@@ -265,8 +286,12 @@ def rate(default: float, doc: str, zero: bool = False) -> Key:
 
 NODE: dict[str, dict[str, Key]] = {
     "node": {
-        "region": Key(STR, "unset", "where the node is, for buyers and the marketplace",
-                      "a region name (letters, digits, _ . -, at most 64)", pattern=r"[A-Za-z0-9_.-]{1,64}"),
+        "region": Key(STR, "", "the node's country (case-blind, stored upper-case): buyers pick nodes by it; "
+                      "a marketplace needs it", f'{COUNTRY_EXPECT}, or "" for none', pattern=r"[A-Z]{2}",
+                      test=_country, case="upper", empty=True, example="DE"),
+        "location": Key(STR, "", "a coarse location shown to buyers (a city or area, never an address), or empty",
+                        "up to 64 letters, digits, spaces and . , ' ( ) -", pattern=r"[\w .,'()-]{1,64}",
+                        empty=True, example="Berlin"),
         "price_per_gb": Key(NUM, 0.0, "the price a buyer pays per GB", "a number >= 0", lo=0, hi=999_999),
         "log_level": Key(STR, "info", "debug, info, warning or error", "one of debug, info, warning, error",
                          pattern=r"debug|info|warning|error"),
@@ -401,8 +426,33 @@ MOVED: dict[tuple[str, str], tuple[str, str]] = {
 }
 
 
+# [node] region was a free name ("unset" by default, "eu-west", …) before it became the country the
+# hub needs. Such a name still reads, as "" (no region), with a deprecation line saying what to
+# write; a node with a marketplace then stops at start naming the key (config.market_problem).
+OLD_REGION = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _old_region(node: dict, warnings: list[str]) -> None:
+    value = node.get("region")
+    if not isinstance(value, str):
+        return
+    try:
+        NODE["node"]["region"].check(value)
+        return
+    except Invalid:
+        if not OLD_REGION.fullmatch(value.strip(_EDGE)):
+            return  # never valid: the key's own error
+    node["region"] = ""
+    fix = 'write the node\'s ISO 3166-1 alpha-2 country code, e.g. region = "DE", or region = "" for none'
+    if value.strip(_EDGE).lower() == "unset":
+        warnings.append(f'node.region = "unset" is deprecated (read as "", no region): {fix}')
+    else:
+        warnings.append(f"node.region = {shown(value)}: region names are deprecated (read as \"\", no region): {fix}")
+
+
 def migrate(data: dict) -> tuple[dict, list[str], list[str]]:
-    """node.toml with old keys moved to their owners: (data, deprecation lines, conflicts)."""
+    """node.toml with old keys moved to their owners, old region names read as none: (data,
+    deprecation lines, conflicts)."""
     warnings: list[str] = []
     problems: list[str] = []
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
@@ -421,6 +471,8 @@ def migrate(data: dict) -> tuple[dict, list[str], list[str]]:
             continue
         new.setdefault(new_key, value)
         warnings.append(f"{sec}.{key} is deprecated: write it as {new_sec}.{new_key} (read as that now)")
+    if isinstance(out.get("node"), dict):
+        _old_region(out["node"], warnings)
     return out, warnings, problems
 
 
@@ -450,13 +502,22 @@ UNIT: dict[str, Key] = {  # unit.toml on the node: what the stamp leaves for the
     "payout_address": Key(STR, "", "where the owner is paid (reported, signed, in /health)",
                           "4-128 characters of letters, digits and ':._@+-'", pattern=PAYOUT, empty=True,
                           example="bc1qexample"),
+    # The market facts a vendor stamps, so that a unit registers itself with the hub at first boot.
+    # Like a cap, each given replaces node.toml's value (the stamp wins over the agent role's
+    # agent_marketplace / agent_region); not given: node.toml's.
+    "marketplace": NODE["node"]["marketplace"].but(
+        default="", doc="the hub the unit registers with at first boot; replaces node.marketplace (wins over the "
+        "role's agent_marketplace)", example="https://hub.example"),
+    "region": NODE["node"]["region"].but(default="", doc="the unit's country (case-blind, stored upper-case); "
+                                         "replaces node.region (wins over agent_region)"),
     "caps": Key(TABLE, {}, "the unit's limits; each replaces node.toml's value", keys=CAPS),
 }
+UNIT_OVER: dict[str, tuple[str, str]] = {"marketplace": ("node", "marketplace"), "region": ("node", "region")}
 
 WIFI: dict[str, Key] = {
     "country": Key(STR, MISSING, "ISO 3166 country (decides the legal channels)",
-                   "a two-letter ISO 3166 country code such as DE or US (it decides the legal channels)",
-                   pattern=r"[A-Z]{2}", case="upper", example="DE"),
+                   f"{COUNTRY_EXPECT} (it decides the legal channels)",
+                   pattern=r"[A-Z]{2}", test=_country, case="upper", example="DE"),
     "ssid": Key(STR, MISSING, "the network's name", "a network name of 1-32 bytes", test=_ssid,
                 example="Cafe Luna"),
     "psk_hash": Key(STR, MISSING, "WPA-PSK derived from the passphrase (64 hex digits)", "64 hex digits",
@@ -495,6 +556,8 @@ UNIT_INPUT: dict[str, Key] = {
     "ssh_authorized_keys": STAMP["ssh_authorized_keys"],
     "wifi": Key(TABLE, {}, "Wi-Fi client settings", keys=WIFI_INPUT),
     "payout_address": UNIT["payout_address"],
+    "marketplace": UNIT["marketplace"],
+    "region": UNIT["region"],
     "caps": UNIT["caps"],
     "node_key": Key(STR, "", "path of an ed25519 private key (PEM, OpenSSH or base64 of 32 bytes); "
                     "generated when absent", "the path of a key file", empty=True, host_only=True),

@@ -7,7 +7,7 @@ from idlewire_agent.config import ConfigError, parse
 
 GOOD = """
 [node]
-region = "eu-west"
+region = "de"
 price_per_gb = 0.25
 key_file = "/etc/idlewire/node.key"
 marketplace = "https://market.example/api"

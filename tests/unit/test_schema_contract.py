@@ -75,6 +75,8 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "unit": texts(["shop-0001", "Shop_01.a", "a", "x" * 64]),
     "hostname": texts(["iw-0001", "IW-01", "a", "x" * 63, "-bad", "a_b"]),
     "payout_address": texts(["bc1qexample", "addr:x@y+z", "abcd", "abc"]),
+    "marketplace": texts(["https://hub.example", "http://10.0.0.1:8080/api", "hub.example", "ftp://x", "https://"]),
+    "region": texts(["DE", "de", "gb", "UK", "XK", "DEU", "unset", "eu-west"]),
     "ssh_authorized_keys": texts([KEY, "ssh-rsa AAAA x", "nope"]),
     "wifi.country": texts(["DE", "de", "US", "DEU"]),
     "wifi.ssid": texts(["Cafe Luna", "x", "é" * 16, "a" * 32, "a" * 33]),
@@ -179,8 +181,9 @@ def csv_bytes(field: str, v) -> bytes | None:
         if ";" in str(v):
             return None  # ';' separates keys in a cell
         row["ssh_authorized_keys"] = d["ssh_authorized_keys"][0]
-    if "payout_address" in d:
-        row["payout_address"] = d["payout_address"]
+    for plain in ("payout_address", "marketplace", "region"):
+        if plain in d:
+            row[plain] = d[plain]
     if "unit" in field:
         row["unit"] = d["unit"]
     buf = io.StringIO(newline="")
@@ -238,7 +241,7 @@ def node_verdict(field: str, v):
 def _blank_means_unset(field: str, v) -> bool:
     """unit.yml/units.csv leave a blank hostname to the default (from the unit id); the stamp
     always carries one. Blank there is "not set", not a value to compare."""
-    return field in ("hostname", "payout_address") and (
+    return field in ("hostname", "payout_address", "marketplace", "region") and (
         v is None or (isinstance(v, str) and not v.strip()))
 
 
@@ -286,6 +289,8 @@ VALID: dict[str, st.SearchStrategy] = {
     "unit": edged(["shop-0001", "Shop_01.a", "x" * 64, "9"]),
     "hostname": edged(["iw-0001", "IW-01", "x" * 63, "a"]),
     "payout_address": edged(["bc1qexample", "addr:x@y+z", "abcd"]),
+    "marketplace": edged(["https://hub.example", "http://192.0.2.1:8080/v1"]),
+    "region": edged(["DE", "us", "Gb"]),
     "ssh_authorized_keys": edged([KEY, KEY.replace("vendor@desk", "é ü \u00a0x")]),
     "wifi.country": edged(["DE", "us"]),
     "wifi.ssid": st.one_of(edged(["Cafe Luna", "é" * 16, "a" * 32]),
@@ -363,6 +368,9 @@ def test_what_the_host_stamps_the_node_applies_exactly():
             u = cfg.unit
             assert (u.unit, u.hostname, u.node_public_key, u.payout_address) == (
                 unit.unit, unit.hostname, pub, unit.payout_address or "")
+            # the market facts: stamped when given, and then in force over node.toml's (which has none here)
+            assert (u.marketplace, u.region) == (unit.marketplace, unit.region)
+            assert (cfg.marketplace, cfg.region) == (unit.marketplace or "", unit.region or "")
             assert u.caps == unit.caps and all(type(u.caps[k]) is type(unit.caps[k]) for k in unit.caps)
             assert (root / "etc" / "hostname").read_text() == unit.hostname + "\n"
             if unit.wifi:

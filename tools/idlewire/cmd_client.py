@@ -268,8 +268,13 @@ def register(app: App) -> None:
         if bool(hub) == bool(url) or urlsplit(target).scheme not in ("http", "https") or \
                 not urlsplit(target).hostname:
             raise UserError(f"{what}, got {target!r}" if target else "give the node's URL or --hub URL")
-        if region and not (len(region) == 2 and region.isascii() and region.isalpha()):
-            raise UserError(f"--region: expected an ISO 3166-1 alpha-2 country code like DE, got {region!r}")
+        if region:
+            from idlewire_agent import schema
+
+            try:  # the node's own key (node.region): the hub takes what the node may claim
+                region = schema.NODE["node"]["region"].check(region)
+            except schema.Invalid as exc:
+                raise UserError(f"--region: expected {exc}, got {schema.shown(region)}") from None
         priv, pub = _wg_keypair()
         if hub:
             buyer = HubBuyer(hub, load_key(key))

@@ -5,7 +5,8 @@ partition's byte offset (`mcopy -i IMAGE@@OFFSET`), the offset read from the par
 `sfdisk -J`. What lands on the boot partition (consumed and erased by the unit's first boot, see
 `idlewire-agent consume-stamp`, agent/idlewire_agent/consume.py)::
 
-    idlewire/stamp.toml   unit id, hostname, SSH keys, Wi-Fi (hashed PSK), payout address, caps
+    idlewire/stamp.toml   unit id, hostname, SSH keys, Wi-Fi (hashed PSK), payout address, hub URL
+                          (marketplace), region, caps
     idlewire/node.key     the node's ed25519 private key (base64 of its 32 bytes: the agent's format)
 
 The output image is a sparse copy of the golden one (a reflink when the filesystem can, else
@@ -74,8 +75,7 @@ def stamp_values(unit: Unit, public_key: str) -> dict:
                     "node_public_key": public_key,
                     "stamped_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "ssh_authorized_keys": list(unit.ssh_authorized_keys)}
-    if unit.payout_address:
-        values["payout_address"] = unit.payout_address
+    values.update(unit.settings)  # payout_address, marketplace, region (units.PLAIN), when given
     if unit.wifi:
         w = unit.wifi
         values["wifi"] = {"country": w.country, "ssid": w.ssid, "psk_hash": w.psk_hash, "hidden": w.hidden}

@@ -9,13 +9,16 @@ Two formats hold the same fields:
       ssh_authorized_keys: ["ssh-ed25519 AAAA… vendor@desk"]
       wifi: {country: DE, ssid: "Cafe Luna", psk: "correct horse", hidden: false}
       payout_address: "bc1q…"
+      marketplace: https://hub.example   # the hub the unit registers with at first boot
+      region: DE                      # the unit's country (ISO 3166-1 alpha-2), for the hub and buyers
       caps: {up_mbit: 20, down_mbit: 100, monthly_gb: 500, max_sessions: 8}
       node_key: keys/shop-0001.key    # ed25519 private key (PEM, OpenSSH or base64); generated when absent
 
 - `units.csv`, one row per unit, a header row naming the columns (any order, unknown columns are
   refused, an empty cell means "not set"): ``unit, hostname, ssh_authorized_keys`` (several keys
   separated by ';'), ``wifi_country, wifi_ssid, wifi_psk, wifi_hidden`` (true/false),
-  ``payout_address, caps_up_mbit, caps_down_mbit, caps_monthly_gb, caps_max_sessions, node_key``.
+  ``payout_address, marketplace, region, caps_up_mbit, caps_down_mbit, caps_monthly_gb,
+  caps_max_sessions, node_key`` (the columns are schema.csv_columns()).
 
 Relative `node_key` paths are taken from the unit file's directory. Every complaint names the
 file, the row (CSV) and the field, and says what is expected. Every field is checked by its key
@@ -46,6 +49,11 @@ CAPS = schema.CAPS
 CSV_FIELDS = schema.csv_columns()  # column → the unit.yml path it fills
 CSV_COLUMNS = tuple(CSV_FIELDS)
 YAML_FIELDS = set(schema.UNIT_INPUT)
+# The node settings a unit carries as plain text, stamped as given (blank: not stamped, node.toml's
+# stands): every text key of unit.toml the host has no rule of its own for. payout_address,
+# marketplace, region today; a key added to schema.UNIT and UNIT_INPUT is stamped with no change here.
+PLAIN = tuple(k for k, key in schema.UNIT_INPUT.items()
+              if k in schema.UNIT and key.kind == schema.STR and k not in ("unit", "hostname"))
 
 
 @dataclass(frozen=True)
@@ -71,11 +79,17 @@ class Unit:
     hostname: str
     ssh_authorized_keys: tuple[str, ...] = ()
     wifi: Wifi | None = None
-    payout_address: str | None = None
+    settings: dict[str, str] = field(default_factory=dict)  # PLAIN keys given: {"region": "DE", …}
     caps: dict[str, float | int] = field(default_factory=dict)
     node_key_pem: bytes | None = None  # the given key; None: generated at stamping
     source: str = ""  # "units.csv row 3" — for messages
     node_key_path: str = ""  # the key file, for messages
+
+    def __getattr__(self, name: str):
+        """unit.payout_address, unit.marketplace, unit.region: the value given, None when not given."""
+        if name in PLAIN:
+            return self.settings.get(name)
+        raise AttributeError(name)
 
 
 def wpa_psk(ssid: str, passphrase: str) -> str:
@@ -150,8 +164,7 @@ def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
         hidden = w.check(wkeys["hidden"], "wifi.hidden", wraw.get("hidden", False))
         wifi = Wifi(country, ssid, psk, hidden)
 
-    payout = raw.get("payout_address")
-    payout = None if _blank(payout) else w.check(keys["payout_address"], "payout_address", payout)
+    settings = {k: w.check(keys[k], k, raw[k]) for k in PLAIN if not _blank(raw.get(k))}
 
     caps: dict[str, float | int] = {}
     craw = raw.get("caps") or {}
@@ -175,7 +188,7 @@ def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
         except ValueError as exc:
             raise w.fail("node_key", f"{path}: {exc}") from None
         key_path = str(path)
-    return Unit(unit, hostname, tuple(ssh), wifi, payout, caps, pem, w.where, key_path or "")
+    return Unit(unit, hostname, tuple(ssh), wifi, settings, caps, pem, w.where, key_path or "")
 
 
 def load_unit(path: Path) -> Unit:

@@ -42,7 +42,8 @@ def node_table() -> str:
     lines += [_row(f"schedule.rule[].{name}", key) for name, key in schema.RULE.items()]
     moved = ", ".join(f"`{s}.{k}` → `{ns}.{nk}`" for (s, k), (ns, nk) in schema.MOVED.items())
     lines += ["", f"Old keys still read, with a deprecation line (a different value under both names is an "
-              f"error naming both): {moved}."]
+              f"error naming both): {moved}. An old `node.region` name (\"unset\", \"eu-west\") reads as \"\" (no "
+              "region), with a deprecation line; a node with a marketplace and no region does not start."]
     return "\n".join(lines)
 
 

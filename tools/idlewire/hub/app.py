@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from . import db, queries
-from .service import CONNECT_TIMEOUT, Hub, HubError, Signed
+from .service import CONNECT_TIMEOUT, LOCATION, REGION, Hub, HubError, Signed
 
 MAX_BODY = 4 << 20
 log = logging.getLogger("idlewire.hub")
@@ -120,8 +120,10 @@ class HeartbeatPath:
 class Registration(BaseModel):
     wg_public_key: str = Field(description="the node's WireGuard public key (base64)")
     payout: dict = Field(description="the node-signed payout statement (agent receipts.payout_statement)")
-    region: str = Field(min_length=2, max_length=2, description="ISO 3166-1 alpha-2 country code")
-    location: str = Field("", max_length=64, pattern=r"^[\w .,'()-]*$", description="optional coarse location")
+    region: str = Field(max_length=64, description=f"the node's country: {REGION.expect} (checked by the agent's "
+                        "schema key node.region)")
+    location: str = Field("", max_length=300, description=f"optional: {LOCATION.doc}; {LOCATION.expect} (the agent's "
+                          "schema key node.location)")
     caps: dict = Field(description="caps in force: up_mbit, down_mbit, max_sessions, monthly_gb")
     price_per_gb: float = Field(ge=0, le=1e6)
     endpoint: str = Field("", max_length=300, description="HOST:PORT of the node's WireGuard, \"\" if unreachable")
@@ -147,7 +149,7 @@ class Answer(BaseModel):
 
 class Connect(BaseModel):
     wg_public_key: str = Field(max_length=64)
-    region: str | None = Field(None, min_length=2, max_length=2)
+    region: str | None = Field(None, max_length=64, description=f"the country the node should be in: {REGION.expect}")
     max_price: float | None = Field(None, ge=0)
 
 

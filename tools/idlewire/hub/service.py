@@ -16,6 +16,7 @@ import time
 
 from idlewire_agent import config as agent_config
 from idlewire_agent import receipts as rc
+from idlewire_agent import schema
 from idlewire_agent.api import CLOCK_SKEW
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
@@ -35,8 +36,9 @@ _SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _KEY = re.compile(r"^[A-Za-z0-9+/]{43}=$")
 _ENDPOINT = re.compile(r"^([A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})$")
-# ISO 3166-1 alpha-2 codes that name no country (user-assigned ranges).
-_NOT_COUNTRY = {"AA", "ZZ"} | {f"Q{c}" for c in "MNOPQRSTUVWXYZ"} | {f"X{c}" for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+# The region claim and the coarse location: the node's own keys (one owner: the agent's schema).
+REGION = schema.NODE["node"]["region"]
+LOCATION = schema.NODE["node"]["location"]
 
 
 class Signed:
@@ -78,8 +80,15 @@ def node_id(node_key: str) -> str:
     return hashlib.sha256(node_key.encode()).hexdigest()[:20]
 
 
-def region_ok(cc: str) -> bool:
-    return bool(re.fullmatch(r"[A-Z]{2}", cc)) and cc not in _NOT_COUNTRY
+def checked(key: schema.Key, name: str, value, required: bool = False) -> str:
+    """`value` as the node's schema key applies it (a region upper-cased), or a 422 in one line."""
+    try:
+        out = key.check(value)
+    except schema.Invalid as exc:
+        raise HubError(422, f"{name}: expected {exc}, got {schema.shown(value)}") from None
+    if required and not out:
+        raise HubError(422, f"{name}: expected the node's country ({schema.COUNTRY_EXPECT}), got none")
+    return out
 
 
 def heartbeat_body(body) -> tuple[float, dict | None, dict[str, str]]:
@@ -176,9 +185,8 @@ class Hub:
         if not rc.payout_valid(payout, key):
             raise HubError(403, "payout: not a payout statement signed by the key that signed this request "
                                 "(forged, or another node's)")
-        region = body["region"].upper()
-        if not region_ok(region):
-            raise HubError(422, f"region: {body['region']!r} is not an ISO 3166-1 alpha-2 country code (e.g. DE)")
+        region = checked(REGION, "region", body["region"], required=True)
+        location = checked(LOCATION, "location", body.get("location") or "")
         caps = self._caps(body["caps"])
         endpoint = body.get("endpoint") or ""
         m = _ENDPOINT.match(endpoint)
@@ -188,7 +196,7 @@ class Hub:
             raise HubError(422, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
         nid, now = node_id(key), self.clock()
         values = {"wg_key": body["wg_public_key"], "payout": _dumps(payout), "payout_address": payout["address"],
-                  "unit": payout["unit"], "region": region, "location": body.get("location") or "",
+                  "unit": payout["unit"], "region": region, "location": location,
                   "caps": _dumps(caps), "max_sessions": int(caps["max_sessions"]),
                   "price_per_gb": float(body["price_per_gb"]), "endpoint": endpoint,
                   "version": body["version"], "last_seen": now}
@@ -359,9 +367,7 @@ class Hub:
 
     def queue_open(self, auth: Signed, body: dict) -> tuple[str, dict]:
         buyer_key = auth.key
-        region = (body.get("region") or "").upper() or None
-        if region and not region_ok(region):
-            raise HubError(422, f"region: {body['region']!r} is not an ISO 3166-1 alpha-2 country code (e.g. DE)")
+        region = checked(REGION, "region", body.get("region") or "") or None
         if not _KEY.match(body["wg_public_key"]):
             raise HubError(422, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
         node = self.pick(region, body.get("max_price"))
