@@ -576,21 +576,24 @@ class Agent:
             s = self._bound_statement(s, stmt, tol, fresh)
             ours = s["rx"] + s["tx"]
             theirs = stmt["up"] + stmt["down"]
-            agreed = receipts.agreed(ours, theirs, tol)
-            last = self.ledger.db.execute("SELECT body FROM receipts WHERE session = ? ORDER BY seq DESC LIMIT 1",
-                                          (sid,)).fetchone()
-            last = json.loads(last[0]) if last else None
+            newest = [json.loads(b) for (b,) in self.ledger.db.execute(
+                "SELECT body FROM receipts WHERE session = ? ORDER BY seq DESC LIMIT 2", (sid,))]
+            last = before = newest[0] if newest else None
             if last and last.get("buyer") and (last["up"], last["down"]) == (s["rx"], s["tx"]) and \
                     (last["buyer"]["up"], last["buyer"]["down"]) == (stmt["up"], stmt["down"]):
                 r = last  # nothing moved since the last receipt: no new one (keeps idle sessions small)
+                before = newest[1] if len(newest) > 1 else None
             else:
                 with self.ledger.tx() as db:
                     db.execute("UPDATE sessions SET paid_up = ?, paid_down = ?, paid_time = ? WHERE id = ?",
                                (stmt["up"], stmt["down"], stmt["time"], sid))
                     r = self._issue(db, s, stmt)
+            # held to the count of the receipt before the one acknowledging it: the count the buyer had
+            # been answered with before it signed (its own receipt may count more: lag, no disagreement)
+            agreed = receipts.acknowledged(before, stmt, tol)
             if not agreed:
-                log.warning("session %s: buyer signed %d bytes, node counted %d (beyond %.1f%%)", sid, theirs,
-                            ours, tol * 100)
+                log.warning("session %s: buyer signed %d bytes after the node had counted %d (beyond %.1f%%)", sid,
+                            theirs, before["up"] + before["down"], tol * 100)
         return {"receipt": r, "agreed": agreed, "node_bytes": ours, "buyer_bytes": theirs, "state": s["state"],
                 "reason": s["reason"]}
 

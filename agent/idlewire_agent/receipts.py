@@ -57,13 +57,29 @@ _FIELDS = {"v": int, "node": str, "session": str, "seq": int, "up": int, "down":
            "sig": str}
 _OPTIONAL = {"buyer_key": str, "final": str}  # node-signed; "buyer" (a statement) is checked on its own
 NONCE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")  # X-Idlewire-Nonce of a signed request
-SLACK_BYTES = 65536  # absolute slack in agreed(): a poll's lag between the node's count and the buyer's
+SLACK_BYTES = 65536  # absolute slack in agreed(): packets in flight between the node's counter and the buyer's
 
 
 def agreed(node_bytes: int, buyer_bytes: int, tolerance: float) -> bool:
-    """The buyer signed at least what the node counted, within `tolerance` (a fraction: 0.02 is 2%)
-    and SLACK_BYTES. The node's cosign() and the hub's disagreement flag both decide by this."""
+    """The buyer signed at least `node_bytes`, within `tolerance` (a fraction: 0.02 is 2%) and
+    SLACK_BYTES. Which node count a statement is held to: acknowledged()."""
     return buyer_bytes >= node_bytes * (1 - tolerance) - SLACK_BYTES
+
+
+def acknowledged(before: dict | None, statement: dict, tolerance: float) -> bool:
+    """Does a buyer's usage statement cover what the node had counted before it, within `tolerance`?
+
+    `before` is the entry that precedes, in the session's chain, the receipt the statement is
+    acknowledged by: the node's previous receipt (or the checkpoint standing for it), None at seq 1.
+    A statement is never held to its own receipt's count: the buyer signs its counters, the
+    statement travels (through the hub's relay, too) and the node counts on meanwhile, so the
+    receipt that acknowledges it may count a poll's or a relay's worth more. That is lag, not
+    disagreement. The buyer signs its next statement only after the node answered the last one, so
+    what the node had counted in that answer, an honest buyer has seen go by: a statement below the
+    previous receipt's count (beyond the tolerance) is a real disagreement. The node's cosign() and
+    the hub's disagreement flag both decide by this."""
+    node = (before["up"] + before["down"]) if before else 0
+    return agreed(node, statement["up"] + statement["down"], tolerance)
 
 
 class StrictJSONError(ValueError):

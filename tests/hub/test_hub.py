@@ -308,14 +308,67 @@ def test_equivocation_disagreement_and_missing_cosignature_are_flagged(hub):
     flags = json.loads(cli("flags", "--db", hub.db_url, "--kind", "equivocation", "--json").stdout)
     assert [e["up"] for e in flags[0]["evidence"]] == [1000, 5000]  # both receipts kept as evidence
     assert rc.verify([flags[0]["evidence"][1]], rc.pub_b64(m.key)) is None
-    out = m.upload(chain(m.key, "s2", 3, buyer_factor=0.5, step=1_000_000))
-    assert out["stored"] == 3 and {f["kind"] for f in out["flags"]} == {"disagreement"}
+    # the buyer signs half of what the node counts: from seq 3 on below what the node had counted before
+    out = m.upload(chain(m.key, "s2", 4, buyer_factor=0.5, step=1_000_000))
+    assert out["stored"] == 4 and [(f["seq"], f["kind"]) for f in out["flags"]] == [(3, "disagreement"),
+                                                                                   (4, "disagreement")]
     out = m.upload(chain(m.key, "s3", 2, cosign=False))
     assert out["stored"] == 2 and [f["kind"] for f in out["flags"]] == ["uncosigned", "uncosigned"]
     usage = {u["node"]: u for u in json.loads(cli("usage", "--hub", hub.url, "--json").stdout)}
-    # s1 (honest, 16 kB), s2 (the buyer signed half of 12 MB), s3: nothing co-signed
-    assert usage[m.node_id]["verified_bytes"] == 16_000 + 6_000_000
-    assert usage[m.node_id]["flags"] == 1 + 3
+    # s1 (honest, 16 kB), s2 (the buyer signed half of 16 MB), s3: nothing co-signed
+    assert usage[m.node_id]["verified_bytes"] == 16_000 + 8_000_000
+    assert usage[m.node_id]["flags"] == 1 + 2
+
+
+BUYER = Ed25519PrivateKey.generate()
+
+
+def lagging(key, session: str, totals: list[int], signed: list[int], start: int = 1,
+            prev: str = rc.GENESIS) -> list[dict]:
+    """Receipts whose node counts are `totals` (bytes, up + down) and whose buyer statements are `signed`."""
+    buyer, out = BUYER, []
+    for seq, (n, b) in enumerate(zip(totals, signed, strict=True), start=start):
+        stmt = rc.sign_usage(buyer, session, b // 2, b - b // 2, 1_700_000_000 + seq)
+        out.append(rc.make_receipt(key, session, seq, n // 2, n - n // 2, 1_700_000_000 + seq, prev, stmt,
+                                   buyer_key=rc.pub_b64(buyer)))
+        prev = rc.receipt_hash(out[-1])
+    return out
+
+
+def test_lag_is_not_disagreement_a_statement_short_of_the_count_before_it_is(hub):
+    """Each statement reaches the node after the buyer signed it, and the node counts on meanwhile: its
+    own receipt may count far more (lag). What the node had counted in the receipt before, the buyer
+    had been answered with before it signed: falling short of that, beyond the tolerance, is a real
+    disagreement, flagged at that seq with both receipts as evidence."""
+    m = node_market(hub.url)
+    mb = 1_000_000
+    # 20 Mbit/s through a relay: every receipt counts ~2.5 MB more than the statement it carries
+    totals = [k * 5 * mb for k in range(1, 9)]
+    signed = [0] + [t + mb // 2 for t in totals[:-1]]  # each: what the receipt before counted, and a bit
+    lag = lagging(m.key, "lag", totals, signed)
+    assert not rc.agreed(lag[3]["up"] + lag[3]["down"], signed[3], 0.02)  # the old rule: disagreement
+    out = m.upload(lag)
+    assert out["stored"] == 8 and out["flags"] == [], out["flags"]
+    # and a continuation (led by the checkpoint of seq 8) is judged against the checkpoint's count
+    more = lagging(m.key, "lag", [45 * mb, 50 * mb], [40 * mb + 1, 45 * mb], start=9, prev=rc.receipt_hash(lag[-1]))
+    out = m.upload(m.batch_for(lag + more, 8))
+    assert out["stored"] == 2 and out["flags"] == [], out["flags"]
+    # within the tolerance (2 % + 64 KiB) below the count before: agreed; beyond it: flagged, at that seq only
+    def least(n: int) -> int:  # the least an honest buyer signs after a count of n
+        return int(n * 0.98) - rc.SLACK_BYTES
+
+    short = lagging(m.key, "short", [10 * mb, 20 * mb, 30 * mb, 40 * mb],
+                    [9 * mb, least(10 * mb) + 1000, least(20 * mb) - 1000, 30 * mb])
+    out = m.upload(short)
+    assert [(f["seq"], f["kind"]) for f in out["flags"]] == [(3, "disagreement")], out["flags"]
+    assert out["flags"][0]["detail"] == (f"node had counted {20 * mb} bytes at seq 2, buyer then signed "
+                                         f"{least(20 * mb) - 1000} (beyond 2%)")
+    (flag,) = json.loads(cli("flags", "--db", hub.db_url, "--kind", "disagreement", "--json").stdout)
+    assert [e["seq"] for e in flag["evidence"]] == [2, 3]  # the count the buyer had seen, and its statement
+    # after a checkpoint too
+    cont = lagging(m.key, "short", [50 * mb], [30 * mb], start=5, prev=rc.receipt_hash(short[-1]))
+    out = m.upload(m.batch_for(short + cont, 4))
+    assert [(f["seq"], f["kind"]) for f in out["flags"]] == [(5, "disagreement")], out["flags"]
 
 
 def test_hub_killed_mid_upload_stores_every_receipt_once(hub):

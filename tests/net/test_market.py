@@ -85,12 +85,11 @@ def test_a_buyer_from_the_internet_cosigns_through_the_hub_and_every_receipt_rea
     hubs = m.hub_receipts()
     assert {k: h for k, (_, h) in hubs.items()} == ours
     flags = m.hub_flags()
-    # No equivocation ever. A "disagreement" can be honest lag: the buyer's statement travels through
-    # the hub's relay while the node polls on, so under load the node may count more than the buyer
-    # had signed for (known; issue 15 note). Most receipts must still agree.
-    assert "equivocation" not in {k for k, _ in flags}, flags
-    disagree = [q for k, q in flags if k == "disagreement"]
-    assert len(disagree) <= len(ours) // 2, flags
+    # An honest session is never flagged: no equivocation, and no disagreement either. Each buyer
+    # statement travels through the hub's relay while the node counts on, so a receipt may count far
+    # more than the statement it carries: that lag is no disagreement (receipts.acknowledged holds a
+    # statement to the count the node had answered with before it).
+    assert not {k for k, _ in flags} & {"equivocation", "disagreement"}, flags
     seqs = sorted(q for (s, q) in ours if s == sid)
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 4
     from idlewire_agent import receipts as rc

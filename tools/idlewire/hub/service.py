@@ -427,8 +427,10 @@ class Hub:
         checkpoint of the last receipt sent before (receipts.make_checkpoint), which must match
         what the hub has. Resent receipts are skipped; a different node-signed receipt for a
         stored (session, seq) is flagged as equivocation with both as evidence; a co-signed one
-        where node and buyer disagree beyond the tolerance is flagged; one without a buyer
-        co-signature is stored (the chain goes on through it) but counts nothing, and flagged."""
+        whose buyer statement falls short of what the node had counted in the entry before it
+        (receipts.acknowledged: a statement lagging its own receipt's count is not a disagreement)
+        is flagged with both entries as evidence; one without a buyer co-signature is stored (the
+        chain goes on through it) but counts nothing, and flagged."""
         if not isinstance(entries, list) or not entries:
             raise HubError(422, "receipts: expected a non-empty JSON array")
         if len(entries) > MAX_BATCH:
@@ -455,7 +457,9 @@ class Hub:
                     select(r.session, r.seq, r.hash).where(r.node_id == nid, or_(*ranges[i:i + 200])))})
             rows, touched = [], {}
             for sid, es in by_session.items():
-                for e in es:
+                before = None  # the entry before e in the chain: a batch starts each session at seq 1
+                for e in es:  # or at the checkpoint of the last receipt sent before (rc.verify holds it)
+                    e_before, before = before, e
                     enc = rc.canonical(e)  # encoded once: the hash and the stored body
                     h = e["hash"] if rc.is_checkpoint(e) else rc.sha256_hex(enc)
                     old = have.get((sid, e["seq"]))
@@ -478,11 +482,12 @@ class Hub:
                         new_flags.append(self._flag(nid, sid, e["seq"], "uncosigned",
                                                     "no buyer co-signature: stored for the chain, counts nothing",
                                                     [e], now))
-                    elif not rc.agreed(e["up"] + e["down"], buyer["up"] + buyer["down"], self.tolerance / 100):
+                    elif not rc.acknowledged(e_before, buyer, self.tolerance / 100):
                         new_flags.append(self._flag(
                             nid, sid, e["seq"], "disagreement",
-                            f"node counted {e['up'] + e['down']} bytes, buyer signed {buyer['up'] + buyer['down']} "
-                            f"(beyond {self.tolerance:g}%)", [e], now))
+                            f"node had counted {e_before['up'] + e_before['down']} bytes at seq {e_before['seq']}, "
+                            f"buyer then signed {buyer['up'] + buyer['down']} (beyond {self.tolerance:g}%)",
+                            [e_before, e], now))
                     rows.append(self._row(nid, e, h, "receipt", now, enc))
                     touched[sid] = e
             if rows:
