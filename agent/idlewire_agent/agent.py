@@ -121,6 +121,7 @@ class Agent:
         self.shaper = None
         self.quota = None
         self.guard = None  # isolation.Guard when [firewall] required: checked before opening and every poll
+        self.home = None  # idle.Home: UPnP port mapping and node-mode measurement ([home])
 
     # --- policy: shaping, schedule, quota, isolation ------------------------------------------
     def start_policy(self, stop: threading.Event) -> None:
@@ -139,6 +140,11 @@ class Agent:
             from . import isolation
 
             self.guard = isolation.Guard(pol.firewall.table, self.cfg.tunnel.interface, pol.firewall.public_addresses)
+        from . import idle
+
+        # [home]: the UPnP mapping (its thread; the router's public address goes to the guard) and,
+        # below, the node-mode meter; neither runs a command under the ledger lock.
+        self.home = idle.Home(self.cfg, stop, report=self.guard.report if self.guard is not None else None)
         sh = pol.shaping.replace(wan_interface=self.cfg.interfaces.wan,
                                  tunnel_interface=self.cfg.tunnel.interface, tunnel_port=self.cfg.tunnel.port)
         if not sh.enabled and not os.path.exists(SHAPING_STATE_PATH):
@@ -155,7 +161,9 @@ class Agent:
         with self.lock:
             rows = self.ledger.db.execute("SELECT id, address FROM sessions WHERE state = 'open'").fetchall()
         self.shaper.sync_sessions({sid: [addr.split("/")[0]] for sid, addr in rows})
-        sched = schedule.Scheduler(pol.schedule, (sh.cap_up, sh.cap_down), self.shaper.set_caps)
+        # node mode: the idle measurement sits between the schedule and the shaper (minimum of both)
+        sched = schedule.Scheduler(pol.schedule, (sh.cap_up, sh.cap_down),
+                                   self.home.start_meter(sh, self.shaper.set_caps))
         threading.Thread(target=sched.run, args=(stop,), daemon=True, name="schedule").start()
 
     def _shape(self, method: str, *args) -> None:
@@ -708,6 +716,7 @@ class Agent:
                      "shaped": pol.shaping.enabled, "monthly_gb": pol.quota.monthly_bytes / 1e9,
                      "max_sessions": pol.quota.max_sessions,
                      "from_unit": sorted(u.caps)},
+            **(self.home.health() if self.home else {}),
         }
 
     def metrics(self) -> str:
@@ -735,6 +744,7 @@ class Agent:
             ("idlewire_clamps_total", "counter", "Deltas clamped to the line rate", st.clamps),
             ("idlewire_counter_resets_total", "counter", "Counter resets handled", st.resets),
             ("idlewire_resident_memory_bytes", "gauge", "Agent resident memory", rss),
+            *(self.home.metrics() if self.home else ()),
         ]
         out = []
         for name, kind, help_, value in lines:
