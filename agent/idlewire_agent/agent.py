@@ -90,6 +90,9 @@ class Agent:
         self.ledger = Ledger(os.path.join(cfg.state_dir, "ledger.sqlite"))
         self.lock = self.ledger.lock
         self.wg_lock = threading.RLock()
+        # Set once a session opened or closed (committed): the market thread wakes and tells the hub,
+        # however short the session was (market.Seller).
+        self.sessions_changed = threading.Event()
         from . import run
 
         run.forbid_under(self.lock)
@@ -428,6 +431,7 @@ class Agent:
                     db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
                 raise SessionError(503, f"cannot add the WireGuard peer: {exc}") from None
         self._shape("add_session", sid, [str(addr)])
+        self.sessions_changed.set()
         log.info("session %s opened: %s for %s", sid, address, wg_key)
         return self.describe(sid)
 
@@ -506,6 +510,7 @@ class Agent:
             except LedgerError as exc:  # still open in the ledger: the next poll adds the peer back
                 raise SessionError(503, f"session {sid} not closed: {exc}") from None
         self._shape("remove_session", sid)
+        self.sessions_changed.set()
         log.info("session %s closed (%s): up %d, down %d bytes", sid, reason, s["rx"], s["tx"])
         return self.describe(sid)
 
