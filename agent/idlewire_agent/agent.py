@@ -458,6 +458,12 @@ class Agent:
 
         isolation.forget_flows(address)
 
+    def public_endpoint(self) -> tuple[str, int]:
+        """(host, port) buyers reach WireGuard at: the UPnP/NAT-PMP mapping on the home router while
+        there is one, else [tunnel] endpoint and port (host "" = unknown: the host of the API URL)."""
+        mapped = self.home.endpoint() if self.home is not None else None
+        return mapped or (self.cfg.tunnel.endpoint, self.cfg.tunnel.port)
+
     def describe(self, sid: str) -> dict:
         s = self.ledger.session(sid)
         if s is None:
@@ -467,7 +473,7 @@ class Agent:
             "session": s["id"], "state": s["state"], "reason": s["reason"],
             "address": s["address"], "node_address": str(self.node_addr),
             "allowed_ips": str(self.network), "wg_public_key": self.wg_pub,
-            "endpoint_host": self.cfg.tunnel.endpoint, "endpoint_port": self.cfg.tunnel.port,
+            **dict(zip(("endpoint_host", "endpoint_port"), self.public_endpoint(), strict=True)),
             "node_key": self.node_pub, "buyer_key": s["buyer_key"], "buyer_wg_key": s["wg_key"],
             "created": s["created"], "expires": s["expires"], "last_active": s["last_active"],
             "up": s["rx"], "down": s["tx"], "paid_up": s["paid_up"], "paid_down": s["paid_down"],

@@ -300,7 +300,8 @@ class Home:
         self.meter: IdleMeter | None = None
         self.threads: list[threading.Thread] = []
         h = cfg.policy.home
-        if h.upnp_map is True or (h.upnp_map == "auto" and bool(cfg.marketplace)):
+        # "auto": a node in a market whose owner gave no public address ([tunnel] endpoint) maps
+        if h.upnp_map is True or (h.upnp_map == "auto" and bool(cfg.marketplace) and not cfg.tunnel.endpoint):
             self.mapper = upnp.PortMapper(cfg.tunnel.port, h.upnp_lease, on_public=self._public)
             self._thread(self.mapper.run, "upnp")
 
@@ -312,6 +313,14 @@ class Home:
         t = threading.Thread(target=fn, args=(self.stop,), daemon=True, name=name)
         t.start()
         self.threads.append(t)
+
+    def endpoint(self) -> tuple[str, int] | None:
+        """(public host, port) of the mapping on the home router, None while there is none."""
+        ep = self.mapper.endpoint() if self.mapper is not None else ""
+        if not ep:
+            return None
+        host, _, port = ep.rpartition(":")
+        return host, int(port)
 
     def igd(self):
         if self.mapper is not None:

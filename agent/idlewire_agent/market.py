@@ -218,16 +218,27 @@ class Seller:
         self.registered = threading.Event()
         self.started = time.monotonic()
         self.state = "starting"  # what /health could say: registered | unreachable: WHY
+        self.told_endpoint: str | None = None  # the endpoint the hub has: registered again when it changes
         self.sent = self.duplicates = 0
 
     # --- what the node tells the hub --------------------------------------------------------------
     def endpoint(self) -> str:
-        """HOST:PORT buyers reach WireGuard at: [tunnel] endpoint (the public address the owner, or
-        the NAT mapping, gives) and port; "" when the node does not know one."""
-        host, port = self.agent.cfg.tunnel.endpoint, self.agent.cfg.tunnel.port
+        """HOST:PORT buyers reach WireGuard at: the UPnP/NAT-PMP mapping on the home router, else
+        [tunnel] endpoint (the public address the owner gives) and port; "" when there is neither."""
+        host, port = self.agent.public_endpoint()
         if not host:
             return ""
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def reachability(self) -> str:
+        """"" when buyers can reach the node, else the line that says why not and the fix."""
+        mapper = self.agent.home.mapper if self.agent.home is not None else None
+        if self.endpoint():
+            return ""
+        if mapper is not None:
+            return mapper.status()["message"]
+        return (f"not reachable from the internet: no [tunnel] endpoint and no UPnP mapping; forward UDP "
+                f"{self.agent.cfg.tunnel.port} on your router to this node and set [tunnel] endpoint")
 
     def caps(self) -> dict:
         cfg = self.agent.cfg
@@ -252,14 +263,18 @@ class Seller:
         payout = a.payout or receipts.payout_statement(a.node_key, u.payout_address or "", u.unit or "")
         from . import __version__
 
+        endpoint = self.endpoint()
         out = self.market.register(wg_public_key=a.wg_pub, payout=payout, region=a.cfg.region.upper(),
-                                   caps=self.caps(), price_per_gb=a.cfg.price_per_gb, endpoint=self.endpoint(),
+                                   caps=self.caps(), price_per_gb=a.cfg.price_per_gb, endpoint=endpoint,
                                    version=__version__)
+        again = self.registered.is_set()
+        self.told_endpoint = endpoint
         self.registered.set()
         self.state = "registered"
         self.report_public(out.get("seen_from") or "")
-        where = self.endpoint() or "not reachable from the internet (no [tunnel] endpoint)"
-        log.info("marketplace %s: registered as node %s, endpoint %s", self.market.netloc, out["node"], where)
+        where = f"endpoint {endpoint}" if endpoint else f"the hub lists it as {self.reachability()}"
+        log.info("marketplace %s: %s node %s, %s", self.market.netloc, "updated" if again else "registered as",
+                 out["node"], where)
         return out
 
     def report_public(self, seen_from: str) -> None:
@@ -341,10 +356,13 @@ class Seller:
     def _run(self, stop: threading.Event) -> None:
         delay, beat_due, told, changed = 1.0, 0.0, None, False
         event = self.agent.sessions_changed
+        mapper = self.agent.home.mapper if self.agent.home is not None else None
+        if mapper is not None:  # the first registration carries the mapping (discovery takes seconds)
+            mapper.checked.wait(30)
         while not stop.is_set():
             try:
-                if not self.registered.is_set():
-                    self.register()
+                if not self.registered.is_set() or self.endpoint() != self.told_endpoint:
+                    self.register()  # first, again after the hub forgot us, or a new/lost mapping
                     delay = 1.0
                 now = time.monotonic()
                 # A session opened or closed: the hub hears at once. The agent's event, not a look at

@@ -52,7 +52,7 @@ tunnel_port and [quota] max_sessions still read, with a deprecation line, see sc
     reflectors = ["1.1.1.1", "9.9.9.9", "8.8.8.8"]   # stable hosts answering ICMP echo (IPv4)
     latency_ms = 15                # delay above the baseline RTT that means "the line is busy"
     upnp_map = "auto"              # map the WireGuard port on the router over UPnP IGD: true, false,
-                                   # or "auto" = when [node] marketplace is set
+                                   # or "auto" = when [node] marketplace is set, [tunnel] endpoint not
     upnp_lease = 3600              # seconds; renewed at half
 """
 

@@ -410,7 +410,8 @@ NODE: dict[str, dict[str, Key]] = {
         "latency_ms": Key(NUM, 15.0, 'delay above the baseline RTT that means "the line is busy"',
                           "milliseconds 1-1000", lo=1, hi=1000),
         "upnp_map": Key(BOOL_AUTO, "auto", "map the WireGuard port on the router over UPnP IGD (NAT-PMP as "
-                        'fallback): true, false, or "auto" = when [node] marketplace is set',
+                        'fallback): true, false, or "auto" = when [node] marketplace is set and [tunnel] '
+                        'endpoint is not',
                         'true, false or "auto"'),
         "upnp_lease": Key(INT, 3600, "seconds a mapping is leased; renewed at half", "seconds 120-604800",
                           lo=120, hi=604800),

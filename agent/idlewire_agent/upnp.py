@@ -123,14 +123,7 @@ class NatPmp(Igd):
         gw = _field(out, r"^using gateway\s*:\s*(\S+)")
         if rc != 0 or not ext:
             return None
-        lan = ""
-        try:  # the address the gateway sees us by (no packet is sent)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.connect((gw or "192.0.2.1", 5351))
-                lan = s.getsockname()[0]
-        except OSError:
-            pass
-        return cls(f"nat-pmp://{gw}", lan, ext)
+        return cls(f"nat-pmp://{gw}", lan_address(gw or "192.0.2.1"), ext)
 
     def counters(self, timeout: float = 5) -> tuple[int, int] | None:
         return None
@@ -169,6 +162,18 @@ def discover(timeout: float = 10) -> tuple[Igd | None, str]:
     return None, why + "; no NAT-PMP either"
 
 
+def lan_address(towards: str = "192.0.2.1") -> str:
+    """The address this host leaves by towards `towards` (by default the internet: behind a home
+    router, its LAN address), from the routing table: a UDP socket connected, no packet sent. ""
+    when there is no route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((towards, 5351))
+            return s.getsockname()[0]
+    except OSError:
+        return ""
+
+
 def is_public(addr: str) -> bool:
     try:
         ip = ipaddress.ip_address(addr)
@@ -193,6 +198,12 @@ class PortMapper:
         self.why = "not checked yet"
         self.renewed = 0.0
         self.lock = threading.Lock()
+        self.checked = threading.Event()  # set after the first attempt: the market registers then
+
+    def endpoint(self) -> str:
+        """HOST:PORT the internet reaches this node's WireGuard at through the mapping, or ""."""
+        with self.lock:
+            return f"{self.igd.external_ip}:{self.ext_port}" if self.igd and self.ext_port else ""
 
     def status(self) -> dict:
         """What /health and the hub report: reachable with the endpoint, or why not and the fix."""
@@ -200,10 +211,9 @@ class PortMapper:
             if self.igd is not None and self.ext_port is not None:
                 return {"reachable": True, "how": self.igd.how, "endpoint": f"{self.igd.external_ip}:{self.ext_port}",
                         "lan_address": self.igd.lan_ip, "lease_s": self.lease, "renewed": round(self.renewed)}
-            lan = self.igd.lan_ip if self.igd else "its LAN address"
+            lan = (self.igd.lan_ip if self.igd else "") or lan_address() or "this node's LAN address"
             return {"reachable": False, "why": self.why,
-                    "message": f"not reachable from the internet: forward UDP {self.port} to this node "
-                               f"({lan}) on your router",
+                    "message": f"not reachable from the internet: forward UDP {self.port} on your router to {lan}",
                     "fix": f"forward UDP {self.port} to {lan} on the home router, or enable UPnP IGD on it"}
 
     def map_once(self) -> bool:
@@ -262,7 +272,8 @@ class PortMapper:
             except Exception:  # a router's odd answer must not stop renewals
                 log.exception("UPnP port mapping failed")
                 ok = False
-            if ok is not was and not ok:
+            self.checked.set()
+            if ok is not was and not ok:  # once when it becomes so, not at every retry
                 log.warning("%s (%s)", self.status()["message"], self.why)
             was = ok
             stop.wait(max(5.0, self.lease / 2) if ok else self.retry)

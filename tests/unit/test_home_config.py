@@ -47,7 +47,7 @@ def test_missing_upnpc_is_a_reason_not_a_crash(monkeypatch):
     m = upnp.PortMapper(51820, discover_fn=lambda: (None, why))
     assert m.map_once() is False
     s = m.status()
-    assert s["reachable"] is False and "forward UDP 51820" in s["message"]
+    assert s["reachable"] is False and "forward UDP 51820 on your router to " in s["message"]
 
 
 def test_home_defaults_and_errors_name_the_key():
@@ -147,3 +147,29 @@ def test_router_public_address_is_blocked_for_buyers(monkeypatch):
     home.mapper.discover = lambda: (upnp.Igd.parse(STATUS), "")
     assert home.mapper.map_once() is False  # upnpc is missing: not mapped, but the address is known
     assert guard.reported == {"upnp": {"11.22.33.2"}}
+
+
+@pytest.mark.parametrize(("market", "endpoint", "maps"), [("", "", False), ("http://hub.example", "", True),
+                                                          ("http://hub.example", "203.0.113.7", False)])
+def test_auto_maps_a_market_node_without_a_public_endpoint(monkeypatch, market, endpoint, maps):
+    """upnp_map = "auto": a node selling through a hub maps its port, unless its owner gave the
+    public address ([tunnel] endpoint: forwarded by hand); the mapping is the endpoint buyers get."""
+    import threading
+    import types
+
+    from idlewire_agent import idle
+
+    monkeypatch.setattr(upnp, "UPNPC", "/nonexistent/upnpc")
+    monkeypatch.setattr(upnp, "NATPMPC", "/nonexistent/natpmpc")
+    stop = threading.Event()
+    stop.set()
+    cfg = types.SimpleNamespace(policy=policy.Policy(), marketplace=market,
+                                tunnel=types.SimpleNamespace(port=51820, endpoint=endpoint))
+    home = idle.Home(cfg, stop)
+    home.close()
+    assert (home.mapper is not None) is maps
+    if maps:
+        assert home.endpoint() is None
+        home.mapper.igd, home.mapper.ext_port = upnp.Igd.parse(STATUS), 61000  # the router gave another port
+        assert home.endpoint() == ("11.22.33.2", 61000)
+        assert home.health()["reachability"]["endpoint"] == "11.22.33.2:61000"
