@@ -119,27 +119,32 @@ def test_router_without_upnp_says_not_reachable_with_the_fix(homelab, tmp_path):
         node.stop()
 
 
-def _owner_lowers_cap(home: HomeLab, node: HomeNode, source: str) -> None:
+def _owner_lowers_cap(home: HomeLab, node: HomeNode, source: str, within: float) -> None:
+    """What a user would check in /health and tc: with the line idle the buyers get (about) their
+    configured cap; within `within` s of the owner's download it is at most 60 % of that, and the
+    node's tc class carries it; after the owner stops it comes back to 80 %. Timing is bench/idle.py's
+    business: the windows are generous (a loaded 2-core host)."""
     home.iperf_server()
     node.start()
     try:
         idle = wait_for(lambda: (i := node.get("/health").get("idle")) and i["source"] == source and
-                        i["cap_down_mbit"] >= 25 and i, 40, f"the {source} measurement with the line idle")
+                        i["cap_down_mbit"] >= 25 and i, 60, f"the {source} measurement with the line idle")
         assert idle["mode"] == "node"
         assert tunnel_ceil(home, node) >= 25e6  # the shaper's buyer tree carries the cap
-        owner = home.owner_download(seconds=20)
+        top = idle["cap_down_mbit"]
+        owner = home.owner_download(seconds=within + 20)
         try:
-            busy = wait_for(lambda: node.get("/health")["idle"]["cap_down_mbit"] < 15 and
-                            node.get("/health")["idle"], 15, "the cap to fall while the owner downloads")
-            wait_for(lambda: tunnel_ceil(home, node) < 16e6, 5, "the tc class to carry the lower cap")
+            busy = wait_for(lambda: node.get("/health")["idle"]["cap_down_mbit"] <= 0.6 * top and
+                            node.get("/health")["idle"], within, "the cap to fall while the owner downloads")
+            wait_for(lambda: tunnel_ceil(home, node) <= 0.65 * top * 1e6, 10, "the tc class to carry the lower cap")
             if source == "upnp":
                 assert busy["owner_down_mbit"] > 15
-            else:
-                assert busy["delay_ms"] is not None
+            else:  # the delay it saw is what made it back off
+                assert busy["delay_ms"] is not None and busy["delay_ms"] >= 0
         finally:
             owner.kill()
             owner.wait()
-        wait_for(lambda: node.get("/health")["idle"]["cap_down_mbit"] >= 25, 40,
+        wait_for(lambda: node.get("/health")["idle"]["cap_down_mbit"] >= 0.8 * top, 60,
                  "the cap to come back after the owner stopped")
         metrics = node.get("/metrics")
         assert "idlewire_idle_cap_down_mbit" in metrics
@@ -158,13 +163,14 @@ def tunnel_ceil(home: HomeLab, node: HomeNode) -> float:
 def test_owner_download_lowers_buyers_cap_from_router_counters(homelab, tmp_path):
     home = HomeLab(homelab, tmp_path / "lab")
     node = HomeNode(home, tmp_path / "node", **SHAPING, home__source="upnp")
-    _owner_lowers_cap(home, node, "upnp")
+    _owner_lowers_cap(home, node, "upnp", within=15)
 
 
 def test_owner_download_lowers_buyers_cap_from_latency_without_upnp(homelab, tmp_path):
     home = HomeLab(homelab, tmp_path / "lab", upnp=False)
     node = HomeNode(home, tmp_path / "node", **SHAPING, home__source="auto", home__reflectors=[home.server_ip])
-    _owner_lowers_cap(home, node, "latency")
+    # an unpaced download fills the modem's queue: the delay crosses latency_ms in a few intervals
+    _owner_lowers_cap(home, node, "latency", within=30)
 
 
 RENEW = """
