@@ -235,6 +235,8 @@ def run_agent(path: str) -> int:
         except Exception:
             logging.getLogger("idlewire.agent").exception("receipt retention failed")
     agent.poll()
+    if agent.home:  # the UPnP mapping is removed from the home router on the way out
+        agent.home.close()
     for s in servers:
         s.shutdown()
     agent.ledger.close()

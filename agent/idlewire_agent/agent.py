@@ -90,6 +90,9 @@ class Agent:
         self.ledger = Ledger(os.path.join(cfg.state_dir, "ledger.sqlite"))
         self.lock = self.ledger.lock
         self.wg_lock = threading.RLock()
+        # Set once a session opened or closed (committed): the market thread wakes and tells the hub,
+        # however short the session was (market.Seller).
+        self.sessions_changed = threading.Event()
         from . import run
 
         run.forbid_under(self.lock)
@@ -121,6 +124,7 @@ class Agent:
         self.shaper = None
         self.quota = None
         self.guard = None  # isolation.Guard when [firewall] required: checked before opening and every poll
+        self.home = None  # idle.Home: UPnP port mapping and node-mode measurement ([home])
 
     # --- policy: shaping, schedule, quota, isolation ------------------------------------------
     def start_policy(self, stop: threading.Event) -> None:
@@ -139,6 +143,11 @@ class Agent:
             from . import isolation
 
             self.guard = isolation.Guard(pol.firewall.table, self.cfg.tunnel.interface, pol.firewall.public_addresses)
+        from . import idle
+
+        # [home]: the UPnP mapping (its thread; the router's public address goes to the guard) and,
+        # below, the node-mode meter; neither runs a command under the ledger lock.
+        self.home = idle.Home(self.cfg, stop, report=self.guard.report if self.guard is not None else None)
         sh = pol.shaping.replace(wan_interface=self.cfg.interfaces.wan,
                                  tunnel_interface=self.cfg.tunnel.interface, tunnel_port=self.cfg.tunnel.port)
         if not sh.enabled and not os.path.exists(SHAPING_STATE_PATH):
@@ -155,7 +164,9 @@ class Agent:
         with self.lock:
             rows = self.ledger.db.execute("SELECT id, address FROM sessions WHERE state = 'open'").fetchall()
         self.shaper.sync_sessions({sid: [addr.split("/")[0]] for sid, addr in rows})
-        sched = schedule.Scheduler(pol.schedule, (sh.cap_up, sh.cap_down), self.shaper.set_caps)
+        # node mode: the idle measurement sits between the schedule and the shaper (minimum of both)
+        sched = schedule.Scheduler(pol.schedule, (sh.cap_up, sh.cap_down),
+                                   self.home.start_meter(sh, self.shaper.set_caps))
         threading.Thread(target=sched.run, args=(stop,), daemon=True, name="schedule").start()
 
     def _shape(self, method: str, *args) -> None:
@@ -420,6 +431,7 @@ class Agent:
                     db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
                 raise SessionError(503, f"cannot add the WireGuard peer: {exc}") from None
         self._shape("add_session", sid, [str(addr)])
+        self.sessions_changed.set()
         log.info("session %s opened: %s for %s", sid, address, wg_key)
         return self.describe(sid)
 
@@ -446,6 +458,12 @@ class Agent:
 
         isolation.forget_flows(address)
 
+    def public_endpoint(self) -> tuple[str, int]:
+        """(host, port) buyers reach WireGuard at: the UPnP/NAT-PMP mapping on the home router while
+        there is one, else [tunnel] endpoint and port (host "" = unknown: the host of the API URL)."""
+        mapped = self.home.endpoint() if self.home is not None else None
+        return mapped or (self.cfg.tunnel.endpoint, self.cfg.tunnel.port)
+
     def describe(self, sid: str) -> dict:
         s = self.ledger.session(sid)
         if s is None:
@@ -455,7 +473,7 @@ class Agent:
             "session": s["id"], "state": s["state"], "reason": s["reason"],
             "address": s["address"], "node_address": str(self.node_addr),
             "allowed_ips": str(self.network), "wg_public_key": self.wg_pub,
-            "endpoint_host": self.cfg.tunnel.endpoint, "endpoint_port": self.cfg.tunnel.port,
+            **dict(zip(("endpoint_host", "endpoint_port"), self.public_endpoint(), strict=True)),
             "node_key": self.node_pub, "buyer_key": s["buyer_key"], "buyer_wg_key": s["wg_key"],
             "created": s["created"], "expires": s["expires"], "last_active": s["last_active"],
             "up": s["rx"], "down": s["tx"], "paid_up": s["paid_up"], "paid_down": s["paid_down"],
@@ -498,6 +516,7 @@ class Agent:
             except LedgerError as exc:  # still open in the ledger: the next poll adds the peer back
                 raise SessionError(503, f"session {sid} not closed: {exc}") from None
         self._shape("remove_session", sid)
+        self.sessions_changed.set()
         log.info("session %s closed (%s): up %d, down %d bytes", sid, reason, s["rx"], s["tx"])
         return self.describe(sid)
 
@@ -711,6 +730,7 @@ class Agent:
                      "shaped": pol.shaping.enabled, "monthly_gb": pol.quota.monthly_bytes / 1e9,
                      "max_sessions": pol.quota.max_sessions,
                      "from_unit": sorted(u.caps)},
+            **(self.home.health() if self.home else {}),
         }
 
     def metrics(self) -> str:
@@ -738,6 +758,7 @@ class Agent:
             ("idlewire_clamps_total", "counter", "Deltas clamped to the line rate", st.clamps),
             ("idlewire_counter_resets_total", "counter", "Counter resets handled", st.resets),
             ("idlewire_resident_memory_bytes", "gauge", "Agent resident memory", rss),
+            *(self.home.metrics() if self.home else ()),
         ]
         out = []
         for name, kind, help_, value in lines:

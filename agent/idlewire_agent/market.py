@@ -153,26 +153,38 @@ class Market:
         while not stop.is_set():
             try:
                 reqs = self.poll(wait)
+                if not isinstance(reqs, list):
+                    raise TypeError(f"expected a list of requests, got {type(reqs).__name__}")
             except MarketError as exc:
                 if on_error is not None:
                     on_error(exc)
                 log.warning("channel: %s; retrying in %g s", exc, retry)
                 stop.wait(retry)
                 continue
+            except Exception:  # an odd answer or a bug must not end the channel: buyers could not come
+                log.exception("channel: polling failed; retrying in %g s", retry)
+                stop.wait(retry)
+                continue
             for req in reqs:
-                kind, body = req.get("kind"), req.get("body") or {}
-                if kind not in ("open", "relay") or (kind == "relay" and relay is None):
-                    self._safe_answer(req["id"], error=f"unknown request kind {kind!r}")
-                    continue
                 try:
-                    if kind == "open":
-                        result = open_session(body.get("buyer_key", ""), body.get("wg_public_key", ""))
-                    else:
-                        result = relay(body.get("buyer_key", ""), body.get("request"))
-                except Exception as exc:  # the refusal goes to the buyer, the loop goes on
-                    self._safe_answer(req["id"], error=str(exc) or type(exc).__name__)
-                    continue
-                self._safe_answer(req["id"], result=result)
+                    self._serve_one(req, open_session, relay)
+                except Exception:  # one bad request must not end the channel either
+                    log.exception("channel: request %.100r", req)
+
+    def _serve_one(self, req, open_session, relay) -> None:
+        kind, body = req.get("kind"), req.get("body") or {}
+        if kind not in ("open", "relay") or (kind == "relay" and relay is None):
+            self._safe_answer(req["id"], error=f"unknown request kind {kind!r}")
+            return
+        try:
+            if kind == "open":
+                result = open_session(body.get("buyer_key", ""), body.get("wg_public_key", ""))
+            else:
+                result = relay(body.get("buyer_key", ""), body.get("request"))
+        except Exception as exc:  # the refusal goes to the buyer, the loop goes on
+            self._safe_answer(req["id"], error=str(exc) or type(exc).__name__)
+            return
+        self._safe_answer(req["id"], result=result)
 
     def _safe_answer(self, rid: str, result: dict | None = None, error: str | None = None) -> None:
         try:
@@ -190,7 +202,7 @@ class Seller:
     """The node in the market, in two threads of its own (never the poll's or the API's):
 
     - "market": registers (retrying while the hub is away), heartbeats every heartbeat_interval
-      and within a second of a session opening or closing (uptime, caps in force, open sessions
+      and at once when a session opens or closes (uptime, caps in force, open sessions
       with their ledger heads: the hub's count of free places stays right) and uploads the ledger's
       queue of receipts in batches as soon as there are any (Ledger.pending_uploads);
     - "channel": the long poll the node opened; "open" requests go to Agent.open_session, the
@@ -206,16 +218,27 @@ class Seller:
         self.registered = threading.Event()
         self.started = time.monotonic()
         self.state = "starting"  # what /health could say: registered | unreachable: WHY
+        self.told_endpoint: str | None = None  # the endpoint the hub has: registered again when it changes
         self.sent = self.duplicates = 0
 
     # --- what the node tells the hub --------------------------------------------------------------
     def endpoint(self) -> str:
-        """HOST:PORT buyers reach WireGuard at: [tunnel] endpoint (the public address the owner, or
-        the NAT mapping, gives) and port; "" when the node does not know one."""
-        host, port = self.agent.cfg.tunnel.endpoint, self.agent.cfg.tunnel.port
+        """HOST:PORT buyers reach WireGuard at: the UPnP/NAT-PMP mapping on the home router, else
+        [tunnel] endpoint (the public address the owner gives) and port; "" when there is neither."""
+        host, port = self.agent.public_endpoint()
         if not host:
             return ""
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def reachability(self) -> str:
+        """"" when buyers can reach the node, else the line that says why not and the fix."""
+        mapper = self.agent.home.mapper if self.agent.home is not None else None
+        if self.endpoint():
+            return ""
+        if mapper is not None:
+            return mapper.status()["message"]
+        return (f"not reachable from the internet: no [tunnel] endpoint and no UPnP mapping; forward UDP "
+                f"{self.agent.cfg.tunnel.port} on your router to this node and set [tunnel] endpoint")
 
     def caps(self) -> dict:
         cfg = self.agent.cfg
@@ -240,14 +263,18 @@ class Seller:
         payout = a.payout or receipts.payout_statement(a.node_key, u.payout_address or "", u.unit or "")
         from . import __version__
 
+        endpoint = self.endpoint()
         out = self.market.register(wg_public_key=a.wg_pub, payout=payout, region=a.cfg.region,
                                    location=a.cfg.location, caps=self.caps(), price_per_gb=a.cfg.price_per_gb,
-                                   endpoint=self.endpoint(), version=__version__)
+                                   endpoint=endpoint, version=__version__)
+        again = self.registered.is_set()
+        self.told_endpoint = endpoint
         self.registered.set()
         self.state = "registered"
         self.report_public(out.get("seen_from") or "")
-        where = self.endpoint() or "not reachable from the internet (no [tunnel] endpoint)"
-        log.info("marketplace %s: registered as node %s, endpoint %s", self.market.netloc, out["node"], where)
+        where = f"endpoint {endpoint}" if endpoint else f"the hub lists it as {self.reachability()}"
+        log.info("marketplace %s: %s node %s, %s", self.market.netloc, "updated" if again else "registered as",
+                 out["node"], where)
         return out
 
     def report_public(self, seen_from: str) -> None:
@@ -327,21 +354,31 @@ class Seller:
             return {r[0] for r in self.agent.ledger.db.execute("SELECT id FROM sessions WHERE state = 'open'")}
 
     def _run(self, stop: threading.Event) -> None:
-        delay, beat_due, told = 1.0, 0.0, None
+        delay, beat_due, told, changed = 1.0, 0.0, None, False
+        event = self.agent.sessions_changed
+        mapper = self.agent.home.mapper if self.agent.home is not None else None
+        if mapper is not None:  # the first registration carries the mapping (discovery takes seconds)
+            mapper.checked.wait(30)
         while not stop.is_set():
             try:
-                if not self.registered.is_set():
-                    self.register()
+                if not self.registered.is_set() or self.endpoint() != self.told_endpoint:
+                    self.register()  # first, again after the hub forgot us, or a new/lost mapping
                     delay = 1.0
                 now = time.monotonic()
+                # A session opened or closed: the hub hears at once. The agent's event, not a look at
+                # the open sessions once a second, which misses a session opened and closed between two
+                # looks (the hub would count it open until the next periodic heartbeat). Cleared
+                # before the ledger is read: a change after the read sets it again.
+                changed |= event.is_set()
+                event.clear()
                 ids = self._open_ids()
-                if now >= beat_due or ids != told:  # a session opened or closed: the hub hears at once
+                if now >= beat_due or changed or ids != told:
                     self.market.heartbeat(uptime=now - self.started, caps=self.caps(), sessions=self.sessions())
-                    beat_due, told = now + self.market.heartbeat_interval, ids
+                    beat_due, told, changed = now + self.market.heartbeat_interval, ids, False
                 while self.upload_once() and not stop.is_set():
                     pass
                 delay = 1.0
-                stop.wait(1.0)
+                event.wait(1.0)
             except MarketError as exc:
                 if exc.status == 404:  # the hub forgot us (a new database): register again
                     self.registered.clear()

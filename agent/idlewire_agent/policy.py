@@ -41,6 +41,19 @@ tunnel_port and [quota] max_sessions still read, with a deprecation line, see sc
     public_addresses = ["203.0.113.7"]  # the node's public address(es) as the internet sees them
                                    # (behind a home router: the router's); blocked for buyers, like
                                    # the WAN gateway(s), which the agent learns from the routes
+
+    [home]                         # how the node sits in the owner's home (idle.py, upnp.py)
+    mode = "node"                  # "node": one NIC on the owner's LAN, the owner's traffic does not
+                                   # cross it: measure it; "router": the node is the home router
+    source = "auto"                # node mode: "upnp" (router's WAN counters), "latency" (RTT to the
+                                   # reflectors), "auto" (upnp, else latency) or "off" (fixed caps)
+    interval = 2.0                 # seconds between measurements (0.5-60)
+    margin_percent = 10            # of the line, kept free for the owner's next burst
+    reflectors = ["1.1.1.1", "9.9.9.9", "8.8.8.8"]   # stable hosts answering ICMP echo (IPv4)
+    latency_ms = 15                # delay above the baseline RTT that means "the line is busy"
+    upnp_map = "auto"              # map the WireGuard port on the router over UPnP IGD: true, false,
+                                   # or "auto" = when [node] marketplace is set, [tunnel] endpoint not
+    upnp_lease = 3600              # seconds; renewed at half
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ from typing import Any
 from . import schema
 from .record import Record, field
 
-SECTIONS = ("shaping", "schedule", "quota", "firewall")
+SECTIONS = ("shaping", "schedule", "quota", "firewall", "home")
 SHAPING_STATE_PATH = "/run/idlewire/shaping.json"  # shaping.STATE_PATH (here: no need to import shaping)
 DAYS = schema.DAYS
 MBIT = schema.MBIT
@@ -106,11 +119,23 @@ class Firewall(Record):
         return 0xFFFF & ~(self.nat_port_high - self.nat_port_low)
 
 
+class Home(Record):
+    mode: str = _d("home", "mode")
+    source: str = _d("home", "source")
+    interval: float = float(_d("home", "interval"))
+    margin_percent: float = float(_d("home", "margin_percent"))
+    reflectors: tuple[str, ...] = tuple(_d("home", "reflectors"))
+    latency_ms: float = float(_d("home", "latency_ms"))
+    upnp_map: bool | str = _d("home", "upnp_map")
+    upnp_lease: int = _d("home", "upnp_lease")
+
+
 class Policy(Record):
     shaping: Shaping = field(default_factory=Shaping)
     schedule: list[Rule] = field(default_factory=list)
     quota: Quota = field(default_factory=Quota)
     firewall: Firewall = field(default_factory=Firewall)
+    home: Home = field(default_factory=Home)
 
 
 def _minutes(text: str) -> int:
@@ -185,6 +210,18 @@ def _firewall(data: Any, problems: list[str]) -> Firewall:
     return fw
 
 
+def _home(data: Any, problems: list[str]) -> Home:
+    v = schema.check_table(schema.NODE["home"], data, "home.", problems)
+    h = Home()
+    for name, value in v.items():
+        if name == "reflectors":
+            value = tuple(value)
+        elif name in ("interval", "margin_percent", "latency_ms"):
+            value = float(value)
+        setattr(h, name, value)
+    return h
+
+
 def parse_sections(data: dict[str, Any]) -> tuple[Policy, list[str]]:
     """Validate the policy sections of a node.toml mapping (schema.NODE): (policy, problems naming
     each key). The shaper's interfaces and port and the quota keeper's session limit are not read
@@ -195,5 +232,6 @@ def parse_sections(data: dict[str, Any]) -> tuple[Policy, list[str]]:
         schedule=_schedule(data.get("schedule", {}), problems),
         quota=_quota(data.get("quota", {}), problems),
         firewall=_firewall(data.get("firewall", {}), problems),
+        home=_home(data.get("home", {}), problems),
     )
     return pol, problems

@@ -25,6 +25,7 @@ import re
 MISSING = object()  # no default: the key is required where it is read
 
 STR, INT, NUM, BOOL, STRS, TABLE = "string", "integer", "number", "boolean", "list of strings", "table"
+BOOL_AUTO = 'boolean or "auto"'
 MBIT = 1_000_000
 
 
@@ -103,6 +104,10 @@ class Key:
             if not isinstance(value, bool):
                 raise Invalid("true or false")
             return value
+        if kind == BOOL_AUTO:
+            if not isinstance(value, bool) and value != "auto":
+                raise Invalid('true, false or "auto"')
+            return value
         if kind in (INT, NUM):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise Invalid(f"a {kind}")
@@ -160,6 +165,11 @@ class Key:
             if low in ("false", "no", "0"):
                 return False
             raise Invalid(self.expect or "true or false")
+        if self.kind == BOOL_AUTO:
+            low = cell.lower()
+            if low == "auto":
+                return "auto"
+            return Key(BOOL, expect=self.expect).from_text(cell)
         if self.kind in (INT, NUM):
             if len(cell) > 40 or not re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", cell):
                 raise Invalid(self.expect or f"a {self.kind}")
@@ -263,6 +273,9 @@ COUNTRY_EXPECT = "an ISO 3166-1 alpha-2 country code such as DE, US or GB (not U
 
 def _country(v: str) -> bool:
     return v in COUNTRIES
+def _ipv4(v: str) -> bool:
+    parts = v.split(".")
+    return len(parts) == 4 and all(p.isdigit() and len(p) <= 3 and int(p) < 256 for p in parts)
 
 
 def _path(default: str, doc: str) -> Key:
@@ -402,6 +415,29 @@ NODE: dict[str, dict[str, Key]] = {
                                 "blocked for buyers like any private target",
                                 'a list of IP addresses, e.g. ["203.0.113.7"]',
                                 test=lambda v: _addresses(v) or v == [], example="an IP address"),
+    },
+    # How the node sits in the owner's home (idle.py, upnp.py; agent/README "Node mode").
+    "home": {
+        "mode": Key(STR, "node", '"node": one NIC on the owner\'s LAN, the owner\'s traffic does not cross it, so '
+                    'it is measured; "router": the node is the home router', '"node" or "router"',
+                    pattern=r"node|router"),
+        "source": Key(STR, "auto", 'node mode: "upnp" (the router\'s WAN counters), "latency" (RTT to the '
+                      'reflectors), "auto" (upnp, else latency) or "off" (fixed caps)',
+                      '"auto", "upnp", "latency" or "off"', pattern=r"auto|upnp|latency|off"),
+        "interval": Key(NUM, 2.0, "seconds between measurements", "seconds 0.5-60", lo=0.5, hi=60),
+        "margin_percent": Key(NUM, 10.0, "of the line, kept free for the owner's next burst",
+                              "a percentage of the line 0-90", lo=0, hi=90),
+        "reflectors": Key(STRS, ["1.1.1.1", "9.9.9.9", "8.8.8.8"], "stable hosts answering ICMP echo (IPv4)",
+                          'a list of 1-8 IPv4 addresses answering ping, e.g. ["1.1.1.1", "9.9.9.9"]',
+                          test=lambda v: 0 < len(v) <= 8 and all(_ipv4(a) for a in v), example="an IPv4 address"),
+        "latency_ms": Key(NUM, 15.0, 'delay above the baseline RTT that means "the line is busy"',
+                          "milliseconds 1-1000", lo=1, hi=1000),
+        "upnp_map": Key(BOOL_AUTO, "auto", "map the WireGuard port on the router over UPnP IGD (NAT-PMP as "
+                        'fallback): true, false, or "auto" = when [node] marketplace is set and [tunnel] '
+                        'endpoint is not',
+                        'true, false or "auto"'),
+        "upnp_lease": Key(INT, 3600, "seconds a mapping is leased; renewed at half", "seconds 120-604800",
+                          lo=120, hi=604800),
     },
 }
 

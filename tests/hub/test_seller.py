@@ -176,3 +176,91 @@ def test_a_marketplace_needs_a_country_code_one_line_at_start(tmp_path):
     assert "node.region = 'home-lab': region names are deprecated" in deprecated
     assert error.startswith(f"{cfg}: node.region: expected the node's country") and "got 'home-lab'" in error
     assert 'set region = "DE"' in error
+
+
+def _hub_node(hub: HubProc) -> dict:
+    with urllib.request.urlopen(f"{hub.url}/v1/nodes", timeout=10) as r:  # noqa: S310
+        nodes = json.load(r)
+    nodes = nodes.get("nodes", nodes) if isinstance(nodes, dict) else nodes
+    return nodes[0] if nodes else {"channel_open": False}
+
+
+def test_the_hub_hears_of_a_session_however_short_it_was(tmp_path, hub):
+    """A buyer that connects and leaves within a fraction of a second (a connect test, a buyer's
+    script) frees its place on the hub within a few seconds, not at the next periodic heartbeat
+    (60 s). The market thread used to sample the set of open sessions once a second: a session
+    opened and closed between two samples was never reported, and after `max` such buyers the
+    hub saw the node full ("no node with free capacity") -- what broke tests/net/test_market.py."""
+    import threading
+    import time
+
+    from idlewire_agent.keys import wg_keypair
+    from idlewire_agent.market import Market
+
+    a = _agent(tmp_path, hub.url)
+    a.cfg.sessions.max = 2
+    stop = threading.Event()
+    Seller(a, hub.url).start(stop)
+    try:
+        deadline = time.monotonic() + 20
+        while not _hub_node(hub)["channel_open"]:  # registered, and its long poll waits
+            assert time.monotonic() < deadline, "the node's channel did not open"
+            time.sleep(0.05)
+        buyer = Market(hub.url, Ed25519PrivateKey.generate())
+        for i in range(5):  # more short buyers than the node has places
+            got = buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1]})
+            a.close_session(got["session"]["session"], "buyer")  # gone within milliseconds
+            deadline = time.monotonic() + 5
+            while (node := _hub_node(hub))["open_sessions"]:
+                assert time.monotonic() < deadline, f"buyer {i + 1}: the hub still counts {node}"
+                time.sleep(0.05)
+    finally:
+        stop.set()
+
+
+def test_the_market_threads_log_a_fault_and_go_on(tmp_path, hub, caplog):
+    """A bug in a heartbeat (here: reading the ledger heads fails twice) or an odd request on the
+    channel (one without an id) is logged with its traceback; both loops go on, so buyers still come
+    and the hub still hears of them."""
+    import threading
+    import time
+
+    from idlewire_agent.keys import wg_keypair
+    from idlewire_agent.market import Market
+
+    a = _agent(tmp_path, hub.url)
+    seller = Seller(a, hub.url)
+    faults = {"heads": 2, "poll": 1}
+    real_sessions, real_poll = seller.sessions, seller.market.poll
+
+    def sessions():
+        if faults["heads"]:
+            faults["heads"] -= 1
+            raise RuntimeError("ledger heads exploded")
+        return real_sessions()
+
+    def poll(wait=25.0):
+        if faults["poll"]:
+            faults["poll"] -= 1
+            return [{"kind": "open", "body": {}}]  # no "id": answering it raises KeyError
+        return real_poll(wait)
+
+    seller.sessions, seller.market.poll = sessions, poll
+    stop = threading.Event()
+    seller.start(stop)
+    try:
+        deadline = time.monotonic() + 20
+        while not _hub_node(hub)["channel_open"]:
+            assert time.monotonic() < deadline, "the node's channel did not open"
+            time.sleep(0.05)
+        got = Market(hub.url, Ed25519PrivateKey.generate()).request(
+            "POST", "/v1/connect", {"wg_public_key": wg_keypair()[1]})
+        a.close_session(got["session"]["session"], "buyer")
+        deadline = time.monotonic() + 10
+        while _hub_node(hub)["open_sessions"] or faults["heads"]:
+            assert time.monotonic() < deadline, f"the hub still counts {_hub_node(hub)}"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+    text = caplog.text
+    assert "ledger heads exploded" in text and "channel: request" in text and "KeyError" in text

@@ -159,10 +159,7 @@ class NodeLab:
             # test_agent_refuses_sessions_without_isolation turns the requirement back on.
             "firewall": {"required": False},
         }
-        for key, value in overrides.items():
-            sec, k = key.split("__")
-            sections.setdefault(sec, {})[k] = value
-        self.cfg.write_text(_toml(sections))
+        write_node_toml(self.cfg, sections, overrides)
         self.proc: subprocess.Popen | None = None
         # How the agent is started; bench/meter.py uses Debian's python3 and python3-cryptography,
         # as on a node.
@@ -171,6 +168,7 @@ class NodeLab:
         self.entry: list[str] = ["-m", "idlewire_agent"]
         self.log = tmp / "agent.log"
         self.fwd: Forwarder | None = None
+        self.api_host = f"{self.lan}.1"  # where the forwarder connects inside the node namespace
         self._down_server = ""
         self.iperf_server = self.inet.popen("iperf3", "-s", "-B", f"{self.wan}.2", stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL)
@@ -181,7 +179,7 @@ class NodeLab:
         self.proc = self.node.popen(*self.python, *self.entry, "run", "--config", str(self.cfg),
                                     stdout=logf, stderr=subprocess.STDOUT)
         if self.fwd is None:
-            self.fwd = Forwarder(self.node.name, f"{self.lan}.1", self.api_port)
+            self.fwd = Forwarder(self.node.name, self.api_host, self.api_port)
         deadline = time.time() + 15
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -325,6 +323,14 @@ def metric(node: NodeLab, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no metric {name}")
+
+
+def write_node_toml(path: Path, sections: dict, overrides: dict) -> None:
+    """node.toml from `sections`, with `overrides` given as SECTION__KEY=value."""
+    for key, value in overrides.items():
+        sec, k = key.split("__")
+        sections.setdefault(sec, {})[k] = value
+    path.write_text(_toml(sections))
 
 
 def _toml(sections: dict) -> str:

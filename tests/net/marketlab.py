@@ -1,16 +1,17 @@
-"""A market in namespaces: the hub on the "internet", a node behind a home NAT, a buyer outside.
+"""A market in namespaces: the hub on the "internet", a node in a home behind a real home router
+(tests/homelab.py: Debian's miniupnpd, nftables NAT), a buyer outside.
 
-    buyer (100.64.0.2) --- inet (router; the hub on 203.0.113.1) --- web (198.51.100.2: servers)
-                                 |
-                           nat (203.0.113.2 public; masquerade; UDP PORT forwarded to the node)
-                                 |
-                           node (192.168.77.2; the agent with wireguard-go; API on 127.0.0.1 only)
+    buyer 100.64.0.2 --- inet (routes; the hub on 203.0.113.1) --- srv 11.22.0.2 ("the web": echo, iperf3)
+                              |
+                         rtr1 11.22.33.2 public (masquerade; forwards inbound ONLY what UPnP mapped)
+                              |
+                         node1 192.168.1.20 (the agent with wireguard-go; API on 127.0.0.1 only)
 
-The buyer runs `idlewire client connect --hub` and routes 198.51.100.0/24 (the "web") through the
-tunnel: its traffic leaves the node's home through the NAT, as a buyer's would. The node's API
-listens on its loopback: nothing outside the node namespace can reach it; buyers reach the node
-only through the hub and WireGuard. The NAT forwards the node's WireGuard port as its owner would
-(UPnP mapping is another test's business).
+The buyer runs `idlewire client connect --hub` and routes the web host through the tunnel: its
+traffic leaves the node's home through the router's NAT, as a buyer's would. No one forwards the
+node's WireGuard port by hand: the agent maps it on the router over UPnP IGD and tells the hub the
+public endpoint it got (`upnp=False`: a router with UPnP off, and the node says it is not
+reachable). The node's API listens on its loopback: nothing outside the node namespace reaches it.
 """
 
 from __future__ import annotations
@@ -29,37 +30,28 @@ import urllib.request
 from pathlib import Path
 
 from agentlab import REPO, Forwarder, _children, _toml, ns_socket
+from homelab import SERVER, HomeLab
 
 HUB_ADDR = "203.0.113.1"
-PUBLIC = "203.0.113.2"
-WEB = "198.51.100.2"
+WEB = SERVER
 ENV = {**os.environ, "PYTHONPATH": f"{REPO / 'tools'}:{REPO / 'agent'}"}
 
 
 class MarketLab:
-    def __init__(self, lab, tmp: Path):
+    def __init__(self, lab, tmp: Path, upnp: bool = True):
         self.lab, self.tmp = lab, tmp
-        self.inet, self.nat, self.node = lab.ns("inet"), lab.ns("nat"), lab.ns("node")
-        self.buyer, self.web = lab.ns("buyer"), lab.ns("web")
-        lab.link(self.inet, f"{HUB_ADDR}/24", self.nat, f"{PUBLIC}/24", names=("pub", "wan"))
-        lab.link(self.inet, "198.51.100.1/24", self.web, f"{WEB}/24")
+        # a fast line with a short queue: this lab measures the market, not the line
+        self.home = HomeLab(lab, tmp / "home", upnp=upnp, line_down_mbit=200, line_up_mbit=200, queue_ms=20)
+        self.inet, self.nat, self.node, self.web = self.home.inet, self.home.router, self.home.node, self.home.server
+        self.public = self.home.public
+        self.buyer = lab.ns("buyer")
         lab.link(self.inet, "100.64.0.1/24", self.buyer, "100.64.0.2/24")
-        lab.link(self.nat, "192.168.77.1/24", self.node, "192.168.77.2/24", names=("lan", "eth0"))
-        for ns in (self.inet, self.nat, self.node):
-            ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        self.web.run("ip", "route", "add", "default", "via", "198.51.100.1")
+        self.inet.run("ip", "addr", "add", f"{HUB_ADDR}/32", "dev", "lo")
         self.buyer.run("ip", "route", "add", "default", "via", "100.64.0.1")
-        self.nat.run("ip", "route", "add", "default", "via", HUB_ADDR)
-        self.node.run("ip", "route", "add", "default", "via", "192.168.77.1")
+        self.node.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.pool = "10.77.8.0/24"
-        self.nat.run("ip", "route", "add", self.pool, "via", "192.168.77.2")
+        self.nat.run("ip", "route", "add", self.pool, "via", self.home.node_ip)
         self.port = 51000 + secrets.randbelow(9000)
-        self.nat.run("nft", "-f", "-", input=(
-            "table ip home {\n"
-            " chain pre { type nat hook prerouting priority -100; "
-            f'iifname "wan" udp dport {self.port} dnat to 192.168.77.2:{self.port}; }}\n'
-            ' chain post { type nat hook postrouting priority 100; oifname "wan" masquerade; }\n'
-            "}\n"))
         # the web: one byte to whoever connects (first byte through the tunnel), and iperf3
         self.echo_port = 7000
         self.web.popen(sys.executable, "-c", (
@@ -67,12 +59,12 @@ class MarketLab:
             f"s = socket.create_server(('{WEB}', {self.echo_port}), backlog=64)\n"
             "while True:\n"
             "    c, a = s.accept()\n"
-            f"    if a[0] == '{PUBLIC}': c.sendall(b'x')\n"  # only what came through the node's home
+            f"    if a[0] == '{self.public}': c.sendall(b'x')\n"  # only what came through the node's home
             "    c.close()\n"), stdout=subprocess.DEVNULL)
         # the buyer reaches the web only through the tunnel (never directly)
         self.inet.run("nft", "-f", "-", input=(
             "table ip lab {\n chain forward_buyers {\n  type filter hook forward priority 0;\n"
-            "  ip saddr 100.64.0.0/24 ip daddr 198.51.100.0/24 drop\n }\n}\n"))
+            f"  ip saddr 100.64.0.0/24 ip daddr {WEB} drop\n }}\n}}\n"))
         self.web.popen("iperf3", "-s", "-B", WEB, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # the hub
         self.hub_port = 8000 + secrets.randbelow(1000)
@@ -92,7 +84,8 @@ class MarketLab:
             "node": {"state_dir": str(self.state), "key_file": str(tmp / "node.key"), "price_per_gb": 0.5,
                      "log_level": "info", "marketplace": self.hub_url, "region": "DE"},
             "interfaces": {"wan": "eth0", "lan": ""},
-            "tunnel": {"interface": self.wg, "port": self.port, "pool": self.pool, "endpoint": PUBLIC,
+            # no endpoint: the UPnP mapping gives it ([home] upnp_map = "auto")
+            "tunnel": {"interface": self.wg, "port": self.port, "pool": self.pool,
                        "private_key_file": str(tmp / "wg.key")},
             "metering": {"poll_interval": 0.5, "line_rate_mbit": 100000, "unpaid_cap_mb": 1000},
             "sessions": {"max": 8, "address_rest": 0},
@@ -100,9 +93,15 @@ class MarketLab:
             "firewall": {"required": False},
         }))
         self.agent: subprocess.Popen | None = None
+        self.api_fwd = Forwarder(self.node.name, "127.0.0.1", self.api_port)
         self.log = tmp / "agent.log"
         (tmp / "client.log").touch()
         self.buyer_key = tmp / "buyer.key"
+
+    def health(self) -> dict:
+        """The node's /health, through a loopback forwarder into its namespace."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.api_fwd.port}/health", timeout=10) as r:
+            return json.load(r)
 
     # --- the hub ----------------------------------------------------------------------------------
     def start_hub(self) -> None:
@@ -190,7 +189,7 @@ class MarketLab:
         self.log_start = (self.tmp / "client.log").stat().st_size
         return self.buyer.popen("env", "--default-signal=INT", sys.executable, "-m", "idlewire", "client", "connect",
                                 "--hub", self.hub_url, "--region", "DE", "--key", str(self.buyer_key),
-                                "--interface", self.buyer_wg, "--json", "--route", "198.51.100.0/24", *args,
+                                "--interface", self.buyer_wg, "--json", "--route", f"{WEB}/32", *args,
                                 stdout=subprocess.PIPE, stderr=open(self.tmp / "client.log", "a"), text=True,
                                 env=ENV)
 
@@ -234,5 +233,7 @@ class MarketLab:
     def close(self) -> None:
         self.stop_agent()
         self.hub_fwd.close()
+        self.api_fwd.close()
+        self.home.stop_miniupnpd()
         with contextlib.suppress(OSError):
             socket.socket().close()

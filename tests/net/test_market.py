@@ -1,5 +1,6 @@
 """The node in the market, with real parts: `idlewire hub serve` on the "internet", the agent with
-wireguard-go behind a home NAT, a buyer outside running `idlewire client connect --hub`
+wireguard-go behind a home router (Debian's miniupnpd, nftables NAT) that forwards nothing inbound
+but what the node maps over UPnP, a buyer outside running `idlewire client connect --hub`
 (tests/net/marketlab.py draws the lab)."""
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from agentlab import wait_for
+from homelab import have_homelab
 from marketlab import WEB, MarketLab
 from netlab import Lab, have_netns
 
-pytestmark = pytest.mark.skipif(have_netns() is not None, reason=str(have_netns()))
+pytestmark = pytest.mark.skipif((have_netns() or have_homelab()) is not None,
+                                reason=str(have_netns() or have_homelab()))
 
 
 @pytest.fixture
-def market(tmp_path):
+def market(tmp_path, request):
     with Lab() as lab:
-        m = MarketLab(lab, tmp_path)
+        m = MarketLab(lab, tmp_path, upnp=getattr(request, "param", True))
         try:
             yield m
         finally:
@@ -47,11 +50,15 @@ def test_a_buyer_from_the_internet_cosigns_through_the_hub_and_every_receipt_rea
     m = market
     m.start_hub()
     m.start_agent()
-    node = wait_for(lambda: _node(m), timeout=20)
-    assert node["endpoint"] == f"203.0.113.2:{m.port}" and node["region"] == "DE"
+    node = wait_for(lambda: _node(m), timeout=40)
+    # the endpoint the node told the hub is the UPnP mapping on its home router: the router forwards
+    # that port to the node, and nothing else (no rule by hand)
+    assert node["endpoint"] == f"{m.public}:{m.port}" and node["region"] == "DE" and node["reachable"]
+    assert f"dport {m.port} dnat ip to {m.home.node_ip}:{m.port}" in m.home.nat_rules()
+    assert m.health()["reachability"]["endpoint"] == node["endpoint"]
     # the node's API is on its loopback only: from the internet nothing answers
-    assert not m.buyer_can_reach("203.0.113.2", m.api_port)
-    assert not m.buyer_can_reach("192.168.77.2", m.api_port)
+    assert not m.buyer_can_reach(m.public, m.api_port)
+    assert not m.buyer_can_reach(m.home.node_ip, m.api_port)
 
     client = m.client("--interval", "0.5", "--receipts", str(m.tmp / "r.json"))
     m.first_byte()
@@ -119,7 +126,7 @@ def test_connect_to_first_byte(market, capsys):
     m = market
     m.start_hub()
     m.start_agent()
-    wait_for(lambda: _node(m), timeout=20)
+    wait_for(lambda: _node(m), timeout=40)
     times, answers = [], []
     for _ in range(20):
         t0 = time.monotonic()
@@ -130,8 +137,31 @@ def test_connect_to_first_byte(market, capsys):
         m.stop_client(client)
         assert client.returncode == 0, (m.tmp / "client.log").read_text()[-2000:]
     wait_for(lambda: m.ledger("SELECT count(*) FROM sessions WHERE state = 'closed'")[0][0] == 20)
+    # the hub heard of every one of those short sessions: none holds a place any more
+    wait_for(lambda: _node(m).get("open_sessions") == 0, timeout=5)
     with capsys.disabled():
         print(f"\nconnect --hub to first byte through the tunnel: median {statistics.median(times):.3f} s, "
               f"min {min(times):.3f} s, max {max(times):.3f} s over {len(times)} connects; the hub's answer "
               f"median {statistics.median(answers):.3f} s after the start (the CLI's start included), the tunnel "
               f"median {statistics.median(t - a for t, a in zip(times, answers, strict=True)):.3f} s after it")
+
+
+@pytest.mark.parametrize("market", [False], indirect=True, ids=["router-without-upnp"])
+def test_a_node_behind_a_router_without_upnp_says_it_is_unreachable(market):
+    """UPnP off on the home router: the node says so in /health, once in its log and to the hub
+    (no endpoint), with the fix; the hub sends no buyer to a node that none could reach."""
+    m = market
+    m.start_hub()
+    m.start_agent()
+    node = wait_for(lambda: _node(m), timeout=40)
+    assert node["endpoint"] == "" and node["reachable"] is False
+    r = m.health()["reachability"]
+    fix = f"forward UDP {m.port} on your router to {m.home.node_ip}"
+    assert r["reachable"] is False and fix in r["message"] and "no UPnP IGD" in r["why"], r
+    client = m.client("--interval", "5")
+    client.communicate(timeout=60)
+    assert client.returncode != 0
+    assert "no node with free capacity in region DE is online" in (m.tmp / "client.log").read_text()
+    log = m.log.read_text()
+    assert log.count(fix) == 2, log  # once from the mapper, once in the registration line
+    assert f"lists it as not reachable from the internet: {fix}" in log

@@ -353,7 +353,9 @@ class Hub:
     def pick(self, region: str | None, max_price: float | None, exclude: tuple = ()) -> dict | None:
         now = self.clock()
         n = db.nodes.c
-        q = select(db.nodes).where(n.channel_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions)
+        # a node without a public endpoint (no UPnP on its router, nothing forwarded) is not offered
+        q = select(db.nodes).where(n.channel_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions,
+                                   n.endpoint != "")
         if region:
             q = q.where(n.region == region)
         if max_price is not None:
