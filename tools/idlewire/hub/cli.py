@@ -167,7 +167,16 @@ def register(app: App) -> None:
         url = db or hubdb.default_url()
         engine = open_db(url)
         if settle_every:
-            _economy(rules, key, prices)  # refuse a bad config now, not in the schedule's log
+            try:
+                _economy(rules, key, prices)  # refuse a bad config now, not in the schedule's log
+            except UserError as exc:
+                if rules or prices or any(os.environ.get(f"IDLEWIRE_HUB_{n}") for n in ("RULES", "PRICES")):
+                    raise
+                import sys
+
+                print(f"warning: settlement schedule off: {exc}", file=sys.stderr)
+                settle_every = 0
+        if settle_every:
             for name, value in (("RULES", rules), ("KEY", key), ("PRICES", prices)):
                 if value:
                     os.environ[f"IDLEWIRE_HUB_{name}"] = str(value)
