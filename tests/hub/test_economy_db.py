@@ -252,3 +252,60 @@ def test_settle_cli_refusals_are_one_line(tmp_path):
     out = subprocess.run([*base, "settle", *common], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "has not ended" in out.stderr
     assert oct(os.stat(tmp_path / "k").st_mode & 0o777) == "0o600"
+
+
+def test_failed_probes_cost_uptime_and_stake_with_the_measurements_as_evidence(db_url, tmp_path):
+    """A node advertising 50 Mbit/s that the prober measures at 5: every probe fails, its uptime is 0,
+    and at probes.slash_after_failures failures it is slashed with the probe ids and measurements."""
+    w, a, b = staked_world(db_url, tmp_path)
+    for n in (a, b):
+        w.beats(n)
+        w.upload(n, chain(w.keys[n], n[:16], 3, buyer_key=fixed_key(50), step=1_000_000))
+    for i in range(3):
+        w.t[0] = T0 + 100 + i
+        eco_db.record_probe(w.engine, a, True, 5, 50, 20, now=w.t[0])
+        eco_db.record_probe(w.engine, b, True, 48, 50, 20, now=w.t[0])
+    w.t[0] = T0 + HOUR + 1
+    st = w.settle().statement
+    (sl,) = st["slashes"]
+    assert sl["node"] == a and sl["kind"] == "failed_probes" and len(sl["evidence"]) == 3
+    rows = {r["node_id"]: r for r in eco_db.earnings(w.engine)}
+    assert rows[a]["uptime_ppm"] == 0 and rows[a]["reward"] == 0 and rows[a]["why_not"] == "slashed this epoch"
+    assert rows[b]["uptime_ppm"] == 1_000_000 and rows[b]["reward"] == st["minted"]
+    with db.read(w.engine) as conn:
+        ev = json.loads(conn.execute(db.econ_slashes.select()).mappings().one()["evidence"])
+    assert sorted(r["id"] for r in ev["records"]) == sorted(sl["evidence"])
+    assert {(r["mbit"], r["advertised_mbit"]) for r in ev["records"]} == {(5, 50)}
+    assert sl["amount"] == RULES.staking.min_stake * RULES.staking.slash_failed_probes_ppm // 1_000_000
+
+
+def test_hub_serve_settles_on_its_schedule(tmp_path):
+    """`hub serve --settle-every 1` with 1-second epochs: the statements appear at /v1/epochs by themselves."""
+    import time
+    import urllib.request
+
+    from hublab import free_port
+
+    (tmp_path / "rules.toml").write_text("epoch_seconds = 1\n")
+    (tmp_path / "prices.csv").write_text("0,0.25\n")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}:{ROOT / 'agent'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "idlewire", "hub", "serve", "--db", f"sqlite:///{tmp_path / 'h.db'}",
+                             "--listen", f"127.0.0.1:{port}", "--settle-every", "1", "--rules",
+                             str(tmp_path / "rules.toml"), "--prices", str(tmp_path / "prices.csv"), "--key",
+                             str(tmp_path / "k"), "--log-level", "warning"], env=env)
+    try:
+        got = []
+        deadline = time.monotonic() + 30
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/epochs", timeout=5) as r:
+                    got = json.load(r)
+            except OSError:
+                continue
+        assert len(got) >= 2, got
+        assert [e["epoch"] for e in got] == list(range(len(got) - 1, -1, -1))
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -45,7 +45,7 @@ from ..economy import ledger as econ_ledger
 from ..economy import pricefeed, staking
 from ..economy import rules as econ_rules
 from ..economy import settle as core
-from ..economy.proof import COSIGNED, EQUIVOCATION, UNSIGNED, NodeReport, Offence, Probe, Usage
+from ..economy.proof import COSIGNED, EQUIVOCATION, FAILED_PROBES, UNSIGNED, NodeReport, Offence, Probe, Usage
 from . import db
 
 
@@ -248,6 +248,8 @@ def _inputs(conn, rules, t0: float, t1: float) -> tuple[core.EpochInputs, dict[s
             ids.setdefault(nid, []).append(f"flag:{fid}")
             evidence.setdefault(f"{EQUIVOCATION}:{nid}", []).append(json.loads(ev))
     offences = [Offence(nid, EQUIVOCATION, tuple(sorted(v))) for nid, v in sorted(ids.items())]
+    for pr in probes:  # a failed-probes slash carries the measurements with the probe ids
+        evidence.setdefault(f"failed_probes:{pr.node}", []).append(pr._asdict())
     return core.EpochInputs(reports, usage, probes, offences, {}), beats, evidence
 
 
@@ -324,10 +326,14 @@ def settle_epoch(engine, eco: Economy, epoch: int | None = None, now: float | No
             conn.execute(insert(db.econ_multipliers), [{"epoch": epoch, "region": k, "multiplier_ppm": v}
                                                         for k, v in st["multipliers"].items()])
         if res.slashes:
+            def records(s) -> list:  # the receipts or probe measurements behind the evidence ids
+                got = evidence.get(f"{s.kind}:{s.node}", [])
+                return [r for r in got if r.get("id") in s.evidence] if s.kind == FAILED_PROBES else got
+
             conn.execute(insert(db.econ_slashes), [
                 {"epoch": epoch, "node_id": s.node, "kind": s.kind, "amount": s.amount,
-                 "evidence": json.dumps({"ids": list(s.evidence), "records": evidence.get(f"{s.kind}:{s.node}", [])},
-                                        sort_keys=True)} for s in res.slashes])
+                 "evidence": json.dumps({"ids": list(s.evidence), "records": records(s)}, sort_keys=True)}
+                for s in res.slashes])
         _replace(conn, db.econ_reputation, [{"node_id": k, "reputation_ppm": v}
                                             for k, v in sorted(state.reputation.items())])
         _replace(conn, db.econ_unbonding, [{"node_id": u.node, "amount": u.amount, "release_epoch": u.release_epoch,
@@ -366,6 +372,24 @@ def start_schedule(engine, eco: Economy, every: float, log) -> threading.Thread:
     t.stop = stop
     t.start()
     return t
+
+
+# --- probes -------------------------------------------------------------------------------------
+def record_probe(engine, node: str, reached: bool, mbit: float, advertised_mbit: float, latency_ms: float,
+                 detail: str = "", now: float | None = None) -> dict:
+    """Store one probe the hub's prober ran (a short session bought as a buyer would): settlement
+    judges it (proof.judge_probes: throughput against the advertised cap, latency) into uptime,
+    reputation and, after `probes.slash_after_failures` failures in an epoch, a slash whose
+    evidence is the probe ids (the rows hold the measurements)."""
+    now = time.time() if now is None else now
+    pid = os.urandom(12).hex()
+    row = {"id": pid, "node_id": node, "at": now, "reached": bool(reached), "mbit": int(mbit),
+           "advertised_mbit": round(advertised_mbit), "latency_ms": round(latency_ms),
+           "detail": detail[:500]}
+    with db.write(engine) as conn:
+        row["node_id"] = _node_row(conn, node)["id"]
+        conn.execute(insert(db.probes).values(**row))
+    return row
 
 
 # --- operators ------------------------------------------------------------------------------------
