@@ -153,6 +153,8 @@ class Connect(BaseModel):
     wg_public_key: str = Field(max_length=64)
     region: str | None = Field(None, min_length=2, max_length=2)
     max_price: float | None = Field(None, ge=0)
+    node: str | None = Field(None, max_length=20, description="this node only (the hub's prober asks for the "
+                             "node it probes)")
 
 
 class NodeRequest(BaseModel):

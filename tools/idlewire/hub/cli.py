@@ -395,6 +395,50 @@ def register(app: App) -> None:
                             else "no epoch settled yet (idlewire hub settle)")
         print(json.dumps(st, indent=1, sort_keys=True))
 
+    @group.command()
+    def probe(nodes: Annotated[list[str] | None, Opt("--node", help="A node id to probe (repeatable; default: "
+                                                     "every node online).")] = None,
+              hub: Annotated[str, Opt("--hub", help="The hub's URL the prober buys through, e.g. "
+                                      "http://127.0.0.1:8750.")] = "http://127.0.0.1:8750",
+              target: Annotated[str, Opt("--target", help="An http:// URL, reached through the node's tunnel, "
+                                         "that serves more than the node can send in --seconds (its host is "
+                                         "routed into the tunnel).")] = "",
+              seconds: Annotated[float, Opt("--seconds", min=1, max=300, help="Seconds of throughput per "
+                                            "probe.")] = 5.0,
+              interface: Annotated[str, Opt("--interface", help="WireGuard interface to create.")] = "iwprobe0",
+              db: DbOpt = None, rules: RulesOpt = None, key: KeyOpt = None, prices: PricesOpt = None,
+              as_json: JsonOpt = False):
+        """Probe nodes as a buyer: a short session each, throughput and latency against the advertised cap.
+
+        Results are stored for settlement: a failed probe (below probes.pass_throughput_ppm of the cap,
+        over probes.max_latency_ms, or not reached) lowers the node's uptime and reputation; at
+        probes.slash_after_failures failures in an epoch the node is slashed with the probe ids and
+        measurements as evidence. Run it on a schedule (cron, a systemd timer). Needs root.
+
+        Example:  sudo idlewire hub probe --hub http://127.0.0.1:8750 --target http://198.51.100.5/100M
+        """
+        from urllib.parse import urlsplit
+
+        from . import prober, queries
+
+        if urlsplit(target).scheme not in ("http", "https") or not urlsplit(target).hostname:
+            raise UserError(f"--target: expected an http(s):// URL to read through the tunnel, got {target!r}")
+        eco = _economy(rules, key, prices)
+        engine = open_db(db)
+        listed = [n for n in queries.nodes(engine) if (n["id"] in nodes if nodes else n["online"])]
+        if nodes and len(listed) != len(set(nodes)):
+            missing = sorted(set(nodes) - {n["id"] for n in listed})
+            raise UserError(f"node {missing[0]}: not registered here (see `idlewire hub nodes`)")
+        out = []
+        for n in listed:
+            row = _refused(prober.probe, engine, eco, hub, n, target, seconds, interface)
+            out.append(row)
+            if not as_json:
+                print(f"{n['id']}: {'reached' if row['reached'] else 'NOT reached'}, {row['mbit']} of "
+                      f"{row['advertised_mbit']} Mbit/s, {row['latency_ms']} ms — {row['detail']}", flush=True)
+        if as_json:
+            print(json.dumps(out, indent=1))
+
     from ..cmd_economy import simulate_command
 
     group.command("simulate")(simulate_command)

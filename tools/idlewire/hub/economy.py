@@ -215,7 +215,8 @@ ORDER BY e.node_id, e.session
 """)
 
 
-def _inputs(conn, rules, t0: float, t1: float) -> tuple[core.EpochInputs, dict[str, int], dict[str, list]]:
+def _inputs(conn, rules, t0: float, t1: float,
+            hub_key: str = "") -> tuple[core.EpochInputs, dict[str, int], dict[str, list]]:
     n = db.nodes.c
     counted = dict(conn.execute(select(db.econ_heartbeats.c.node_id, db.econ_heartbeats.c.counted)).all())
     reports, beats = [], {}
@@ -226,10 +227,13 @@ def _inputs(conn, rules, t0: float, t1: float) -> tuple[core.EpochInputs, dict[s
         reports.append(NodeReport(nid, region, payout, round(cap), max(0, int(hb) - int(counted.get(nid, 0)))))
     known = set(beats)
     usage = []
+    prober, prober_key = rules.probes.prober_buyer, hub_key
     for nid, sid, hi, nb, bb, cosigned, nb0, bb0, buyer in conn.execute(_USAGE, {"t0": t0, "t1": t1}):
         if nid not in known:
             continue
         node_bytes = max(0, int(nb) - int(nb0 or 0))
+        if buyer == prober_key:  # the hub's prober buys with the statement key (hub/prober.py)
+            buyer = prober
         if cosigned and bb is not None:
             usage.append(Usage(f"{nid}/{sid}/{hi}", nid, buyer or f"unknown:{nid}", node_bytes,
                                max(0, int(bb) - int(bb0 or 0)), COSIGNED))
@@ -303,7 +307,7 @@ def settle_epoch(engine, eco: Economy, epoch: int | None = None, now: float | No
         if now < t1:
             ends = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t1))
             raise EconomyError(f"epoch {epoch} has not ended: it ends at {ends} (in {int(t1 - now) + 1} s)")
-        inputs, beats, evidence = _inputs(conn, eco.rules, t0, t1)
+        inputs, beats, evidence = _inputs(conn, eco.rules, t0, t1, eco.hub_key)
         state = _state(conn, epoch)
         ledger = DbLedger(conn)
         try:

@@ -342,10 +342,13 @@ class Hub:
         return {"ok": True}
 
     # --- buyers ---------------------------------------------------------------------------------
-    def pick(self, region: str | None, max_price: float | None, exclude: tuple = ()) -> dict | None:
+    def pick(self, region: str | None, max_price: float | None, exclude: tuple = (),
+             only: str | None = None) -> dict | None:
         now = self.clock()
         n = db.nodes.c
         q = select(db.nodes).where(n.channel_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions)
+        if only:
+            q = q.where(n.id == only)
         if region:
             q = q.where(n.region == region)
         if max_price is not None:
@@ -364,7 +367,9 @@ class Hub:
             raise HubError(422, f"region: {body['region']!r} is not an ISO 3166-1 alpha-2 country code (e.g. DE)")
         if not _KEY.match(body["wg_public_key"]):
             raise HubError(422, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
-        node = self.pick(region, body.get("max_price"))
+        node = self.pick(region, body.get("max_price"), only=body.get("node"))
+        if node is None and body.get("node"):
+            raise HubError(503, f"node {body['node']}: not online with a free place (or not registered)")
         if node is None:
             with db.read(self.engine) as conn:
                 q = select(func.count()).select_from(db.nodes)
