@@ -309,3 +309,14 @@ def test_hub_serve_settles_on_its_schedule(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_usage_of_a_session_first_heard_in_a_heartbeat_burns_its_buyers_tokens(db_url, tmp_path):
+    """A session the node opened for a buyer on its LAN reaches the hub in a heartbeat before any
+    receipt: the receipts' co-signer is still the buyer whose tokens the usage burns."""
+    w, a, _ = staked_world(db_url, tmp_path)
+    w.hub.heartbeat(a, w.auth(w.keys[a]), {"uptime": 1.0, "sessions": [{"session": "h" * 16, "head": ""}]})
+    w.upload(a, chain(w.keys[a], "h" * 16, 2, buyer_key=fixed_key(50), step=10_000_000))
+    w.t[0] = T0 + HOUR + 1
+    st = w.settle().statement
+    assert st["burned"] == tokens_for(RULES, 80_000_000, 250_000)[0] > 0

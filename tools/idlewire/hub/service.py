@@ -519,13 +519,14 @@ class Hub:
     def _advance_session(conn, nid: str, sid: str, e: dict, now: float) -> None:
         s = db.sessions.c
         values = {"stored_seq": e["seq"], "up": e["up"], "down": e["down"], "updated_at": now}
-        if e.get("buyer"):
-            values.update(paid_up=e["buyer"]["up"], paid_down=e["buyer"]["down"])
+        if e.get("buyer"):  # the co-signer is the session's buyer (a session first heard of in a heartbeat
+            # has none yet): settlement burns its tokens for the usage
+            values.update(paid_up=e["buyer"]["up"], paid_down=e["buyer"]["down"], buyer_key=e["buyer"]["key"])
         done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid, s.stored_seq < e["seq"])
                             .values(**values)).rowcount
         if not done and conn.execute(select(s.session).where(s.node_id == nid, s.session == sid)).first() is None:
-            conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key=(e.get("buyer") or {}).get(
-                "key", ""), state="open", opened_at=now, head="", **values))
+            conn.execute(insert(db.sessions).values(node_id=nid, session=sid, state="open", opened_at=now, head="",
+                                                    **{"buyer_key": "", **values}))
 
     @staticmethod
     def _flag(nid, sid, seq, kind, detail, evidence, now) -> dict:
