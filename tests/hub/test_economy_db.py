@@ -320,3 +320,20 @@ def test_usage_of_a_session_first_heard_in_a_heartbeat_burns_its_buyers_tokens(d
     w.t[0] = T0 + HOUR + 1
     st = w.settle().statement
     assert st["burned"] == tokens_for(RULES, 80_000_000, 250_000)[0] > 0
+
+
+def test_usage_the_prober_disputes_is_inflated_and_slashed_with_the_receipts(db_url, tmp_path):
+    """The prober buys with the hub's key: a node that signs for twice what the prober co-signed is
+    slashed for inflated usage on the prober's word alone, the receipts in the evidence."""
+    w, a, b = staked_world(db_url, tmp_path)
+    w.beats(a)
+    w.upload(a, chain(w.keys[a], "p" * 16, 2, buyer_key=w.eco.key, step=10_000_000, buyer_factor=0.5))
+    w.upload(b, chain(w.keys[b], "q" * 16, 2, buyer_key=fixed_key(50), step=10_000_000, buyer_factor=0.5))
+    w.t[0] = T0 + HOUR + 1
+    st = w.settle().statement
+    (sl,) = st["slashes"]  # one stingy ordinary buyer does not get b slashed
+    assert (sl["node"], sl["kind"]) == (a, "inflated_usage") and sl["evidence"] == [f"{a}/{'p' * 16}/2"]
+    with db.read(w.engine) as conn:
+        ev = json.loads(conn.execute(db.econ_slashes.select()).mappings().one()["evidence"])
+    (r,) = ev["records"]
+    assert r["seq"] == 2 and r["buyer"]["key"] == w.eco.hub_key and r["down"] == 2 * r["buyer"]["down"]

@@ -45,7 +45,17 @@ from ..economy import ledger as econ_ledger
 from ..economy import pricefeed, staking
 from ..economy import rules as econ_rules
 from ..economy import settle as core
-from ..economy.proof import COSIGNED, EQUIVOCATION, FAILED_PROBES, UNSIGNED, NodeReport, Offence, Probe, Usage
+from ..economy.proof import (
+    COSIGNED,
+    EQUIVOCATION,
+    FAILED_PROBES,
+    INFLATED_USAGE,
+    UNSIGNED,
+    NodeReport,
+    Offence,
+    Probe,
+    Usage,
+)
 from . import db
 
 
@@ -332,7 +342,14 @@ def settle_epoch(engine, eco: Economy, epoch: int | None = None, now: float | No
         if res.slashes:
             def records(s) -> list:  # the receipts or probe measurements behind the evidence ids
                 got = evidence.get(f"{s.kind}:{s.node}", [])
-                return [r for r in got if r.get("id") in s.evidence] if s.kind == FAILED_PROBES else got
+                if s.kind == FAILED_PROBES:
+                    return [r for r in got if r.get("id") in s.evidence]
+                if s.kind == INFLATED_USAGE:  # ids NODE/SESSION/SEQ: the newest receipt of each session
+                    rc_ = db.receipts.c
+                    return [json.loads(conn.execute(select(rc_.body).where(
+                        rc_.node_id == n, rc_.session == sid, rc_.seq == int(seq))).scalar())
+                        for n, sid, seq in (e.split("/") for e in s.evidence)]
+                return got
 
             conn.execute(insert(db.econ_slashes), [
                 {"epoch": epoch, "node_id": s.node, "kind": s.kind, "amount": s.amount,
