@@ -289,7 +289,7 @@ def report_db(a, backends: list[str], core_cpu: float | None = None) -> None:
             print(f"--- {r['backend']}: one epoch from the database, {a.nodes:,} nodes, {a.receipts:,} receipts")
             for name, ph in r["phases"].items():
                 print(f"{name:40} {ph['wall_s']:7.2f} s wall  {ph['cpu_s']:7.2f} s CPU (this process)")
-            ratio = f"; {r['settle_wall_s'] / core_cpu:.1f}x the pure core's CPU" if core_cpu else ""
+            ratio = f" (the pure core alone, on its own population above: {core_cpu:.2f} s CPU)" if core_cpu else ""
             print(f"{r['backend']}: settle {r['settle_wall_s']:.2f} s wall — {r['goal_ratio_wall']}x inside the "
                   f"{GOAL_SECONDS:.0f} s goal{ratio}; rewarded {r['rewarded']:,}, {r['slashes']} slashes, "
                   f"{r['proofs_failed']} proofs failed, second settle a no-op: {r['second_settle_noop']}; "
