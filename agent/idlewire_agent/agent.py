@@ -731,6 +731,8 @@ class Agent:
                      "max_sessions": pol.quota.max_sessions,
                      "from_unit": sorted(u.caps)},
             **(self.home.health() if self.home else {}),
+            # the last settled epoch as the node checked it (market.check_earnings); None off the market
+            "earnings": getattr(self, "earnings", None),
         }
 
     def metrics(self) -> str:
@@ -760,6 +762,20 @@ class Agent:
             ("idlewire_resident_memory_bytes", "gauge", "Agent resident memory", rss),
             *(self.home.metrics() if self.home else ()),
         ]
+        earned = getattr(self, "earnings", None) or {}
+        if earned.get("epoch") is not None:
+            ok = earned.get("state") == "verified"
+            lines += [
+                ("idlewire_earnings_epoch", "gauge", "Last settled epoch the hub reported", earned["epoch"]),
+                ("idlewire_earnings_reward", "gauge", "Reward in that epoch (base units; 0 unless its proof "
+                 "verified)", (earned.get("reward") or 0) if ok else 0),
+                ("idlewire_earnings_verified", "gauge", "1 when the reward's Merkle proof and the statement "
+                 "signature verified", int(ok)),
+                ("idlewire_reputation_ppm", "gauge", "Reputation in that epoch (ppm)",
+                 earned.get("reputation_ppm") or 0),
+                ("idlewire_region_multiplier_ppm", "gauge", "The node's regional multiplier (ppm)",
+                 earned.get("multiplier_ppm") or 0),
+            ]
         out = []
         for name, kind, help_, value in lines:
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]

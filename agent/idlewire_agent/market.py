@@ -129,6 +129,10 @@ class Market:
         body = {"ok": True, "result": result} if error is None else {"ok": False, "error": error[:300]}
         return self.request("POST", self._path(f"requests/{rid}"), body)
 
+    def earnings(self) -> dict:
+        """The last settled epoch: signed statement, this node's reward leaf and Merkle proof."""
+        return self.request("GET", self._path("earnings"))
+
     def upload(self, entries: list[dict]) -> dict:
         return self.request("POST", self._path("receipts"), {"receipts": entries})
 
@@ -194,6 +198,40 @@ class Market:
 
 
 # --- the agent's side: what runs when node.toml [node] marketplace names a hub ------------------------
+# --- earnings: the last settled epoch, checked by the node itself ---------------------------------
+EARNINGS_EVERY = 600.0  # seconds between the node's looks at its earnings (epochs are a day by default)
+
+
+def check_earnings(answer: dict, node_id: str, hub_key: str | None) -> dict:
+    """What /health shows of the hub's GET /v1/nodes/{id}/earnings answer, after checking it with
+    merkle.check_reward: the statement's signature (by HUB_KEY, the key the node first saw sign one,
+    when given) and the node's reward leaf against the statement's Merkle root. A reward that does
+    not check is shown as such with the reason, never as earned."""
+    from . import merkle
+
+    st = answer.get("statement") if isinstance(answer, dict) else None
+    if not isinstance(st, dict):
+        return {"state": str((answer or {}).get("why_not") or "no epoch settled yet")[:200]}
+    if not merkle.verify_statement(st, hub_key):
+        return {"state": "refused: the epoch statement's signature does not verify (or is not by the hub key "
+                         "this node first saw)", "epoch": st.get("epoch")}
+    out = {"epoch": st.get("epoch"), "statement": merkle.statement_hash(st), "hub_key": st.get("hub"),
+           "region": answer.get("region"), "reward": 0, "reputation_ppm": answer.get("reputation_ppm"),
+           "multiplier_ppm": answer.get("multiplier_ppm"), "uptime_ppm": answer.get("uptime_ppm"),
+           "verified_bytes": answer.get("verified_bytes"), "state": "verified"}
+    if answer.get("leaf") is None:
+        out["state"] = f"no reward: {str(answer.get('why_not') or 'not in this epoch')[:200]}"
+        return out
+    problem = merkle.check_reward(st, answer["leaf"], answer.get("proof") or [], node_id, hub_key)
+    if problem is not None:
+        out["state"] = f"refused: {problem}"
+        return out
+    leaf = answer["leaf"]
+    out.update(reward=leaf["reward"], reputation_ppm=leaf["reputation_ppm"], multiplier_ppm=leaf["multiplier_ppm"],
+               uptime_ppm=leaf["uptime_ppm"], verified_bytes=leaf["verified_bytes"], payout=leaf["payout"])
+    return out
+
+
 _RELAYED = re.compile(r"^/(sessions/[0-9a-f]{16}(/usage|/close|/receipts)?|receipts\?session=[0-9a-f]{16})$")
 _RELAY_HEADERS = ("X-Idlewire-Key", "X-Idlewire-Time", "X-Idlewire-Nonce", "X-Idlewire-Signature")
 
@@ -320,6 +358,18 @@ class Seller:
                         f.get("detail"))
         return len(sent)
 
+    # --- earnings ---------------------------------------------------------------------------------
+    def fetch_earnings(self) -> dict:
+        """Ask the hub for the last epoch, check it (check_earnings) and keep it for /health and
+        /metrics (agent.earnings). The hub's statement key is pinned the first time one verifies."""
+        got = check_earnings(self.market.earnings(), self.market.node_id or "", getattr(self, "hub_key", None))
+        if got.get("state") == "verified" or got.get("state", "").startswith("no reward"):
+            self.hub_key = got.get("hub_key")
+        elif got.get("state", "").startswith("refused"):
+            log.warning("marketplace: earnings of epoch %s %s", got.get("epoch"), got["state"])
+        self.agent.earnings = got
+        return got
+
     # --- the channel ------------------------------------------------------------------------------
     def relay(self, buyer_key: str, request) -> dict:
         """A buyer's signed call to the node's session API, as the hub carried it: {"method",
@@ -377,6 +427,12 @@ class Seller:
                     beat_due, told, changed = now + self.market.heartbeat_interval, ids, False
                 while self.upload_once() and not stop.is_set():
                     pass
+                if now >= getattr(self, "earnings_due", 0.0):
+                    self.earnings_due = now + EARNINGS_EVERY
+                    try:
+                        self.fetch_earnings()
+                    except MarketError as exc:  # a hub without an economy: not a reason to re-register
+                        self.agent.earnings = {"state": f"unavailable: {exc.reason}"[:200]}
                 delay = 1.0
                 event.wait(1.0)
             except MarketError as exc:

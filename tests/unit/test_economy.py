@@ -14,7 +14,7 @@ from idlewire.economy import PPM
 from idlewire.economy.ledger import BURN, MINT, SLASHED, MemoryLedger, Overdraft, apply_genesis, supply
 from idlewire.economy.proof import COSIGNED, EQUIVOCATION, FORGED, UNSIGNED, NodeReport, Offence, Probe, Usage
 from idlewire.economy.rules import Rules, emission_for
-from idlewire.economy.settle import EconomyState, EpochInputs, _leaf, _leaf_hash, settle
+from idlewire.economy.settle import EconomyState, EpochInputs, _leaf_hash, reward_leaf, settle
 from idlewire.economy.staking import bond, stake_account, unbond, unbonding_account
 from idlewire_agent import merkle
 
@@ -376,7 +376,7 @@ def test_the_fast_leaf_encoding_is_the_canonical_one(node, payout, reward, vb):
     from idlewire.economy.settle import NodeResult
 
     r = NodeResult(node, "DE", payout, vb, PPM, 123, 2 * PPM, 0, reward=reward)
-    assert _leaf_hash(7, r) == merkle.leaf_hash(_leaf(7, r))
+    assert _leaf_hash(7, r) == merkle.leaf_hash(reward_leaf(7, r))
 
 
 def test_the_node_side_verifier_imports_nothing_from_tools():

@@ -107,10 +107,10 @@ class EpochResult:
         i = bisect.bisect_left(self.rewarded, node, key=lambda r: r.node)
         if i == len(self.rewarded) or self.rewarded[i].node != node:
             raise KeyError(f"{node}: no reward in epoch {epoch}")
-        return _leaf(epoch, self.rewarded[i]), merkle.proof(self.levels, i)
+        return reward_leaf(epoch, self.rewarded[i]), merkle.proof(self.levels, i)
 
     def leaves(self) -> list[dict]:
-        return [_leaf(self.statement["epoch"], r) for r in self.rewarded]
+        return [reward_leaf(self.statement["epoch"], r) for r in self.rewarded]
 
 
 def tokens_for(rules: Rules, nbytes: int, price_micro_usd: int) -> tuple[int, int]:
@@ -127,18 +127,24 @@ def public_b64(key: Ed25519PrivateKey) -> str:
 _dumps = json.JSONEncoder(ensure_ascii=True).encode
 
 
-def _leaf(epoch: int, res: NodeResult) -> dict:
+def reward_leaf(epoch: int, res: NodeResult) -> dict:
     return {"v": 1, "epoch": epoch, "node": res.node, "payout": res.payout, "reward": res.reward,
             "verified_bytes": res.verified_bytes, "multiplier_ppm": res.multiplier_ppm,
             "reputation_ppm": res.reputation_ppm, "uptime_ppm": res.uptime_ppm}
 
 
 def _leaf_hash(epoch: int, res: NodeResult) -> bytes:
-    """merkle.leaf_hash(_leaf(epoch, res)), built without a dict and a generic json.dumps per leaf."""
+    """merkle.leaf_hash(reward_leaf(epoch, res)), built without a dict and a generic json.dumps per leaf."""
     text = (f'{{"epoch":{epoch},"multiplier_ppm":{res.multiplier_ppm},"node":{_dumps(res.node)},'
             f'"payout":{_dumps(res.payout)},"reputation_ppm":{res.reputation_ppm},"reward":{res.reward},'
             f'"uptime_ppm":{res.uptime_ppm},"v":1,"verified_bytes":{res.verified_bytes}}}')
     return hashlib.sha256(b"\x00" + text.encode()).digest()
+
+
+def reward_tree(epoch: int, rewarded: list[NodeResult]) -> list[list[bytes]]:
+    """The Merkle tree over an epoch's rewarded nodes (sorted by node): settle() builds it, and the hub
+    rebuilds it from its stored rewards to hand a node its proof."""
+    return merkle.tree([_leaf_hash(epoch, r) for r in rewarded])
 
 
 def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_usd: int, ledger: Ledger,
@@ -237,7 +243,7 @@ def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_u
     released = release(ledger, state.unbonding, epoch)
 
     # 7. statement
-    levels = merkle.tree([_leaf_hash(epoch, r) for r in rewarded])
+    levels = reward_tree(epoch, rewarded)
     statement = {
         "v": 1, "type": "epoch", "network": rules.name, "rules": rules.digest(), "epoch": epoch,
         "price_micro_usd": price_micro_usd, "emission": emission, "carried_in": state.carry, "minted": minted,

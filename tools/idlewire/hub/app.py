@@ -8,7 +8,10 @@
     POST /v1/connect                        buyer   pick a node, ask it over its channel, return its answer
     POST /v1/nodes/{id}/relay               buyer   a buyer-signed call to the node's session API (co-sign,
                                                     receipts, close), carried over the node's channel
+    GET  /v1/nodes/{id}/earnings            node    last settled epoch: signed statement, the node's reward
+                                                    leaf and Merkle proof (the node checks both)
     GET  /v1/nodes | /v1/sessions | /v1/receipts | /v1/usage | /v1/flags   open   listings
+    GET  /v1/epochs | /v1/epochs/{n} | /v1/earnings                       open   the economy
 
 Node and buyer requests are signed as the node's own API wants buyers to sign (agent
 receipts.sign_request: X-Idlewire-Key/-Time/-Nonce/-Signature over method, path with query, time,
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 
@@ -31,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from . import db, queries
+from . import db, economy, queries
 from .service import CONNECT_TIMEOUT, LOCATION, REGION, Hub, HubError, Signed
 
 MAX_BODY = 4 << 20
@@ -151,6 +155,8 @@ class Connect(BaseModel):
     wg_public_key: str = Field(max_length=64)
     region: str | None = Field(None, max_length=64, description=f"the country the node should be in: {REGION.expect}")
     max_price: float | None = Field(None, ge=0)
+    node: str | None = Field(None, max_length=20, description="this node only (the hub's prober asks for the "
+                             "node it probes)")
 
 
 class NodeRequest(BaseModel):
@@ -369,6 +375,39 @@ def create_app(engine, clock=time.time) -> FastAPI:
         if out["state"] != "answered":
             raise HubError(502, f"node {nid}: {(out['result'] or {}).get('error')}")
         return out["result"]
+
+    @app.get("/v1/nodes/{nid}/earnings", summary="The node's last settled epoch: signed statement, its reward "
+             "leaf and Merkle inclusion proof (signed by the node key)")
+    async def node_earnings(request: Request, nid: str):
+        auth = await signed(request)
+
+        def work():
+            with db.write(engine) as conn:  # the request's nonce is spent: replay-proof like the rest
+                hub._node(conn, nid, auth)
+            return economy.node_earnings(engine, nid)
+
+        return await run_in_threadpool(work)
+
+    @app.get("/v1/epochs", summary="Settled epochs, newest first: minted, burned, slashed, supply, multipliers")
+    def list_epochs(limit: int = Query(100, ge=1, le=10000)):
+        return economy.epochs(engine, limit)
+
+    @app.get("/v1/epochs/{epoch}", summary="An epoch's signed statement")
+    def get_statement(epoch: int):
+        st = economy.statement(engine, epoch)
+        if st is None:
+            raise HubError(404, f"epoch {epoch}: not settled")
+        return st
+
+    @app.get("/v1/earnings", summary="Every node's reward, reputation, multiplier, uptime in an epoch (default last)")
+    def list_earnings(epoch: int | None = None):
+        return economy.earnings(engine, None, epoch)
+
+    every = float(os.environ.get("IDLEWIRE_HUB_SETTLE_EVERY") or 0)
+    if every > 0:  # `hub serve --settle-every S` (each worker process: the database settles an epoch once)
+        eco = economy.load(os.environ.get("IDLEWIRE_HUB_RULES"), os.environ.get("IDLEWIRE_HUB_KEY"),
+                           os.environ.get("IDLEWIRE_HUB_PRICES"))
+        app.state.settler = economy.start_schedule(engine, eco, every, log)
 
     @app.get("/v1/nodes", summary="Registered nodes")
     def list_nodes(region: str | None = None):

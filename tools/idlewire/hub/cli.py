@@ -1,4 +1,5 @@
-"""`idlewire hub serve|nodes|sessions|receipts|usage|flags`.
+"""`idlewire hub serve|nodes|sessions|receipts|usage|flags`, and the economy: `settle|stake|unbond|fund|
+earnings|epochs|statement|simulate`.
 
 Imports of the web stack and SQLAlchemy happen inside the commands: `idlewire` starts without them.
 """
@@ -9,7 +10,7 @@ import json
 import re
 from typing import Annotated
 
-from ..clikit import App, Opt
+from ..clikit import App, Arg, Opt
 from ..errors import UserError
 
 DEFAULT_LISTEN = "127.0.0.1:8750"
@@ -90,6 +91,39 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
 
 
+def _economy(rules, key, prices):
+    """The hub's economy config; each option falls back to $IDLEWIRE_HUB_RULES/_KEY/_PRICES."""
+    import os
+
+    from .economy import EconomyError, load
+
+    try:
+        return load(rules or os.environ.get("IDLEWIRE_HUB_RULES") or None,
+                    key or os.environ.get("IDLEWIRE_HUB_KEY") or None,
+                    prices or os.environ.get("IDLEWIRE_HUB_PRICES") or None)
+    except EconomyError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _refused(fn, *args, **kw):
+    from .economy import EconomyError
+
+    try:
+        return fn(*args, **kw)
+    except EconomyError as exc:
+        raise UserError(str(exc)) from None
+
+
+RulesOpt = Annotated[str | None, Opt("--rules", help="The network's rules file (.toml/.yml/.json; default "
+                                     "$IDLEWIRE_HUB_RULES, else the reference rules: `idlewire economy rules`). "
+                                     "Genesis allocation and epoch length come from it; every hub process of "
+                                     "one economy must use the same.")]
+KeyOpt = Annotated[str | None, Opt("--key", help="The hub's statement signing key file (default $IDLEWIRE_HUB_KEY, "
+                                   "else ~/.local/share/idlewire/hub-statement.key; made 0600 on first use).")]
+PricesOpt = Annotated[str | None, Opt("--prices", help="Oracle price file, lines 'EPOCH,PRICE_USD' (default "
+                                      "$IDLEWIRE_HUB_PRICES, else ~/.local/share/idlewire/prices.csv).")]
+NodeArg = Annotated[str, Arg(help="The node: its hub id (idlewire hub nodes) or node key.")]
+AmountArg = Annotated[str, Arg(help="Tokens, e.g. 1000 or 0.5.")]
 DbOpt = Annotated[str | None, Opt("--db", help=_DB_HELP)]
 HubOpt = Annotated[str | None, Opt("--hub", help="Read from a running hub's API at this URL instead of --db.")]
 JsonOpt = Annotated[bool, Opt("--json", help="Print JSON for scripts.")]
@@ -110,6 +144,11 @@ def register(app: App) -> None:
                                     "every core.")] = 1,
         as_json: Annotated[bool, Opt("--json", help="Print one JSON line when serving starts (URL, schema, "
                                      "database without password), for scripts.")] = False,
+        settle_every: Annotated[float, Opt("--settle-every", min=0, max=86400, help="Settle every ended epoch "
+                                           "this often, in seconds (0: never; settle with `idlewire hub "
+                                           "settle`). Any number of hub processes may: each epoch is "
+                                           "settled once.")] = 300,
+        rules: RulesOpt = None, key: KeyOpt = None, prices: PricesOpt = None,
     ):
         """Run the hub: migrate the database, then serve the API (schema at /openapi.json, docs at /docs).
 
@@ -127,6 +166,21 @@ def register(app: App) -> None:
 
         url = db or hubdb.default_url()
         engine = open_db(url)
+        if settle_every:
+            try:
+                _economy(rules, key, prices)  # refuse a bad config now, not in the schedule's log
+            except UserError as exc:
+                if rules or prices or any(os.environ.get(f"IDLEWIRE_HUB_{n}") for n in ("RULES", "PRICES")):
+                    raise
+                import sys
+
+                print(f"warning: settlement schedule off: {exc}", file=sys.stderr)
+                settle_every = 0
+        if settle_every:
+            for name, value in (("RULES", rules), ("KEY", key), ("PRICES", prices)):
+                if value:
+                    os.environ[f"IDLEWIRE_HUB_{name}"] = str(value)
+            os.environ["IDLEWIRE_HUB_SETTLE_EVERY"] = str(settle_every)
         import uvicorn
 
         from .app import create_app
@@ -207,3 +261,184 @@ def register(app: App) -> None:
             return
         _table(rows, [("node_id", "NODE"), ("session", "SESSION"), ("seq", "SEQ"), ("kind", "KIND"),
                       ("detail", "DETAIL")])
+
+    # --- the economy -------------------------------------------------------------------------------
+    @group.command()
+    def settle(db: DbOpt = None, epoch: Annotated[int | None, Opt("--epoch", min=0, help="The epoch to settle "
+               "(default: the next unsettled one). One settled already is shown, not settled again.")] = None,
+               rules: RulesOpt = None, key: KeyOpt = None, prices: PricesOpt = None, as_json: JsonOpt = False):
+        """Settle an ended epoch from the receipts, heartbeats, probes and flags stored here.
+
+        Burn-and-mint through the same code as `idlewire economy simulate`: verified bytes per node,
+        slashes with evidence (equivocation the hub flagged), burns from buyers' balances at the
+        oracle price, regional multipliers, reputation, the mint split by verified GB x multiplier x
+        reputation x uptime among staked nodes, a signed statement with a Merkle root over the
+        rewards. The first economy command on a database makes the genesis allocation of the rules.
+
+        Example:  idlewire hub settle --db postgresql://hub@db/hub --rules network.toml
+        """
+        from . import economy
+
+        eco = _economy(rules, key, prices)
+        s = _refused(economy.settle_epoch, open_db(db), eco, epoch)
+        st = s.statement
+        if as_json:
+            print(json.dumps({"epoch": s.epoch, "hash": s.hash, "already": s.already, "statement": st}))
+            return
+        d = eco.rules.market.decimals
+        word = "was settled already" if s.already else "settled"
+        print(f"epoch {s.epoch} {word}: statement {s.hash}")
+        print(f"  minted {economy.tokens(st['minted'], d)} of {economy.tokens(st['emission'] + st['carried_in'], d)}"
+              f" to {st['rewarded']} nodes, burned {economy.tokens(st['burned'], d)}, slashed "
+              f"{economy.tokens(st['slashed'], d)} ({len(st['slashes'])} slashes), supply "
+              f"{economy.tokens(st['supply'], d)}; merkle root {st['merkle_root'][:16]}…")
+
+    def _amount_cmd(fn, node, amount, db, rules, key, prices, as_json, **kw):
+        from . import economy
+
+        eco = _economy(rules, key, prices)
+        units = _refused(economy.parse_amount, amount, eco.rules.market.decimals)
+        out = _refused(fn, open_db(db), eco, node, units, **kw)
+        if as_json:
+            print(json.dumps(out))
+        else:
+            d = eco.rules.market.decimals
+            print(", ".join(f"{k} {economy.tokens(v, d) if isinstance(v, int) and k != 'release_epoch' else v}"
+                            for k, v in out.items()))
+
+    @group.command()
+    def stake(node: NodeArg, amount: AmountArg, db: DbOpt = None, src: Annotated[str | None, Opt(
+              "--from", help="Account the stake comes from (default payout:ADDRESS of the node's payout "
+              "statement).")] = None, rules: RulesOpt = None, key: KeyOpt = None, prices: PricesOpt = None,
+              as_json: JsonOpt = False):
+        """Bond stake for a node: it earns only with at least the rules' min_stake bonded.
+
+        Example:  idlewire hub stake 3f2a9c0d1e2b3c4d5e6f 1000 --from treasury
+        """
+        from . import economy
+
+        _amount_cmd(economy.stake, node, amount, db, rules, key, prices, as_json, src=src)
+
+    @group.command()
+    def unbond(node: NodeArg, amount: AmountArg, db: DbOpt = None, rules: RulesOpt = None, key: KeyOpt = None,
+               prices: PricesOpt = None, as_json: JsonOpt = False):
+        """Start unbonding stake: it returns to the node's payout account after the rules' unbonding_epochs,
+        and can be slashed until then.
+
+        Example:  idlewire hub unbond 3f2a9c0d1e2b3c4d5e6f 500
+        """
+        from . import economy
+
+        _amount_cmd(economy.unbond, node, amount, db, rules, key, prices, as_json)
+
+    @group.command()
+    def fund(account: Annotated[str, Arg(help="Account to credit, e.g. buyer:BUYER_KEY or payout:ADDRESS.")],
+             amount: AmountArg, src: Annotated[str, Opt("--from", help="Account to debit (a genesis account "
+             "such as market or treasury).")] = "market", db: DbOpt = None, rules: RulesOpt = None,
+             key: KeyOpt = None, prices: PricesOpt = None, as_json: JsonOpt = False):
+        """Move tokens between plain accounts, e.g. a buyer's balance that its usage burns.
+
+        Example:  idlewire hub fund buyer:q1Wc…= 500 --from market
+        """
+        from . import economy
+
+        _amount_cmd(economy.fund, account, amount, db, rules, key, prices, as_json, src=src)
+
+    @group.command()
+    def earnings(node: Annotated[str | None, Arg(help="A node (id or key): its every epoch; without it every "
+                                 "node's last epoch.")] = None, db: DbOpt = None,
+                 epoch: Annotated[int | None, Opt("--epoch", min=0, help="Only this epoch.")] = None,
+                 as_json: JsonOpt = False):
+        """What nodes earned: reward, verified bytes, uptime, reputation, regional multiplier, stake, and
+        why a node earned nothing (fractions as percent; ppm and base units in --json)."""
+        from . import economy
+
+        rows = _refused(economy.earnings, open_db(db), node, epoch)
+        if as_json:
+            print(json.dumps(rows, indent=1))
+            return
+        for r in rows:
+            r["reward_t"] = economy.tokens(r["reward"], 6)
+            r["gb"] = f"{r['verified_bytes'] / 1e9:.3f}"
+            for k in ("uptime_ppm", "reputation_ppm"):
+                r[k[:-4]] = f"{r[k] / 1e4:.1f}%"
+            r["mult"] = f"{r['multiplier_ppm'] / 1e6:.2f}x"
+            r["stake_t"] = economy.tokens(r["stake"], 6)
+        _table(rows, [("epoch", "EPOCH"), ("node_id", "NODE"), ("region", "CC"), ("reward_t", "REWARD"),
+                      ("gb", "VERIFIED GB"), ("uptime", "UPTIME"), ("reputation", "REPUTATION"), ("mult", "MULT"),
+                      ("stake_t", "STAKE"), ("why_not", "WHY NOTHING")])
+
+    @group.command()
+    def epochs(db: DbOpt = None, as_json: JsonOpt = False):
+        """Settled epochs, newest first: minted, burned, slashed, supply, statement hash."""
+        from . import economy
+
+        rows = economy.epochs(open_db(db))
+        if as_json:
+            print(json.dumps(rows, indent=1))
+            return
+        for r in rows:
+            for k in ("minted", "burned", "slashed", "supply"):
+                r[k] = economy.tokens(r[k], 6)
+        _table(rows, [("epoch", "EPOCH"), ("minted", "MINTED"), ("burned", "BURNED"), ("slashed", "SLASHED"),
+                      ("supply", "SUPPLY"), ("rewarded", "NODES PAID"), ("hash", "STATEMENT")])
+
+    @group.command()
+    def statement(epoch: Annotated[int | None, Arg(help="Epoch (default: the last settled).")] = None,
+                  db: DbOpt = None):
+        """Print an epoch's signed statement (JSON): what a node checks its reward's Merkle proof against."""
+        from . import economy
+
+        st = economy.statement(open_db(db), epoch)
+        if st is None:
+            raise UserError(f"epoch {epoch}: not settled (idlewire hub epochs)" if epoch is not None
+                            else "no epoch settled yet (idlewire hub settle)")
+        print(json.dumps(st, indent=1, sort_keys=True))
+
+    @group.command()
+    def probe(nodes: Annotated[list[str] | None, Opt("--node", help="A node id to probe (repeatable; default: "
+                                                     "every node online).")] = None,
+              hub: Annotated[str, Opt("--hub", help="The hub's URL the prober buys through, e.g. "
+                                      "http://127.0.0.1:8750.")] = "http://127.0.0.1:8750",
+              target: Annotated[str, Opt("--target", help="An http:// URL, reached through the node's tunnel, "
+                                         "that serves more than the node can send in --seconds (its host is "
+                                         "routed into the tunnel).")] = "",
+              seconds: Annotated[float, Opt("--seconds", min=1, max=300, help="Seconds of throughput per "
+                                            "probe.")] = 5.0,
+              interface: Annotated[str, Opt("--interface", help="WireGuard interface to create.")] = "iwprobe0",
+              db: DbOpt = None, rules: RulesOpt = None, key: KeyOpt = None, prices: PricesOpt = None,
+              as_json: JsonOpt = False):
+        """Probe nodes as a buyer: a short session each, throughput and latency against the advertised cap.
+
+        Results are stored for settlement: a failed probe (below probes.pass_throughput_ppm of the cap,
+        over probes.max_latency_ms, or not reached) lowers the node's uptime and reputation; at
+        probes.slash_after_failures failures in an epoch the node is slashed with the probe ids and
+        measurements as evidence. Run it on a schedule (cron, a systemd timer). Needs root.
+
+        Example:  sudo idlewire hub probe --hub http://127.0.0.1:8750 --target http://198.51.100.5/100M
+        """
+        from urllib.parse import urlsplit
+
+        from . import prober, queries
+
+        if urlsplit(target).scheme not in ("http", "https") or not urlsplit(target).hostname:
+            raise UserError(f"--target: expected an http(s):// URL to read through the tunnel, got {target!r}")
+        eco = _economy(rules, key, prices)
+        engine = open_db(db)
+        listed = [n for n in queries.nodes(engine) if (n["id"] in nodes if nodes else n["online"])]
+        if nodes and len(listed) != len(set(nodes)):
+            missing = sorted(set(nodes) - {n["id"] for n in listed})
+            raise UserError(f"node {missing[0]}: not registered here (see `idlewire hub nodes`)")
+        out = []
+        for n in listed:
+            row = _refused(prober.probe, engine, eco, hub, n, target, seconds, interface)
+            out.append(row)
+            if not as_json:
+                print(f"{n['id']}: {'reached' if row['reached'] else 'NOT reached'}, {row['mbit']} of "
+                      f"{row['advertised_mbit']} Mbit/s, {row['latency_ms']} ms — {row['detail']}", flush=True)
+        if as_json:
+            print(json.dumps(out, indent=1))
+
+    from ..cmd_economy import simulate_command
+
+    group.command("simulate")(simulate_command)

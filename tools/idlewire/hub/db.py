@@ -120,6 +120,7 @@ receipts = Table(
     Column("body", Text, nullable=False),
     Column("stored_at", Float, nullable=False),
     UniqueConstraint("node_id", "session", "seq", name="receipts_session_seq"),
+    Index("receipts_stored_at", "stored_at"),  # settlement reads an epoch's receipts by the hub's clock
 )
 
 flags = Table(
@@ -133,6 +134,119 @@ flags = Table(
     Column("evidence", Text, nullable=False),  # JSON: the receipts that show it
     Column("created", Float, nullable=False),
     UniqueConstraint("node_id", "session", "seq", "kind", name="flags_once"),
+)
+
+# --- the economy (revision 0002) ------------------------------------------------------------------
+AMOUNT = BigInteger  # token base units; the issuer account `mint` holds minus the supply
+
+econ_meta = Table(  # one row: what the economy was started with; its row lock serialises ledger writers
+    "econ_meta", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("network", String(128), nullable=False),
+    Column("rules_digest", String(64), nullable=False),
+    Column("hub_key", String(64), nullable=False),  # base64 ed25519 public key that signs the statements
+    Column("genesis_at", Float, nullable=False),  # epoch 0 starts here (unix time)
+    Column("epoch_seconds", Integer, nullable=False),
+)
+
+econ_accounts = Table(
+    "econ_accounts", metadata,
+    Column("account", String(200), primary_key=True),
+    Column("balance", AMOUNT, nullable=False),
+)
+
+econ_entries = Table(  # the journal: every movement once, from one account to another
+    "econ_entries", metadata,
+    Column("id", ID, primary_key=True, autoincrement=True),
+    Column("epoch", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),  # genesis, mint, burn, bond, unbond, release, slash, transfer
+    Column("src", String(200), nullable=False),
+    Column("dst", String(200), nullable=False),
+    Column("amount", AMOUNT, nullable=False),
+    Column("ref", Text, nullable=False),
+    Column("at", Float, nullable=False),
+    Index("econ_entries_epoch", "epoch"),
+)
+
+econ_epochs = Table(
+    "econ_epochs", metadata,
+    Column("epoch", Integer, primary_key=True, autoincrement=False),  # settled once: the key says so
+    Column("hash", String(64), nullable=False, unique=True),
+    Column("prev", String(64), nullable=False),
+    Column("statement", Text, nullable=False),  # the signed statement, JSON
+    Column("start", Float, nullable=False),
+    Column("end", Float, nullable=False),
+    Column("settled_at", Float, nullable=False),
+)
+
+econ_rewards = Table(  # every node the epoch saw: its reward (0 with why_not) and the figures behind it
+    "econ_rewards", metadata,
+    Column("epoch", Integer, nullable=False),
+    Column("node_id", String(20), nullable=False),
+    Column("region", String(2), nullable=False),
+    Column("payout", String(128), nullable=False),
+    Column("reward", AMOUNT, nullable=False),
+    Column("verified_bytes", AMOUNT, nullable=False),
+    Column("uptime_ppm", Integer, nullable=False),
+    Column("reputation_ppm", Integer, nullable=False),
+    Column("multiplier_ppm", Integer, nullable=False),
+    Column("stake", AMOUNT, nullable=False),
+    Column("why_not", String(200), nullable=False),
+    PrimaryKeyConstraint("epoch", "node_id", name="econ_rewards_pk"),
+    Index("econ_rewards_node", "node_id", "epoch"),
+)
+
+econ_multipliers = Table(
+    "econ_multipliers", metadata,
+    Column("epoch", Integer, nullable=False),
+    Column("region", String(2), nullable=False),
+    Column("multiplier_ppm", Integer, nullable=False),
+    PrimaryKeyConstraint("epoch", "region", name="econ_multipliers_pk"),
+)
+
+econ_slashes = Table(
+    "econ_slashes", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("epoch", Integer, nullable=False),
+    Column("node_id", String(20), nullable=False),
+    Column("kind", String(24), nullable=False),  # equivocation, forged_usage, inflated_usage, failed_probes
+    Column("amount", AMOUNT, nullable=False),
+    Column("evidence", Text, nullable=False),  # JSON: {"ids": [...], "records": [the receipts / probes]}
+    Index("econ_slashes_node", "node_id"),
+)
+
+econ_reputation = Table(
+    "econ_reputation", metadata,
+    Column("node_id", String(20), primary_key=True),
+    Column("reputation_ppm", Integer, nullable=False),
+)
+
+econ_unbonding = Table(
+    "econ_unbonding", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("node_id", String(20), nullable=False),
+    Column("amount", AMOUNT, nullable=False),
+    Column("release_epoch", Integer, nullable=False),
+    Column("to_account", String(200), nullable=False),
+)
+
+econ_heartbeats = Table(  # nodes.heartbeats as the last settlement counted it
+    "econ_heartbeats", metadata,
+    Column("node_id", String(20), primary_key=True),
+    Column("counted", BigInteger, nullable=False),
+)
+
+probes = Table(
+    "probes", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("node_id", String(20), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("reached", Boolean, nullable=False),
+    Column("mbit", Integer, nullable=False),
+    Column("advertised_mbit", Integer, nullable=False),
+    Column("latency_ms", Integer, nullable=False),
+    Column("detail", Text, nullable=False),
+    Index("probes_at", "at"),
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"

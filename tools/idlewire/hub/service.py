@@ -350,12 +350,15 @@ class Hub:
         return {"ok": True}
 
     # --- buyers ---------------------------------------------------------------------------------
-    def pick(self, region: str | None, max_price: float | None, exclude: tuple = ()) -> dict | None:
+    def pick(self, region: str | None, max_price: float | None, exclude: tuple = (),
+             only: str | None = None) -> dict | None:
         now = self.clock()
         n = db.nodes.c
         # a node without a public endpoint (no UPnP on its router, nothing forwarded) is not offered
         q = select(db.nodes).where(n.channel_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions,
                                    n.endpoint != "")
+        if only:
+            q = q.where(n.id == only)
         if region:
             q = q.where(n.region == region)
         if max_price is not None:
@@ -372,7 +375,9 @@ class Hub:
         region = checked(REGION, "region", body.get("region") or "") or None
         if not _KEY.match(body["wg_public_key"]):
             raise HubError(422, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
-        node = self.pick(region, body.get("max_price"))
+        node = self.pick(region, body.get("max_price"), only=body.get("node"))
+        if node is None and body.get("node"):
+            raise HubError(503, f"node {body['node']}: not online with a free place (or not registered)")
         if node is None:
             with db.read(self.engine) as conn:
                 q = select(func.count()).select_from(db.nodes)
@@ -527,13 +532,14 @@ class Hub:
     def _advance_session(conn, nid: str, sid: str, e: dict, now: float) -> None:
         s = db.sessions.c
         values = {"stored_seq": e["seq"], "up": e["up"], "down": e["down"], "updated_at": now}
-        if e.get("buyer"):
-            values.update(paid_up=e["buyer"]["up"], paid_down=e["buyer"]["down"])
+        if e.get("buyer"):  # the co-signer is the session's buyer (a session first heard of in a heartbeat
+            # has none yet): settlement burns its tokens for the usage
+            values.update(paid_up=e["buyer"]["up"], paid_down=e["buyer"]["down"], buyer_key=e["buyer"]["key"])
         done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid, s.stored_seq < e["seq"])
                             .values(**values)).rowcount
         if not done and conn.execute(select(s.session).where(s.node_id == nid, s.session == sid)).first() is None:
-            conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key=(e.get("buyer") or {}).get(
-                "key", ""), state="open", opened_at=now, head="", **values))
+            conn.execute(insert(db.sessions).values(node_id=nid, session=sid, state="open", opened_at=now, head="",
+                                                    **{"buyer_key": "", **values}))
 
     @staticmethod
     def _flag(nid, sid, seq, kind, detail, evidence, now) -> dict:
