@@ -79,7 +79,8 @@ class Vm:
         net = self.nics if self.nics is not None else [
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22", "-device", "virtio-net-pci,netdev=n0"]
         if self.console:
-            serial = ["-chardev", f"socket,id=s0,host=127.0.0.1,port={self.console_port},server=on,wait=on",
+            serial = ["-chardev", f"socket,id=s0,host=127.0.0.1,port={self.console_port},server=on,wait=on,"
+                      f"logfile={self.serial_log}",
                       "-serial", "chardev:s0"]
         else:
             serial = ["-serial", f"file:{self.serial_log}"]

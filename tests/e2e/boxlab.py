@@ -96,7 +96,7 @@ class BoxLab:
     def nics(self) -> list[str]:
         """QEMU arguments: the node's one NIC on the home LAN's tap device."""
         return ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                "-device", f"virtio-net-pci,netdev=n0,mac={NODE_MAC}"]
+                "-device", f"virtio-net-pci,netdev=n0,mac={NODE_MAC},romfile="]  # no iPXE: boot the disk
 
     # --- the hub -------------------------------------------------------------------------------
     def start_hub(self) -> None:

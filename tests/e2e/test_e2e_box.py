@@ -79,6 +79,9 @@ class Reports:
 def box(tmp_path_factory, request):
     if why := why_no_qemu():
         pytest.skip(why)
+    for tool in (["busybox", "udhcpd", "--help"], ["iperf3", "--version"]):
+        if not shutil.which(tool[0]) or subprocess.run(tool, capture_output=True).returncode not in (0, 1):
+            pytest.skip(f"{' '.join(tool[:2])} is missing (tools/scripts/deps.sh test installs it)")
     tmp = tmp_path_factory.mktemp("e2e")
     FIGURES["_path"] = str(tmp_path_factory.getbasetemp() / "e2e-figures.json")
     request.config.e2e_figures = FIGURES  # printed by conftest.py at the end of the run
@@ -335,7 +338,8 @@ def test_4_register_buy_at_the_cap_and_reach_nothing_private(node):
     time.sleep(3)  # a few more co-signatures
     node_row = session_row(vm, sid)
     chain = b.hub_chain(sid)
-    record("4_market", wan_interface=wan, registered_s=round(reg_s, 1),
+    qdiscs = sorted({q["kind"] for q in json.loads(vm.ssh("tc -j qdisc show").stdout)})
+    record("4_market", wan_interface=wan, registered_s=round(reg_s, 1), qdiscs=qdiscs,
            up_mbit=round(up_mbit, 2), cap_up_mbit=CAP_UP, up_ratio=round(up_mbit / CAP_UP, 3),
            down_mbit=round(down_mbit, 2), cap_down_mbit=CAP_DOWN, down_ratio=round(down_mbit / CAP_DOWN, 3),
            probes=reached, probes_reached=sum(reached.values()), control_probe_reached=control,
@@ -378,8 +382,9 @@ def test_6_upgrade_drains_the_buyer_with_a_final_receipt(node):
     bin_dir = Path(sys.executable).parent
     res = subprocess.run(["ip", "netns", "exec", b.owner.name, str(bin_dir / "ansible-playbook"),
                           "-i", str(b.inventory), "playbooks/upgrade.yml", "-e", f"upgrade_agent_source={new}",
-                          "-e", "upgrade_batch=1"], capture_output=True, text=True, cwd=ROOT, timeout=900,
-                         env={**ENV, "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin"})
+                          "-e", "upgrade_batch=1"], capture_output=True, text=True, cwd=ROOT, timeout=1500,
+                         env={**ENV, "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
+                              "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks"})
     upgrade_s = time.monotonic() - t0
     (b.tmp / "upgrade.log").write_text(res.stdout + res.stderr)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
@@ -427,7 +432,7 @@ def test_7_power_cut_during_a_transfer(node):
     vm.monitor_command("system_reset")
     t0 = time.monotonic()
     time.sleep(5)
-    boot_s = vm.wait_ssh(600)
+    boot_s = vm.wait_ssh(900)
     after = session_row(vm, sid)
     integrity = ledger(vm, "PRAGMA integrity_check")[0][0]
     wait_for(lambda: agent_up(vm), timeout=180, every=2, what="the agent after the reset")

@@ -15,7 +15,8 @@ pkgs_test=(qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 openssh-client
   wireguard-tools wireguard-go nftables iperf3 iproute2 iputils-ping systemd-container
   strace bc postgresql)  # postgresql: the hub's tests start their own server (initdb + pg_ctl)
 
-# The OpenWrt bootstrap tests run their script under busybox sh, as a router would; Debian's
+# The OpenWrt bootstrap tests run their script under busybox sh, as a router would, and tests/e2e's
+# home router hands out DHCP leases with busybox udhcpd; Debian's
 # busybox and busybox-static conflict, so either one does.
 command -v busybox >/dev/null || pkgs_test+=(busybox-static)
 
