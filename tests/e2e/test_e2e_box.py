@@ -109,6 +109,21 @@ def box(tmp_path_factory, request):
                 b.hub_proc.terminate()
 
 
+@pytest.fixture(autouse=True)
+def _guest_kernel_alive(box):
+    """A step whose packets killed the guest kernel says so (its serial console is logged)."""
+    yield
+    vm = getattr(box, "vm", None)
+    if vm is None or not vm.serial_log.exists() or box.state.get("panic"):
+        return
+    lines = vm.serial_log.read_text(errors="replace").splitlines()
+    said = [ln.strip() for ln in lines if re.search(r"Kernel panic|Oops:|Workqueue:|RIP: ", ln)]
+    if any("Kernel panic" in ln for ln in said):
+        box.state["panic"] = said[:6]
+        record("guest_kernel_panic", lines=said[:6])
+        pytest.fail(f"the node's kernel panicked (serial log {vm.serial_log}): " + " | ".join(said[:6]))
+
+
 def unit_yml(b: BoxLab, extra: str = "") -> Path:
     path = b.tmp / ("unit.yml" if not extra else "unit-market.yml")
     path.write_text(
