@@ -84,7 +84,7 @@ def box(tmp_path_factory, request):
             pytest.skip(f"{' '.join(tool[:2])} is missing (tools/scripts/deps.sh test installs it)")
     tmp = tmp_path_factory.mktemp("e2e")
     FIGURES["_path"] = str(tmp_path_factory.getbasetemp() / "e2e-figures.json")
-    request.config.e2e_figures = FIGURES  # printed by conftest.py at the end of the run
+    request.config.e2e_figures = FIGURES  # printed by tests/conftest.py at the end of the run
     golden = golden_image(tmp_path_factory.mktemp("golden"))
     with Lab() as lab:
         b = BoxLab(lab, tmp)
