@@ -18,3 +18,14 @@ def lab():
         pytest.skip(why)
     with Lab() as lab:
         yield lab
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """tests/e2e's step figures (also kept as e2e-figures.json in the base temp directory)."""
+    import json
+
+    figures = {k: v for k, v in getattr(config, "e2e_figures", {}).items() if k != "_path"}
+    if figures:
+        terminalreporter.section("e2e figures (From a box to a paid gigabyte)")
+        for step, values in figures.items():
+            terminalreporter.write_line(f"{step}: {json.dumps(values)}")

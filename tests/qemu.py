@@ -4,14 +4,23 @@ x86_64 images boot through OVMF exactly as a mini-PC would (GPT, ESP, systemd-bo
 images are booted with `qemu-system-aarch64 -M virt` using the kernel and initrd the image
 carries on its boot partition (the Pi firmware cannot be emulated), and the image's own root
 filesystem. The serial console goes to a log file; SSH is forwarded to a free loopback port.
+
+Options for tests that need more of the machine (tests/image, tests/e2e): the first serial port
+on a TCP socket QEMU serves and waits on (console=True: `idlewire console socket://…` drives
+the boot), a monitor socket (monitor=True: `system_reset` is a power cut; reboot=True so the
+reset reboots rather than ends QEMU), the WAN NIC on a tap device instead of user networking
+(nics=…, QEMU started inside a network namespace with netns=…), and SSH to an address inside a
+namespace (ssh_host/ssh_netns).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,16 +52,41 @@ class Vm:
     memory: int = 1024
     ssh_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    console: bool = False  # serial port on a TCP socket QEMU waits on (console_url) instead of a file
+    monitor: bool = False  # the human monitor on a unix socket (monitor_command)
+    reboot: bool = False  # a reset (guest or monitor) reboots; by default QEMU exits (-no-reboot)
+    nics: list[str] | None = None  # QEMU -netdev/-device arguments replacing the user-mode NIC
+    netns: str | None = None  # start QEMU inside this network namespace (its tap devices live there)
+    ssh_host: str = "127.0.0.1"
+    ssh_netns: str | None = None  # run ssh inside this namespace (ssh_host is an address there)
+
+    def __post_init__(self):
+        self.console_port = free_port() if self.console else None
 
     @property
     def serial_log(self) -> Path:
         return self.workdir / "serial.log"
 
+    @property
+    def console_url(self) -> str:
+        return f"socket://127.0.0.1:{self.console_port}"
+
+    @property
+    def monitor_socket(self) -> Path:
+        return self.workdir / "monitor.sock"
+
     def command(self) -> list[str]:
-        net = ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22",
-               "-device", "virtio-net-pci,netdev=n0"]
-        common = ["-m", str(self.memory), "-smp", "2", "-nographic", "-monitor", "none",
-                  "-serial", f"file:{self.serial_log}", "-no-reboot", *net]
+        net = self.nics if self.nics is not None else [
+            "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22", "-device", "virtio-net-pci,netdev=n0"]
+        if self.console:
+            serial = ["-chardev", f"socket,id=s0,host=127.0.0.1,port={self.console_port},server=on,wait=on,"
+                      f"logfile={self.serial_log}",
+                      "-serial", "chardev:s0"]
+        else:
+            serial = ["-serial", f"file:{self.serial_log}"]
+        monitor = f"unix:{self.monitor_socket},server=on,wait=off" if self.monitor else "none"
+        common = ["-m", str(self.memory), "-smp", "2", "-nographic", "-monitor", monitor, *serial,
+                  *([] if self.reboot else ["-no-reboot"]), *net]
         if self.arch == "amd64":
             vars_fd = self.workdir / "OVMF_VARS.fd"
             shutil.copy(OVMF_VARS, vars_fd)
@@ -78,14 +112,35 @@ class Vm:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = self.command()
         (self.workdir / "qemu.cmd").write_text(" ".join(cmd) + "\n")
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(self.workdir / "qemu.err").open("w"),
                                      stdin=subprocess.DEVNULL)
         return self
 
     def ssh_argv(self, user: str = "idlewire") -> list[str]:
-        return ["ssh", "-i", str(self.key), "-p", str(self.ssh_port), "-o", "BatchMode=yes",
+        netns = ["ip", "netns", "exec", self.ssh_netns] if self.ssh_netns else []
+        port = str(self.ssh_port if self.nics is None else 22)
+        return [*netns, "ssh", "-i", str(self.key), "-p", port, "-o", "BatchMode=yes",
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", f"{user}@127.0.0.1"]
+                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", f"{user}@{self.ssh_host}"]
+
+    def monitor_command(self, command: str, timeout: float = 10) -> str:
+        """One human-monitor command (e.g. `system_reset`: a power cut); returns what it printed."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.monitor_socket))
+            out = b""
+            while not out.rstrip().endswith(b"(qemu)"):
+                out += s.recv(4096)
+            s.sendall(command.encode() + b"\n")
+            time.sleep(0.5)
+            s.settimeout(1)
+            try:
+                out = s.recv(65536)
+            except TimeoutError:
+                out = b""
+        return out.decode(errors="replace")
 
     def ssh(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([*self.ssh_argv(), command], capture_output=True, text=True,
@@ -134,3 +189,30 @@ def copy_image(src: Path, dest: Path, grow_to: int | None = None) -> Path:
     if grow_to:
         os.truncate(dest, grow_to)
     return dest
+
+
+_golden: dict[str, Path] = {}
+
+
+def golden_image(out: Path) -> Path:
+    """The x86_64 image with no login key, as `make image TARGET=x86_64` builds it (its stages are
+    cached, so this is seconds once any test built it): IDLEWIRE_TEST_GOLDEN when set, else built
+    into `out` once per test session."""
+    if given := os.environ.get("IDLEWIRE_TEST_GOLDEN"):
+        return Path(given)
+    if "x86_64" not in _golden:
+        root = Path(__file__).resolve().parents[1]
+        res = subprocess.run([sys.executable, "-m", "idlewire", "build", "--target", "x86_64", "--allow-no-login",
+                              "--out", str(out), "--no-xz", "--json"], capture_output=True, text=True, cwd=root)
+        assert res.returncode == 0, f"golden build failed:\n{res.stderr[-3000:]}"
+        _golden["x86_64"] = Path(json.loads(res.stdout)["image"])
+    return _golden["x86_64"]
+
+
+def why_no_qemu() -> str | None:
+    if os.geteuid() != 0:
+        return "building images needs root"
+    for tool in ("mmdebstrap", "qemu-system-x86_64"):
+        if not shutil.which(tool):
+            return f"{tool} is missing (make deps-test installs it)"
+    return None

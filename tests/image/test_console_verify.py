@@ -16,31 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu import Vm, copy_image, free_port
+from qemu import Vm, copy_image, golden_image, why_no_qemu
 
 pytestmark = pytest.mark.image
 
 ROOT = Path(__file__).resolve().parents[2]
 IDLEWIRE = [sys.executable, "-m", "idlewire"]
-
-
-class ConsoleVm(Vm):
-    """The image's first serial port on a TCP socket QEMU serves (pyserial: socket://)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.console_port = free_port()
-
-    @property
-    def console_url(self) -> str:
-        return f"socket://127.0.0.1:{self.console_port}"
-
-    def command(self) -> list[str]:
-        cmd = super().command()
-        i = cmd.index("-serial")
-        cmd[i:i + 2] = ["-chardev", f"socket,id=s0,host=127.0.0.1,port={self.console_port},server=on,wait=on",
-                        "-serial", "chardev:s0"]
-        return cmd
 
 
 def idlewire(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -49,24 +30,15 @@ def idlewire(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory) -> Path:
-    import os
-    import shutil
-
-    if os.geteuid() != 0:
-        pytest.skip("building images needs root")
-    for tool in ("mmdebstrap", "qemu-system-x86_64"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} is missing (make deps-test installs it)")
-    out = tmp_path_factory.mktemp("golden")
-    res = idlewire("build", "--target", "x86_64", "--allow-no-login", "--out", str(out), "--no-xz", "--json")
-    assert res.returncode == 0, f"build failed:\n{res.stderr[-3000:]}"
-    return Path(json.loads(res.stdout)["image"])
+    if why := why_no_qemu():
+        pytest.skip(why)
+    return golden_image(tmp_path_factory.mktemp("golden"))
 
 
 @pytest.fixture(scope="module")
 def console_node(golden, test_key, tmp_path_factory):
     d = tmp_path_factory.mktemp("console-vm")
-    vm = ConsoleVm(copy_image(golden, d / "unit.img"), "amd64", d / "vm", test_key, memory=512)
+    vm = Vm(copy_image(golden, d / "unit.img"), "amd64", d / "vm", test_key, memory=512, console=True)
     vm.start()
     try:
         time.sleep(0.5)  # QEMU is listening: the firmware starts when the console connects

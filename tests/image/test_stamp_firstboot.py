@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from idlewire_agent import receipts
-from qemu import Vm
+from qemu import Vm, golden_image, why_no_qemu
 
 pytestmark = pytest.mark.image
 
@@ -30,16 +30,9 @@ IDLEWIRE = [sys.executable, "-m", "idlewire"]
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory) -> Path:
     """IDLEWIRE_TEST_GOLDEN (a built x86_64 .img with no login key), else built here."""
-    given = os.environ.get("IDLEWIRE_TEST_GOLDEN")
-    if given:
-        return Path(given)
-    if os.geteuid() != 0:
-        pytest.skip("building images needs root")
-    out = tmp_path_factory.mktemp("golden")
-    res = subprocess.run([*IDLEWIRE, "build", "--target", "x86_64", "--allow-no-login", "--out", str(out),
-                          "--no-xz", "--json"], capture_output=True, text=True, cwd=ROOT)
-    assert res.returncode == 0, f"golden build failed:\n{res.stderr[-3000:]}"
-    return Path(json.loads(res.stdout)["image"])
+    if not os.environ.get("IDLEWIRE_TEST_GOLDEN") and (why := why_no_qemu()):
+        pytest.skip(why)
+    return golden_image(tmp_path_factory.mktemp("golden"))
 
 
 def _pub_of(node_key: str) -> str:

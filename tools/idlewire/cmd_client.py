@@ -307,8 +307,10 @@ def register(app: App) -> None:
                 try:
                     r = buyer.cosign(sid, up, down)
                 except NodeError as exc:
-                    if exc.status not in (0, 503):  # the node refused: the session is over
-                        raise  # (503: the node cannot record now, e.g. its disk is full: try again)
+                    if exc.status not in (0, 502, 503, 504):  # the node refused: the session is over
+                        # (503: the node cannot record now, e.g. its disk is full; 502/504: the hub could not
+                        # reach the node, e.g. it is rebooting after a power cut: try again)
+                        raise
                     print(f"warning: {exc}; retrying", file=out, flush=True)
                     continue
                 check_receipt(r["receipt"], s, buyer, sid, up, down)

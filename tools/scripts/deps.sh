@@ -21,7 +21,8 @@ pkgs_test=(qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 openssh-client
 # only (miniupnpd-nftables: no debconf questions, no service that would start on this host; the
 # "miniupnpd" package adds those), and the node's side, miniupnpc's upnpc (natpmpc for NAT-PMP).
 
-# The OpenWrt bootstrap tests run their script under busybox sh, as a router would; Debian's
+# The OpenWrt bootstrap tests run their script under busybox sh, as a router would, and tests/e2e's
+# home router hands out DHCP leases with busybox udhcpd; Debian's
 # busybox and busybox-static conflict, so either one does.
 command -v busybox >/dev/null || pkgs_test+=(busybox-static)
 

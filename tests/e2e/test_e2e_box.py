@@ -1,0 +1,497 @@
+"""From a box to a paid gigabyte: the whole story on the x86_64 image idlewire builds.
+
+One node, booted once under QEMU from the image `idlewire build` made, `idlewire stamp`ed and
+`idlewire flash`ed to a file, sits behind a home router (namespace: NAT, a UDP port forward,
+DHCP) with the owner's laptop beside it; the hub and a buyer are on the "internet" (namespaces).
+The tests run in file order on that one VM, each a step of the README section "From a box to a
+paid gigabyte":
+
+1. stamp (hostname, caps, payout address; marketplace and region once the stamp knows them) and
+   flash to a file with the read-back verify
+2. boot behind the home router
+3. `idlewire console --bootstrap` over the serial socket, then `idlewire verify`
+4. the node registers with the hub; a buyer connects through the hub, moves traffic at the
+   stamped caps, co-signs, and probes the owner's LAN, the node's admin API and private ranges
+5. settlement and earnings (skipped until the economy lands)
+6. `playbooks/upgrade.yml` rolls a new agent while the buyer is connected
+7. a power cut (QEMU system_reset) during a transfer
+
+Each step's figures go to e2e-figures.json in the pytest base temp directory and to the end of
+the terminal report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from boxlab import ENV, NODE, OWNER, PROBE_PORT, PUBLIC, ROOT, ROUTER, TUNNEL_PORT, WEB, BoxLab, wait_for
+from netlab import Lab
+from qemu import Vm, golden_image, why_no_qemu
+
+pytestmark = pytest.mark.e2e
+
+IDLEWIRE = [sys.executable, "-m", "idlewire"]
+CAP_UP, CAP_DOWN = 4, 8  # Mbit/s, stamped on the unit
+POOL_GATEWAY = "10.99.0.1"  # the node's side of the tunnel (roles/agent: agent_tunnel_pool 10.99.0.0/16)
+FIGURES: dict = {}
+
+
+def record(step: str, **figures) -> None:
+    FIGURES.setdefault(step, {}).update(figures)
+    if FIGURES.get("_path"):
+        Path(FIGURES["_path"]).write_text(json.dumps({k: v for k, v in FIGURES.items() if k != "_path"}, indent=1))
+
+
+def idlewire(*args: str, timeout: float = 600, ns=None) -> subprocess.CompletedProcess:
+    pre = ["ip", "netns", "exec", ns.name] if ns else []
+    return subprocess.run([*pre, *IDLEWIRE, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=ENV)
+
+
+class Reports:
+    """The buyer client's JSON reports, read as they come (the pipe never fills)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.items = proc, []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.items.append(json.loads(line))
+
+    @property
+    def last(self) -> dict:
+        return self.items[-1] if self.items else {}
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory, request):
+    if why := why_no_qemu():
+        pytest.skip(why)
+    for tool in (["busybox", "udhcpd", "--help"], ["iperf3", "--version"]):
+        if not shutil.which(tool[0]) or subprocess.run(tool, capture_output=True).returncode not in (0, 1):
+            pytest.skip(f"{' '.join(tool[:2])} is missing (tools/scripts/deps.sh test installs it)")
+    tmp = tmp_path_factory.mktemp("e2e")
+    FIGURES["_path"] = str(tmp_path_factory.getbasetemp() / "e2e-figures.json")
+    request.config.e2e_figures = FIGURES  # printed by tests/conftest.py at the end of the run
+    golden = golden_image(tmp_path_factory.mktemp("golden"))
+    with Lab() as lab:
+        b = BoxLab(lab, tmp)
+        b.golden, b.state = golden, {}
+        for who in ("vendor", "owner"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"e2e-{who}",
+                            "-f", str(tmp / f"{who}_key")], check=True)
+        b.vm = None
+        try:
+            yield b
+        finally:
+            if b.vm:
+                b.vm.stop()
+            for p in b.state.get("clients", []):
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+                    try:
+                        p.wait(20)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+            if b.hub_proc and b.hub_proc.poll() is None:
+                b.hub_proc.terminate()
+
+
+@pytest.fixture(autouse=True)
+def _guest_kernel_alive(box):
+    """A step whose packets killed the guest kernel says so (its serial console is logged)."""
+    yield
+    vm = getattr(box, "vm", None)
+    if vm is None or not vm.serial_log.exists() or box.state.get("panic"):
+        return
+    lines = vm.serial_log.read_text(errors="replace").splitlines()
+    said = [ln.strip() for ln in lines if re.search(r"Kernel panic|Oops:|Workqueue:|RIP: ", ln)]
+    if any("Kernel panic" in ln for ln in said):
+        box.state["panic"] = said[:6]
+        record("guest_kernel_panic", lines=said[:6])
+        pytest.fail(f"the node's kernel panicked (serial log {vm.serial_log}): " + " | ".join(said[:6]))
+
+
+def unit_yml(b: BoxLab, extra: str = "") -> Path:
+    path = b.tmp / ("unit.yml" if not extra else "unit-market.yml")
+    path.write_text(
+        "unit: e2e-0001\nhostname: iw-e2e\nssh_authorized_keys:\n"
+        f"  - {(b.tmp / 'vendor_key.pub').read_text().strip()}\n"
+        "payout_address: addr-e2e-0001\n"
+        f"caps:\n  up_mbit: {CAP_UP}\n  down_mbit: {CAP_DOWN}\n  monthly_gb: 100\n  max_sessions: 4\n" + extra)
+    return path
+
+
+# --- 1. stamp and flash --------------------------------------------------------------------------
+def test_1_stamp_and_flash(box):
+    b = box
+    b.hub_port_url = b.hub_url
+    market = f"marketplace: {b.hub_url}\nregion: DE\n"
+    res = idlewire("stamp", str(b.golden), "--unit", str(unit_yml(b, market)), "--out", str(b.tmp / "stamped.img"),
+                   "--json")
+    b.state["stamp_market"] = res
+    if res.returncode != 0:
+        # The stamp does not know the unit's marketplace/region yet (branch `units`): stamp the
+        # rest; the agent's config gets them over SSH in step 4.
+        assert re.search(r"'(marketplace|region)': unknown setting", res.stderr), res.stderr
+        res = idlewire("stamp", str(b.golden), "--unit", str(unit_yml(b)), "--out", str(b.tmp / "stamped.img"),
+                       "--json")
+    assert res.returncode == 0, res.stderr
+    unit = json.loads(res.stdout)["units"][0]
+    b.state["node_public_key"] = unit["node_public_key"]
+    target = b.tmp / "card.img"
+    res = idlewire("flash", str(b.tmp / "stamped.img"), str(target), "--json")
+    assert res.returncode == 0, res.stderr
+    card = json.loads(res.stdout)["cards"][0]
+    assert card["verified"] and card["mismatch_count"] == 0 and card["error"] is None, card
+    b.card = target
+    record("1_stamp_flash", unit=unit["unit"], written_bytes=card["written_bytes"],
+           write_seconds=card["write_seconds"], verify_seconds=card["verify_seconds"], verified=card["verified"],
+           marketplace_in_stamp=b.state["stamp_market"].returncode == 0)
+
+
+def test_1_stamp_carries_marketplace_and_region(box):
+    res = box.state.get("stamp_market")
+    if res is None:
+        pytest.skip("step 1 did not run")
+    if res.returncode != 0:
+        pytest.skip("unit.yml fields `marketplace` (hub URL) and `region` (ISO country) are not known to "
+                    f"`idlewire stamp` yet (branch `units`): {res.stderr.strip()[:160]}")
+    from idlewire import stamp as st
+
+    toml = st.read_boot_file(box.tmp / "stamped.img", st.read_layout(box.golden).boot_offset,
+                             "stamp.toml").decode()
+    assert box.hub_url in toml and '"DE"' in toml, toml
+
+
+# --- 2, 3. boot behind the home router, console bootstrap, verify --------------------------------
+@pytest.fixture(scope="module")
+def node(box):
+    b = box
+    if not getattr(b, "card", None):
+        pytest.skip("step 1 (stamp and flash) failed")
+    b.vm = Vm(b.card, "amd64", b.tmp / "vm", b.tmp / "owner_key", memory=1024, console=True, monitor=True,
+              reboot=True, nics=b.nics(), netns=b.home.name, ssh_host=NODE, ssh_netns=b.owner.name)
+    b.vm.start()
+    time.sleep(0.5)  # QEMU listens: the firmware starts when the console connects
+    t0 = time.monotonic()
+    b.bootstrap = idlewire("console", b.vm.console_url, "--bootstrap", "--key", str(b.tmp / "owner_key.pub"),
+                           "--log", str(b.tmp / "boot.log"), "--timeout", "600", "--json", ns=b.home, timeout=700)
+    b.boot_seconds = time.monotonic() - t0
+    return b
+
+
+def health(vm: Vm) -> dict:
+    out = vm.ssh("python3 -c \"import urllib.request as u;"
+                 "print(u.urlopen('http://127.0.0.1:8740/health', timeout=5).read().decode())\"", timeout=60)
+    return json.loads(out.stdout)
+
+
+def test_2_3_boot_console_bootstrap_verify(node):
+    b, vm = node, node.vm
+    res = b.bootstrap
+    assert res.returncode == 0, f"console bootstrap failed ({b.boot_seconds:.0f}s): {res.stderr[-1500:]}"
+    out = json.loads(res.stdout)
+    assert out["key"] == "installed", out
+    # the home router's DHCP gave the node its address on the home LAN
+    assert any(a["address"].startswith(f"{NODE}/") for a in out["addresses"]), out["addresses"]
+    ssh_s = vm.wait_ssh(300)  # from the owner's laptop, with the key the console installed
+    assert vm.ssh("hostname").stdout.strip() == "iw-e2e"
+    # the vendor's stamped key logs in too (the stamp was consumed at first boot)
+    argv = vm.ssh_argv()
+    argv[argv.index(str(vm.key))] = str(b.tmp / "vendor_key")
+    argv.insert(argv.index("ssh") + 1, "-oIdentitiesOnly=yes")
+    vendor = subprocess.run([*argv, "true"], capture_output=True, text=True, timeout=60)
+    assert vendor.returncode == 0, vendor.stderr
+    h = health(vm)
+    assert h["node_key"] == b.state["node_public_key"] and h["unit"]["payout_address"] == "addr-e2e-0001", h
+    assert h["caps"]["up_mbit"] == CAP_UP and h["caps"]["down_mbit"] == CAP_DOWN, h["caps"]
+    b.inventory = b.tmp / "inventory.yml"
+    write_inventory(b, {})
+    t0 = time.monotonic()
+    res = idlewire("verify", "-i", str(b.inventory), "--junit", str(b.tmp / "verify.xml"), "--json",
+                   ns=b.owner, timeout=600)
+    assert res.returncode in (0, 1), res.stderr[-2000:]
+    host = json.loads(res.stdout)["hosts"][0]
+    assert host["status"] == "ok", host["failed"]
+    record("2_3_boot_console_verify", console_bootstrap_s=round(b.boot_seconds, 1),
+           ssh_after_bootstrap_s=round(ssh_s, 1), verify_s=round(time.monotonic() - t0, 1),
+           verify_passed=len(host["passed"]), verify_skipped=len(host["skipped"]))
+
+
+def test_2_node_lan_port_owner_host(node):
+    pytest.skip("router mode (the node's own LAN port with an owner host behind it) does not exist in the "
+                "image yet: the x86_64 image has one NIC path (WAN). The owner's laptop sits on the home LAN "
+                f"({OWNER}) and step 4 probes it from the tunnel")
+
+
+def write_inventory(b: BoxLab, agent_vars: dict) -> None:
+    lines = ["all:", "  children:", "    idlewire:", "      hosts:", "        e2e-0001:",
+             f"          ansible_host: {NODE}", "          ansible_user: idlewire",
+             f"          ansible_ssh_private_key_file: {b.tmp / 'owner_key'}",
+             "          ansible_ssh_common_args: -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"]
+    if agent_vars:
+        lines.append("      vars:")
+        lines += [f"        {k}: {json.dumps(v)}" for k, v in agent_vars.items()]
+    b.inventory.write_text("\n".join(lines) + "\n")
+
+
+# node.toml edits of step 4 and the role variables that render the same (upgrade.yml re-renders it)
+def market_config(b: BoxLab, wan: str) -> tuple[dict, dict]:
+    toml = {"node": {"marketplace": json.dumps(b.hub_url), "region": '"DE"'},
+            "interfaces": {"wan": json.dumps(wan)},
+            "tunnel": {"endpoint": json.dumps(PUBLIC)},
+            "metering": {"poll_interval": "1.0"},
+            "shaping": {"enabled": "true"}}
+    role = {"agent_marketplace": b.hub_url, "agent_region": "DE", "agent_wan_interface": wan,
+            "agent_tunnel_endpoint": PUBLIC, "agent_poll_interval": 1, "agent_shaping_enabled": True}
+    return toml, role
+
+
+EDIT_TOML = r"""
+import json, os, re, shutil, sys
+edits = json.loads(sys.argv[1]); path = "/etc/idlewire/node.toml"; out = []; section = None
+for line in open(path).read().splitlines():
+    m = re.match(r"\[(\w+)\]\s*$", line)
+    section = m[1] if m else section
+    k = re.match(r"(\w+)\s*=", line)
+    if k and k[1] in edits.get(section, {}):
+        line = f"{k[1]} = {edits[section].pop(k[1])}"
+    out.append(line)
+left = {s: v for s, v in edits.items() if v}
+assert not left, f"not in node.toml: {left}"
+open(path + ".e2e", "w").write("\n".join(out) + "\n"); shutil.copystat(path, path + ".e2e")
+os.replace(path + ".e2e", path)
+"""
+
+
+def ledger(vm: Vm, sql: str, *args) -> list:
+    """A read-only query on the node's ledger (over SSH, as its owner would)."""
+    code = ("import json, sqlite3, sys; db = sqlite3.connect('file:/var/lib/idlewire-agent/ledger.sqlite?mode=ro', "
+            "uri=True, timeout=10); print(json.dumps(db.execute(sys.argv[1], json.loads(sys.argv[2])).fetchall()))")
+    out = vm.ssh(f"sudo python3 -c {shlex.quote(code)} {shlex.quote(sql)} {shlex.quote(json.dumps(args))}",
+                 timeout=60)
+    return json.loads(out.stdout)
+
+
+def session_row(vm: Vm, sid: str) -> dict:
+    rows = ledger(vm, "SELECT state, reason, rx, tx, closed_at FROM sessions WHERE id = ?", sid)
+    return dict(zip(("state", "reason", "rx", "tx", "closed_at"), rows[0], strict=True)) if rows else {}
+
+
+def verify_chain(b: BoxLab, chain: list[dict], name: str) -> subprocess.CompletedProcess:
+    """`idlewire receipts verify` on a session's chain as the hub holds it (closed: it must end in
+    the node's final receipt)."""
+    path = b.tmp / f"{name}.hub-chain.json"
+    path.write_text(json.dumps(chain))
+    return idlewire("receipts", "verify", str(path), "--node-key", b.state["node_public_key"], "--closed", "--json")
+
+
+def agent_up(vm: Vm) -> bool:
+    try:
+        return bool(health(vm))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
+        return False
+
+
+def connect(b: BoxLab, name: str) -> tuple[subprocess.Popen, Reports, str]:
+    receipts = b.tmp / f"{name}.receipts.json"
+    proc = b.client(receipts, "192.168.0.0/16", "10.0.0.0/8", "172.16.0.0/12")
+    b.state.setdefault("clients", []).append(proc)
+    reports = Reports(proc)
+    wait_for(lambda: reports.items or proc.poll() is not None, timeout=90, what="the buyer's first co-signature")
+    assert reports.items, f"client exited {proc.returncode}: {b.client_said()[-2000:]}"
+    return proc, reports, reports.last["session"]
+
+
+# --- 4. register, buy, shape, co-sign, isolate ---------------------------------------------------
+def test_4_register_buy_at_the_cap_and_reach_nothing_private(node):
+    b, vm = node, node.vm
+    if not getattr(b, "inventory", None):
+        pytest.skip("steps 2-3 failed")
+    links = json.loads(vm.ssh("ip -j link").stdout)
+    wan = next(link["ifname"] for link in links if link.get("address") == "52:54:00:1e:2e:02")
+    toml, role = market_config(b, wan)
+    if b.state["stamp_market"].returncode == 0:  # the stamp carried them: the node knows its hub already
+        toml["node"] = {}
+    subprocess.run([*vm.ssh_argv(), "sudo python3 - " + shlex.quote(json.dumps(toml))], input=EDIT_TOML,
+                   capture_output=True, text=True, check=True, timeout=60)
+    check = vm.ssh("sudo idlewire-agent check-config /etc/idlewire/node.toml", check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    write_inventory(b, role)
+    b.start_hub()
+    vm.ssh("sudo systemctl restart idlewire-agent")
+    t0 = time.monotonic()
+    registered = wait_for(lambda: [n for n in b.nodes() if n.get("node_key") == b.state["node_public_key"]],
+                          timeout=120, every=1, what="the node on the hub")[0]
+    reg_s = time.monotonic() - t0
+    assert registered["endpoint"] == f"{PUBLIC}:{TUNNEL_PORT}" and registered["region"] == "DE", registered
+
+    proc, reports, sid = connect(b, "s1")
+    b.state.update(client1=(proc, reports, sid))
+    up = b.iperf(seconds=8)
+    down = b.iperf("-R", seconds=8)
+    up_mbit = up["end"]["sum_received"]["bits_per_second"] / 1e6
+    down_mbit = down["end"]["sum_received"]["bits_per_second"] / 1e6
+    probes = [(WEB, PROBE_PORT), (OWNER, PROBE_PORT), (ROUTER, PROBE_PORT), ("10.0.0.1", PROBE_PORT),
+              ("172.16.0.1", PROBE_PORT), (NODE, 8740), (POOL_GATEWAY, 8740), (PUBLIC, 8740), (NODE, 22),
+              (POOL_GATEWAY, 22)]
+    reached = b.reach(probes)
+    control = reached.pop(f"{WEB}:{PROBE_PORT}")
+    time.sleep(3)  # a few more co-signatures
+    node_row = session_row(vm, sid)
+    chain = b.hub_chain(sid)
+    qdiscs = sorted({q["kind"] for q in json.loads(vm.ssh("tc -j qdisc show").stdout)})
+    record("4_market", wan_interface=wan, registered_s=round(reg_s, 1), qdiscs=qdiscs,
+           up_mbit=round(up_mbit, 2), cap_up_mbit=CAP_UP, up_ratio=round(up_mbit / CAP_UP, 3),
+           down_mbit=round(down_mbit, 2), cap_down_mbit=CAP_DOWN, down_ratio=round(down_mbit / CAP_DOWN, 3),
+           probes=reached, probes_reached=sum(reached.values()), control_probe_reached=control,
+           cosigned_reports=len(reports.items), agreed=sum(r["agreed"] for r in reports.items),
+           hub_receipts=len(chain),
+           bytes_node={"rx": node_row["rx"], "tx": node_row["tx"]},
+           bytes_hub={"up": chain[-1]["up"], "down": chain[-1]["down"]} if chain else None,
+           bytes_buyer={"up": reports.last["up"], "down": reports.last["down"]})
+    assert control, "the buyer reached nothing through the tunnel (control probe to the web)"
+    assert not any(reached.values()), f"the buyer reached private/admin addresses: {reached}"
+    assert 0.6 * CAP_UP <= up_mbit <= 1.1 * CAP_UP, (up_mbit, CAP_UP)
+    assert 0.6 * CAP_DOWN <= down_mbit <= 1.1 * CAP_DOWN, (down_mbit, CAP_DOWN)
+    assert len(reports.items) >= 10 and reports.items[-1]["seq"] > reports.items[0]["seq"]
+    assert chain and all("buyer" in r for r in chain[1:]), "receipts at the hub lack the buyer's co-signature"
+    # what the buyer signed for and the node counted are the same traffic (WireGuard bytes on both ends)
+    assert node_row["state"] == "open"
+
+
+# --- 5. settlement ------------------------------------------------------------------------------
+def test_5_epoch_settles_and_earnings_show(node):
+    pytest.skip("settlement and earnings (`idlewire hub earnings`, /health) are being built on branch "
+                "`econdb`: switch this step on after it merges")
+
+
+# --- 6. rolling upgrade while the buyer is connected ----------------------------------------------
+def test_6_upgrade_drains_the_buyer_with_a_final_receipt(node):
+    b, vm = node, node.vm
+    if "client1" not in b.state:
+        pytest.skip("step 4 failed: no connected buyer")
+    proc, reports, sid = b.state["client1"]
+    assert proc.poll() is None, "the buyer is not connected before the upgrade"
+    new = b.tmp / "new-agent" / "idlewire_agent"
+    shutil.copytree(ROOT / "agent" / "idlewire_agent", new, ignore=shutil.ignore_patterns("__pycache__"))
+    init = new / "__init__.py"
+    old_version = re.search(r'__version__ = "([^"]+)"', init.read_text())[1]
+    version = old_version + "+e2e"
+    init.write_text(init.read_text().replace(f'__version__ = "{old_version}"', f'__version__ = "{version}"'))
+    node_t0 = float(vm.ssh("date +%s.%N").stdout)
+    t0 = time.monotonic()
+    bin_dir = Path(sys.executable).parent
+    res = subprocess.run(["ip", "netns", "exec", b.owner.name, str(bin_dir / "ansible-playbook"),
+                          "-i", str(b.inventory), "playbooks/upgrade.yml", "-e", f"upgrade_agent_source={new}",
+                          "-e", "upgrade_batch=1"], capture_output=True, text=True, cwd=ROOT, timeout=1500,
+                         env={**ENV, "PATH": f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
+                              "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks"})
+    upgrade_s = time.monotonic() - t0
+    (b.tmp / "upgrade.log").write_text(res.stdout + res.stderr)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    row = session_row(vm, sid)
+    assert row["state"] == "closed" and row["reason"] == "admin", row
+    drain_s = row["closed_at"] - node_t0
+    assert health(vm)["version"] == version
+    # the buyer is told and its client ends; the chain (as the hub holds it) ends in the final receipt
+    proc.wait(90)
+    wait_for(lambda: not ledger(vm, "SELECT count(*) FROM uploads WHERE session = ?", sid)[0][0],
+             timeout=60, what="the node's receipt uploads")
+    chain = b.hub_chain(sid)
+    final = chain[-1] if chain else {}
+    ver = verify_chain(b, chain, "s1")
+    saved = b.tmp / "s1.receipts.json"
+    record("6_upgrade", version=version, upgrade_s=round(upgrade_s, 1), drain_s=round(drain_s, 1),
+           final_receipt=final.get("final"), final_seq=final.get("seq"), receipts_verify_rc=ver.returncode,
+           client_rc=proc.returncode, client_saved_receipts=saved.exists(),
+           bytes_node={"rx": row["rx"], "tx": row["tx"]},
+           bytes_hub={"up": final.get("up"), "down": final.get("down")},
+           bytes_buyer={"up": reports.last.get("up"), "down": reports.last.get("down")})
+    assert final.get("final") == "admin", final
+    assert (final["up"], final["down"]) == (row["rx"], row["tx"]), (final, row)
+    assert ver.returncode == 0, ver.stdout + ver.stderr
+    # the buyer reconnects and moves bytes again
+    t1 = time.monotonic()
+    proc2, reports2, sid2 = connect(b, "s2")
+    assert sid2 != sid
+    assert b.reach([(WEB, PROBE_PORT)])[f"{WEB}:{PROBE_PORT}"]
+    b.state["client2"] = (proc2, reports2, sid2)
+    record("6_upgrade", reconnect_s=round(time.monotonic() - t1, 1))
+
+
+# --- 7. power cut during a transfer ---------------------------------------------------------------
+def test_7_power_cut_during_a_transfer(node):
+    b, vm = node, node.vm
+    if "client2" not in b.state:
+        pytest.skip("step 6 failed: no reconnected buyer")
+    proc, reports, sid = b.state["client2"]
+    transfer = b.buyer.popen("iperf3", "-c", WEB, "-R", "-t", "30", stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    time.sleep(8)
+    before = session_row(vm, sid)
+    hub_before = b.hub_chain(sid)
+    vm.monitor_command("system_reset")
+    t0 = time.monotonic()
+    time.sleep(5)
+    boot_s = vm.wait_ssh(900)
+    after = session_row(vm, sid)
+    integrity = ledger(vm, "PRAGMA integrity_check")[0][0]
+    wait_for(lambda: agent_up(vm), timeout=180, every=2, what="the agent after the reset")
+    try:
+        transfer.wait(120)
+    except subprocess.TimeoutExpired:
+        transfer.kill()
+    time.sleep(4)  # co-signatures after the reboot
+    resumed = len(reports.items)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(120)
+    final = session_row(vm, sid)
+    wait_for(lambda: not ledger(vm, "SELECT count(*) FROM uploads")[0][0], timeout=90,
+             what="the node's receipt uploads")
+    chain = b.hub_chain(sid)
+    ver = verify_chain(b, chain, "s2")
+    node_total = ledger(vm, "SELECT sum(rx), sum(tx) FROM sessions")[0]
+    hub_total = [0, 0]
+    for (s,) in b.hub_sql("SELECT DISTINCT session FROM receipts"):
+        last = b.hub_chain(s)[-1]
+        hub_total[0] += last["up"]
+        hub_total[1] += last["down"]
+    daily = ledger(vm, "SELECT sum(rx), sum(tx) FROM daily")[0]
+    seqs = [r["seq"] for r in chain]
+    record("7_power_cut", reboot_to_ssh_s=round(boot_s, 1), reset_to_ssh_s=round(time.monotonic() - t0, 1),
+           ledger_before={"rx": before["rx"], "tx": before["tx"]},
+           ledger_after_boot={"rx": after["rx"], "tx": after["tx"], "state": after["state"]},
+           ledger_final={"rx": final["rx"], "tx": final["tx"], "reason": final["reason"]},
+           hub_last_before_reset=({"seq": hub_before[-1]["seq"], "up": hub_before[-1]["up"],
+                                   "down": hub_before[-1]["down"]} if hub_before else None),
+           hub_final={"seq": chain[-1]["seq"], "up": chain[-1]["up"], "down": chain[-1]["down"]} if chain else None,
+           buyer_last={"up": reports.last.get("up"), "down": reports.last.get("down")},
+           integrity=integrity, receipts=len(chain), transfer_rc=transfer.returncode, receipts_verify_rc=ver.returncode,
+           node_total=node_total, hub_total=hub_total, daily_total=daily, reports_total=resumed)
+    assert integrity == "ok"
+    assert after["rx"] <= final["rx"] and after["tx"] <= final["tx"], (after, final)
+    # nothing the hub had a receipt for was lost with the power
+    if hub_before:
+        assert after["rx"] >= hub_before[-1]["up"] and after["tx"] >= hub_before[-1]["down"], (after, hub_before[-1])
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs  # the chain continues, no gap, no repeat
+    assert ver.returncode == 0, ver.stdout + ver.stderr
+    assert (chain[-1]["up"], chain[-1]["down"]) == (final["rx"], final["tx"])
+    assert list(node_total) == hub_total, (node_total, hub_total)
+    # nothing counted twice: the node never counts more than the buyer's own WireGuard counters saw
+    # (plus one co-signature interval of lag)
+    buyer_total = reports.last["up"] + reports.last["down"]
+    assert final["rx"] + final["tx"] <= buyer_total * 1.05 + 2_000_000, (final, reports.last)
