@@ -9,13 +9,14 @@ PYTEST_ARGS ?= --durations=15
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: all deps deps-test image images test lint unit clean help
+.PHONY: all deps deps-test image images test lint unit e2e clean help
 
 all: help
 
 help:
 	@echo "make image [TARGET=rpi4-arm64|x86_64] [SITE=site.yml]   build a node image into $(OUT)/"
 	@echo "make test                                              linters + every test"
+	@echo "make e2e                                               the walk from a box to a paid gigabyte (~28 min)"
 	@echo "make lint | make unit                                  quick subsets"
 
 deps:
@@ -45,6 +46,9 @@ unit: deps-test
 
 test: lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+e2e: deps-test
+	IDLEWIRE_E2E=1 $(BIN)/pytest tests/e2e -v $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(OUT) .pytest_cache
