@@ -38,7 +38,7 @@ def site_file(tmp_path_factory, test_key) -> Path:
     site.write_text(
         "---\nhostname: iw-test\n"
         f"ssh_authorized_keys:\n  - {test_key.with_suffix('.pub').read_text().strip()}\n"
-        "vars:\n  agent_region: test-lab\n"
+        "vars:\n  agent_region: DE\n"
     )
     return site
 

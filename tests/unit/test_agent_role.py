@@ -15,7 +15,7 @@ def render(name: str, **over) -> str:
     return rolerender.render("agent", name, over)
 
 
-@pytest.mark.parametrize("over", [{}, {"agent_api_listen": ["192.168.1.1", "fd00::1"], "agent_region": "eu-1",
+@pytest.mark.parametrize("over", [{}, {"agent_api_listen": ["192.168.1.1", "fd00::1"], "agent_region": "FR",
                                        "agent_lan_interface": "br-lan", "agent_tunnel_endpoint": "node.example",
                                        "agent_firewall_public_addresses": ["203.0.113.7", "2001:db8::7"],
                                        "agent_session_max_per_buyer": 1, "agent_session_address_rest": 0}])
