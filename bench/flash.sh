@@ -14,6 +14,7 @@
 # Goals: idlewire ≤ 0.9× bmaptool, ≥ 4× faster than dd, verify ≤ 30 % extra on a card, a file's
 # read-back within 15 % of the disk's own read floor (below), stamping ≤ 1 s/unit.
 # The load average is printed before and after: on a shared machine, compare runs only at like load.
+# BENCH_STAMP=0 leaves out the stamping part (~3 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -130,6 +131,7 @@ cost=$(echo "${M[file,idlewire]} - ${M[file,idlewire-noverify]}" | bc -l)
 printf 'file  read-back vs the floor: it adds %.2fs = %.2fx the floor (goal <= 1.15); its own time %.2fs = %.2fx\n' \
   "$cost" "$(echo "$cost / $FLOOR" | bc -l)" "$vmed" "$(echo "$vmed / $FLOOR" | bc -l)"
 
+[ "${BENCH_STAMP:-1}" = 0 ] && exit 0  # BENCH_STAMP=0: the flash figures only
 GOLDEN=${BENCH_GOLDEN:-$IMG}
 echo
 echo "stamping 100 units of $GOLDEN (batches of 10, deleted as they go)…"
