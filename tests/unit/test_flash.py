@@ -57,6 +57,15 @@ def blank(path: Path, size: int) -> Path:
     return path
 
 
+def flip(path: Path, offset: int) -> None:
+    """One byte of `path` changed in place."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def same_as_image(img: Path, target: Path) -> bool:
     size = img.stat().st_size
     with img.open("rb") as a, target.open("rb") as b:
@@ -231,11 +240,7 @@ def test_damaged_images_are_refused_before_writing(golden, tmp_path):
     shutil.copyfile(golden, raw)
     bmap_ranges = fl.bm.parse(d / "idlewire-test-1.bmap").ranges
     victim = bmap_ranges[len(bmap_ranges) // 2][0] * 4096 + 100
-    with raw.open("r+b") as f:
-        f.seek(victim)
-        byte = f.read(1)
-        f.seek(victim)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip(raw, victim)
     refused(idlewire("flash", raw, out, check=False), "do not match the checksum")
     assert not out.exists()
     # a file target is checked while it is written aside: a damaged image leaves it as it was
@@ -281,11 +286,7 @@ def _damaged_copy(golden: Path, d: Path) -> Path:
     shutil.copyfile(golden.with_suffix(".bmap"), d / golden.with_suffix(".bmap").name)
     ranges = [r for r in fl.bm.parse(raw.with_suffix(".bmap")).ranges if r[0] * 4096 >= 2 * MiB]
     victim = ranges[len(ranges) // 2][0] * 4096 + 100
-    with raw.open("r+b") as f:
-        f.seek(victim)
-        byte = f.read(1)
-        f.seek(victim)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip(raw, victim)
     return raw
 
 
