@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +147,37 @@ def test_from_manifest_replays_the_package_set(build_image, site_file, tmp_path)
     again = json.loads((tmp_path / manifest.name).read_text())
     assert again["packages"] == built.manifest["packages"]
     assert again["inputs"]["rootfs"] != built.manifest["inputs"]["rootfs"]  # its own, pinned rootfs
+
+
+def test_a_rebake_after_one_variable_gives_the_bytes_of_a_cold_bake(build_image, site_file, tmp_path):
+    """One agent variable changed: the re-bake applies the agent role alone, onto the layer the
+    other roles left in the cache; a cold bake of the same site file (a cache of its own holding
+    the same rootfs tarball and nothing else) gives the same image bytes."""
+    from idlewire.paths import cache_dir
+
+    first = build_image("x86_64")
+    site_b = tmp_path / "site-b.yml"
+    site_b.write_text(site_file.read_text().replace("agent_region: test-lab", "agent_region: test-lab-b"))
+    assert site_b.read_text() != site_file.read_text()
+
+    def build(out: Path, env: dict) -> dict:
+        res = subprocess.run([*IDLEWIRE, "build", "--target", "x86_64", "--config", str(site_b), "--out", str(out),
+                              "--no-xz", "--json"], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, **env})
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout)
+
+    again = build(tmp_path / "re", {})
+    log = (tmp_path / "re/logs" / f"{first.image.stem}.log").read_text()
+    assert again["cached"] == {"rootfs": True, "bake": False}
+    assert "roles base, firewall cached" in log and log.count("PLAY RECAP") == 1, "more than the agent re-applied"
+    tar = cache_dir() / "rootfs" / first.manifest["inputs"]["rootfs"]
+    fresh = tmp_path / "cache"
+    (fresh / "rootfs").mkdir(parents=True)
+    shutil.copy2(tar, fresh / "rootfs" / tar.name)  # its mtime too: the build's epoch without SOURCE_DATE_EPOCH
+    cold = build(tmp_path / "cold", {"IDLEWIRE_CACHE": str(fresh)})
+    assert cold["cached"] == {"rootfs": True, "bake": False}
+    assert (tmp_path / "cold/logs" / f"{first.image.stem}.log").read_text().count("PLAY RECAP") == 3
+    subprocess.run(["cmp", again["image"], cold["image"]], check=True)
+    assert Path(again["image"]).with_suffix(".sha256").read_text().split()[0] != \
+        first.image.with_suffix(".sha256").read_text().split()[0], "the changed variable changed nothing"

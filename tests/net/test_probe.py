@@ -35,7 +35,8 @@ def test_a_node_that_claims_100_and_delivers_10_fails_its_probes_and_is_slashed(
         m = MarketLab(lab, tmp_path)
         try:
             m.cfg.write_text(m.cfg.read_text() + "\n[shaping]\ncap_down_mbit = 100\n")
-            m.nat.run("tc", "qdisc", "add", "dev", "wan", "root", "tbf", "rate", "10mbit", "burst", "32kb",
+            # the home line's upload (what the node sends its buyers) at 10 Mbit/s instead of the lab's 200
+            m.nat.run("tc", "qdisc", "replace", "dev", "wan0", "root", "tbf", "rate", "10mbit", "burst", "32kb",
                       "latency", "100ms")
             m.web.popen(sys.executable, "-c", (  # an endless HTTP download, for what came through the node
                 "import socket, threading\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -54,6 +55,15 @@ def blank(path: Path, size: int) -> Path:
     with path.open("wb") as f:
         f.truncate(size)
     return path
+
+
+def flip(path: Path, offset: int) -> None:
+    """One byte of `path` changed in place."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
 
 
 def same_as_image(img: Path, target: Path) -> bool:
@@ -230,11 +240,7 @@ def test_damaged_images_are_refused_before_writing(golden, tmp_path):
     shutil.copyfile(golden, raw)
     bmap_ranges = fl.bm.parse(d / "idlewire-test-1.bmap").ranges
     victim = bmap_ranges[len(bmap_ranges) // 2][0] * 4096 + 100
-    with raw.open("r+b") as f:
-        f.seek(victim)
-        byte = f.read(1)
-        f.seek(victim)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip(raw, victim)
     refused(idlewire("flash", raw, out, check=False), "do not match the checksum")
     assert not out.exists()
     # a file target is checked while it is written aside: a damaged image leaves it as it was
@@ -270,6 +276,85 @@ def test_corrupt_stream_leaves_no_partition_table_and_verify_catches_it(golden, 
             assert f.read(MiB) == bytes(MiB), "a partition table was left on a half-written card"
         ver = idlewire("flash", golden, dev, "--verify-only", check=False)
         assert ver.returncode == 1 and "differs" in ver.stderr
+
+
+def _damaged_copy(golden: Path, d: Path) -> Path:
+    """A copy of the golden image (with its bmap) with one byte changed in a range half-way through."""
+    d.mkdir()
+    raw = d / golden.name
+    shutil.copyfile(golden, raw)
+    shutil.copyfile(golden.with_suffix(".bmap"), d / golden.with_suffix(".bmap").name)
+    ranges = [r for r in fl.bm.parse(raw.with_suffix(".bmap")).ranges if r[0] * 4096 >= 2 * MiB]
+    victim = ranges[len(ranges) // 2][0] * 4096 + 100
+    flip(raw, victim)
+    return raw
+
+
+def _grown_card(golden: Path, path: Path) -> Path:
+    """A card that held the golden image and was grown on first boot: 8 MiB larger than the
+    image, its backup GPT moved to the card's last sector (where firmware looks for it)."""
+    shutil.copyfile(golden, path)
+    with path.open("r+b") as f:
+        f.truncate(golden.stat().st_size + 8 * MiB)
+    run("sfdisk", "--no-reread", "--no-tell-kernel", "-q", "--relocate", "gpt-bak-std", path)
+    assert subprocess.run(["sfdisk", "--dump", path], capture_output=True).returncode == 0
+    return path
+
+
+@needs_loop
+def test_a_damaged_image_leaves_a_card_with_nothing_bootable(golden, tmp_path):
+    """By default the image is checked beside the write: a byte wrong half-way through stops it
+    before the new partition table, and the old one (MBR, primary GPT and the backup GPT at the
+    card's end) was erased first, so neither partitioning tool nor firmware finds a table."""
+    raw = _damaged_copy(golden, tmp_path / "img")
+    back = _grown_card(golden, tmp_path / "back.img")
+    with loop_device(back) as dev:
+        res = idlewire("flash", "--json", raw, dev, check=False)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert "do not match the checksum" in res.stderr and "nothing bootable was written" in res.stderr
+        assert "nothing written" not in res.stderr, "a card that was written to must not be called untouched"
+        size = back.stat().st_size
+        with open(dev, "rb") as f:
+            assert f.read(MiB) == bytes(MiB), "the old MBR / primary GPT survived"
+            f.seek(size - MiB)
+            assert f.read(MiB) == bytes(MiB), "the old backup GPT at the card's end survived"
+        dump = subprocess.run(["sfdisk", "--dump", dev], capture_output=True, text=True)
+        assert dump.returncode != 0 or "start=" not in dump.stdout, dump.stdout
+        ver = idlewire("flash", golden, dev, "--verify-only", check=False)
+        assert ver.returncode == 1 and "differs" in ver.stderr
+        # the same card then takes a good image, and verifies
+        idlewire("flash", golden, dev)
+        assert idlewire("flash", golden, dev, "--verify-only").returncode == 0
+
+
+@needs_loop
+@pytest.mark.parametrize("suffix", ["", ".xz"])
+def test_check_first_refuses_a_damaged_image_before_writing_a_byte(golden, tmp_path, suffix):
+    """--check-first: the whole image is checked before the card is opened for writing; a damaged
+    one (uncompressed, or compressed with a stream that decompresses fine) leaves every byte of
+    the card as it was, its old partition table included."""
+    raw = _damaged_copy(golden, tmp_path / "img")
+    image = raw
+    if suffix:
+        run("xz", "-T0", "-1", "-k", raw)
+        image = raw.with_name(raw.name + suffix)
+        raw.unlink()  # only the compressed image and its bmap
+    back = _grown_card(golden, tmp_path / "back.img")
+    before = fl.source.hash_file(back)
+    with loop_device(back) as dev:
+        res = idlewire("flash", image, dev, "--check-first", check=False)
+        refused(res, "do not match the checksum")
+        assert "nothing written" in res.stderr
+        with open(dev, "rb") as f:  # through the device, as a reader of the card sees it
+            h = hashlib.sha256()
+            while chunk := f.read(8 * MiB):
+                h.update(chunk)
+        assert h.hexdigest() == before, "--check-first wrote to the card"
+    assert fl.source.hash_file(back) == before
+    # a sound image with --check-first is written and verified as usual
+    with loop_device(back) as dev:
+        idlewire("flash", golden.with_name(golden.name + ".xz"), dev, "--check-first")
+        assert idlewire("flash", golden, dev, "--verify-only").returncode == 0
 
 
 @needs_loop
@@ -382,7 +467,7 @@ def test_an_image_changed_while_it_is_written_is_not_called_verified(golden, tmp
     real = fl.send_mapped
     done = []
 
-    def meddle(writers, view, pieces):
+    def meddle(writers, view, pieces, **kw):
         if not done:  # someone writes to the image after the check, before its bytes are sent
             start = pieces[0].start
             with image.open("r+b") as f:
@@ -391,7 +476,7 @@ def test_an_image_changed_while_it_is_written_is_not_called_verified(golden, tmp
                 f.seek(start)
                 f.write(bytes([b[0] ^ 1]))
             done.append(start)
-        return real(writers, view, pieces)
+        return real(writers, view, pieces, **kw)
 
     monkeypatch.setattr(fl.engine, "send_mapped", meddle)
     back = blank(tmp_path / "back.img", golden.stat().st_size)

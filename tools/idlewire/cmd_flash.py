@@ -46,6 +46,11 @@ def flash(
     force_fixed: Annotated[bool, Opt("--force-fixed", help="Allow a non-removable disk "
                                      "(never the one holding / or anything mounted).")] = False,
     no_verify: Annotated[bool, Opt("--no-verify", help="Skip reading the card back.")] = False,
+    check_first: Annotated[bool, Opt("--check-first", help="Check all of IMAGE against its bmap before "
+                                     "writing a byte, so that a damaged image leaves the card untouched "
+                                     "(one more pass over IMAGE; a compressed one is decompressed twice). "
+                                     "Default: checked beside the write; a damaged image stops it before "
+                                     "the new partition table, and the card holds nothing bootable.")] = False,
     verify_only: Annotated[bool, Opt("--verify-only", help="Write nothing: compare the card "
                                      "with IMAGE (finds interrupted or failed writes).")] = False,
     skip_boot: Annotated[bool, Opt("--skip-boot", help="With --verify-only: leave out the boot "
@@ -68,10 +73,12 @@ def flash(
     partition or swap; a non-removable disk unless --force-fixed (SD/MMC, USB, removable disks
     and loop devices count as removable); a target smaller than the image; a bmap that is
     damaged or does not match the image; a compressed image that does not match its .sha256 or
-    whose stream is truncated (an uncompressed .img is checked range by range against the
-    bmap's sha256 before writing, rather than hashing its holes for the .sha256). A stream
-    corrupted mid-way stops the write before the partition table, so the card never boots
-    half-written. Verification failure exits 1.
+    whose stream is truncated. The image's bytes are checked against the bmap's sha256 beside
+    the write (an uncompressed .img range by range, a compressed one as it streams): a damaged
+    image stops every target before its partition table, which is written last, after the old
+    one was erased first: a card then holds nothing bootable (exit 2), a file target is left as
+    it was. --check-first checks the whole image before writing a byte instead, for when the
+    card's old contents must survive a bad image. Verification failure exits 1.
 
     Several cards: `idlewire flash IMAGE /dev/sdb /dev/sdc --units units.csv` writes them at
     the same time from one read of IMAGE, each stamped with its own unit, and reports per card.
@@ -90,24 +97,26 @@ def flash(
     node_key already in the record is refused before anything is written.
 
     Speed: writes and reads bypass the page cache (O_DIRECT); each range is read back while the
-    later ones are being written; an image written to files only is checked against its bmap
-    during the write rather than before it. --json reports write_seconds, verify_seconds (the
+    later ones are being written; the image is checked against its bmap during the write rather
+    than before it (unless --check-first). --json reports write_seconds, verify_seconds (the
     read-back's own time) and verify_extra_seconds (what it added after the write) per card.
     """
     from .hostio import signals_interrupt
 
     with signals_interrupt():  # SIGTERM / SIGHUP clean up as Ctrl-C does
         _flash(image, targets, bmap_file, unit, units, start, record, force, force_fixed, no_verify,
-               verify_only, skip_boot, as_json, keys)
+               verify_only, skip_boot, as_json, keys, check_first)
 
 
 def _flash(image: Path, targets: list[Path], bmap_file: Path | None, unit: Path | None, units: Path | None,
            start: int, record: Path | None, force: bool, force_fixed: bool, no_verify: bool, verify_only: bool,
-           skip_boot: bool, as_json: bool, keys: list[Path] | None = None) -> None:
+           skip_boot: bool, as_json: bool, keys: list[Path] | None = None, check_first: bool = False) -> None:
     from . import flash as fl
 
     if unit and units:
         raise UserError("give --unit or --units, not both")
+    if check_first and verify_only:
+        raise UserError("--check-first is for writing; --verify-only writes nothing (it checks the image as it reads)")
     rec = (record or Path("stamped-units.csv")) if (unit or units) else None
     inputs_ = {"the image": image, "the bmap": bmap_file, "the unit file": unit, "the units file": units,
                "the record": rec}
@@ -134,7 +143,7 @@ def _flash(image: Path, targets: list[Path], bmap_file: Path | None, unit: Path 
         result = fl.FlashResult(str(image), str(src.bmap_path), src.sha256_checked,
                                 src.bmap.mapped_blocks * src.bmap.block_size, time.monotonic() - t0, reports)
     else:
-        result = _write(src, infos, chosen, rec, not no_verify, show, as_json)
+        result = _write(src, infos, chosen, rec, not no_verify, show, as_json, check_first)
     _report(result, verify_only, as_json)
 
 
@@ -212,29 +221,29 @@ def _image_boot(src) -> tuple[int, int]:
     return layout.boot_offset, layout.boot_end
 
 
-def _write(src, infos: list, chosen: list | None, rec: Path | None, verify: bool, show: bool, as_json: bool):
+def _write(src, infos: list, chosen: list | None, rec: Path | None, verify: bool, show: bool, as_json: bool,
+           check_first: bool = False):
     """Write every target; whatever happens, every unit whose card was written is recorded."""
     from . import flash as fl
 
-    # a card is only written once the whole image has been checked; files are written aside and
-    # renamed at the end, so their check runs alongside the write. Compressed images are checked
-    # as they stream.
-    check_aside = all(i.partial is not None for i in infos)
-    precheck = src.kind == "raw" and src.bmap_path is not None
+    # The image is checked against its bmap beside the write (an uncompressed one by its own
+    # thread, a compressed one as it streams): a damaged one stops every target before the
+    # partition table. --check-first: the whole image first, nothing opened for writing until then.
+    raw_check = src.kind == "raw" and src.bmap_path is not None
     reports: list = []
     finished = False
     try:
         with _progress(show) as progress:
-            pre = progress.add_task("check  image", total=src.bmap.mapped_blocks * src.bmap.block_size) \
-                if precheck else None
-            check_pre = lambda n: pre is not None and progress.advance(pre, n)  # noqa: E731
-            if precheck and not check_aside:
+            task = progress.add_task("check  image", total=src.bmap.mapped_blocks * src.bmap.block_size) \
+                if raw_check or check_first else None
+            checked = lambda n: task is not None and progress.advance(task, n)  # noqa: E731
+            if check_first:
                 try:
-                    fl.check_image(src, check_pre)
+                    fl.check_whole(src, checked)
                 except UserError as exc:
                     raise fl.before_writing(exc) from None
-            result = fl.flash(src, infos, chosen, verify=verify, progress=progress, check=check_aside,
-                              check_progress=check_pre, reports=reports)
+            result = fl.flash(src, infos, chosen, verify=verify, progress=progress,
+                              check=raw_check and not check_first, check_progress=checked, reports=reports)
         finished = True
     except OSError as exc:
         raise _os_error(exc) from None

@@ -4,18 +4,30 @@ The rootfs tarball is unpacked into the cache, `playbooks/bake.yml` runs against
 community.general.chroot (inside a private mount namespace, so /proc, /sys and /dev vanish with
 the process however it ends), then the tree is made ready for imaging: machine identity wiped,
 fstab and boot files written. The result is cached by a hash of every input.
+
+The roles are applied one at a time (ROLES, bake.yml's order, one play each with --tags ROLE),
+and the tree after each but the last is kept as a layer, keyed by the layer before it and by
+what this role reads: its own files, the files it installs from outside them, and the values of
+the variables its text names (followed through the roles' defaults and the site's values). A
+change to one role or to a variable only it reads re-applies that role and the ones after it,
+onto a copy of the layer before it. Every bake, cold or not, goes the same way (each role after
+the first starts from a copy of the previous layer), so both give the same tree.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 from ..config import Site, Target, digest
 from ..errors import UserError
@@ -25,7 +37,13 @@ from .ids import DiskIds, derive_ids
 from .runner import Runner, require_tools
 from .sbom import copyright_licences
 
-BAKE_FORMAT = 2
+BAKE_FORMAT = 3
+#: The roles bake.yml applies, in its order (tests/unit/test_build_layers.py checks they agree).
+ROLES = ("base", "firewall", "agent")
+#: Files a role installs from outside its own directory.
+ROLE_SOURCES = {"agent": ("agent/idlewire_agent",)}
+#: Ways a role could read a variable its text does not name: then every variable is its input.
+_DYNAMIC = ("lookup('vars'", 'lookup("vars"', "vars[", "hostvars", "varnames", "include_vars")
 #: What the bake applies (in paths.data_dir()), and this stage's own code: a change to any file
 #: below these changes the bake key.
 BAKE_INPUTS = ("ansible.cfg", "playbooks", "roles", "agent/idlewire_agent", "image/boot")
@@ -47,6 +65,62 @@ def tree_hash(paths: tuple[str, ...] = BAKE_INPUTS) -> str:
     for f in BAKE_CODE:  # named the same from a checkout and from an installed wheel
         h.update(f"idlewire/build/{f.name}".encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def _idents(text: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
+
+
+def _role_text(role: str) -> str:
+    base = data_dir() / "roles" / role
+    return "\n".join(f.read_text(errors="replace") for f in sorted(base.rglob("*"))
+                     if f.is_file() and "__pycache__" not in f.parts)
+
+
+@functools.cache
+def _definitions() -> dict[str, list[str]]:
+    """Every variable the roles' defaults and vars define: name → its definitions (as JSON)."""
+    defs: dict[str, list[str]] = {}
+    for role in ROLES:
+        for sub in ("defaults", "vars"):
+            for f in sorted((data_dir() / "roles" / role / sub).rglob("*.yml")):
+                for name, value in (yaml.safe_load(f.read_text()) or {}).items():
+                    defs.setdefault(name, []).append(json.dumps(value, sort_keys=True, default=str))
+    return defs
+
+
+def role_inputs(role: str, variables: dict) -> dict:
+    """What one role reads: the values of the variables its text names, followed through the
+    roles' defaults and the site's values; every ansible_* and idlewire_* variable."""
+    text = _role_text(role)
+    if any(d in text for d in _DYNAMIC):
+        return {"vars": variables, "defs": _definitions()}
+    defs = _definitions()
+    seen: set[str] = set()
+    todo = _idents(text) | {n for n in variables if n.startswith(("ansible_", "idlewire_"))}
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for value in defs.get(name, []) + ([json.dumps(variables[name], sort_keys=True, default=str)]
+                                           if name in variables else []):
+            todo |= _idents(value) - seen
+    return {"vars": {n: variables[n] for n in sorted(seen) if n in variables},
+            "defs": {n: defs[n] for n in sorted(seen) if n in defs}}
+
+
+def layer_keys(target: Target, site: Site, rootfs_tar: Path) -> list[str]:
+    """One key per role: the tree after roles[:i+1], from the rootfs and what each role reads."""
+    variables = bake_vars(target, site)
+    common = tree_hash(("ansible.cfg", "playbooks"))
+    keys, prev = [], rootfs_tar.name
+    for role in ROLES:
+        prev = digest({"format": BAKE_FORMAT, "prev": prev, "target": target.name, "common": common,
+                       "role": role, "files": tree_hash((f"roles/{role}", *ROLE_SOURCES.get(role, ()))),
+                       "inputs": role_inputs(role, variables)})[:16]
+        keys.append(prev)
+    return keys
 
 
 def bake_key(target: Target, site: Site, rootfs_tar: Path) -> str:
@@ -97,16 +171,11 @@ def build_bake(target: Target, site: Site, rootfs_tar: Path, cache: Path,
     if tmp.exists():
         shutil.rmtree(tmp)
     root, boot = tmp / "rootfs", tmp / "bootfs"
-    root.mkdir(parents=True)
+    tmp.mkdir(parents=True)
     boot.mkdir()
-    run.run(["tar", "-xpf", rootfs_tar, "-C", root, "--numeric-owner",
-             "--xattrs", "--xattrs-include=*"])
     ids = derive_ids(key, target.table)
     when = build_epoch(rootfs_tar)
-    # Throwaway host keys for `sshd -t` in the roles' validate steps (the rootfs has none, so that
-    # it is reproducible); _finalize removes them again: each unit makes its own at first boot.
-    run.run(["ssh-keygen", "-A", "-f", root])
-    _run_playbook(root, bake_vars(target, site), tmp, run, target.architecture, when)
+    _apply_roles(target, site, rootfs_tar, cache, root, tmp, run, when)
     _finalize(target, root, boot, ids, run)
     details = package_details(root)
     clamp_times(root, when)
@@ -123,6 +192,53 @@ def build_bake(target: Target, site: Site, rootfs_tar: Path, cache: Path,
     tmp.rename(out)
     _prune(out)
     return out, False
+
+
+def _layer_dir(cache: Path, target: Target, i: int, key: str) -> Path:
+    return cache / "layers" / f"{target.name}-{i + 1}-{ROLES[i]}-{key}"
+
+
+def _copy_tree(src: Path, dst: Path, run: Runner) -> None:
+    """A whole root filesystem: owners, modes, times, links, hard links, xattrs, sparse files."""
+    run.run(["cp", "-a", "--reflink=auto", "--sparse=always", "--", src, dst])
+
+
+def _apply_roles(target: Target, site: Site, rootfs_tar: Path, cache: Path, root: Path, workdir: Path,
+                 run: Runner, when: int) -> None:
+    """The roles onto `root`, from the deepest layer cached (else from the rootfs), each kept."""
+    keys = layer_keys(target, site, rootfs_tar)
+    start = 0
+    for i in range(len(ROLES) - 2, -1, -1):  # the last role's tree is the bake itself
+        if (_layer_dir(cache, target, i, keys[i]) / ".done").exists():
+            start = i + 1
+            break
+    if start:
+        layer = _layer_dir(cache, target, start - 1, keys[start - 1])
+        run.note(f"roles {', '.join(ROLES[:start])} cached: {layer}")
+        _copy_tree(layer / "rootfs", root, run)
+    else:
+        root.mkdir()
+        run.run(["tar", "-xpf", rootfs_tar, "-C", root, "--numeric-owner",
+                 "--xattrs", "--xattrs-include=*"])
+        # Throwaway host keys for `sshd -t` in the roles' validate steps (the rootfs has none, so
+        # that it is reproducible); _finalize removes them: each unit makes its own at first boot.
+        run.run(["ssh-keygen", "-A", "-f", root])
+    variables = bake_vars(target, site)
+    for i in range(start, len(ROLES)):
+        _run_playbook(root, variables, workdir, run, target.architecture, when, role=ROLES[i])
+        if i == len(ROLES) - 1:
+            break
+        # Kept as a layer; the next role starts from a copy of it, in a cold bake as in a re-bake.
+        layer = _layer_dir(cache, target, i, keys[i])
+        partial = layer.with_name(layer.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        root.rename(partial / "rootfs")
+        (partial / ".done").write_text(json.dumps({"role": ROLES[i], "key": keys[i]}) + "\n")
+        shutil.rmtree(layer, ignore_errors=True)
+        partial.rename(layer)
+        _prune(layer)
+        _copy_tree(layer / "rootfs", root, run)
 
 
 # Host architecture names as Debian spells them.
@@ -158,7 +274,7 @@ def _host_python_mounts() -> tuple[str, str]:
 
 
 def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, architecture: str,
-                  when: int) -> None:
+                  when: int, role: str | None = None) -> None:
     vars_file = workdir / "vars.json"
     policy = root / "usr/sbin/policy-rc.d"  # no service starts inside the chroot
     policy.write_text("#!/bin/sh\nexit 101\n")
@@ -173,7 +289,15 @@ def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, archi
         mounts += " && " + host_mounts
         variables = {**variables, "ansible_python_interpreter": interpreter, "idlewire_emulated": True}
         run.note(f"foreign rootfs ({architecture}): modules run with the host's Python, tools emulated")
-    vars_file.write_text(json.dumps(variables))
+    # The interpreter is the chroot host's own variable (an inventory host var), not an extra var:
+    # extra vars would also bind the tasks the roles delegate to the build host (localhost).
+    # idlewire_bake_root lets a role put files into the root from the build host in one step.
+    variables = dict(variables)
+    host_vars = {"ansible_connection": "community.general.chroot",
+                 "ansible_python_interpreter": variables.pop("ansible_python_interpreter")}
+    inventory = workdir / "inventory.json"
+    inventory.write_text(json.dumps({"all": {"hosts": {str(root): host_vars}}}))
+    vars_file.write_text(json.dumps({**variables, "idlewire_bake_root": str(root)}))
     env = {
         "R": str(root),
         "ANSIBLE_CONFIG": str(data_dir() / "ansible.cfg"),
@@ -193,11 +317,12 @@ def _run_playbook(root: Path, variables: dict, workdir: Path, run: Runner, archi
     }
     try:
         run.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", mounts + ' && exec "$@"', "sh",
-                 venv_bin / "ansible-playbook", "-i", f"{root},", "-c", "community.general.chroot",
+                 venv_bin / "ansible-playbook", "-i", inventory, *(["--tags", role] if role else []),
                  data_dir() / "playbooks/bake.yml", "-e", f"@{vars_file}"], env=env, cwd=data_dir())
     finally:
         policy.unlink(missing_ok=True)
         vars_file.unlink(missing_ok=True)
+        inventory.unlink(missing_ok=True)
 
 
 def _finalize(target: Target, root: Path, boot: Path, ids: DiskIds, run: Runner) -> None:

@@ -1,8 +1,9 @@
 """The engine: one read of the image, a writer thread per target, each read back as it goes.
 
 Order of work for every target (all written concurrently, each by its own thread):
-1. the first MiB of the target (the old partition table) is zeroed, so an interrupted write
-   never looks like a bootable card;
+1. the old partition table is zeroed: the target's first MiB (MBR, primary GPT) and, on a card,
+   its last MiB (where a GPT's backup header lies, which firmware falls back to), so an
+   interrupted write or a damaged image never leaves a card that looks bootable;
 2. the stamped boot partition (when stamping while flashing), then every mapped range outside
    the first and last MiB, then fsync;
 3. the partition table regions (first MiB, last MiB: MBR, primary and backup GPT) LAST, fsync;
@@ -12,8 +13,9 @@ Order of work for every target (all written concurrently, each by its own thread
    stamped boot partition; against the bmap's sha256 for a compressed image.
 
 A target whose write fails (read-only, full, I/O error) is reported failed with its reason; the
-others go on. A failure of the source (a corrupt stream, an image that fails its check) stops
-every target before its partition table is written.
+others go on. A failure of the source (a corrupt stream, an uncompressed image failing the check
+that runs beside the write) stops every target before its partition table is written: a file
+target is left as it was (it is written aside), a card holds nothing bootable.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from ..units import Unit
 from .errors import FlashError
 from .plan import TABLE, Overlay, Piece, boot_prefix, make_overlay, split_pieces
 from .readback import ReadBack
-from .source import Source, check_image, stream_ranges
+from .source import RangeSums, Source, check_image, stream_ranges
 from .target import Target, open_target, publish
 
 CHUNK = rawio.CHUNK
@@ -148,10 +150,14 @@ class Writer(threading.Thread):
                 return
 
 
-def send_mapped(writers: list[Writer], view: memoryview, pieces: list[Piece]) -> None:
-    """Hand `pieces` of a mapped file (`view` maps it from offset 0) to every writer, in chunks."""
+def send_mapped(writers: list[Writer], view: memoryview, pieces: list[Piece],
+                stop: Callable[[], bool] | None = None) -> None:
+    """Hand `pieces` of a mapped file (`view` maps it from offset 0) to every writer, in chunks;
+    `stop()` true ends it early (the image failed its check: what is left is not worth writing)."""
     for p in pieces:
         for off in range(p.start, p.end, CHUNK):
+            if stop is not None and stop():
+                return
             chunk = view[off:min(off + CHUNK, p.end)]
             for w in writers:
                 w.put(("data", off, chunk, p, True))
@@ -234,7 +240,7 @@ class _Flash:
             self.writers.append(w)
 
     def start_check(self, check_progress: Callable[[int], None] | None) -> None:
-        """The uncompressed image checked against its bmap while it is being written (files only)."""
+        """The uncompressed image checked against its bmap while it is being written."""
         def run_check() -> None:
             try:
                 check_image(self.src, check_progress, ways=2)
@@ -248,8 +254,11 @@ class _Flash:
 
     def write_body(self) -> None:
         zero = bytes(min(TABLE, self.src.size))
-        for w in self.writers:  # the old partition table goes first: a half-written card never boots
+        for w, t in zip(self.writers, self.targets, strict=True):
+            # the old partition table goes first: a half-written card never boots
             w.put(("data", 0, zero, None, False))
+            if t.is_block and t.size - TABLE >= len(zero):  # an old backup GPT at the card's end
+                w.put(("data", t.size - TABLE, bytes(TABLE), None, False))
         for w, ov in zip(self.writers, self.overlays, strict=False):
             ovmap, view = m = rawio.map_file(ov.fd)
             self.maps.append(m)
@@ -261,7 +270,8 @@ class _Flash:
             self.maps.append(m)
             for p in self.pieces:
                 p.ref = srcmap
-            send_mapped(self.writers, self.src_view, [p for p in self.pieces if p.where == "body"])
+            send_mapped(self.writers, self.src_view, [p for p in self.pieces if p.where == "body"],
+                        stop=self._check_failed)
             self.deferred = [(p, None) for p in self.pieces if p.where != "body"]
         else:
             self.deferred = stream_compressed(self.src, self.writers, self.pieces)
@@ -276,14 +286,22 @@ class _Flash:
         for w in self.writers:
             w.sync()
 
+    def _check_failed(self) -> bool:
+        return bool(self.checked) and self.checked[0] is not None
+
     def wait_check(self) -> None:
         """The image must be sound before its partition table is written."""
         if self.checker is None:
             return
         self.checker.join()
         exc = self.checked[0]
-        if isinstance(exc, UserError):  # every target is a file, written aside: none was touched
-            raise FlashError(str(exc), written=False) from None
+        if isinstance(exc, UserError):
+            cards = [str(t.path) for t in self.targets if t.partial is None]
+            if not cards:  # every target is a file, written aside: none was touched
+                raise FlashError(str(exc), written=False) from None
+            raise FlashError(f"{exc}; nothing bootable was written to {', '.join(cards)} (the old partition "
+                             "table was erased first, the new one is written only after the check)",
+                             written=True) from None
         if exc is not None:
             raise exc
 
@@ -363,13 +381,11 @@ def flash(src: Source, targets: list[Target], units: list[Unit] | None = None, *
     target's written ranges are read back and checked while the later ones are being written.
 
     `check`: the (uncompressed) image's ranges are checked against the bmap while it is being
-    written, not before: only for targets that are files, written beside the target and renamed
-    at the end, so a damaged image still leaves every target untouched.
+    written, not before; a damaged image stops the write before any partition table: a file
+    target (written beside it, renamed at the end) is left untouched, a card has nothing bootable.
     `reports`: a list the cards' reports are put in as soon as they exist, so that a caller
     still has every unit's key when this raises (or is interrupted).
     """
-    if check and any(t.partial is None for t in targets):
-        raise ValueError("check while writing needs file targets (written aside, renamed at the end)")
     if units is not None and len(units) != len(targets):
         raise FlashError(f"{len(units)} unit(s) for {len(targets)} target(s): give one unit per target")
     run = _Flash(src, targets, units, verify, progress, [] if reports is None else reports)
@@ -408,30 +424,10 @@ def finish_readbacks(readbacks: list[ReadBack], reports: list[CardReport], t0: f
         r.verify_extra_seconds = max(rb.t_last - t0 - r.write_seconds, 0.0)
 
 
-class _Hashes:
-    """The bmap range checksums of a compressed stream, checked as its bytes pass."""
-
-    def __init__(self, src: Source):
-        self.src, self.ranges, self.i, self.h = src, src.byte_ranges(), 0, hashlib.sha256()
-
-    def feed(self, off: int, data) -> None:
-        ranges = self.ranges
-        while ranges[self.i][1] <= off:
-            self.i += 1
-        self.h.update(data)
-        if off + len(data) == ranges[self.i][1]:
-            if self.h.hexdigest() != ranges[self.i][2]:
-                raise FlashError(f"{self.src.path}: bytes {ranges[self.i][0]}-{ranges[self.i][1]} do not match the "
-                                 f"checksum in {self.src.bmap_path}: the image is damaged or the bmap belongs to "
-                                 "another image; the targets got no partition table", written=True)
-            self.h = hashlib.sha256()
-            self.i += 1
-
-
 def stream_compressed(src: Source, writers: list[Writer], pieces: list[Piece]) -> list[tuple[Piece, bytes]]:
     """Decompress once; check every bmap range's sha256; hand body pieces to the writers.
     Returns the table pieces with their bytes (written last)."""
-    sums = _Hashes(src)
+    sums = RangeSums(src)
     hashers = {id(p): hashlib.sha256() for p in pieces if p.sha is None}
     buffers: dict[int, bytearray] = {}
     pi = 0

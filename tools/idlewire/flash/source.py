@@ -211,6 +211,41 @@ def check_image(src: Source, progress: Callable[[int], None] | None = None, ways
                         "the image is damaged or the bmap belongs to another image")
 
 
+class RangeSums:
+    """The bmap range checksums of a decompressed stream, checked as its bytes pass (fed in
+    order, only the mapped ranges); a mismatch is a UserError naming the range."""
+
+    def __init__(self, src: Source):
+        self.src, self.ranges, self.i, self.h = src, src.byte_ranges(), 0, hashlib.sha256()
+
+    def feed(self, off: int, data) -> None:
+        ranges = self.ranges
+        while ranges[self.i][1] <= off:
+            self.i += 1
+        self.h.update(data)
+        if off + len(data) == ranges[self.i][1]:
+            if self.h.hexdigest() != ranges[self.i][2]:
+                raise UserError(f"{self.src.path}: bytes {ranges[self.i][0]}-{ranges[self.i][1]} do not match the "
+                                f"checksum in {self.src.bmap_path}: the image is damaged or the bmap belongs to "
+                                "another image")
+            self.h = hashlib.sha256()
+            self.i += 1
+
+
+def check_whole(src: Source, progress: Callable[[int], None] | None = None) -> None:
+    """Every mapped range of the image against the bmap's sha256, before anything is written
+    (`flash --check-first`): an uncompressed image is read, a compressed one decompressed once
+    for this check alone (and again for the write)."""
+    if src.kind == "raw":
+        check_image(src, progress)
+        return
+    sums = RangeSums(src)
+    for off, data in stream_ranges(src, [(a, b) for a, b, _ in sums.ranges]):
+        sums.feed(off, data)
+        if progress:
+            progress(len(data))
+
+
 def split_work(items: list, size: Callable, ways: int) -> list[list]:
     """Items dealt into `ways` lists of about equal total size (order kept inside each)."""
     loads = [0] * ways
