@@ -30,11 +30,13 @@ from pathlib import Path
 from netlab import Lab
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))
-from marketlab import HUB_ADDR, PUBLIC, WEB, MarketLab
+from marketlab import HUB_ADDR, MarketLab
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}:{ROOT / 'agent'}"}
 NODE, OWNER, ROUTER = "192.168.77.2", "192.168.77.10", "192.168.77.1"
+PUBLIC = "203.0.113.2"  # the home router's WAN address, on the hub's /24
+WEB = "198.51.100.2"  # "the web": probe listener and iperf3 server
 NODE_MAC = "52:54:00:1e:2e:02"
 TUNNEL_PORT = 51820
 PROBE_PORT = 8081
