@@ -35,6 +35,7 @@ import base64
 import bisect
 import hashlib
 import json
+import operator
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
@@ -126,6 +127,7 @@ def public_b64(key: Ed25519PrivateKey) -> str:
 
 # What json.JSONEncoder(ensure_ascii=True).encode does for a str, without its per-call dispatch.
 _json_str = json.encoder.encode_basestring_ascii
+_digest = operator.methodcaller("digest")
 
 
 def reward_leaf(epoch: int, res: NodeResult) -> dict:
@@ -134,18 +136,24 @@ def reward_leaf(epoch: int, res: NodeResult) -> dict:
             "reputation_ppm": res.reputation_ppm, "uptime_ppm": res.uptime_ppm}
 
 
-def _leaf_hash(epoch: int, res: NodeResult, _sha256=hashlib.sha256, _s=_json_str) -> bytes:
-    """merkle.leaf_hash(reward_leaf(epoch, res)), built without a dict and a generic json.dumps per leaf
-    (the 0x00 leaf prefix is the string's first character: one encode, no bytes concatenation)."""
-    return _sha256(f'\x00{{"epoch":{epoch},"multiplier_ppm":{res.multiplier_ppm},"node":{_s(res.node)},'
-                   f'"payout":{_s(res.payout)},"reputation_ppm":{res.reputation_ppm},"reward":{res.reward},'
-                   f'"uptime_ppm":{res.uptime_ppm},"v":1,"verified_bytes":{res.verified_bytes}}}'.encode()).digest()
+def _leaf_hashes(epoch: int, rewarded: list[NodeResult]) -> list[bytes]:
+    """merkle.leaf_hash(reward_leaf(epoch, r)) for each r, built without a dict and a generic json.dumps
+    per leaf (the 0x00 leaf prefix is the string's first character), hashed in C-level maps."""
+    s = _json_str
+    texts = [f'\x00{{"epoch":{epoch},"multiplier_ppm":{r.multiplier_ppm},"node":{s(r.node)},'
+             f'"payout":{s(r.payout)},"reputation_ppm":{r.reputation_ppm},"reward":{r.reward},'
+             f'"uptime_ppm":{r.uptime_ppm},"v":1,"verified_bytes":{r.verified_bytes}}}' for r in rewarded]
+    return list(map(_digest, map(hashlib.sha256, map(str.encode, texts))))
+
+
+def _leaf_hash(epoch: int, res: NodeResult) -> bytes:
+    return _leaf_hashes(epoch, [res])[0]
 
 
 def reward_tree(epoch: int, rewarded: list[NodeResult]) -> list[list[bytes]]:
     """The Merkle tree over an epoch's rewarded nodes (sorted by node): settle() builds it, and the hub
     rebuilds it from its stored rewards to hand a node its proof."""
-    return merkle.tree([_leaf_hash(epoch, r) for r in rewarded])
+    return merkle.tree(_leaf_hashes(epoch, rewarded))
 
 
 def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_usd: int, ledger: Ledger,
@@ -200,8 +208,7 @@ def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_u
     # the loop runs once per node per epoch (10,000s of nodes): dict lookups bound once
     rep_get, v_get, probes_get, mult_get, balance = rep.get, verified.get, probe_counts.get, mults.get, ledger.balance
     no_probes = (0, 0)
-    for n in sorted(reports):
-        r = reports[n]
+    for n, r in sorted(reports.items()):   # by node (ids are unique: the reports never get compared)
         v = v_get(n)
         passed, failed = probes_get(n, no_probes)
         up = uptime_ppm(rules, r.heartbeats, passed, failed)
