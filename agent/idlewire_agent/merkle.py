@@ -46,7 +46,7 @@ def tree(hashes: list[bytes]) -> list[list[bytes]]:
     levels = [list(hashes)]
     while len(levels[-1]) > 1:
         cur = levels[-1]
-        nxt = list(map(_parent, cur[0::2], cur[1::2]))   # pairs; an odd one out has no partner here
+        nxt = [_parent(cur[i], cur[i + 1]) for i in range(0, len(cur) - 1, 2)]
         if len(cur) % 2:
             nxt.append(cur[-1])
         levels.append(nxt)
