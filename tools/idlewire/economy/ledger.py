@@ -19,6 +19,7 @@ simulator's.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +43,7 @@ class Entry:
 
 class Ledger(Protocol):
     def transfer(self, epoch: int, kind: str, src: str, dst: str, amount: int, ref: str = "") -> None: ...
+    def transfers(self, epoch: int, kind: str, moves: Iterable[tuple[str, str, int, str]]) -> None: ...
     def balance(self, account: str) -> int: ...
     def accounts(self, prefix: str = "") -> dict[str, int]: ...
 
@@ -55,19 +57,29 @@ class MemoryLedger:
         self.totals: dict[str, int] = {}  # per kind: the sum moved, for reports
 
     def transfer(self, epoch: int, kind: str, src: str, dst: str, amount: int, ref: str = "") -> None:
-        if type(amount) is not int or amount < 0:
-            raise ValueError(f"ledger: amount must be a whole number ≥ 0, got {amount!r}")
-        if amount == 0:
-            return
-        bal = self._bal
-        have = bal.get(src, 0)
-        if have < amount and src not in ISSUERS:
-            raise Overdraft(f"ledger: {src} holds {have}, cannot move {amount} to {dst} ({kind})")
-        bal[src] = have - amount
-        bal[dst] = bal.get(dst, 0) + amount
-        self.totals[kind] = self.totals.get(kind, 0) + amount
-        if self.journal is not None:
-            self.journal.append(Entry(epoch, kind, src, dst, amount, ref))
+        self.transfers(epoch, kind, ((src, dst, amount, ref),))
+
+    def transfers(self, epoch: int, kind: str, moves: Iterable[tuple[str, str, int, str]]) -> None:
+        """transfer(epoch, kind, src, dst, amount, ref) for each (src, dst, amount, ref) of MOVES in order
+        (the same checks, entries and balances) in one call: an epoch's mints, the simulator's sales."""
+        bal, journal, moved = self._bal, self.journal, 0
+        try:
+            for src, dst, amount, ref in moves:
+                if type(amount) is not int or amount < 0:
+                    raise ValueError(f"ledger: amount must be a whole number ≥ 0, got {amount!r}")
+                if amount == 0:
+                    continue
+                have = bal.get(src, 0)
+                if have < amount and src not in ISSUERS:
+                    raise Overdraft(f"ledger: {src} holds {have}, cannot move {amount} to {dst} ({kind})")
+                bal[src] = have - amount
+                bal[dst] = bal.get(dst, 0) + amount
+                moved += amount
+                if journal is not None:
+                    journal.append(Entry(epoch, kind, src, dst, amount, ref))
+        finally:
+            if moved:
+                self.totals[kind] = self.totals.get(kind, 0) + moved
 
     def balance(self, account: str) -> int:
         return self._bal.get(account, 0)

@@ -74,8 +74,12 @@ class Verified:
 
 def within_tolerance(rules: Rules, node_bytes: int, buyer_bytes: int) -> bool:
     m = rules.market
+    return _within(node_bytes, buyer_bytes, m.tolerance_bytes, m.tolerance_ppm)
+
+
+def _within(node_bytes: int, buyer_bytes: int, tolerance_bytes: int, tolerance_ppm: int) -> bool:
     diff = abs(node_bytes - buyer_bytes)
-    return diff <= m.tolerance_bytes or diff <= max(node_bytes, buyer_bytes) * m.tolerance_ppm // PPM
+    return diff <= tolerance_bytes or diff <= max(node_bytes, buyer_bytes) * tolerance_ppm // PPM
 
 
 def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified], list[Offence], dict[str, int]]:
@@ -91,27 +95,30 @@ def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified],
     buyers: dict[str, int] = {}
     inflated: dict[str, list[str]] = {}
     forged: dict[str, list[str]] = {}
+    tol_bytes, tol_ppm = rules.market.tolerance_bytes, rules.market.tolerance_ppm
+    out_get, buyers_get = out.get, buyers.get   # once per session of the epoch: bound once
     for u in usage:
-        v = out.get(u.node)
+        node = u.node
+        v = out_get(node)
         if v is None:
-            v = out[u.node] = Verified()
+            v = out[node] = Verified()
         nb, bb = u.node_bytes, u.buyer_bytes
         if nb < 0 or bb < 0:
             raise ValueError(f"usage {u.receipt}: byte counts must be ≥ 0, got node {nb}, buyer {bb}")
         v.claimed += nb
-        if u.status == FORGED:
-            forged.setdefault(u.node, []).append(u.receipt)
-            continue
-        if u.status != COSIGNED:
+        status = u.status
+        if status != COSIGNED:
+            if status == FORGED:
+                forged.setdefault(node, []).append(u.receipt)
             continue
         v.disagreement += nb - bb if nb >= bb else bb - nb
-        if within_tolerance(rules, nb, bb):
+        if _within(nb, bb, tol_bytes, tol_ppm):
             counted = nb if nb < bb else bb
             v.bytes += counted
             v.receipts += 1
-            buyers[u.buyer] = buyers.get(u.buyer, 0) + counted
+            buyers[u.buyer] = buyers_get(u.buyer, 0) + counted
         elif nb > bb:
-            inflated.setdefault(u.node, []).append((u.receipt, u.buyer))
+            inflated.setdefault(node, []).append((u.receipt, u.buyer))
     need, prober = rules.staking.inflated_min_buyers, rules.probes.prober_buyer
     offences = [Offence(n, FORGED_USAGE, tuple(sorted(ids))) for n, ids in forged.items()]
     for n, claims in inflated.items():
@@ -147,8 +154,12 @@ def judge_probes(rules: Rules, probes: list[Probe]) -> tuple[dict[str, tuple[int
 
 def uptime_ppm(rules: Rules, heartbeats: int, passed: int, failed: int) -> int:
     """Heartbeat coverage of the epoch, times the share of probes passed (1 when no probe ran)."""
-    expected = max(1, rules.epoch_seconds // rules.probes.heartbeat_seconds)
-    hb = min(PPM, heartbeats * PPM // expected)
+    expected = rules.epoch_seconds // rules.probes.heartbeat_seconds
+    if expected < 1:   # max(1, ...) and min(PPM, ...) below without builtin calls: runs per node per epoch
+        expected = 1
+    hb = heartbeats * PPM // expected
+    if hb > PPM:
+        hb = PPM
     if passed + failed == 0:
         return hb
     return hb * passed // (passed + failed)

@@ -30,7 +30,8 @@ BYTES_PER_MBIT_SECOND = 125_000
 def agreement_ppm(claimed: int, disagreement: int) -> int:
     if claimed <= 0:
         return PPM
-    return PPM - min(PPM, disagreement * PPM // claimed)
+    off = disagreement * PPM // claimed
+    return PPM - off if off < PPM else 0
 
 
 def epoch_score_ppm(uptime: int, agreement: int, offended: bool) -> int:

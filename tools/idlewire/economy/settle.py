@@ -35,6 +35,7 @@ import base64
 import bisect
 import hashlib
 import json
+import operator
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
@@ -124,7 +125,9 @@ def public_b64(key: Ed25519PrivateKey) -> str:
     return base64.b64encode(raw).decode()
 
 
-_dumps = json.JSONEncoder(ensure_ascii=True).encode
+# What json.JSONEncoder(ensure_ascii=True).encode does for a str, without its per-call dispatch.
+_json_str = json.encoder.encode_basestring_ascii
+_digest = operator.methodcaller("digest")
 
 
 def reward_leaf(epoch: int, res: NodeResult) -> dict:
@@ -133,18 +136,24 @@ def reward_leaf(epoch: int, res: NodeResult) -> dict:
             "reputation_ppm": res.reputation_ppm, "uptime_ppm": res.uptime_ppm}
 
 
+def _leaf_hashes(epoch: int, rewarded: list[NodeResult]) -> list[bytes]:
+    """merkle.leaf_hash(reward_leaf(epoch, r)) for each r, built without a dict and a generic json.dumps
+    per leaf (the 0x00 leaf prefix is the string's first character), hashed in C-level maps."""
+    s = _json_str
+    texts = [f'\x00{{"epoch":{epoch},"multiplier_ppm":{r.multiplier_ppm},"node":{s(r.node)},'
+             f'"payout":{s(r.payout)},"reputation_ppm":{r.reputation_ppm},"reward":{r.reward},'
+             f'"uptime_ppm":{r.uptime_ppm},"v":1,"verified_bytes":{r.verified_bytes}}}' for r in rewarded]
+    return list(map(_digest, map(hashlib.sha256, map(str.encode, texts))))
+
+
 def _leaf_hash(epoch: int, res: NodeResult) -> bytes:
-    """merkle.leaf_hash(reward_leaf(epoch, res)), built without a dict and a generic json.dumps per leaf."""
-    text = (f'{{"epoch":{epoch},"multiplier_ppm":{res.multiplier_ppm},"node":{_dumps(res.node)},'
-            f'"payout":{_dumps(res.payout)},"reputation_ppm":{res.reputation_ppm},"reward":{res.reward},'
-            f'"uptime_ppm":{res.uptime_ppm},"v":1,"verified_bytes":{res.verified_bytes}}}')
-    return hashlib.sha256(b"\x00" + text.encode()).digest()
+    return _leaf_hashes(epoch, [res])[0]
 
 
 def reward_tree(epoch: int, rewarded: list[NodeResult]) -> list[list[bytes]]:
     """The Merkle tree over an epoch's rewarded nodes (sorted by node): settle() builds it, and the hub
     rebuilds it from its stored rewards to hand a node its proof."""
-    return merkle.tree([_leaf_hash(epoch, r) for r in rewarded])
+    return merkle.tree(_leaf_hashes(epoch, rewarded))
 
 
 def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_usd: int, ledger: Ledger,
@@ -196,18 +205,22 @@ def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_u
     min_stake = rules.staking.min_stake
     results: dict[str, NodeResult] = {}
     total = 0
-    for n in sorted(reports):
-        r = reports[n]
-        v = verified.get(n)
-        vb, claimed, disagree = (v.bytes, v.claimed, v.disagreement) if v is not None else (0, 0, 0)
-        passed, failed = probe_counts.get(n, (0, 0))
+    # the loop runs once per node per epoch (10,000s of nodes): dict lookups bound once
+    rep_get, v_get, probes_get, mult_get, balance = rep.get, verified.get, probe_counts.get, mults.get, ledger.balance
+    no_probes = (0, 0)
+    for n, r in sorted(reports.items()):   # by node (ids are unique: the reports never get compared)
+        v = v_get(n)
+        passed, failed = probes_get(n, no_probes)
         up = uptime_ppm(rules, r.heartbeats, passed, failed)
-        score = epoch_score_ppm(up, agreement_ppm(claimed, disagree), n in offended)
-        reputation = rep[n] = next_reputation(rules, rep.get(n), score)
-        mult = mults.get(r.region, PPM)
-        stake = ledger.balance(stake_account(n))
-        res = NodeResult(n, r.region, r.payout, vb, up, reputation, mult, stake)
-        if n in offended:
+        bad = n in offended
+        if v is None:
+            vb, agreement = 0, agreement_ppm(0, 0)
+        else:
+            vb, agreement = v.bytes, agreement_ppm(v.claimed, v.disagreement)
+        reputation = rep[n] = next_reputation(rules, rep_get(n), epoch_score_ppm(up, agreement, bad))
+        stake = balance(stake_account(n))
+        res = results[n] = NodeResult(n, r.region, r.payout, vb, up, reputation, mult_get(r.region, PPM), stake)
+        if bad:
             res.why_not = "slashed this epoch"
         elif stake < min_stake:
             res.why_not = f"stake {stake} below the minimum {min_stake}"
@@ -216,9 +229,8 @@ def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_u
         elif up == 0:
             res.why_not = "no uptime (no heartbeats or every probe failed)"
         else:
-            res.weight = vb * mult * (reputation if reputation > floor else floor) * up
-            total += res.weight
-        results[n] = res
+            res.weight = w = vb * res.multiplier_ppm * (reputation if reputation > floor else floor) * up
+            total += w
     for n in [n for n in rep if n not in reports]:   # nodes not seen this epoch decay toward 0
         rep[n] = next_reputation(rules, rep[n], 0)
         if rep[n] == 0:
@@ -227,16 +239,16 @@ def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_u
     # 5. mint
     emission = emission_for(rules, epoch)
     pool = emission + state.carry
-    minted = 0
     rewarded: list[NodeResult] = []
     if total:
         for res in results.values():   # sorted by node
             if res.weight:
-                res.reward = reward = pool * res.weight // total
-                if reward:
-                    ledger.transfer(epoch, "mint", MINT, f"payout:{res.payout}", reward, f"epoch:{epoch}")
-                    minted += reward
+                res.reward = pool * res.weight // total
+                if res.reward:
                     rewarded.append(res)
+    ref = f"epoch:{epoch}"
+    ledger.transfers(epoch, "mint", [(MINT, f"payout:{res.payout}", res.reward, ref) for res in rewarded])
+    minted = sum(res.reward for res in rewarded)
     carry_out = pool - minted if rules.emission.unallocated == "carry" else 0
 
     # 6. unbonding
