@@ -157,7 +157,7 @@ def test_a_rebake_after_one_variable_gives_the_bytes_of_a_cold_bake(build_image,
 
     first = build_image("x86_64")
     site_b = tmp_path / "site-b.yml"
-    site_b.write_text(site_file.read_text().replace("agent_region: test-lab", "agent_region: test-lab-b"))
+    site_b.write_text(site_file.read_text().replace("agent_region: DE", "agent_region: FR"))
     assert site_b.read_text() != site_file.read_text()
 
     def build(out: Path, env: dict) -> dict:
