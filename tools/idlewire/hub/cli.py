@@ -385,15 +385,16 @@ def register(app: App) -> None:
 
     @group.command()
     def statement(epoch: Annotated[int | None, Arg(help="Epoch (default: the last settled).")] = None,
-                  db: DbOpt = None):
-        """Print an epoch's signed statement (JSON): what a node checks its reward's Merkle proof against."""
+                  db: DbOpt = None, as_json: JsonOpt = False):
+        """Print an epoch's signed statement (indented JSON; --json: one line, for scripts): what a node
+        checks its reward's Merkle proof against."""
         from . import economy
 
         st = economy.statement(open_db(db), epoch)
         if st is None:
             raise UserError(f"epoch {epoch}: not settled (idlewire hub epochs)" if epoch is not None
                             else "no epoch settled yet (idlewire hub settle)")
-        print(json.dumps(st, indent=1, sort_keys=True))
+        print(json.dumps(st, sort_keys=True) if as_json else json.dumps(st, indent=1, sort_keys=True))
 
     @group.command()
     def probe(nodes: Annotated[list[str] | None, Opt("--node", help="A node id to probe (repeatable; default: "
