@@ -125,6 +125,7 @@ class Agent:
         self.quota = None
         self.guard = None  # isolation.Guard when [firewall] required: checked before opening and every poll
         self.home = None  # idle.Home: UPnP port mapping and node-mode measurement ([home])
+        self.earnings: dict | None = None  # the last settled epoch as market.Seller checked it
 
     # --- policy: shaping, schedule, quota, isolation ------------------------------------------
     def start_policy(self, stop: threading.Event) -> None:
@@ -732,7 +733,7 @@ class Agent:
                      "from_unit": sorted(u.caps)},
             **(self.home.health() if self.home else {}),
             # the last settled epoch as the node checked it (market.check_earnings); None off the market
-            "earnings": getattr(self, "earnings", None),
+            "earnings": self.earnings,
         }
 
     def metrics(self) -> str:
@@ -762,7 +763,7 @@ class Agent:
             ("idlewire_resident_memory_bytes", "gauge", "Agent resident memory", rss),
             *(self.home.metrics() if self.home else ()),
         ]
-        earned = getattr(self, "earnings", None) or {}
+        earned = self.earnings or {}
         if earned.get("epoch") is not None:
             ok = earned.get("state") == "verified"
             lines += [

@@ -258,6 +258,8 @@ class Seller:
         self.state = "starting"  # what /health could say: registered | unreachable: WHY
         self.told_endpoint: str | None = None  # the endpoint the hub has: registered again when it changes
         self.sent = self.duplicates = 0
+        self.hub_key: str | None = None  # the hub's statement key, pinned the first time one verifies
+        self.earnings_due = 0.0  # when the node next looks at its earnings (monotonic clock of the loop)
 
     # --- what the node tells the hub --------------------------------------------------------------
     def endpoint(self) -> str:
@@ -362,7 +364,7 @@ class Seller:
     def fetch_earnings(self) -> dict:
         """Ask the hub for the last epoch, check it (check_earnings) and keep it for /health and
         /metrics (agent.earnings). The hub's statement key is pinned the first time one verifies."""
-        got = check_earnings(self.market.earnings(), self.market.node_id or "", getattr(self, "hub_key", None))
+        got = check_earnings(self.market.earnings(), self.market.node_id or "", self.hub_key)
         if got.get("state") == "verified" or got.get("state", "").startswith("no reward"):
             self.hub_key = got.get("hub_key")
         elif got.get("state", "").startswith("refused"):
@@ -427,7 +429,7 @@ class Seller:
                     beat_due, told, changed = now + self.market.heartbeat_interval, ids, False
                 while self.upload_once() and not stop.is_set():
                     pass
-                if now >= getattr(self, "earnings_due", 0.0):
+                if now >= self.earnings_due:
                     self.earnings_due = now + EARNINGS_EVERY
                     try:
                         self.fetch_earnings()
