@@ -256,6 +256,60 @@ def test_buyer_is_sent_to_a_node_over_the_channel_it_opened(hub):
     assert len(sessions) == 2
 
 
+def test_an_unreachable_node_is_stored_as_such_listed_with_its_fix_and_offered_to_no_buyer(hub):
+    """The node's reachability is a fact of its own: `hub nodes` (and --json) shows why a node is not
+    reachable and the fix, in the node's words; no buyer is sent to it; it is again once it is."""
+    why = "not reachable from the internet: forward UDP 51820 on your router to 192.168.1.23"
+    key = Ed25519PrivateKey.generate()
+    home = Market(hub.url, key)
+    reg = {"wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(key, "bc1qowner0001"), "region": "DE",
+           "caps": CAPS, "price_per_gb": 0.01, "version": "0.1.0"}
+    home.register(**reg, endpoint="", unreachable=why)  # the cheapest node, its channel open
+    reachable = node_market(hub.url, region="DE", price=0.9)
+    mute = node_market(hub.url, region="FR")
+    mute.register(**{**reg, "wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(mute.key, "bc1q")},
+                  endpoint="")  # a node that gives no reason
+    opened: list = []
+    stops = [_serve(home, opened), _serve(reachable, opened)]
+    buyer = Market(hub.url, Ed25519PrivateKey.generate())
+
+    def listed() -> dict:
+        return {n["id"]: n for n in json.loads(cli("nodes", "--db", hub.db_url, "--json").stdout)}
+
+    try:
+        deadline = time.monotonic() + 20
+        while not all(listed()[m.node_id]["channel_open"] for m in (home, reachable)):
+            assert time.monotonic() < deadline, "the nodes did not poll their channels"
+            time.sleep(0.2)
+        for _ in range(3):
+            got = buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1], "region": "DE"})
+            assert got["node"] == reachable.node_id
+        nodes = listed()
+        assert (nodes[home.node_id]["reachable"], nodes[home.node_id]["unreachable"]) == (False, why)
+        assert (nodes[reachable.node_id]["reachable"], nodes[reachable.node_id]["unreachable"]) == (True, "")
+        assert nodes[mute.node_id]["reachable"] is False
+        assert nodes[mute.node_id]["unreachable"].startswith("not reachable from the internet: the node reported")
+        table = cli("nodes", "--db", hub.db_url).stdout
+        assert f"{home.node_id}: {why}\n" in table and "unreachable (below)" in table
+        assert f"{reachable.node_id}: " not in table
+        # The UPnP mapping came: the node registers again with its endpoint and is offered.
+        home.register(**reg, endpoint="203.0.113.9:51820")
+        got = buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1], "region": "DE"})
+        assert got["node"] == home.node_id and got["endpoint"] == "203.0.113.9:51820"
+        assert (listed()[home.node_id]["reachable"], listed()[home.node_id]["unreachable"]) == (True, "")
+    finally:
+        for stop, t in stops:
+            stop.set()
+            t.join(10)
+    # A reason is one printable line (it is shown in listings), and none goes with an endpoint.
+    for endpoint, said in (("", "not reachable\x1b[2J\x1b[31m forged"), ("", "two\nlines"), ("", "x" * 301),
+                           ("203.0.113.9:51820", why)):
+        with pytest.raises(MarketError) as exc:
+            home.register(**reg, endpoint=endpoint, unreachable=said)
+        assert exc.value.status == 422 and "unreachable" in one_line(exc.value), exc.value.reason
+    assert listed()[home.node_id]["reachable"] is True  # refused registrations changed nothing
+
+
 # --- receipts ---------------------------------------------------------------------------------
 def test_receipts_are_verified_and_stored_once(hub):
     m = node_market(hub.url)

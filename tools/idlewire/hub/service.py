@@ -18,6 +18,7 @@ from idlewire_agent import config as agent_config
 from idlewire_agent import receipts as rc
 from idlewire_agent import schema
 from idlewire_agent.api import CLOCK_SKEW
+from idlewire_agent.market import REACHABILITY_MAX
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -30,6 +31,7 @@ CHANNEL_LIVE = 90  # a node is offered to buyers while its channel was polled wi
 CONNECT_TIMEOUT = 15.0  # a buyer's connect waits this long for the node's answer
 MAX_BATCH = 5000  # receipts per upload
 MAX_SESSIONS = 4096  # open sessions listed in one heartbeat
+NO_ENDPOINT = "not reachable from the internet: the node reported no public endpoint (and no reason)"
 TOLERANCE_PERCENT = agent_config.MeteringConfig().tolerance_percent  # the agent's default
 
 _SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -112,6 +114,22 @@ def heartbeat_body(body) -> tuple[float, dict | None, dict[str, str]]:
     return float(uptime), caps, listed
 
 
+def reachability(endpoint: str, said) -> str:
+    """What the hub stores as the node's reachability: "" (reachable at its endpoint), else why not
+    and the fix, in the node's words (agent market.Seller.reachability) or, from a node that says
+    nothing, that it reported no endpoint. The text is shown in listings: one printable line."""
+    if said is not None and (not isinstance(said, str) or len(said) > REACHABILITY_MAX
+                             or not said.isprintable()):
+        raise HubError(422, f"unreachable: expected one printable line of at most {REACHABILITY_MAX} characters "
+                            "(why buyers cannot reach the node, and the fix)")
+    if endpoint:
+        if said:
+            raise HubError(422, "unreachable: expected \"\" with an endpoint (a node buyers reach at HOST:PORT is "
+                                "reachable)")
+        return ""
+    return said or NO_ENDPOINT
+
+
 def _dumps(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), sort_keys=True)
 
@@ -192,6 +210,7 @@ class Hub:
         m = _ENDPOINT.match(endpoint)
         if endpoint and not (m and 0 < int(m.group(2)) < 65536):
             raise HubError(422, f"endpoint: expected HOST:PORT buyers reach the node's WireGuard at, got {endpoint!r}")
+        unreachable = reachability(endpoint, body.get("unreachable"))
         if not _KEY.match(body["wg_public_key"]):
             raise HubError(422, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
         nid, now = node_id(key), self.clock()
@@ -199,6 +218,7 @@ class Hub:
                   "unit": payout["unit"], "region": region, "location": location,
                   "caps": _dumps(caps), "max_sessions": int(caps["max_sessions"]),
                   "price_per_gb": float(body["price_per_gb"]), "endpoint": endpoint,
+                  "reachable": not unreachable, "unreachable": unreachable,
                   "version": body["version"], "last_seen": now}
         with db.write(self.engine) as conn:
             self._spend(conn, auth)
@@ -354,9 +374,9 @@ class Hub:
              only: str | None = None) -> dict | None:
         now = self.clock()
         n = db.nodes.c
-        # a node without a public endpoint (no UPnP on its router, nothing forwarded) is not offered
+        # a node buyers cannot reach (no UPnP on its router, nothing forwarded) is not offered
         q = select(db.nodes).where(n.channel_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions,
-                                   n.endpoint != "")
+                                   n.reachable.is_(True))
         if only:
             q = q.where(n.id == only)
         if region:
