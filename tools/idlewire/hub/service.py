@@ -77,8 +77,22 @@ _BEAT = update(db.nodes).where(db.nodes.c.id == bindparam("nid")).values(
     last_seen=bindparam("b_now"), uptime=bindparam("b_uptime"), open_sessions=bindparam("b_open"),
     heartbeats=db.nodes.c.heartbeats + 1)
 _BEAT_CAPS = _BEAT.values(caps=bindparam("b_caps"), max_sessions=bindparam("b_max"))
-_OPEN_SESSIONS = select(db.sessions.c.session, db.sessions.c.head).where(
-    db.sessions.c.node_id == bindparam("nid"), db.sessions.c.state == "open")
+_OPEN_SESSIONS = select(db.sessions.c.node_id, db.sessions.c.session, db.sessions.c.head).where(
+    db.sessions.c.node_id.in_(bindparam("nids", expanding=True)), db.sessions.c.state == "open")
+_ONE_SESSION = and_(db.sessions.c.node_id == bindparam("nid"), db.sessions.c.session == bindparam("sid"))
+_SESSION_CLOSE = update(db.sessions).where(_ONE_SESSION).values(state="closed", updated_at=bindparam("b_now"))
+_SESSION_HEAD = update(db.sessions).where(_ONE_SESSION).values(head=bindparam("b_head"), updated_at=bindparam("b_now"))
+
+
+def _session_open(dialect):
+    """A session the node lists that the hub has not open: opened outside the hub (a buyer on the
+    owner's LAN) or reopened; one UPSERT, for a batch of them at once."""
+    stmt = dialect.insert(db.sessions)
+    return stmt.on_conflict_do_update(index_elements=["node_id", "session"], set_={
+        "head": stmt.excluded.head, "state": "open", "updated_at": stmt.excluded.updated_at})
+
+
+_SESSION_OPEN = {"sqlite": _session_open(sqlite_dialect), "postgresql": _session_open(pg_dialect)}
 
 
 def node_id(node_key: str) -> str:
@@ -256,7 +270,7 @@ class Hub:
             return out
         with db.write(self.engine) as conn:
             known = {r.id: r for r in conn.execute(_NODES_GET, {"nids": sorted({beats[i][0] for i in todo})})}
-            plain, capped = [], []
+            plain, capped, syncing = [], [], []
             for i in sorted(todo, key=lambda i: beats[i][0]):  # one row order in every process: no deadlock
                 nid, auth, _ = beats[i]
                 uptime, caps, listed = parsed[i]
@@ -276,8 +290,10 @@ class Hub:
                 else:
                     capped.append({**args, "b_caps": _dumps(caps), "b_max": int(caps["max_sessions"])})
                 if node.open_sessions or listed:
-                    self._sync_sessions(conn, nid, listed, now)
+                    syncing.append((nid, listed))
                 out[i] = {"ok": True, "heartbeat_interval": HEARTBEAT_INTERVAL}
+            if syncing:
+                self._sync_sessions(conn, syncing, now)
             if plain:
                 conn.execute(_BEAT, plain)
             if capped:
@@ -285,25 +301,38 @@ class Hub:
         return out
 
     @staticmethod
-    def _sync_sessions(conn, nid: str, listed: dict[str, str], now: float) -> None:
-        """The node's open sessions and their ledger heads as it reports them."""
-        s = db.sessions.c
-        known = dict(conn.execute(_OPEN_SESSIONS, {"nid": nid}).all())
-        for sid in set(known) - set(listed):
-            conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
-                         .values(state="closed", updated_at=now))
-        for sid, head in listed.items():
-            if sid in known:
-                if known[sid] != head:
-                    conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
-                                 .values(head=head, updated_at=now))
-                continue
-            # opened outside the hub (e.g. a buyer on the owner's LAN), or reopened
-            done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
-                                .values(head=head, state="open", updated_at=now)).rowcount
-            if not done:
-                conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key="", state="open",
-                                                        opened_at=now, updated_at=now, head=head))
+    def _sync_sessions(conn, syncing: list[tuple[str, dict[str, str]]], now: float) -> None:
+        """The nodes' open sessions and their ledger heads as they report them: one SELECT of what
+        the hub has open, then one executemany per kind of change (close, new head, open). A node
+        heartbeating twice in one batch is applied in turn (its first report is written first)."""
+        while syncing:
+            once: dict[str, dict[str, str]] = {}
+            rest = []
+            for nid, listed in syncing:
+                if nid in once:
+                    rest.append((nid, listed))
+                else:
+                    once[nid] = listed
+            syncing = rest
+            known: dict[str, dict[str, str]] = {}
+            for nid, sid, head in conn.execute(_OPEN_SESSIONS, {"nids": list(once)}):
+                known.setdefault(nid, {})[sid] = head
+            close, heads, opened = [], [], []
+            for nid, listed in once.items():
+                mine = known.get(nid, {})
+                close += [{"nid": nid, "sid": sid, "b_now": now} for sid in mine if sid not in listed]
+                for sid, head in listed.items():
+                    if sid not in mine:
+                        opened.append({"node_id": nid, "session": sid, "buyer_key": "", "state": "open",
+                                       "opened_at": now, "updated_at": now, "head": head})
+                    elif mine[sid] != head:
+                        heads.append({"nid": nid, "sid": sid, "b_head": head, "b_now": now})
+            if close:
+                conn.execute(_SESSION_CLOSE, close)
+            if heads:
+                conn.execute(_SESSION_HEAD, heads)
+            if opened:
+                conn.execute(_SESSION_OPEN[conn.dialect.name], opened)
 
     # --- the channel the node opened ----------------------------------------------------------------
     def claim(self, nid: str, auth: Signed) -> list[dict]:
