@@ -206,6 +206,43 @@ def test_heartbeats_arriving_together_are_answered_each_on_its_own(hub):
         assert listed[m.node_id]["uptime"] == 100 + i and listed[m.node_id]["open_sessions"] == 1
 
 
+def test_one_batch_spends_each_nonce_once_and_applies_a_nodes_two_heartbeats_in_turn(db_url):
+    """The batched write (one nonce INSERT, one SELECT and one executemany per kind of session
+    change for the whole batch) answers as one heartbeat at a time would: a nonce twice in a batch
+    is one replay, and a node heard twice has its sessions as its later heartbeat lists them."""
+    from idlewire.hub import db, service
+    from sqlalchemy import select
+
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    hub = service.Hub(engine)
+    key = Ed25519PrivateKey.generate()
+    pub = rc.pub_b64(key)
+
+    def signed(nonce=None):
+        return service.Signed(pub, nonce or os.urandom(16).hex(), int(time.time()) + 100)
+
+    hub.register(signed(), {"wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(key, "x"),
+                            "region": "DE", "caps": CAPS, "price_per_gb": 0.1, "endpoint": "", "version": "1"})
+    nid = service.node_id(pub)
+    twice = signed()
+    out = hub.heartbeats([(nid, twice, {"uptime": 1}), (nid, signed(twice.nonce), {"uptime": 1})])
+    assert out[0]["ok"] and isinstance(out[1], service.HubError) and "replayed" in out[1].message
+    assert "replayed" in hub.heartbeats([(nid, signed(twice.nonce), {"uptime": 1})])[0].message
+
+    def sessions():
+        with db.read(engine) as conn:
+            return sorted((r.session, r.state, r.head) for r in conn.execute(select(db.sessions)))
+
+    a, b = "a" * 16, "b" * 16
+    hub.heartbeats([(nid, signed(), {"uptime": 2, "sessions": [{"session": a}]}),
+                    (nid, signed(), {"uptime": 3, "sessions": [{"session": b}]})])
+    assert sessions() == [(a, "closed", ""), (b, "open", "")]
+    hub.heartbeats([(nid, signed(), {"uptime": 4, "sessions": [{"session": a, "head": "c" * 64}]})])
+    assert sessions() == [(a, "open", "c" * 64), (b, "closed", "")]  # reopened, with its head
+    engine.dispose()
+
+
 # --- buyers through the node's channel -------------------------------------------------------------
 def _serve(m: Market, opened: list, refuse: threading.Event | None = None):
     def open_session(buyer_key, wg_key):

@@ -68,6 +68,9 @@ class HubError(Exception):
 # rowcount through SQLAlchemy is -1 here.)
 _NONCE_INSERT = {"sqlite": sqlite_dialect.insert(db.nonces).on_conflict_do_nothing().returning(db.nonces.c.nonce),
                  "postgresql": pg_dialect.insert(db.nonces).on_conflict_do_nothing().returning(db.nonces.c.nonce)}
+_NONCE_INSERT_MANY = {name: stmt.returning(db.nonces.c.key, db.nonces.c.nonce) for name, stmt in (
+    ("sqlite", sqlite_dialect.insert(db.nonces).on_conflict_do_nothing()),
+    ("postgresql", pg_dialect.insert(db.nonces).on_conflict_do_nothing()))}
 _NODES_GET = select(db.nodes.c.id, db.nodes.c.node_key, db.nodes.c.open_sessions).where(
     db.nodes.c.id.in_(bindparam("nids", expanding=True)))
 _NONCE_PURGE = delete(db.nonces).where(db.nonces.c.expires < bindparam("now"))
@@ -191,6 +194,25 @@ class Hub:
         if random.random() < 0.002:  # noqa: S311 (housekeeping, not security)
             conn.execute(_NONCE_PURGE, {"now": self.clock()})
 
+    def _spend_many(self, conn, auths: list[Signed]) -> list[bool]:
+        """_spend for a batch: one INSERT of their nonces; False for each replay (a nonce stored
+        before, or twice in the batch: the first one counts)."""
+        rows, first, seen = [], [], set()
+        for a in auths:
+            new = (a.key, a.nonce) not in seen
+            first.append(new)
+            if new:
+                seen.add((a.key, a.nonce))
+                rows.append({"key": a.key, "nonce": a.nonce, "expires": a.expires})
+        got = {(k, n) for k, n in conn.execute(_NONCE_INSERT_MANY[conn.dialect.name], rows)} if rows else set()
+        out = []
+        for a, new in zip(auths, first, strict=True):
+            a.spent = new and (a.key, a.nonce) in got
+            out.append(a.spent)
+        if rows and random.random() < 0.002 * len(rows):  # noqa: S311 (housekeeping, not security)
+            conn.execute(_NONCE_PURGE, {"now": self.clock()})
+        return out
+
     def _node(self, conn, nid: str, auth: Signed) -> dict:
         """The node `nid` the request is about, checked to be the one that signed it; spends the nonce."""
         self._spend(conn, auth)
@@ -270,19 +292,23 @@ class Hub:
             return out
         with db.write(self.engine) as conn:
             known = {r.id: r for r in conn.execute(_NODES_GET, {"nids": sorted({beats[i][0] for i in todo})})}
-            plain, capped, syncing = [], [], []
+            plain, capped, syncing, theirs = [], [], [], []
             for i in sorted(todo, key=lambda i: beats[i][0]):  # one row order in every process: no deadlock
                 nid, auth, _ = beats[i]
-                uptime, caps, listed = parsed[i]
                 node = known.get(nid)
-                try:
-                    if node is None:
-                        raise HubError(404, f"no node {nid}: register first (POST /v1/nodes)")
-                    if node.node_key != auth.key:
-                        raise HubError(403, f"node {nid}: request signed by another key than the node's")
-                    self._spend(conn, auth)
-                except HubError as exc:
-                    out[i] = exc
+                if node is None:
+                    out[i] = HubError(404, f"no node {nid}: register first (POST /v1/nodes)")
+                elif node.node_key != auth.key:
+                    out[i] = HubError(403, f"node {nid}: request signed by another key than the node's")
+                else:
+                    theirs.append(i)
+            spent = self._spend_many(conn, [beats[i][1] for i in theirs])
+            for i, fresh in zip(theirs, spent, strict=True):
+                nid, auth, _ = beats[i]
+                uptime, caps, listed = parsed[i]
+                node = known[nid]
+                if not fresh:
+                    out[i] = HubError(401, "X-Idlewire-Nonce: already used (replayed request)")
                     continue
                 args = {"nid": nid, "b_now": now, "b_uptime": uptime, "b_open": len(listed)}
                 if caps is None:
