@@ -105,10 +105,11 @@ class Market:
 
     # --- the node's calls ------------------------------------------------------------------------
     def register(self, *, wg_public_key: str, payout: dict, region: str, caps: dict, price_per_gb: float,
-                 endpoint: str, version: str, location: str = "") -> dict:
+                 endpoint: str, version: str, location: str = "", unreachable: str = "") -> dict:
+        """`unreachable`: with no endpoint, why buyers cannot reach the node and the fix (one line)."""
         out = self.request("POST", "/v1/nodes", {
             "wg_public_key": wg_public_key, "payout": payout, "region": region, "location": location, "caps": caps,
-            "price_per_gb": price_per_gb, "endpoint": endpoint, "version": version})
+            "price_per_gb": price_per_gb, "endpoint": endpoint, "unreachable": unreachable, "version": version})
         self.node_id = out["node"]
         self.heartbeat_interval = float(out.get("heartbeat_interval") or 60)
         return out
@@ -199,6 +200,7 @@ class Market:
 
 # --- the agent's side: what runs when node.toml [node] marketplace names a hub ------------------------
 # --- earnings: the last settled epoch, checked by the node itself ---------------------------------
+REACHABILITY_MAX = 300  # characters of the "not reachable from the internet: ..." line the hub keeps
 EARNINGS_EVERY = 600.0  # seconds between the node's looks at its earnings (epochs are a day by default)
 
 
@@ -306,7 +308,8 @@ class Seller:
         endpoint = self.endpoint()
         out = self.market.register(wg_public_key=a.wg_pub, payout=payout, region=a.cfg.region,
                                    location=a.cfg.location, caps=self.caps(), price_per_gb=a.cfg.price_per_gb,
-                                   endpoint=endpoint, version=__version__)
+                                   endpoint=endpoint, unreachable=self.reachability()[:REACHABILITY_MAX],
+                                   version=__version__)
         again = self.registered.is_set()
         self.told_endpoint = endpoint
         self.registered.set()

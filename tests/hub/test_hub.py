@@ -206,6 +206,43 @@ def test_heartbeats_arriving_together_are_answered_each_on_its_own(hub):
         assert listed[m.node_id]["uptime"] == 100 + i and listed[m.node_id]["open_sessions"] == 1
 
 
+def test_one_batch_spends_each_nonce_once_and_applies_a_nodes_two_heartbeats_in_turn(db_url):
+    """The batched write (one nonce INSERT, one SELECT and one executemany per kind of session
+    change for the whole batch) answers as one heartbeat at a time would: a nonce twice in a batch
+    is one replay, and a node heard twice has its sessions as its later heartbeat lists them."""
+    from idlewire.hub import db, service
+    from sqlalchemy import select
+
+    engine = db.make_engine(db_url)
+    db.migrate(engine)
+    hub = service.Hub(engine)
+    key = Ed25519PrivateKey.generate()
+    pub = rc.pub_b64(key)
+
+    def signed(nonce=None):
+        return service.Signed(pub, nonce or os.urandom(16).hex(), int(time.time()) + 100)
+
+    hub.register(signed(), {"wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(key, "x"),
+                            "region": "DE", "caps": CAPS, "price_per_gb": 0.1, "endpoint": "", "version": "1"})
+    nid = service.node_id(pub)
+    twice = signed()
+    out = hub.heartbeats([(nid, twice, {"uptime": 1}), (nid, signed(twice.nonce), {"uptime": 1})])
+    assert out[0]["ok"] and isinstance(out[1], service.HubError) and "replayed" in out[1].message
+    assert "replayed" in hub.heartbeats([(nid, signed(twice.nonce), {"uptime": 1})])[0].message
+
+    def sessions():
+        with db.read(engine) as conn:
+            return sorted((r.session, r.state, r.head) for r in conn.execute(select(db.sessions)))
+
+    a, b = "a" * 16, "b" * 16
+    hub.heartbeats([(nid, signed(), {"uptime": 2, "sessions": [{"session": a}]}),
+                    (nid, signed(), {"uptime": 3, "sessions": [{"session": b}]})])
+    assert sessions() == [(a, "closed", ""), (b, "open", "")]
+    hub.heartbeats([(nid, signed(), {"uptime": 4, "sessions": [{"session": a, "head": "c" * 64}]})])
+    assert sessions() == [(a, "open", "c" * 64), (b, "closed", "")]  # reopened, with its head
+    engine.dispose()
+
+
 # --- buyers through the node's channel -------------------------------------------------------------
 def _serve(m: Market, opened: list, refuse: threading.Event | None = None):
     def open_session(buyer_key, wg_key):
@@ -254,6 +291,60 @@ def test_buyer_is_sent_to_a_node_over_the_channel_it_opened(hub):
     sessions = json.loads(cli("sessions", "--db", hub.db_url, "--json").stdout)
     assert {s["buyer_key"] for s in sessions} == {rc.pub_b64(buyer.key)}
     assert len(sessions) == 2
+
+
+def test_an_unreachable_node_is_stored_as_such_listed_with_its_fix_and_offered_to_no_buyer(hub):
+    """The node's reachability is a fact of its own: `hub nodes` (and --json) shows why a node is not
+    reachable and the fix, in the node's words; no buyer is sent to it; it is again once it is."""
+    why = "not reachable from the internet: forward UDP 51820 on your router to 192.168.1.23"
+    key = Ed25519PrivateKey.generate()
+    home = Market(hub.url, key)
+    reg = {"wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(key, "bc1qowner0001"), "region": "DE",
+           "caps": CAPS, "price_per_gb": 0.01, "version": "0.1.0"}
+    home.register(**reg, endpoint="", unreachable=why)  # the cheapest node, its channel open
+    reachable = node_market(hub.url, region="DE", price=0.9)
+    mute = node_market(hub.url, region="FR")
+    mute.register(**{**reg, "wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(mute.key, "bc1q")},
+                  endpoint="")  # a node that gives no reason
+    opened: list = []
+    stops = [_serve(home, opened), _serve(reachable, opened)]
+    buyer = Market(hub.url, Ed25519PrivateKey.generate())
+
+    def listed() -> dict:
+        return {n["id"]: n for n in json.loads(cli("nodes", "--db", hub.db_url, "--json").stdout)}
+
+    try:
+        deadline = time.monotonic() + 20
+        while not all(listed()[m.node_id]["channel_open"] for m in (home, reachable)):
+            assert time.monotonic() < deadline, "the nodes did not poll their channels"
+            time.sleep(0.2)
+        for _ in range(3):
+            got = buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1], "region": "DE"})
+            assert got["node"] == reachable.node_id
+        nodes = listed()
+        assert (nodes[home.node_id]["reachable"], nodes[home.node_id]["unreachable"]) == (False, why)
+        assert (nodes[reachable.node_id]["reachable"], nodes[reachable.node_id]["unreachable"]) == (True, "")
+        assert nodes[mute.node_id]["reachable"] is False
+        assert nodes[mute.node_id]["unreachable"].startswith("not reachable from the internet: the node reported")
+        table = cli("nodes", "--db", hub.db_url).stdout
+        assert f"{home.node_id}: {why}\n" in table and "unreachable (below)" in table
+        assert f"{reachable.node_id}: " not in table
+        # The UPnP mapping came: the node registers again with its endpoint and is offered.
+        home.register(**reg, endpoint="203.0.113.9:51820")
+        got = buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1], "region": "DE"})
+        assert got["node"] == home.node_id and got["endpoint"] == "203.0.113.9:51820"
+        assert (listed()[home.node_id]["reachable"], listed()[home.node_id]["unreachable"]) == (True, "")
+    finally:
+        for stop, t in stops:
+            stop.set()
+            t.join(10)
+    # A reason is one printable line (it is shown in listings), and none goes with an endpoint.
+    for endpoint, said in (("", "not reachable\x1b[2J\x1b[31m forged"), ("", "two\nlines"), ("", "x" * 301),
+                           ("203.0.113.9:51820", why)):
+        with pytest.raises(MarketError) as exc:
+            home.register(**reg, endpoint=endpoint, unreachable=said)
+        assert exc.value.status == 422 and "unreachable" in one_line(exc.value), exc.value.reason
+    assert listed()[home.node_id]["reachable"] is True  # refused registrations changed nothing
 
 
 # --- receipts ---------------------------------------------------------------------------------

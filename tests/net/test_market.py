@@ -158,6 +158,7 @@ def test_a_node_behind_a_router_without_upnp_says_it_is_unreachable(market):
     r = m.health()["reachability"]
     fix = f"forward UDP {m.port} on your router to {m.home.node_ip}"
     assert r["reachable"] is False and fix in r["message"] and "no UPnP IGD" in r["why"], r
+    assert node["unreachable"] == r["message"]  # the hub keeps the node's own line, with the fix
     client = m.client("--interval", "5")
     client.communicate(timeout=60)
     assert client.returncode != 0

@@ -45,6 +45,10 @@ def register(app: App) -> None:
         """
         from idlewire_agent import receipts
 
+        from . import ed25519fast
+
+        ed25519fast.install()  # the hub's check: the same signatures verify
+
         known_closed: set = set()
         strict_error = None
         try:

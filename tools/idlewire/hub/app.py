@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from . import db, economy, queries
-from .service import CONNECT_TIMEOUT, LOCATION, REGION, Hub, HubError, Signed
+from .service import CONNECT_TIMEOUT, LOCATION, REACHABILITY_MAX, REGION, Hub, HubError, Signed
 
 MAX_BODY = 4 << 20
 log = logging.getLogger("idlewire.hub")
@@ -131,6 +131,9 @@ class Registration(BaseModel):
     caps: dict = Field(description="caps in force: up_mbit, down_mbit, max_sessions, monthly_gb")
     price_per_gb: float = Field(ge=0, le=1e6)
     endpoint: str = Field("", max_length=300, description="HOST:PORT of the node's WireGuard, \"\" if unreachable")
+    unreachable: str = Field("", max_length=REACHABILITY_MAX, description="with no endpoint: why buyers cannot "
+                             "reach the node and the fix, one line (\"not reachable from the internet: forward UDP "
+                             "PORT on your router to ADDR\"); \"\" with an endpoint")
     version: str = Field(max_length=64, pattern=r"^[\w.+-]*$")
 
 

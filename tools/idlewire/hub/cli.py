@@ -203,7 +203,8 @@ def register(app: App) -> None:
     @group.command()
     def nodes(db: DbOpt = None, hub: HubOpt = None, region: Annotated[str | None, Opt(
             "--region", help="Only this ISO country code.")] = None, as_json: JsonOpt = False):
-        """List registered nodes: region, price, caps, sessions, whether they are online."""
+        """List registered nodes: region, price, caps, sessions, whether they are online and reachable
+        from the internet (a node that is not says why and the fix; the hub offers it to no buyer)."""
         rows = _rows(db, hub, "/v1/nodes", "nodes", region=region)
         if as_json:
             print(json.dumps(rows, indent=1))
@@ -212,8 +213,12 @@ def register(app: App) -> None:
             r["caps"] = "{}/{} Mbit/s".format(r["caps"].get("down_mbit"), r["caps"].get("up_mbit"))
             r["sessions"] = f"{r['open_sessions']}/{r['max_sessions']}"
             r["state"] = "online" if r["online"] else "offline"
+            r["endpoint"] = r["endpoint"] if r["reachable"] else "unreachable (below)"
         _table(rows, [("id", "NODE"), ("region", "CC"), ("price_per_gb", "PRICE/GB"), ("caps", "DOWN/UP"),
                       ("sessions", "SESSIONS"), ("state", "STATE"), ("endpoint", "ENDPOINT"), ("version", "VERSION")])
+        for r in rows:
+            if not r["reachable"]:
+                print(f"{r['id']}: {r.get('unreachable') or 'not reachable from the internet'}")
 
     @group.command()
     def sessions(db: DbOpt = None, hub: HubOpt = None, node: Annotated[str | None, Opt(

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from idlewire_agent.market import REACHABILITY_MAX
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -59,6 +60,10 @@ nodes = Table(
     Column("max_sessions", Integer, nullable=False),
     Column("price_per_gb", Float, nullable=False),
     Column("endpoint", String(300), nullable=False),  # host:port buyers reach WireGuard at, "" = none
+    # reachable from the internet: the node reported an endpoint; else why not and the fix, as the node
+    # said it (revision 0003). pick() offers only reachable nodes.
+    Column("reachable", Boolean, nullable=False),
+    Column("unreachable", String(REACHABILITY_MAX), nullable=False),
     Column("version", String(64), nullable=False),
     Column("registered_at", Float, nullable=False),
     Column("last_seen", Float, nullable=False),

@@ -20,7 +20,8 @@ def nodes(engine, region: str | None = None, now: float | None = None) -> list[d
         rows = conn.execute(q).mappings().all()
     return [{"id": r["id"], "node_key": r["node_key"], "region": r["region"], "location": r["location"],
              "price_per_gb": r["price_per_gb"], "caps": json.loads(r["caps"]), "endpoint": r["endpoint"],
-             "reachable": bool(r["endpoint"]), "version": r["version"], "payout_address": r["payout_address"],
+             "reachable": r["reachable"],
+             "unreachable": r["unreachable"], "version": r["version"], "payout_address": r["payout_address"],
              "unit": r["unit"], "open_sessions": r["open_sessions"], "max_sessions": r["max_sessions"],
              "uptime": r["uptime"], "last_seen": r["last_seen"], "online": now - r["last_seen"] < LIVE_AFTER,
              "channel_open": now - r["channel_seen"] < CHANNEL_LIVE,

@@ -18,11 +18,15 @@ from idlewire_agent import config as agent_config
 from idlewire_agent import receipts as rc
 from idlewire_agent import schema
 from idlewire_agent.api import CLOCK_SKEW
+from idlewire_agent.market import REACHABILITY_MAX
 from sqlalchemy import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from .. import ed25519fast
 from . import db
+
+ed25519fast.install()  # libsodium first, OpenSSL for what it refuses: the same signatures verify, twice as fast
 
 HEARTBEAT_INTERVAL = 60  # seconds; the node's client (agent market.py) uses the hub's figure from /v1
 LIVE_AFTER = 3 * HEARTBEAT_INTERVAL  # a node heard from within this is listed as online
@@ -30,6 +34,7 @@ CHANNEL_LIVE = 90  # a node is offered to buyers while its channel was polled wi
 CONNECT_TIMEOUT = 15.0  # a buyer's connect waits this long for the node's answer
 MAX_BATCH = 5000  # receipts per upload
 MAX_SESSIONS = 4096  # open sessions listed in one heartbeat
+NO_ENDPOINT = "not reachable from the internet: the node reported no public endpoint (and no reason)"
 TOLERANCE_PERCENT = agent_config.MeteringConfig().tolerance_percent  # the agent's default
 
 _SESSION = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -63,6 +68,9 @@ class HubError(Exception):
 # rowcount through SQLAlchemy is -1 here.)
 _NONCE_INSERT = {"sqlite": sqlite_dialect.insert(db.nonces).on_conflict_do_nothing().returning(db.nonces.c.nonce),
                  "postgresql": pg_dialect.insert(db.nonces).on_conflict_do_nothing().returning(db.nonces.c.nonce)}
+_NONCE_INSERT_MANY = {name: stmt.returning(db.nonces.c.key, db.nonces.c.nonce) for name, stmt in (
+    ("sqlite", sqlite_dialect.insert(db.nonces).on_conflict_do_nothing()),
+    ("postgresql", pg_dialect.insert(db.nonces).on_conflict_do_nothing()))}
 _NODES_GET = select(db.nodes.c.id, db.nodes.c.node_key, db.nodes.c.open_sessions).where(
     db.nodes.c.id.in_(bindparam("nids", expanding=True)))
 _NONCE_PURGE = delete(db.nonces).where(db.nonces.c.expires < bindparam("now"))
@@ -72,8 +80,22 @@ _BEAT = update(db.nodes).where(db.nodes.c.id == bindparam("nid")).values(
     last_seen=bindparam("b_now"), uptime=bindparam("b_uptime"), open_sessions=bindparam("b_open"),
     heartbeats=db.nodes.c.heartbeats + 1)
 _BEAT_CAPS = _BEAT.values(caps=bindparam("b_caps"), max_sessions=bindparam("b_max"))
-_OPEN_SESSIONS = select(db.sessions.c.session, db.sessions.c.head).where(
-    db.sessions.c.node_id == bindparam("nid"), db.sessions.c.state == "open")
+_OPEN_SESSIONS = select(db.sessions.c.node_id, db.sessions.c.session, db.sessions.c.head).where(
+    db.sessions.c.node_id.in_(bindparam("nids", expanding=True)), db.sessions.c.state == "open")
+_ONE_SESSION = and_(db.sessions.c.node_id == bindparam("nid"), db.sessions.c.session == bindparam("sid"))
+_SESSION_CLOSE = update(db.sessions).where(_ONE_SESSION).values(state="closed", updated_at=bindparam("b_now"))
+_SESSION_HEAD = update(db.sessions).where(_ONE_SESSION).values(head=bindparam("b_head"), updated_at=bindparam("b_now"))
+
+
+def _session_open(dialect):
+    """A session the node lists that the hub has not open: opened outside the hub (a buyer on the
+    owner's LAN) or reopened; one UPSERT, for a batch of them at once."""
+    stmt = dialect.insert(db.sessions)
+    return stmt.on_conflict_do_update(index_elements=["node_id", "session"], set_={
+        "head": stmt.excluded.head, "state": "open", "updated_at": stmt.excluded.updated_at})
+
+
+_SESSION_OPEN = {"sqlite": _session_open(sqlite_dialect), "postgresql": _session_open(pg_dialect)}
 
 
 def node_id(node_key: str) -> str:
@@ -110,6 +132,22 @@ def heartbeat_body(body) -> tuple[float, dict | None, dict[str, str]]:
             raise HubError(422, f"sessions[{i}]: expected a session id and the SHA-256 hex of its newest receipt")
         listed[sid] = head
     return float(uptime), caps, listed
+
+
+def reachability(endpoint: str, said) -> str:
+    """What the hub stores as the node's reachability: "" (reachable at its endpoint), else why not
+    and the fix, in the node's words (agent market.Seller.reachability) or, from a node that says
+    nothing, that it reported no endpoint. The text is shown in listings: one printable line."""
+    if said is not None and (not isinstance(said, str) or len(said) > REACHABILITY_MAX
+                             or not said.isprintable()):
+        raise HubError(422, f"unreachable: expected one printable line of at most {REACHABILITY_MAX} characters "
+                            "(why buyers cannot reach the node, and the fix)")
+    if endpoint:
+        if said:
+            raise HubError(422, "unreachable: expected \"\" with an endpoint (a node buyers reach at HOST:PORT is "
+                                "reachable)")
+        return ""
+    return said or NO_ENDPOINT
 
 
 def _dumps(obj) -> str:
@@ -156,6 +194,25 @@ class Hub:
         if random.random() < 0.002:  # noqa: S311 (housekeeping, not security)
             conn.execute(_NONCE_PURGE, {"now": self.clock()})
 
+    def _spend_many(self, conn, auths: list[Signed]) -> list[bool]:
+        """_spend for a batch: one INSERT of their nonces; False for each replay (a nonce stored
+        before, or twice in the batch: the first one counts)."""
+        rows, first, seen = [], [], set()
+        for a in auths:
+            new = (a.key, a.nonce) not in seen
+            first.append(new)
+            if new:
+                seen.add((a.key, a.nonce))
+                rows.append({"key": a.key, "nonce": a.nonce, "expires": a.expires})
+        got = {(k, n) for k, n in conn.execute(_NONCE_INSERT_MANY[conn.dialect.name], rows)} if rows else set()
+        out = []
+        for a, new in zip(auths, first, strict=True):
+            a.spent = new and (a.key, a.nonce) in got
+            out.append(a.spent)
+        if rows and random.random() < 0.002 * len(rows):  # noqa: S311 (housekeeping, not security)
+            conn.execute(_NONCE_PURGE, {"now": self.clock()})
+        return out
+
     def _node(self, conn, nid: str, auth: Signed) -> dict:
         """The node `nid` the request is about, checked to be the one that signed it; spends the nonce."""
         self._spend(conn, auth)
@@ -192,6 +249,7 @@ class Hub:
         m = _ENDPOINT.match(endpoint)
         if endpoint and not (m and 0 < int(m.group(2)) < 65536):
             raise HubError(422, f"endpoint: expected HOST:PORT buyers reach the node's WireGuard at, got {endpoint!r}")
+        unreachable = reachability(endpoint, body.get("unreachable"))
         if not _KEY.match(body["wg_public_key"]):
             raise HubError(422, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
         nid, now = node_id(key), self.clock()
@@ -199,6 +257,7 @@ class Hub:
                   "unit": payout["unit"], "region": region, "location": location,
                   "caps": _dumps(caps), "max_sessions": int(caps["max_sessions"]),
                   "price_per_gb": float(body["price_per_gb"]), "endpoint": endpoint,
+                  "reachable": not unreachable, "unreachable": unreachable,
                   "version": body["version"], "last_seen": now}
         with db.write(self.engine) as conn:
             self._spend(conn, auth)
@@ -233,19 +292,23 @@ class Hub:
             return out
         with db.write(self.engine) as conn:
             known = {r.id: r for r in conn.execute(_NODES_GET, {"nids": sorted({beats[i][0] for i in todo})})}
-            plain, capped = [], []
+            plain, capped, syncing, theirs = [], [], [], []
             for i in sorted(todo, key=lambda i: beats[i][0]):  # one row order in every process: no deadlock
                 nid, auth, _ = beats[i]
-                uptime, caps, listed = parsed[i]
                 node = known.get(nid)
-                try:
-                    if node is None:
-                        raise HubError(404, f"no node {nid}: register first (POST /v1/nodes)")
-                    if node.node_key != auth.key:
-                        raise HubError(403, f"node {nid}: request signed by another key than the node's")
-                    self._spend(conn, auth)
-                except HubError as exc:
-                    out[i] = exc
+                if node is None:
+                    out[i] = HubError(404, f"no node {nid}: register first (POST /v1/nodes)")
+                elif node.node_key != auth.key:
+                    out[i] = HubError(403, f"node {nid}: request signed by another key than the node's")
+                else:
+                    theirs.append(i)
+            spent = self._spend_many(conn, [beats[i][1] for i in theirs])
+            for i, fresh in zip(theirs, spent, strict=True):
+                nid, auth, _ = beats[i]
+                uptime, caps, listed = parsed[i]
+                node = known[nid]
+                if not fresh:
+                    out[i] = HubError(401, "X-Idlewire-Nonce: already used (replayed request)")
                     continue
                 args = {"nid": nid, "b_now": now, "b_uptime": uptime, "b_open": len(listed)}
                 if caps is None:
@@ -253,8 +316,10 @@ class Hub:
                 else:
                     capped.append({**args, "b_caps": _dumps(caps), "b_max": int(caps["max_sessions"])})
                 if node.open_sessions or listed:
-                    self._sync_sessions(conn, nid, listed, now)
+                    syncing.append((nid, listed))
                 out[i] = {"ok": True, "heartbeat_interval": HEARTBEAT_INTERVAL}
+            if syncing:
+                self._sync_sessions(conn, syncing, now)
             if plain:
                 conn.execute(_BEAT, plain)
             if capped:
@@ -262,25 +327,38 @@ class Hub:
         return out
 
     @staticmethod
-    def _sync_sessions(conn, nid: str, listed: dict[str, str], now: float) -> None:
-        """The node's open sessions and their ledger heads as it reports them."""
-        s = db.sessions.c
-        known = dict(conn.execute(_OPEN_SESSIONS, {"nid": nid}).all())
-        for sid in set(known) - set(listed):
-            conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
-                         .values(state="closed", updated_at=now))
-        for sid, head in listed.items():
-            if sid in known:
-                if known[sid] != head:
-                    conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
-                                 .values(head=head, updated_at=now))
-                continue
-            # opened outside the hub (e.g. a buyer on the owner's LAN), or reopened
-            done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
-                                .values(head=head, state="open", updated_at=now)).rowcount
-            if not done:
-                conn.execute(insert(db.sessions).values(node_id=nid, session=sid, buyer_key="", state="open",
-                                                        opened_at=now, updated_at=now, head=head))
+    def _sync_sessions(conn, syncing: list[tuple[str, dict[str, str]]], now: float) -> None:
+        """The nodes' open sessions and their ledger heads as they report them: one SELECT of what
+        the hub has open, then one executemany per kind of change (close, new head, open). A node
+        heartbeating twice in one batch is applied in turn (its first report is written first)."""
+        while syncing:
+            once: dict[str, dict[str, str]] = {}
+            rest = []
+            for nid, listed in syncing:
+                if nid in once:
+                    rest.append((nid, listed))
+                else:
+                    once[nid] = listed
+            syncing = rest
+            known: dict[str, dict[str, str]] = {}
+            for nid, sid, head in conn.execute(_OPEN_SESSIONS, {"nids": list(once)}):
+                known.setdefault(nid, {})[sid] = head
+            close, heads, opened = [], [], []
+            for nid, listed in once.items():
+                mine = known.get(nid, {})
+                close += [{"nid": nid, "sid": sid, "b_now": now} for sid in mine if sid not in listed]
+                for sid, head in listed.items():
+                    if sid not in mine:
+                        opened.append({"node_id": nid, "session": sid, "buyer_key": "", "state": "open",
+                                       "opened_at": now, "updated_at": now, "head": head})
+                    elif mine[sid] != head:
+                        heads.append({"nid": nid, "sid": sid, "b_head": head, "b_now": now})
+            if close:
+                conn.execute(_SESSION_CLOSE, close)
+            if heads:
+                conn.execute(_SESSION_HEAD, heads)
+            if opened:
+                conn.execute(_SESSION_OPEN[conn.dialect.name], opened)
 
     # --- the channel the node opened ----------------------------------------------------------------
     def claim(self, nid: str, auth: Signed) -> list[dict]:
@@ -354,9 +432,9 @@ class Hub:
              only: str | None = None) -> dict | None:
         now = self.clock()
         n = db.nodes.c
-        # a node without a public endpoint (no UPnP on its router, nothing forwarded) is not offered
+        # a node buyers cannot reach (no UPnP on its router, nothing forwarded) is not offered
         q = select(db.nodes).where(n.channel_seen > now - CHANNEL_LIVE, n.open_sessions < n.max_sessions,
-                                   n.endpoint != "")
+                                   n.reachable.is_(True))
         if only:
             q = q.where(n.id == only)
         if region:
@@ -442,22 +520,24 @@ class Hub:
             raise HubError(422, "receipts: expected a non-empty JSON array")
         if len(entries) > MAX_BATCH:
             raise HubError(413, f"receipts: {len(entries)} in one batch; send at most {MAX_BATCH}")
-        problem = rc.verify(entries, auth.key)
+        encoded: list = []  # each receipt's canonical text, as verify hashed it: stored as it is
+        problem = rc.verify(entries, auth.key, encoded=encoded)
         if problem is not None:
             raise HubError(422, f"receipts rejected: {problem}")
         for e in entries:
             if not _SESSION.match(e["session"]):
                 raise HubError(422, f"receipts: session id {e['session'][:80]!r}: expected 1-64 of A-Z a-z 0-9 _ -")
-        by_session: dict[str, list[dict]] = {}
-        for e in entries:
-            by_session.setdefault(e["session"], []).append(e)
+        by_session: dict[str, list[tuple[dict, bytes | None]]] = {}
+        for e, enc in zip(entries, encoded, strict=True):
+            by_session.setdefault(e["session"], []).append((e, enc))
         now = self.clock()
         stored = duplicates = 0
         new_flags: list[dict] = []
         with db.write(self.engine) as conn:
             self._node(conn, nid, auth)
             r = db.receipts.c
-            ranges = [and_(r.session == s, r.seq.between(es[0]["seq"], es[-1]["seq"])) for s, es in by_session.items()]
+            ranges = [and_(r.session == s, r.seq.between(es[0][0]["seq"], es[-1][0]["seq"]))
+                      for s, es in by_session.items()]
             have = {}
             for i in range(0, len(ranges), 200):  # (SQLite parses a long OR into a tree 1000 deep at most)
                 have.update({(row.session, row.seq): row.hash for row in conn.execute(
@@ -465,10 +545,13 @@ class Hub:
             rows, touched = [], {}
             for sid, es in by_session.items():
                 before = None  # the entry before e in the chain: a batch starts each session at seq 1
-                for e in es:  # or at the checkpoint of the last receipt sent before (rc.verify holds it)
+                for e, enc in es:  # or at the checkpoint of the last receipt sent before (rc.verify holds it)
                     e_before, before = before, e
-                    enc = rc.canonical(e)  # encoded once: the hash and the stored body
-                    h = e["hash"] if rc.is_checkpoint(e) else rc.sha256_hex(enc)
+                    if enc is None:  # a checkpoint: stored as the node signed it, under the hash it stands for
+                        enc = rc.canonical(e)
+                        h = e["hash"]
+                    else:
+                        h = rc.sha256_hex(enc)
                     old = have.get((sid, e["seq"]))
                     if old is not None:
                         if old == h:  # resent; or the checkpoint linking a continuation to what is stored
