@@ -75,14 +75,15 @@ def seen_by_internet(ns, source_port: int) -> tuple[str, int]:
 
 
 def drops(router, *needles: str) -> int:
-    """Packets dropped by the router table's rule that names all of `needles` (interface names)."""
+    """Packets dropped by the router table's rule that names all of `needles` (interface names); -1 when
+    there is no such rule (the reachability checks then say what it lets through)."""
     data = json.loads(router.run("nft", "-j", "list", "table", "inet", "idlewire_router").stdout)
     for item in data["nftables"]:
         rule = item.get("rule")
         text = json.dumps(rule["expr"]) if rule else ""
         if rule and '"drop"' in text and all(f'"{n}"' in text for n in needles):
             return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
-    raise AssertionError(f"no drop rule naming {needles} in idlewire_router")
+    return -1
 
 
 @pytest.mark.parametrize("lan_net", ["192.168.8", "198.51.100"], ids=["private-lan", "public-lan"])
