@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
                        "not an error")
     check.add_argument("--unit", metavar="UNIT_TOML", help="check this unit file instead of the one node.toml "
                        "names (it must exist)")
+    mode = sub.add_parser("mode", help="print the mode this node runs in: node or router (node.toml [home] mode, "
+                          "the stamped unit's mode winning)",
+                          description="Print node or router: [home] mode of node.toml, replaced by the unit file's "
+                          "mode when the unit was stamped with one. idlewire-mode.service sets up the network from it "
+                          "at boot. Exit 2 (and print nothing on stdout) when the configuration is invalid.",
+                          epilog="Example: idlewire-agent mode --config /etc/idlewire/node.toml")
+    mode.add_argument("--config", default=DEFAULT_CONFIG, help=f"node.toml (default {DEFAULT_CONFIG})")
     shaping.add_cli(sub)
     led = sub.add_parser("ledger", help="the metering ledger's state",
                          description="The metering ledger (STATE_DIR/ledger.sqlite) is checked at every start; "
@@ -94,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return consume(args.boot, args.root, args.admin)
 
+    if args.command == "mode":
+        cfg = _load(args.config)
+        if cfg is None:
+            return 2
+        print(cfg.policy.home.mode)
+        return 0
     if args.command == "shaping":
         return shaping.cli_main(args)
     if args.command == "ledger":

@@ -25,8 +25,8 @@ region is refused at start in one line (market_problem).
 
 unit.toml ([node] unit_file, schema.UNIT) is the unit's own settings, written at first boot by
 `idlewire-agent consume-stamp` (consume.py) from the stamp `idlewire stamp` put on the boot
-partition: unit, hostname, node_public_key, payout_address, marketplace and region (each replacing
-[node]'s, schema.UNIT_OVER) and [caps] up_mbit, down_mbit, monthly_gb (0 = no quota), max_sessions,
+partition: unit, hostname, node_public_key, payout_address, marketplace, region and mode (each replacing
+[node]'s, mode [home]'s: schema.UNIT_OVER) and [caps] up_mbit, down_mbit, monthly_gb (0 = no quota), max_sessions,
 each replacing node.toml's value: the unit's stamp wins over the role's node.toml. A unit file that is
 absent is fine (a node provisioned live has none); one with a bad value is an error naming the
 unit file and the key, like node.toml's. A cap above the line rate is lowered to it, with a note.
@@ -124,6 +124,7 @@ class UnitConfig(Record):
     payout_address: str = ""
     marketplace: str | None = None  # None: not stamped, node.toml's stands (schema.UNIT_OVER)
     region: str | None = None
+    mode: str | None = None  # None: not stamped, node.toml's [home] mode stands
     caps: dict[str, float | int] = field(default_factory=dict)  # as stamped
     notes: list[str] = field(default_factory=list)  # what the caps changed, one line each
 
@@ -221,11 +222,12 @@ def apply_unit(cfg: NodeConfig, unit: UnitConfig) -> None:
     """The unit's market facts and caps replace node.toml's (a cap above the line is lowered to
     it); notes say what."""
     cfg.unit = unit
-    for key, (_section, name) in schema.UNIT_OVER.items():
+    for key, (section, name) in schema.UNIT_OVER.items():
         value = getattr(unit, key)
         if value is not None:
-            unit.notes.append(f"{key} = {value!r} replaces node.{name} ({getattr(cfg, name)!r})")
-            setattr(cfg, name, value)
+            record = cfg if section == "node" else getattr(cfg.policy, section)
+            unit.notes.append(f"{key} = {value!r} replaces {section}.{name} ({getattr(record, name)!r})")
+            setattr(record, name, value)
     sh, quota = cfg.policy.shaping, cfg.policy.quota
     for d in ("up", "down"):
         key = f"{d}_mbit"

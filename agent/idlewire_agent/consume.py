@@ -156,6 +156,15 @@ def apply(values: dict, key: bytes, root: str = "/", admin: str = "idlewire") ->
         if wifi.get("hidden"):
             conf.append("    scan_ssid=1")
         conf.append("}")
+        # The same network as an access point, for router mode (idlewire-hostapd runs it there, and
+        # wpa_supplicant does not): WPA2-PSK from the derived key (WPA3-SAE needs the passphrase,
+        # which the stamp never carries).
+        ap = ["interface=" + WIFI_IFACE, "bridge=br-lan", "driver=nl80211", f"country_code={wifi['country']}",
+              "ieee80211d=1", "hw_mode=g", "channel=6", "ieee80211n=1", "wmm_enabled=1",
+              f"ssid2={wifi['ssid'].encode().hex()}", "wpa=2", "wpa_key_mgmt=WPA-PSK", "rsn_pairwise=CCMP",
+              f"wpa_psk={wifi['psk_hash']}", f"ignore_broadcast_ssid={1 if wifi.get('hidden') else 0}"]
+        os.makedirs(at("/etc/idlewire"), exist_ok=True)
+        _write(at("/etc/idlewire/hostapd.conf"), "\n".join(ap) + "\n", 0o600)
         os.makedirs(at("/etc/wpa_supplicant"), exist_ok=True)
         _write(at(f"/etc/wpa_supplicant/wpa_supplicant-{WIFI_IFACE}.conf"), "\n".join(conf) + "\n", 0o600)
         os.makedirs(at("/etc/systemd/network"), exist_ok=True)

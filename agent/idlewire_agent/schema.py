@@ -546,9 +546,15 @@ UNIT: dict[str, Key] = {  # unit.toml on the node: what the stamp leaves for the
         "role's agent_marketplace)", example="https://hub.example"),
     "region": NODE["node"]["region"].but(default="", doc="the unit's country (case-blind, stored upper-case); "
                                          "replaces node.region (wins over agent_region)"),
+    # How the unit sits in the home: a vendor selling home routers stamps "router" on a golden image
+    # baked as a node; first boot switches the network to it (idlewire-mode) and the agent reads it.
+    "mode": NODE["home"]["mode"].but(default="node", doc='"router": the unit is the home router (WAN port, owner '
+                                     'LAN bridge, DHCP/DNS, NAT, Wi-Fi AP from wifi.*); "node": a host on the owner\'s '
+                                     'LAN; replaces home.mode (wins over the role\'s idlewire_mode)', example="router"),
     "caps": Key(TABLE, {}, "the unit's limits; each replaces node.toml's value", keys=CAPS),
 }
-UNIT_OVER: dict[str, tuple[str, str]] = {"marketplace": ("node", "marketplace"), "region": ("node", "region")}
+UNIT_OVER: dict[str, tuple[str, str]] = {"marketplace": ("node", "marketplace"), "region": ("node", "region"),
+                                         "mode": ("home", "mode")}
 
 WIFI: dict[str, Key] = {
     "country": Key(STR, MISSING, "ISO 3166 country (decides the legal channels)",
@@ -594,6 +600,7 @@ UNIT_INPUT: dict[str, Key] = {
     "payout_address": UNIT["payout_address"],
     "marketplace": UNIT["marketplace"],
     "region": UNIT["region"],
+    "mode": UNIT["mode"],
     "caps": UNIT["caps"],
     "node_key": Key(STR, "", "path of an ed25519 private key (PEM, OpenSSH or base64 of 32 bytes); "
                     "generated when absent", "the path of a key file", empty=True, host_only=True),

@@ -198,3 +198,49 @@ def test_no_private_key_on_boot_partition(node):
         res = node.sh(f"grep -rlI 'PRIVATE KEY' {dirs}")
     assert not res.stdout.strip(), f"private key material on the (FAT, unprotected) boot partition: " \
                                    f"{res.stdout.split()}"
+
+
+def test_mode_router_serves_the_lan_or_node_mode_leaves_it_off(node):
+    """Router mode (roles/base router.yml, idlewire-mode.service): the unit's effective mode, as the
+    agent reads it (node.toml [home] mode, the stamped unit's mode winning). A router has br-lan up
+    with its address, dnsmasq serving DHCP and DNS there, the LAN's NAT table loaded and, when the
+    stamp gave Wi-Fi and the radio exists, the access point up. A node has none of it running."""
+    if node.openwrt:
+        pytest.skip("OpenWrt is its own router (netifd, dnsmasq, fw4): idlewire leaves it as it is")
+    with node.root():
+        res = node.sh("idlewire-agent mode")
+        mode = res.stdout.strip()
+        assert res.rc == 0 and mode in ("node", "router"), f"idlewire-agent mode failed: {res.stderr.strip()}"
+        flag = node.host.file("/run/idlewire/router").exists
+        table = f"{node.v.get('firewall_table', 'idlewire')}_router"
+        nat = node.sh(f"nft list table inet {shlex.quote(table)}")
+        ap_conf = node.host.file("/etc/idlewire/hostapd.conf").exists
+    dns_running, dns_enabled = node.service("idlewire-dnsmasq")
+    if mode == "node":
+        on = [what for what, up in (("/run/idlewire/router", flag), (f"nft table inet {table}", nat.rc == 0),
+                                    ("idlewire-dnsmasq", dns_running)) if up]
+        assert not on, f"node mode (idlewire-agent mode), but router mode's {', '.join(on)} is up"
+        return
+    problems = []
+    if not flag:
+        problems.append("/run/idlewire/router is missing: idlewire-mode.service did not switch the network")
+    lan = node.v.get("base_router_lan_address", "192.168.8.1/24").split("/")[0]
+    if lan not in node.addresses("br-lan"):
+        problems.append(f"br-lan does not have {lan} (base_router_lan_address): {node.addresses('br-lan')}")
+    if not (dns_running and dns_enabled):
+        problems.append(f"idlewire-dnsmasq is {'running' if dns_running else 'not running'}, "
+                        f"{'enabled' if dns_enabled else 'not enabled'}")
+    for proto, port, what in (("udp", 67, "DHCP"), ("udp", 53, "DNS"), ("tcp", 53, "DNS")):
+        found = node.listeners(proto, port)
+        if not ({lan, "0.0.0.0"} & set(found)):
+            problems.append(f"no {what} on {lan} {proto}/{port} (listening: {found})")
+    wan = node.v.get("agent_wan_interface", "eth0")
+    if nat.rc != 0:
+        problems.append(f"the LAN's NAT (nft table inet {table}) is not loaded: {nat.stderr.strip()}")
+    elif f'oifname "{wan}"' not in nat.stdout or "masquerade" not in nat.stdout:
+        problems.append(f"table inet {table} does not masquerade br-lan out of {wan} (agent_wan_interface)")
+    if ap_conf and node.link_exists("wlan0"):
+        ap_running, _ = node.service("idlewire-hostapd")
+        if not ap_running:
+            problems.append("the stamp gave Wi-Fi and wlan0 exists, but idlewire-hostapd is not running")
+    assert not problems, "router mode: " + "; ".join(problems)

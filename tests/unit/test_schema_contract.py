@@ -77,6 +77,7 @@ FIELDS: dict[str, st.SearchStrategy] = {
     "payout_address": texts(["bc1qexample", "addr:x@y+z", "abcd", "abc"]),
     "marketplace": texts(["https://hub.example", "http://10.0.0.1:8080/api", "hub.example", "ftp://x", "https://"]),
     "region": texts(["DE", "de", "gb", "UK", "XK", "DEU", "unset", "eu-west"]),
+    "mode": texts(["router", "node", "Router", "bridge", "routers"]),
     "ssh_authorized_keys": texts([KEY, "ssh-rsa AAAA x", "nope"]),
     "wifi.country": texts(["DE", "de", "US", "DEU"]),
     "wifi.ssid": texts(["Cafe Luna", "x", "é" * 16, "a" * 32, "a" * 33]),
@@ -181,7 +182,7 @@ def csv_bytes(field: str, v) -> bytes | None:
         if ";" in str(v):
             return None  # ';' separates keys in a cell
         row["ssh_authorized_keys"] = d["ssh_authorized_keys"][0]
-    for plain in ("payout_address", "marketplace", "region"):
+    for plain in ("payout_address", "marketplace", "region", "mode"):
         if plain in d:
             row[plain] = d[plain]
     if "unit" in field:
@@ -241,7 +242,7 @@ def node_verdict(field: str, v):
 def _blank_means_unset(field: str, v) -> bool:
     """unit.yml/units.csv leave a blank hostname to the default (from the unit id); the stamp
     always carries one. Blank there is "not set", not a value to compare."""
-    return field in ("hostname", "payout_address", "marketplace", "region") and (
+    return field in ("hostname", "payout_address", "marketplace", "region", "mode") and (
         v is None or (isinstance(v, str) and not v.strip()))
 
 
@@ -291,6 +292,7 @@ VALID: dict[str, st.SearchStrategy] = {
     "payout_address": edged(["bc1qexample", "addr:x@y+z", "abcd"]),
     "marketplace": edged(["https://hub.example", "http://192.0.2.1:8080/v1"]),
     "region": edged(["DE", "us", "Gb"]),
+    "mode": edged(["router", "node"]),
     "ssh_authorized_keys": edged([KEY, KEY.replace("vendor@desk", "é ü \u00a0x")]),
     "wifi.country": edged(["DE", "us"]),
     "wifi.ssid": st.one_of(edged(["Cafe Luna", "é" * 16, "a" * 32]),

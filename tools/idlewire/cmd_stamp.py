@@ -37,18 +37,20 @@ def stamp(
     Per unit: an ed25519 node key (generated unless the unit gives node_key; the public key is
     printed and appended to the record CSV for the vendor), SSH authorized keys, hostname, Wi-Fi
     (country, SSID, PSK — stored as the derived WPA key, never the passphrase), payout address,
-    the hub it sells through (marketplace) and its country (region), and caps, in
+    the hub it sells through (marketplace), its country (region), its mode (router: the unit
+    is the home router; node: a host on the owner's LAN), and caps, in
     idlewire/stamp.toml + idlewire/node.key on the boot partition. The unit's first boot moves
     them into /etc/idlewire and erases them from the boot partition; a unit stamped with
-    marketplace and region registers itself with that hub. Its marketplace, region and caps
-    replace the image's node.toml values (the role's agent_marketplace, agent_region, …).
+    marketplace and region registers itself with that hub. Its marketplace, region, mode and caps
+    replace the image's node.toml values (the role's agent_marketplace, agent_region,
+    idlewire_mode, …).
 
     unit.yml fields: unit, hostname, ssh_authorized_keys, wifi {country, ssid, psk, hidden},
     payout_address, marketplace (http(s):// URL of the hub), region (ISO 3166-1 alpha-2 code such
-    as DE), caps {up_mbit, down_mbit, monthly_gb, max_sessions}, node_key (path of an ed25519
+    as DE), mode (node or router), caps {up_mbit, down_mbit, monthly_gb, max_sessions}, node_key (path of an ed25519
     private key: PEM, OpenSSH, or base64 of its 32 bytes as /etc/idlewire/node.key holds it).
     units.csv columns: unit, hostname, ssh_authorized_keys (';' between keys), wifi_country,
-    wifi_ssid, wifi_psk, wifi_hidden, payout_address, marketplace, region, caps_up_mbit,
+    wifi_ssid, wifi_psk, wifi_hidden, payout_address, marketplace, region, mode, caps_up_mbit,
     caps_down_mbit, caps_monthly_gb, caps_max_sessions, node_key.
 
     Each output gets its own .bmap (golden ranges + the boot partition's new ranges), so

@@ -73,6 +73,7 @@ class Site:
     hostname: str = "idlewire"
     ssh_authorized_keys: tuple[str, ...] = ()
     timezone: str = "Etc/UTC"
+    mode: str = "node"  # how the node sits in the home (schema home.mode): playbooks' idlewire_mode
     vars: dict[str, Any] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
 
@@ -266,10 +267,12 @@ def load_site(path: Path | None) -> Site:
     if path is None:
         return Site()
     f = _Fields(path, _load_yaml(path))
-    f.unknown({"hostname", "ssh_authorized_keys", "timezone", "vars"})
+    f.unknown({"hostname", "ssh_authorized_keys", "timezone", "mode", "vars"})
     hostname = _schema_check(f, "hostname", schema.UNIT["hostname"], f.get("hostname", str, "idlewire"))
     keys = [_schema_check(f, "ssh_authorized_keys", schema.STAMP["ssh_authorized_keys"], key, f"[{i}]")
             for i, key in enumerate(f.strings("ssh_authorized_keys", []))]
+    mode_key = schema.NODE["home"]["mode"]
+    mode = _schema_check(f, "mode", mode_key, f.get("mode", str, mode_key.default))
     variables = f.get("vars", dict, {})
     prefixes = role_prefixes()
     for key in variables:
@@ -277,4 +280,4 @@ def load_site(path: Path | None) -> Site:
             raise UserError(f"{f.where('vars')}: {key!r} is not a role variable; role variables "
                             f"start with a role name: {', '.join(sorted(p + '_' for p in prefixes))}")
     return Site(hostname=hostname, ssh_authorized_keys=tuple(keys),
-                timezone=f.get("timezone", str, "Etc/UTC"), vars=dict(variables), path=path)
+                timezone=f.get("timezone", str, "Etc/UTC"), mode=mode, vars=dict(variables), path=path)

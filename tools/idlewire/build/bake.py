@@ -151,6 +151,7 @@ def bake_vars(target: Target, site: Site) -> dict:
         "idlewire_target": target.name,
         "base_hostname": site.hostname,
         "base_timezone": site.timezone,
+        "idlewire_mode": site.mode,
         "base_ssh_authorized_keys": list(site.ssh_authorized_keys),
         "ansible_python_interpreter": "/usr/bin/python3",
     }

@@ -1,0 +1,82 @@
+"""Router mode's rendered files, checked by their real consumers where this host has them
+(dnsmasq --test, nft -c), and the access point the stamp's Wi-Fi becomes."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import subprocess
+import tomllib
+
+import pytest
+from idlewire.units import wpa_psk
+from rolerender import render
+from test_consume_stamp import make_card, run
+
+ROUTER = "etc/idlewire/router/"
+
+
+def test_networkd_files_put_the_wan_on_its_port_and_every_other_port_in_br_lan():
+    v = {"agent_wan_interface": "enp1s0"}
+    wan = render("base", ROUTER + "10-idlewire-wan.network.j2", v)
+    assert "Name=enp1s0\n" in wan and "DHCP=yes\n" in wan and "PrefixDelegationHint=::/60\n" in wan
+    ports = render("base", ROUTER + "11-idlewire-lan-ports.network.j2", v)
+    assert "Name=!enp1s0\n" in ports and "Bridge=br-lan\n" in ports and "Type=ether wlan\n" in ports
+    lan = render("base", ROUTER + "10-idlewire-br-lan.network.j2", {"base_router_lan_address": "10.4.0.1/22"})
+    assert "Address=10.4.0.1/22\n" in lan and "IPv6SendRA=yes\n" in lan and "DHCPPrefixDelegation=yes\n" in lan
+    assert "Kind=bridge" in render("base", ROUTER + "10-idlewire-br-lan.netdev.j2")
+
+
+@pytest.mark.skipif(not shutil.which("dnsmasq"), reason="needs dnsmasq (dnsmasq-base)")
+def test_dnsmasq_accepts_the_rendered_config(tmp_path):
+    conf = tmp_path / "dnsmasq.conf"
+    conf.write_text(render("base", ROUTER + "dnsmasq.conf.j2"))
+    lines = conf.read_text().splitlines()
+    assert "interface=br-lan" in lines and "dhcp-range=192.168.8.100,192.168.8.250,12h" in lines
+    assert "server=127.0.0.53" in lines and "no-resolv" in lines
+    r = subprocess.run(["dnsmasq", "--test", "-C", str(conf)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    conf.write_text(conf.read_text().replace("dhcp-range=192.168.8.100", "dhcp-range=192.168.8.300"))
+    r = subprocess.run(["dnsmasq", "--test", "-C", str(conf)], capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0  # the check the unit's ExecStartPre runs does refuse a broken file
+
+
+@pytest.mark.parametrize(("block", "owner"), [("61440-65535", "1024-61439"), ("49152-65535", "1024-49151"),
+                                              ("4096-8191", "8192-65535")])
+def test_router_nft_keeps_the_owners_ports_out_of_the_buyers_block(tmp_path, block, owner):
+    text = render("firewall", "etc/idlewire/router.nft.j2",
+                  {"agent_buyer_nat_ports": block, "agent_wan_interface": "enp1s0"})
+    assert f'iifname "br-lan" oifname "enp1s0" meta nfproto ipv4 meta l4proto {{ tcp, udp }} masquerade to :{owner}' \
+        in text
+    assert 'iifname "iw0" oifname "br-lan" counter drop' in text
+    assert 'iifname "iw0" oifname != "enp1s0" counter drop' in text
+    if shutil.which("nft") and subprocess.run(["nft", "list", "tables"], capture_output=True).returncode == 0:
+        f = tmp_path / "router.nft"
+        f.write_text(text)
+        r = subprocess.run(["nft", "-c", "-f", str(f)], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+
+
+def test_the_firewall_unit_loads_router_nft_only_in_router_mode():
+    unit = render("firewall", "etc/systemd/system/idlewire-firewall.service.j2")
+    assert "After=local-fs.target nftables.service idlewire-mode.service" in unit
+    load = ("/bin/sh -c 'if [ -e /run/idlewire/router ]; then exec /usr/sbin/nft -f /etc/idlewire/router.nft; "
+            "else /usr/sbin/nft delete table inet idlewire_router 2>/dev/null || true; fi'")
+    assert f"ExecStart={load}" in unit.splitlines() and f"ExecReload={load}" in unit.splitlines()
+    assert "ExecStop=-/usr/sbin/nft delete table inet idlewire_router" in unit.splitlines()
+
+
+def test_a_stamped_router_gets_an_access_point_from_the_stamped_wifi(tmp_path):
+    boot, root, _, _ = make_card(tmp_path, 'unit: r-1\nmode: router\n'
+                                 'wifi: {country: de, ssid: "Café Luna", psk: "correct horse", hidden: true}\n')
+    r = run(boot, root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert tomllib.loads((root / "etc/idlewire/unit.toml").read_text())["mode"] == "router"
+    ap = root / "etc/idlewire/hostapd.conf"
+    assert stat.S_IMODE(ap.stat().st_mode) == 0o600
+    lines = ap.read_text().splitlines()
+    for want in ("interface=wlan0", "bridge=br-lan", "country_code=DE", f"ssid2={'Café Luna'.encode().hex()}",
+                 "wpa=2", "wpa_key_mgmt=WPA-PSK", f"wpa_psk={wpa_psk('Café Luna', 'correct horse')}",
+                 "ignore_broadcast_ssid=1"):
+        assert want in lines, (want, lines)
+    assert not any("correct horse" in line for line in lines)  # the passphrase never lands
