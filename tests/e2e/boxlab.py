@@ -161,6 +161,26 @@ class BoxLab:
         return json.loads(out.stdout)
 
 
+def timestamp_lines(src: Path, dest: Path, stop) -> None:
+    """Copy the lines QEMU logs from the serial console to DEST, each with the seconds since the
+    start (what the firmware and the boot spend their time on, e.g. after a power cut)."""
+    t0, done, buf = time.monotonic(), 0, b""
+    with dest.open("w") as out:
+        while not stop.is_set():
+            try:
+                with src.open("rb") as f:
+                    f.seek(done)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            done += len(chunk)
+            *lines, buf = (buf + chunk).split(b"\n")
+            for line in lines:
+                out.write(f"{time.monotonic() - t0:8.1f} {line.decode(errors='replace').rstrip()}\n")
+            out.flush()
+            stop.wait(0.5)
+
+
 def wait_for(fn, timeout: float = 30, every: float = 0.5, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
