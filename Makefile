@@ -16,7 +16,7 @@ all: help
 help:
 	@echo "make image [TARGET=rpi4-arm64|x86_64] [SITE=site.yml]   build a node image into $(OUT)/"
 	@echo "make test                                              linters + every test"
-	@echo "make e2e                                               the walk from a box to a paid gigabyte (~28 min)"
+	@echo "make e2e                                               the walk from a box to a paid gigabyte (30+ min under TCG)"
 	@echo "make lint | make unit                                  quick subsets"
 
 deps:

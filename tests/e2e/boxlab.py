@@ -161,6 +161,42 @@ class BoxLab:
         return json.loads(out.stdout)
 
 
+def timestamp_lines(src: Path, dest: Path, stop) -> None:
+    """Copy the lines QEMU logs from the serial console to DEST, each with the seconds since the
+    start (what the firmware and the boot spend their time on, e.g. after a power cut)."""
+    t0, done, buf = time.monotonic(), 0, b""
+    with dest.open("w") as out:
+        while not stop.is_set():
+            try:
+                with src.open("rb") as f:
+                    f.seek(done)
+                    chunk = f.read()
+            except FileNotFoundError:
+                chunk = b""
+            done += len(chunk)
+            *lines, buf = (buf + chunk).split(b"\n")
+            for line in lines:
+                out.write(f"{time.monotonic() - t0:8.1f} {line.decode(errors='replace').rstrip()}\n")
+            out.flush()
+            stop.wait(0.5)
+
+
+# Stays connected to the serial console's socket (QEMU's, inside the home namespace) once
+# `idlewire console` has left it: QEMU logs the console (Vm.serial_log) only while a client is
+# connected, and after a power cut the new QEMU waits for one (server=on,wait=on) before it runs.
+# Without it the kernel's messages after the bootstrap (an oops, the boot after the cut) are lost.
+DRAIN_CONSOLE = ("import socket, sys, time\n"
+                 "while True:\n"
+                 "    try:\n"
+                 "        with socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5) as s:\n"
+                 "            s.settimeout(None)\n"
+                 "            while s.recv(65536):\n"
+                 "                pass\n"
+                 "    except OSError:\n"
+                 "        pass\n"
+                 "    time.sleep(0.2)\n")
+
+
 def wait_for(fn, timeout: float = 30, every: float = 0.5, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:

@@ -84,7 +84,7 @@ def test_syntax_check_does_resolve_roles(installed):
 
 def test_agent_role_finds_its_sources_in_the_installed_collection(installed, tmp_path):
     """agent_source_dir defaults to ROLE/../../agent/idlewire_agent: run the role in check mode on
-    this machine (nothing is changed) and see it copy every agent module from the collection."""
+    this machine (nothing is changed) and see it pack every agent module from the collection."""
     (installed["cwd"] / "agent.yml").write_text(yaml.safe_dump([{
         "name": "Agent role from the collection", "hosts": "localhost", "gather_facts": True,
         "gather_subset": ["min"],
@@ -95,9 +95,12 @@ def test_agent_role_finds_its_sources_in_the_installed_collection(installed, tmp
             env={**installed["env"], "ANSIBLE_STDOUT_CALLBACK": "json"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr
     plays = json.loads(r.stdout)["plays"]
-    task = next(t for t in plays[0]["tasks"] if t["task"]["name"].endswith("Install the agent's Python package"))
-    copied = {Path(item["item"]).name for item in task["hosts"]["localhost"]["results"]}
+    task = next(t for t in plays[0]["tasks"] if t["task"]["name"].endswith("modules into the archive"))
+    argv = task["hosts"]["localhost"]["cmd"]
     sources = installed["root"] / "agent" / "idlewire_agent"
-    assert copied == {p.name for p in sources.glob("*.py")} and "agent.py" in copied
-    assert all(item["item"].startswith(str(sources)) for item in task["hosts"]["localhost"]["results"])
+    assert Path(argv[argv.index("--directory") + 1]).resolve() == sources.resolve()
+    packed = set(argv[argv.index("--") + 1:])
+    assert packed == {p.name for p in sources.glob("*.py")} and "agent.py" in packed
+    task = next(t for t in plays[0]["tasks"] if t["task"]["name"].endswith("Install the agent's Python package"))
+    assert task["hosts"]["localhost"]["changed"]  # check mode: it would be installed
     assert not (tmp_path / "lib").exists()  # check mode: nothing written
