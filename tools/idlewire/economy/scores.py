@@ -27,22 +27,22 @@ from .rules import Rules
 BYTES_PER_MBIT_SECOND = 125_000
 
 
-def agreement_ppm(claimed: int, disagreement: int) -> int:
-    if claimed <= 0:
-        return PPM
-    off = disagreement * PPM // claimed
-    return PPM - off if off < PPM else 0
+def agreements_ppm(claimed: list[int], disagreement: list[int]) -> list[int]:
+    """agreement per node, for CLAIMED and DISAGREEMENT in the same order (lists: settlement runs the
+    formulas for every node of an epoch at once, without a call each)."""
+    return [PPM if c <= 0 else (PPM - off if (off := d * PPM // c) < PPM else 0)
+            for c, d in zip(claimed, disagreement, strict=True)]
 
 
-def epoch_score_ppm(uptime: int, agreement: int, offended: bool) -> int:
-    return 0 if offended else uptime * agreement // PPM
+def epoch_scores_ppm(uptime: list[int], agreement: list[int], offended: list[bool]) -> list[int]:
+    return [0 if bad else u * a // PPM for u, a, bad in zip(uptime, agreement, offended, strict=True)]
 
 
-def next_reputation(rules: Rules, old: int | None, score: int) -> int:
+def next_reputations(rules: Rules, old: list[int | None], score: list[int]) -> list[int]:
+    """rep_new per node (None: a new node, starting at reputation.initial_ppm)."""
     r = rules.reputation
-    if old is None:
-        old = r.initial_ppm
-    return (old * r.decay_ppm + score * (PPM - r.decay_ppm)) // PPM
+    decay, keep, initial = r.decay_ppm, PPM - r.decay_ppm, r.initial_ppm
+    return [((initial if o is None else o) * decay + s * keep) // PPM for o, s in zip(old, score, strict=True)]
 
 
 def multipliers(rules: Rules, demand: dict[str, int], supply_mbit: dict[str, int]) -> dict[str, int]:
