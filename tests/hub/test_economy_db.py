@@ -23,7 +23,7 @@ from idlewire.hub.service import Hub, Signed
 from idlewire_agent import merkle
 from idlewire_agent import receipts as rc
 from idlewire_agent.keys import wg_keypair
-from test_hub import CAPS, chain
+from test_hub import CAPS, chain, lagging
 
 HOUR = 3600
 T0 = 1_800_000_000 // HOUR * HOUR   # epoch 0 starts here
@@ -327,13 +327,45 @@ def test_usage_the_prober_disputes_is_inflated_and_slashed_with_the_receipts(db_
     slashed for inflated usage on the prober's word alone, the receipts in the evidence."""
     w, a, b = staked_world(db_url, tmp_path)
     w.beats(a)
-    w.upload(a, chain(w.keys[a], "p" * 16, 2, buyer_key=w.eco.key, step=10_000_000, buyer_factor=0.5))
-    w.upload(b, chain(w.keys[b], "q" * 16, 2, buyer_key=fixed_key(50), step=10_000_000, buyer_factor=0.5))
+    # (3 receipts: the prober's last statement, 60 MB, is short of the 80 MB counted in the receipt
+    # before it, beyond what lag explains)
+    w.upload(a, chain(w.keys[a], "p" * 16, 3, buyer_key=w.eco.key, step=10_000_000, buyer_factor=0.5))
+    w.upload(b, chain(w.keys[b], "q" * 16, 3, buyer_key=fixed_key(50), step=10_000_000, buyer_factor=0.5))
     w.t[0] = T0 + HOUR + 1
     st = w.settle().statement
     (sl,) = st["slashes"]  # one stingy ordinary buyer does not get b slashed
-    assert (sl["node"], sl["kind"]) == (a, "inflated_usage") and sl["evidence"] == [f"{a}/{'p' * 16}/2"]
+    assert (sl["node"], sl["kind"]) == (a, "inflated_usage") and sl["evidence"] == [f"{a}/{'p' * 16}/3"]
     with db.read(w.engine) as conn:
         ev = json.loads(conn.execute(db.econ_slashes.select()).mappings().one()["evidence"])
     (r,) = ev["records"]
-    assert r["seq"] == 2 and r["buyer"]["key"] == w.eco.hub_key and r["down"] == 2 * r["buyer"]["down"]
+    assert r["seq"] == 3 and r["buyer"]["key"] == w.eco.hub_key and r["down"] == 2 * r["buyer"]["down"]
+
+
+def test_lag_is_not_inflation_statements_are_held_to_the_count_before_them(db_url, tmp_path):
+    """A buyer signs its counters and the node counts on while the statement travels: each receipt
+    counts more than the statement it carries (receipts.acknowledged). Settlement holds a statement
+    to the node's count in the receipt before it, across the epoch boundary too, so an honest node
+    whose short probe session lags by a whole receipt is verified, not slashed for inflation (which
+    the prober's word alone would do), and every byte the buyer signed counts once."""
+    w, a, _ = staked_world(db_url, tmp_path)
+    w.beats(a)
+    mb = 1_000_000
+    probe = lagging(w.keys[a], "l" * 16, [8 * mb, 16 * mb, 24 * mb], [0, 8 * mb, 16 * mb + 1], buyer=w.eco.key)
+    # the old rule (node's newest count against the buyer's newest statement) called this inflated
+    assert not rc.agreed(24 * mb, 16 * mb + 1, RULES.market.tolerance_ppm / 1e6)
+    w.upload(a, probe)
+    # the next epoch's receipts (after the checkpoint of the last one sent): still one receipt behind
+    more = lagging(w.keys[a], "l" * 16, [32 * mb, 40 * mb], [24 * mb, 32 * mb], start=4,
+                   prev=rc.receipt_hash(probe[-1]), buyer=w.eco.key)
+    w.t[0] = T0 + HOUR + 1
+    assert w.upload(a, [rc.make_checkpoint(w.keys[a], probe[-1]), *more])["stored"] == 2
+    st = w.settle().statement
+    assert st["slashes"] == []
+    (row,) = [r for r in eco_db.earnings(w.engine) if r["node_id"] == a]
+    assert row["verified_bytes"] == 16 * mb + 1 and row["reward"] > 0
+    w.beats(a)
+    w.t[0] = T0 + 2 * HOUR + 1
+    st = w.settle().statement
+    assert st["slashes"] == []
+    (row,) = [r for r in eco_db.earnings(w.engine) if r["node_id"] == a]
+    assert row["verified_bytes"] == 32 * mb - (16 * mb + 1)
