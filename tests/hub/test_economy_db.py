@@ -369,3 +369,34 @@ def test_lag_is_not_inflation_statements_are_held_to_the_count_before_them(db_ur
     assert st["slashes"] == []
     (row,) = [r for r in eco_db.earnings(w.engine) if r["node_id"] == a]
     assert row["verified_bytes"] == 32 * mb - (16 * mb + 1)
+
+
+def test_requests_no_node_could_serve_count_in_their_regions_demand(db_url, tmp_path):
+    """A buyer asking for a region where no node is online is refused (503) and the hub stores the
+    request; settlement counts each buyer holding tokens once in the region's demand (as much as the
+    epoch's mean buyer session), so the multiplier of the underserved region rises. Retries and
+    buyers without tokens add nothing."""
+    from idlewire.economy.scores import multipliers
+    from idlewire.hub.service import HubError
+
+    w, a, _ = staked_world(db_url, tmp_path)
+    c = w.node(3, "NG")
+    eco_db.stake(w.engine, w.eco, c, RULES.staking.min_stake, src="treasury", now=w.t[0])
+    for n in (a, c):
+        w.beats(n)
+        w.upload(n, chain(w.keys[n], n[:8].ljust(16, "s"), 5, buyer_key=fixed_key(50), step=1_000_000))
+    for key in (fixed_key(50), fixed_key(50), fixed_key(51)):  # funded (twice), and one without tokens
+        with pytest.raises(HubError) as e:
+            w.hub.queue_open(w.auth(key), {"region": "NG", "wg_public_key": wg_keypair()[1]})
+        assert e.value.status == 503
+    with db.read(w.engine) as conn:
+        assert len(conn.execute(db.unserved.select()).all()) == 2   # one row per buyer and minute
+    w.t[0] = T0 + HOUR + 1
+    st = w.settle().statement
+    # 20 MB verified in each region; NG also one funded buyer's request (the mean session: 20 MB)
+    want = multipliers(RULES, {"DE": 20_000_000, "NG": 40_000_000}, {"DE": CAPS["down_mbit"], "NG": CAPS["down_mbit"]})
+    assert st["multipliers"] == want and want["NG"] > want["DE"] == 1_000_000
+    rows = {r["node_id"]: r for r in eco_db.earnings(w.engine)}
+    wa, wc = (rows[n]["verified_bytes"] * rows[n]["multiplier_ppm"] * rows[n]["reputation_ppm"] * rows[n]["uptime_ppm"]
+              for n in (a, c))
+    assert rows[c]["reward"] == st["emission"] * wc // (wa + wc) > rows[a]["reward"]

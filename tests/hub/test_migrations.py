@@ -14,5 +14,5 @@ def test_revisions_build_the_model(db_url):
         diff = compare_metadata(MigrationContext.configure(conn), db.metadata)
         version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     assert diff == []
-    assert version == "0002"
+    assert version == "0003"
     engine.dispose()

@@ -12,6 +12,7 @@ Reputation (ppm, 0 … 1_000_000), updated once per epoch for every node the epo
 Regional multiplier (ppm), recomputed every epoch and published in the statement:
 
     demand_r = verified bytes in region r + bytes buyers asked for there and got no node
+               (the hub: each buyer holding tokens refused there, as the epoch's mean session)
     supply_r = Σ advertised caps of nodes heard in r, as bytes per epoch
     mult_r   = clamp((demand_r / supply_r) / (Σ demand / Σ supply), min, max)   (1x … 3x by default)
 

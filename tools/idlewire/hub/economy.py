@@ -21,6 +21,8 @@ What settlement reads for epoch N = [genesis_at + N·epoch_seconds, + epoch_seco
   * heartbeats: nodes.heartbeats minus what the previous settlement counted (econ_heartbeats), so
     a settlement run late credits the heartbeats up to when it ran (uptime is capped at 100 %);
   * probes stored in the epoch (table `probes`);
+  * unserved demand: requests for a region the hub could not place (table `unserved`), one per
+    buyer holding tokens, each the epoch's mean buyer session, into the region's demand;
   * equivocation flags created in the epoch → one offence per node, the flag ids as evidence (the
     two receipts are in the flag and are copied into the slash's evidence).
 Same database → same statement hash (sorted reads, no clock inside the core).
@@ -272,9 +274,34 @@ def _inputs(conn, rules, t0: float, t1: float,
             ids.setdefault(nid, []).append(f"flag:{fid}")
             evidence.setdefault(f"{EQUIVOCATION}:{nid}", []).append(json.loads(ev))
     offences = [Offence(nid, EQUIVOCATION, tuple(sorted(v))) for nid, v in sorted(ids.items())]
+    unserved = _unserved(conn, t0, t1, [min(u.node_bytes, u.buyer_bytes) for u in usage
+                                        if u.status == COSIGNED and u.buyer != prober])
     for pr in probes:  # a failed-probes slash carries the measurements with the probe ids
         evidence.setdefault(f"failed_probes:{pr.node}", []).append(pr._asdict())
-    return core.EpochInputs(reports, usage, probes, offences, {}), beats, evidence
+    return core.EpochInputs(reports, usage, probes, offences, unserved), beats, evidence
+
+
+def _unserved(conn, t0: float, t1: float, sessions: list[int]) -> dict[str, int]:
+    """Region → demand no node served: each buyer holding tokens whose request for the region the hub
+    could not place in the epoch counts once, as much as the epoch's mean buyer session (the prober's
+    aside; 1 byte when nothing was served: the multipliers are ratios). A buyer without tokens adds
+    nothing (requests cost nothing; the tokens are what a buyer could not spend)."""
+    u = db.unserved.c
+    asked = conn.execute(select(u.region, u.buyer_key).where(u.at >= t0, u.at < t1).distinct()).all()
+    if not asked:
+        return {}
+    a = db.econ_accounts.c
+    accounts = sorted({f"buyer:{k}" for _, k in asked})
+    funded = set()
+    for i in range(0, len(accounts), 500):
+        funded |= {acct for acct, in conn.execute(select(a.account).where(a.account.in_(accounts[i:i + 500]),
+                                                                          a.balance > 0))}
+    per = sum(sessions) // len(sessions) if sessions else 1
+    out: dict[str, int] = {}
+    for region, key in asked:
+        if f"buyer:{key}" in funded:
+            out[region] = out.get(region, 0) + max(1, per)
+    return dict(sorted(out.items()))
 
 
 def _state(conn, epoch: int) -> core.EconomyState:
