@@ -400,3 +400,17 @@ def test_requests_no_node_could_serve_count_in_their_regions_demand(db_url, tmp_
     wa, wc = (rows[n]["verified_bytes"] * rows[n]["multiplier_ppm"] * rows[n]["reputation_ppm"] * rows[n]["uptime_ppm"]
               for n in (a, c))
     assert rows[c]["reward"] == st["emission"] * wc // (wa + wc) > rows[a]["reward"]
+
+
+def test_a_final_receipt_the_buyer_did_not_sign_keeps_what_it_signed_before(db_url, tmp_path):
+    """A session closed while the buyer was gone ends with a receipt only the node signed: that
+    receipt proves nothing more, and the co-signed receipts before it still count."""
+    w, a, _ = staked_world(db_url, tmp_path)
+    w.beats(a)
+    signed = chain(w.keys[a], "f" * 16, 3, buyer_key=fixed_key(50), step=1_000_000)
+    final = chain(w.keys[a], "f" * 16, 1, start=4, prev=rc.receipt_hash(signed[-1]), step=1_000_000, cosign=False)
+    w.upload(a, signed + final)
+    w.t[0] = T0 + HOUR + 1
+    w.settle()
+    (row,) = [r for r in eco_db.earnings(w.engine) if r["node_id"] == a]
+    assert row["verified_bytes"] == 12_000_000 and row["reward"] > 0

@@ -16,8 +16,9 @@ the same transaction.
 What settlement reads for epoch N = [genesis_at + N·epoch_seconds, + epoch_seconds):
   * usage per session: receipts stored (hub clock) in the epoch; the session's bytes are its newest
     receipt in the epoch minus the receipt before the first one in the epoch (receipts carry
-    running totals); co-signed when the newest one is; the buyer's statements are held to the node's
-    count in the receipt before each (lag is not disagreement: proof.Usage.seen_bytes);
+    running totals); the newest is the newest co-signed one (a final receipt the node signed after
+    the buyer left proves nothing more, and must not void the session); the buyer's statements are
+    held to the node's count in the receipt before each (lag is not disagreement: proof.Usage.seen_bytes);
   * heartbeats: nodes.heartbeats minus what the previous settlement counted (econ_heartbeats), so
     a settlement run late credits the heartbeats up to when it ran (uptime is capped at 100 %);
   * probes stored in the epoch (table `probes`);
@@ -216,7 +217,8 @@ def genesis(engine, eco: Economy, now: float | None = None) -> dict:
 # --- what the epoch proves, read from the tables --------------------------------------------------
 _USAGE = text("""
 WITH e AS (
-  SELECT node_id, session, min(seq) AS lo, max(seq) AS hi FROM receipts
+  SELECT node_id, session, min(seq) AS lo,
+         coalesce(max(CASE WHEN cosigned THEN seq END), max(seq)) AS hi FROM receipts
   WHERE stored_at >= :t0 AND stored_at < :t1 AND kind = 'receipt' GROUP BY node_id, session)
 SELECT e.node_id, e.session, e.hi, h.up + h.down, h.buyer_up + h.buyer_down, h.cosigned,
        b.up + b.down, coalesce(b.buyer_up + b.buyer_down, b.up + b.down), s.buyer_key,
