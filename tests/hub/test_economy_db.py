@@ -23,7 +23,7 @@ from idlewire.hub.service import Hub, Signed
 from idlewire_agent import merkle
 from idlewire_agent import receipts as rc
 from idlewire_agent.keys import wg_keypair
-from test_hub import CAPS, chain
+from test_hub import CAPS, chain, lagging
 
 HOUR = 3600
 T0 = 1_800_000_000 // HOUR * HOUR   # epoch 0 starts here
@@ -327,13 +327,90 @@ def test_usage_the_prober_disputes_is_inflated_and_slashed_with_the_receipts(db_
     slashed for inflated usage on the prober's word alone, the receipts in the evidence."""
     w, a, b = staked_world(db_url, tmp_path)
     w.beats(a)
-    w.upload(a, chain(w.keys[a], "p" * 16, 2, buyer_key=w.eco.key, step=10_000_000, buyer_factor=0.5))
-    w.upload(b, chain(w.keys[b], "q" * 16, 2, buyer_key=fixed_key(50), step=10_000_000, buyer_factor=0.5))
+    # (3 receipts: the prober's last statement, 60 MB, is short of the 80 MB counted in the receipt
+    # before it, beyond what lag explains)
+    w.upload(a, chain(w.keys[a], "p" * 16, 3, buyer_key=w.eco.key, step=10_000_000, buyer_factor=0.5))
+    w.upload(b, chain(w.keys[b], "q" * 16, 3, buyer_key=fixed_key(50), step=10_000_000, buyer_factor=0.5))
     w.t[0] = T0 + HOUR + 1
     st = w.settle().statement
     (sl,) = st["slashes"]  # one stingy ordinary buyer does not get b slashed
-    assert (sl["node"], sl["kind"]) == (a, "inflated_usage") and sl["evidence"] == [f"{a}/{'p' * 16}/2"]
+    assert (sl["node"], sl["kind"]) == (a, "inflated_usage") and sl["evidence"] == [f"{a}/{'p' * 16}/3"]
     with db.read(w.engine) as conn:
         ev = json.loads(conn.execute(db.econ_slashes.select()).mappings().one()["evidence"])
     (r,) = ev["records"]
-    assert r["seq"] == 2 and r["buyer"]["key"] == w.eco.hub_key and r["down"] == 2 * r["buyer"]["down"]
+    assert r["seq"] == 3 and r["buyer"]["key"] == w.eco.hub_key and r["down"] == 2 * r["buyer"]["down"]
+
+
+def test_lag_is_not_inflation_statements_are_held_to_the_count_before_them(db_url, tmp_path):
+    """A buyer signs its counters and the node counts on while the statement travels: each receipt
+    counts more than the statement it carries (receipts.acknowledged). Settlement holds a statement
+    to the node's count in the receipt before it, across the epoch boundary too, so an honest node
+    whose short probe session lags by a whole receipt is verified, not slashed for inflation (which
+    the prober's word alone would do), and every byte the buyer signed counts once."""
+    w, a, _ = staked_world(db_url, tmp_path)
+    w.beats(a)
+    mb = 1_000_000
+    probe = lagging(w.keys[a], "l" * 16, [8 * mb, 16 * mb, 24 * mb], [0, 8 * mb, 16 * mb + 1], buyer=w.eco.key)
+    # the old rule (node's newest count against the buyer's newest statement) called this inflated
+    assert not rc.agreed(24 * mb, 16 * mb + 1, RULES.market.tolerance_ppm / 1e6)
+    w.upload(a, probe)
+    # the next epoch's receipts (after the checkpoint of the last one sent): still one receipt behind
+    more = lagging(w.keys[a], "l" * 16, [32 * mb, 40 * mb], [24 * mb, 32 * mb], start=4,
+                   prev=rc.receipt_hash(probe[-1]), buyer=w.eco.key)
+    w.t[0] = T0 + HOUR + 1
+    assert w.upload(a, [rc.make_checkpoint(w.keys[a], probe[-1]), *more])["stored"] == 2
+    st = w.settle().statement
+    assert st["slashes"] == []
+    (row,) = [r for r in eco_db.earnings(w.engine) if r["node_id"] == a]
+    assert row["verified_bytes"] == 16 * mb + 1 and row["reward"] > 0
+    w.beats(a)
+    w.t[0] = T0 + 2 * HOUR + 1
+    st = w.settle().statement
+    assert st["slashes"] == []
+    (row,) = [r for r in eco_db.earnings(w.engine) if r["node_id"] == a]
+    assert row["verified_bytes"] == 32 * mb - (16 * mb + 1)
+
+
+def test_requests_no_node_could_serve_count_in_their_regions_demand(db_url, tmp_path):
+    """A buyer asking for a region where no node is online is refused (503) and the hub stores the
+    request; settlement counts each buyer holding tokens once in the region's demand (as much as the
+    epoch's mean buyer session), so the multiplier of the underserved region rises. Retries and
+    buyers without tokens add nothing."""
+    from idlewire.economy.scores import multipliers
+    from idlewire.hub.service import HubError
+
+    w, a, _ = staked_world(db_url, tmp_path)
+    c = w.node(3, "NG")
+    eco_db.stake(w.engine, w.eco, c, RULES.staking.min_stake, src="treasury", now=w.t[0])
+    for n in (a, c):
+        w.beats(n)
+        w.upload(n, chain(w.keys[n], n[:8].ljust(16, "s"), 5, buyer_key=fixed_key(50), step=1_000_000))
+    for key in (fixed_key(50), fixed_key(50), fixed_key(51)):  # funded (twice), and one without tokens
+        with pytest.raises(HubError) as e:
+            w.hub.queue_open(w.auth(key), {"region": "NG", "wg_public_key": wg_keypair()[1]})
+        assert e.value.status == 503
+    with db.read(w.engine) as conn:
+        assert len(conn.execute(db.unserved.select()).all()) == 2   # one row per buyer and minute
+    w.t[0] = T0 + HOUR + 1
+    st = w.settle().statement
+    # 20 MB verified in each region; NG also one funded buyer's request (the mean session: 20 MB)
+    want = multipliers(RULES, {"DE": 20_000_000, "NG": 40_000_000}, {"DE": CAPS["down_mbit"], "NG": CAPS["down_mbit"]})
+    assert st["multipliers"] == want and want["NG"] > want["DE"] == 1_000_000
+    rows = {r["node_id"]: r for r in eco_db.earnings(w.engine)}
+    wa, wc = (rows[n]["verified_bytes"] * rows[n]["multiplier_ppm"] * rows[n]["reputation_ppm"] * rows[n]["uptime_ppm"]
+              for n in (a, c))
+    assert rows[c]["reward"] == st["emission"] * wc // (wa + wc) > rows[a]["reward"]
+
+
+def test_a_final_receipt_the_buyer_did_not_sign_keeps_what_it_signed_before(db_url, tmp_path):
+    """A session closed while the buyer was gone ends with a receipt only the node signed: that
+    receipt proves nothing more, and the co-signed receipts before it still count."""
+    w, a, _ = staked_world(db_url, tmp_path)
+    w.beats(a)
+    signed = chain(w.keys[a], "f" * 16, 3, buyer_key=fixed_key(50), step=1_000_000)
+    final = chain(w.keys[a], "f" * 16, 1, start=4, prev=rc.receipt_hash(signed[-1]), step=1_000_000, cosign=False)
+    w.upload(a, signed + final)
+    w.t[0] = T0 + HOUR + 1
+    w.settle()
+    (row,) = [r for r in eco_db.earnings(w.engine) if r["node_id"] == a]
+    assert row["verified_bytes"] == 12_000_000 and row["reward"] > 0

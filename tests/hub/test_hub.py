@@ -415,9 +415,9 @@ BUYER = Ed25519PrivateKey.generate()
 
 
 def lagging(key, session: str, totals: list[int], signed: list[int], start: int = 1,
-            prev: str = rc.GENESIS) -> list[dict]:
+            prev: str = rc.GENESIS, buyer=None) -> list[dict]:
     """Receipts whose node counts are `totals` (bytes, up + down) and whose buyer statements are `signed`."""
-    buyer, out = BUYER, []
+    buyer, out = buyer or BUYER, []
     for seq, (n, b) in enumerate(zip(totals, signed, strict=True), start=start):
         stmt = rc.sign_usage(buyer, session, b // 2, b - b // 2, 1_700_000_000 + seq)
         out.append(rc.make_receipt(key, session, seq, n // 2, n - n // 2, 1_700_000_000 + seq, prev, stmt,

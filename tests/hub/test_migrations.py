@@ -14,7 +14,7 @@ def test_revisions_build_the_model(db_url):
         diff = compare_metadata(MigrationContext.configure(conn), db.metadata)
         version = conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
     assert diff == []
-    assert version == "0003"
+    assert version == "0004"
     engine.dispose()
 
 

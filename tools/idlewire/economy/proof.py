@@ -37,6 +37,11 @@ class Usage(NamedTuple):
     node_bytes: int     # up + down the node signed for this session in the epoch
     buyer_bytes: int    # up + down the buyer co-signed
     status: str = COSIGNED
+    # up + down the node had counted when the buyer signed its newest statement: the node's receipt
+    # before the newest one (receipts.acknowledged). A buyer signs its counters, the statement travels
+    # and the node counts on meanwhile, so a statement lags its own receipt's count by up to a poll's
+    # worth; it is held to the count before it. None: no lag known (node_bytes).
+    seen_bytes: int | None = None
 
 
 class NodeReport(NamedTuple):
@@ -68,28 +73,20 @@ class Verified:
 
     bytes: int = 0          # verified: co-signed, within tolerance (the smaller of the two counts)
     claimed: int = 0        # what the node signed, all sessions
-    disagreement: int = 0   # |node - buyer| summed over co-signed sessions
+    disagreement: int = 0   # bytes outside [seen, node] the buyer signed, summed over co-signed sessions
     receipts: int = 0       # sessions that counted
-
-
-def within_tolerance(rules: Rules, node_bytes: int, buyer_bytes: int) -> bool:
-    m = rules.market
-    return _within(node_bytes, buyer_bytes, m.tolerance_bytes, m.tolerance_ppm)
-
-
-def _within(node_bytes: int, buyer_bytes: int, tolerance_bytes: int, tolerance_ppm: int) -> bool:
-    diff = abs(node_bytes - buyer_bytes)
-    return diff <= tolerance_bytes or diff <= max(node_bytes, buyer_bytes) * tolerance_ppm // PPM
 
 
 def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified], list[Offence], dict[str, int]]:
     """Verified bytes per node, the usage offences (inflated, forged) with receipt ids, bytes per buyer.
 
-    A co-signed session within tolerance counts min(node, buyer) bytes. Beyond tolerance it counts
-    nothing and lowers the node's agreement (reputation); if the node claimed more than the buyer
-    signed and `staking.inflated_min_buyers` different buyers (or the hub's prober, a buyer the hub
-    trusts) say so in the epoch, it is inflated usage. A forged buyer signature is forged usage.
-    Buyers are charged for what counted.
+    A co-signed session agrees when the buyer signed at least what the node had counted when it
+    signed (seen_bytes) and at most what the node signed (node_bytes), each within tolerance: the
+    lag between them is not disagreement. It then counts min(node, buyer) bytes. Beyond tolerance
+    it counts nothing and lowers the node's agreement (reputation); if the buyer signed less than the
+    node had counted and `staking.inflated_min_buyers` different buyers (or the hub's prober, a buyer
+    the hub trusts) say so in the epoch, it is inflated usage. A forged buyer signature is forged
+    usage. Buyers are charged for what counted.
     """
     out: dict[str, Verified] = {}
     buyers: dict[str, int] = {}
@@ -102,22 +99,26 @@ def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified],
         v = out_get(node)
         if v is None:
             v = out[node] = Verified()
-        nb, bb = u.node_bytes, u.buyer_bytes
-        if nb < 0 or bb < 0:
-            raise ValueError(f"usage {u.receipt}: byte counts must be ≥ 0, got node {nb}, buyer {bb}")
+        nb, bb, sb = u.node_bytes, u.buyer_bytes, u.seen_bytes
+        if sb is None:
+            sb = nb
+        if nb < 0 or bb < 0 or sb < 0:
+            raise ValueError(f"usage {u.receipt}: byte counts must be ≥ 0, got node {nb}, buyer {bb}, seen {sb}")
         v.claimed += nb
         status = u.status
         if status != COSIGNED:
             if status == FORGED:
                 forged.setdefault(node, []).append(u.receipt)
             continue
-        v.disagreement += nb - bb if nb >= bb else bb - nb
-        if _within(nb, bb, tol_bytes, tol_ppm):
+        short = sb - bb   # the buyer signed less than the node had counted: > 0
+        off = short if short > 0 else (bb - nb if bb > nb else 0)
+        v.disagreement += off
+        if off <= tol_bytes or off <= (nb if nb > bb else bb) * tol_ppm // PPM:   # market.tolerance_bytes or _ppm
             counted = nb if nb < bb else bb
             v.bytes += counted
             v.receipts += 1
             buyers[u.buyer] = buyers_get(u.buyer, 0) + counted
-        elif nb > bb:
+        elif short > 0:
             inflated.setdefault(node, []).append((u.receipt, u.buyer))
     need, prober = rules.staking.inflated_min_buyers, rules.probes.prober_buyer
     offences = [Offence(n, FORGED_USAGE, tuple(sorted(ids))) for n, ids in forged.items()]
@@ -152,14 +153,10 @@ def judge_probes(rules: Rules, probes: list[Probe]) -> tuple[dict[str, tuple[int
     return {n: (c[0], c[1]) for n, c in counts.items()}, offences
 
 
-def uptime_ppm(rules: Rules, heartbeats: int, passed: int, failed: int) -> int:
-    """Heartbeat coverage of the epoch, times the share of probes passed (1 when no probe ran)."""
-    expected = rules.epoch_seconds // rules.probes.heartbeat_seconds
-    if expected < 1:   # max(1, ...) and min(PPM, ...) below without builtin calls: runs per node per epoch
-        expected = 1
-    hb = heartbeats * PPM // expected
-    if hb > PPM:
-        hb = PPM
-    if passed + failed == 0:
-        return hb
-    return hb * passed // (passed + failed)
+def uptimes_ppm(rules: Rules, heartbeats: list[int], probes: list[tuple[int, int]]) -> list[int]:
+    """Per node: heartbeat coverage of the epoch, times the share of probes passed (1 when no probe
+    ran), for HEARTBEATS and (passed, failed) PROBES in the same order. Settlement runs it for every
+    node of an epoch at once (a list in, a list out: 10,000s of nodes without a call each)."""
+    expected = max(1, rules.epoch_seconds // rules.probes.heartbeat_seconds)
+    return [(c if c < PPM else PPM) if not (p or f) else (c if c < PPM else PPM) * p // (p + f)
+            for c, (p, f) in zip([h * PPM // expected for h in heartbeats], probes, strict=True)]

@@ -12,6 +12,7 @@ Reputation (ppm, 0 … 1_000_000), updated once per epoch for every node the epo
 Regional multiplier (ppm), recomputed every epoch and published in the statement:
 
     demand_r = verified bytes in region r + bytes buyers asked for there and got no node
+               (the hub: each buyer holding tokens refused there, as the epoch's mean session)
     supply_r = Σ advertised caps of nodes heard in r, as bytes per epoch
     mult_r   = clamp((demand_r / supply_r) / (Σ demand / Σ supply), min, max)   (1x … 3x by default)
 
@@ -27,22 +28,22 @@ from .rules import Rules
 BYTES_PER_MBIT_SECOND = 125_000
 
 
-def agreement_ppm(claimed: int, disagreement: int) -> int:
-    if claimed <= 0:
-        return PPM
-    off = disagreement * PPM // claimed
-    return PPM - off if off < PPM else 0
+def agreements_ppm(claimed: list[int], disagreement: list[int]) -> list[int]:
+    """agreement per node, for CLAIMED and DISAGREEMENT in the same order (lists: settlement runs the
+    formulas for every node of an epoch at once, without a call each)."""
+    return [PPM if c <= 0 else (PPM - off if (off := d * PPM // c) < PPM else 0)
+            for c, d in zip(claimed, disagreement, strict=True)]
 
 
-def epoch_score_ppm(uptime: int, agreement: int, offended: bool) -> int:
-    return 0 if offended else uptime * agreement // PPM
+def epoch_scores_ppm(uptime: list[int], agreement: list[int], offended: list[bool]) -> list[int]:
+    return [0 if bad else u * a // PPM for u, a, bad in zip(uptime, agreement, offended, strict=True)]
 
 
-def next_reputation(rules: Rules, old: int | None, score: int) -> int:
+def next_reputations(rules: Rules, old: list[int | None], score: list[int]) -> list[int]:
+    """rep_new per node (None: a new node, starting at reputation.initial_ppm)."""
     r = rules.reputation
-    if old is None:
-        old = r.initial_ppm
-    return (old * r.decay_ppm + score * (PPM - r.decay_ppm)) // PPM
+    decay, keep, initial = r.decay_ppm, PPM - r.decay_ppm, r.initial_ppm
+    return [((initial if o is None else o) * decay + s * keep) // PPM for o, s in zip(old, score, strict=True)]
 
 
 def multipliers(rules: Rules, demand: dict[str, int], supply_mbit: dict[str, int]) -> dict[str, int]:

@@ -193,7 +193,7 @@ def _run(rules: Rules, cfg: SimConfig, progress) -> SimResult:
         usage = list(map(_new, repeat(Usage), zip([n + suffix for n in who], who,
                                                   [node_codes[j] for j in sessions.tolist()],
                                                   claimed[sessions].tolist(), served[sessions].tolist(),
-                                                  repeat(COSIGNED))))
+                                                  repeat(COSIGNED), repeat(None))))
         probes = []
         heard = probed & (hb > 0)   # the prober reaches a node that is up
         for j, k, inf in zip(np.flatnonzero(heard).tolist(), kind[heard].tolist(), inflate[heard].tolist(),

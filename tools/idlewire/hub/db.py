@@ -254,6 +254,15 @@ probes = Table(
     Index("probes_at", "at"),
 )
 
+unserved = Table(  # buyer requests for a region the hub could place with no node: demand for the multiplier
+    "unserved", metadata,
+    Column("region", String(2), primary_key=True),
+    Column("buyer_key", String(64), primary_key=True),
+    Column("minute", BigInteger, primary_key=True, autoincrement=False),  # one row a minute per buyer and region
+    Column("at", Float, nullable=False),
+    Index("unserved_at", "at"),
+)
+
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -377,6 +386,15 @@ def write(engine: Engine):
 def read(engine: Engine):
     with engine.connect() as conn, conn.begin():
         yield conn
+
+
+def insert_ignore(conn, table):
+    """INSERT … ON CONFLICT DO NOTHING in the connection's dialect (PostgreSQL or SQLite)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dinsert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dinsert
+    return dinsert(table).on_conflict_do_nothing()
 
 
 def migrate(engine: Engine) -> None:

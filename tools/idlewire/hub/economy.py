@@ -16,10 +16,14 @@ the same transaction.
 What settlement reads for epoch N = [genesis_at + N·epoch_seconds, + epoch_seconds):
   * usage per session: receipts stored (hub clock) in the epoch; the session's bytes are its newest
     receipt in the epoch minus the receipt before the first one in the epoch (receipts carry
-    running totals); co-signed when the newest one is;
+    running totals); the newest is the newest co-signed one (a final receipt the node signed after
+    the buyer left proves nothing more, and must not void the session); the buyer's statements are
+    held to the node's count in the receipt before each (lag is not disagreement: proof.Usage.seen_bytes);
   * heartbeats: nodes.heartbeats minus what the previous settlement counted (econ_heartbeats), so
     a settlement run late credits the heartbeats up to when it ran (uptime is capped at 100 %);
   * probes stored in the epoch (table `probes`);
+  * unserved demand: requests for a region the hub could not place (table `unserved`), one per
+    buyer holding tokens, each the epoch's mean buyer session, into the region's demand;
   * equivocation flags created in the epoch → one offence per node, the flag ids as evidence (the
     two receipts are in the flag and are copied into the slash's evidence).
 Same database → same statement hash (sorted reads, no clock inside the core).
@@ -213,16 +217,25 @@ def genesis(engine, eco: Economy, now: float | None = None) -> dict:
 # --- what the epoch proves, read from the tables --------------------------------------------------
 _USAGE = text("""
 WITH e AS (
-  SELECT node_id, session, min(seq) AS lo, max(seq) AS hi FROM receipts
+  SELECT node_id, session, min(seq) AS lo,
+         coalesce(max(CASE WHEN cosigned THEN seq END), max(seq)) AS hi FROM receipts
   WHERE stored_at >= :t0 AND stored_at < :t1 AND kind = 'receipt' GROUP BY node_id, session)
 SELECT e.node_id, e.session, e.hi, h.up + h.down, h.buyer_up + h.buyer_down, h.cosigned,
-       b.up + b.down, coalesce(b.buyer_up + b.buyer_down, b.up + b.down), s.buyer_key
+       b.up + b.down, coalesce(b.buyer_up + b.buyer_down, b.up + b.down), s.buyer_key,
+       p.up + p.down, CASE WHEN b.buyer_up IS NULL THEN b.up + b.down ELSE bp.up + bp.down END
 FROM e
 JOIN receipts h ON h.node_id = e.node_id AND h.session = e.session AND h.seq = e.hi
 LEFT JOIN receipts b ON b.node_id = e.node_id AND b.session = e.session AND b.seq = e.lo - 1
+LEFT JOIN receipts p ON p.node_id = e.node_id AND p.session = e.session AND p.seq = e.hi - 1
+LEFT JOIN receipts bp ON bp.node_id = e.node_id AND bp.session = e.session AND bp.seq = e.lo - 2
 LEFT JOIN sessions s ON s.node_id = e.node_id AND s.session = e.session
 ORDER BY e.node_id, e.session
 """)
+# The buyer's statement in a receipt acknowledges what the node had counted in the receipt before it
+# (receipts.acknowledged: it lags its own receipt by up to a poll's worth). So the buyer's bytes in
+# the epoch, newest statement minus the one before the epoch, are held to the node's count in the
+# receipt before each: p (before the newest) minus bp (before the baseline; the baseline's own
+# count when it carries no statement, as the buyer's baseline then is).
 
 
 def _inputs(conn, rules, t0: float, t1: float,
@@ -238,7 +251,7 @@ def _inputs(conn, rules, t0: float, t1: float,
     known = set(beats)
     usage = []
     prober, prober_key = rules.probes.prober_buyer, hub_key
-    for nid, sid, hi, nb, bb, cosigned, nb0, bb0, buyer in conn.execute(_USAGE, {"t0": t0, "t1": t1}):
+    for nid, sid, hi, nb, bb, cosigned, nb0, bb0, buyer, seen, seen0 in conn.execute(_USAGE, {"t0": t0, "t1": t1}):
         if nid not in known:
             continue
         node_bytes = max(0, int(nb) - int(nb0 or 0))
@@ -246,7 +259,8 @@ def _inputs(conn, rules, t0: float, t1: float,
             buyer = prober
         if cosigned and bb is not None:
             usage.append(Usage(f"{nid}/{sid}/{hi}", nid, buyer or f"unknown:{nid}", node_bytes,
-                               max(0, int(bb) - int(bb0 or 0)), COSIGNED))
+                               max(0, int(bb) - int(bb0 or 0)), COSIGNED,
+                               min(node_bytes, max(0, int(seen or 0) - int(seen0 or 0)))))
         else:
             usage.append(Usage(f"{nid}/{sid}/{hi}", nid, buyer or f"unknown:{nid}", node_bytes, 0, UNSIGNED))
     p = db.probes.c
@@ -262,9 +276,34 @@ def _inputs(conn, rules, t0: float, t1: float,
             ids.setdefault(nid, []).append(f"flag:{fid}")
             evidence.setdefault(f"{EQUIVOCATION}:{nid}", []).append(json.loads(ev))
     offences = [Offence(nid, EQUIVOCATION, tuple(sorted(v))) for nid, v in sorted(ids.items())]
+    unserved = _unserved(conn, t0, t1, [min(u.node_bytes, u.buyer_bytes) for u in usage
+                                        if u.status == COSIGNED and u.buyer != prober])
     for pr in probes:  # a failed-probes slash carries the measurements with the probe ids
         evidence.setdefault(f"failed_probes:{pr.node}", []).append(pr._asdict())
-    return core.EpochInputs(reports, usage, probes, offences, {}), beats, evidence
+    return core.EpochInputs(reports, usage, probes, offences, unserved), beats, evidence
+
+
+def _unserved(conn, t0: float, t1: float, sessions: list[int]) -> dict[str, int]:
+    """Region → demand no node served: each buyer holding tokens whose request for the region the hub
+    could not place in the epoch counts once, as much as the epoch's mean buyer session (the prober's
+    aside; 1 byte when nothing was served: the multipliers are ratios). A buyer without tokens adds
+    nothing (requests cost nothing; the tokens are what a buyer could not spend)."""
+    u = db.unserved.c
+    asked = conn.execute(select(u.region, u.buyer_key).where(u.at >= t0, u.at < t1).distinct()).all()
+    if not asked:
+        return {}
+    a = db.econ_accounts.c
+    accounts = sorted({f"buyer:{k}" for _, k in asked})
+    funded = set()
+    for i in range(0, len(accounts), 500):
+        funded |= {acct for acct, in conn.execute(select(a.account).where(a.account.in_(accounts[i:i + 500]),
+                                                                          a.balance > 0))}
+    per = sum(sessions) // len(sessions) if sessions else 1
+    out: dict[str, int] = {}
+    for region, key in asked:
+        if f"buyer:{key}" in funded:
+            out[region] = out.get(region, 0) + max(1, per)
+    return dict(sorted(out.items()))
 
 
 def _state(conn, epoch: int) -> core.EconomyState:

@@ -457,6 +457,8 @@ class Hub:
         if node is None and body.get("node"):
             raise HubError(503, f"node {body['node']}: not online with a free place (or not registered)")
         if node is None:
+            if region:  # demand the region could not serve: settlement counts it for the multiplier
+                self._unserved(region, buyer_key)
             with db.read(self.engine) as conn:
                 q = select(func.count()).select_from(db.nodes)
                 total = conn.execute(q.where(db.nodes.c.region == region) if region else q).scalar()
@@ -470,6 +472,13 @@ class Hub:
             conn.execute(insert(db.requests).values(id=rid, node_id=node["id"], kind="open", buyer_key=buyer_key,
                                                     body=_dumps(msg), state="queued", created=self.clock()))
         return rid, node
+
+    def _unserved(self, region: str, buyer_key: str) -> None:
+        """One row per buyer, region and minute (a retrying client adds no more)."""
+        now = self.clock()
+        with db.write(self.engine) as conn:
+            conn.execute(db.insert_ignore(conn, db.unserved).values(region=region, buyer_key=buyer_key,
+                                                                    minute=int(now // 60), at=now))
 
     def queue_relay(self, auth: Signed, nid: str, request: dict) -> tuple[str, dict]:
         """A buyer's own signed call to the node's session API (co-signed usage, receipts, close),
