@@ -454,16 +454,24 @@ class Home:
     def igd(self):
         if self.mapper is not None:
             return self.mapper.igd
-        if not hasattr(self, "_igd"):
+        first = not hasattr(self, "_igd")
+        if first:
             self._igd = None
             self._igd_tried = 0.0
         now = time.monotonic()
         if self._igd is None and now - self._igd_tried > 60:  # rediscover once a minute at most
             self._igd_tried = now
-            self._igd, _ = upnp.discover()
-            if self._igd is not None and upnp.is_public(self._igd.external_ip):
-                self._public(self._igd.external_ip)
+            if first:  # the first measurement waits for it (upnp is the better source) ...
+                self._discover()
+            else:  # ... later ones do not: SSDP and NAT-PMP take seconds the latency source needs
+                threading.Thread(target=self._discover, daemon=True, name="igd").start()
         return self._igd
+
+    def _discover(self) -> None:
+        igd, _ = upnp.discover()
+        if igd is not None and upnp.is_public(igd.external_ip):
+            self._public(igd.external_ip)
+        self._igd = igd
 
     def start_meter(self, shaping, apply):
         """In node mode, an IdleMeter between the schedule and the shaper; returns what the
