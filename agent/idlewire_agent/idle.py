@@ -16,15 +16,14 @@ schedule makes: the effective cap is the minimum of both). The owner's use comes
   A round of ICMP echoes to every reflector (`[home] reflectors`) every ROUND s (at most a
   quarter of `interval`), timed by the kernel's receive timestamp (a busy node's late wake-up is
   not delay). Per reflector a baseline RTT that follows a lower RTT at once and a higher one
-  slowly, and its delay (RTT - baseline) taken as the lower of its last FILTER samples (LEDBAT's
-  current-delay filter: a burst that passed within a round is not a standing queue); the
-  round's delay is the median over reflectors (one reflector's own trouble is not load).
-  Above `latency_ms` the caps are cut (x0.75 at the threshold down to x0.5 at 3x it), at most
-  once per REFRACTORY_S (the queue needs time to drain). Calm (all recent samples below half
-  the threshold, for CALM_S, HOLD_S after the last cut): the caps grow fast (x GROW per
-  second) except near the cap at which the line last congested (x PLATEAU there), so a steady
-  owner sees a gentle probe and a departed owner a quick return. ICMP echo cannot tell which
-  direction is congested: both caps move together.
+  slowly; the round's delay is the median over reflectors of RTT - baseline (one reflector's
+  own trouble is not load). Congested: 2 of the last 3 rounds above `latency_ms` → the caps are
+  cut (x0.75 at the threshold down to x0.5 at 3x it), then the window starts afresh (a
+  refractory period: the queue needs time to drain). Calm (below half the threshold, for
+  CALM_S, HOLD_S after the last cut): the caps grow fast (x GROW per second) except near the
+  cap at which the line last congested (x PLATEAU there), so a steady owner sees a slow probe
+  and a departed owner a quick return. ICMP echo cannot tell which direction is congested:
+  both caps move together.
 * **none** — `source = "off"`, or nothing works (no IGD counters, no reflector answers): the
   configured caps, and `/health` says why.
 
@@ -49,12 +48,11 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 # latency source (LatencyEstimator); rates are per second, so the round's length does not matter
 ROUND = 0.25  # s between echo rounds (at most interval / 4)
 CUT = (0.75, 0.5)  # the caps' factor per cut: at the threshold .. at 3x it and above
-FILTER = 2  # a reflector's delay is the lower of its last this many samples (congested: all above)
-REFRACTORY_S = 0.5  # no second cut sooner than this after one (the queue needs time to drain)
+WINDOW, CONGESTED = 3, 2  # congested: this many of the last WINDOW rounds above the threshold
 CALM_S = 0.5  # grow only after this long below half the threshold ...
 HOLD_S = 0.75  # ... and this long after the last cut
 GROW = 3.0  # x per second while calm, away from where the line last congested
-PLATEAU = 1.1  # x per second within PLATEAU_BAND of that cap (a steady owner is probed gently)
+PLATEAU = 1.3  # x per second within PLATEAU_BAND of that cap (a steady owner is probed gently)
 PLATEAU_BAND = (0.8, 1.15)
 GROW_MIN = 0.05  # ... and at least this share of the line per second (from a tiny cap)
 BASELINE_UP_S = 1 / 60  # a higher RTT moves the baseline by this share of the difference per second
@@ -163,9 +161,8 @@ class LatencyEstimator:
     def __init__(self, threshold_ms: float):
         self.threshold = threshold_ms
         self.baseline: dict[str, float] = {}  # per reflector, ms
-        self.recent: dict[str, list[float]] = {}  # per reflector, its last FILTER delays
-        self.delay_hi: float | None = None
         self.delay_ms: float | None = None  # the last round's (median over reflectors)
+        self.rounds: list[bool] = []  # the last WINDOW rounds: above the threshold?
         self.last = None  # time of the last round
         self.last_cut = float("-inf")
         self.calm_since: float | None = None
@@ -173,32 +170,28 @@ class LatencyEstimator:
         self.ceiling: tuple[float, ...] | None = None  # the caps at which the line last congested
 
     def delay(self, now: float, rtts: dict[str, float | None]) -> float | None:
-        """The round's delay above baseline in ms: per reflector the lower of its last FILTER
-        samples (LEDBAT's current-delay filter: a burst that passes within a round is not a
-        standing queue; a loss counts as late once the reflector is known), then the median over
-        reflectors. None when no reflector ever answered. `self.delay_hi` is the same with the
-        higher of the samples (calm means calm in all of them)."""
+        """The round's delay above baseline in ms (median over reflectors); a known reflector
+        that did not answer counts as late; None when no reflector ever answered."""
         dt = 0.0 if self.last is None else min(1.0, max(0.0, now - self.last))
+        delays = []
         for host, ms in rtts.items():
             base = self.baseline.get(host)
             if ms is None:
                 if base is not None:
-                    self.recent[host] = [*self.recent.get(host, []), float("inf")][-FILTER:]
+                    delays.append(float("inf"))
                 continue
             if base is None or ms < base:
                 base = ms if base is None else base + (ms - base) * BASELINE_DOWN
             else:
                 base += (ms - base) * min(1.0, BASELINE_UP_S * dt)
             self.baseline[host] = base
-            self.recent[host] = [*self.recent.get(host, []), max(0.0, ms - base)][-FILTER:]
+            delays.append(max(0.0, ms - base))
         if any(ms is not None for ms in rtts.values()):
             self.answered = now
-        known = [self.recent[h] for h in rtts if h in self.recent]
-        if not known:
+        if not delays:
             return None
-        lo, hi = sorted(min(r) for r in known), sorted(max(r) for r in known)
-        self.delay_hi = hi[len(hi) // 2]
-        return lo[len(lo) // 2]
+        delays.sort()
+        return delays[len(delays) // 2]
 
     def feed(self, now: float, rtts: dict[str, float | None], caps, lines) -> tuple[float, ...]:
         d = self.delay(now, rtts)
@@ -207,16 +200,14 @@ class LatencyEstimator:
         if d is None:
             return tuple(caps)
         self.delay_ms = d
-        if d > self.threshold:
-            self.calm_since = None
-            if now - self.last_cut < REFRACTORY_S:
-                return tuple(caps)
+        self.rounds = [*self.rounds, d > self.threshold][-WINDOW:]
+        if sum(self.rounds) >= CONGESTED:
             worst = min(d, 3 * self.threshold) / self.threshold  # 1 .. 3
             cut = CUT[0] + (CUT[1] - CUT[0]) * (worst - 1) / 2
             self.ceiling = tuple(caps)
-            self.last_cut = now
+            self.rounds, self.last_cut, self.calm_since = [], now, None
             return tuple(c * cut for c in caps)
-        if self.delay_hi is None or self.delay_hi >= self.threshold / 2:
+        if d >= self.threshold / 2 or self.rounds[-1]:
             self.calm_since = None
             return tuple(caps)
         if self.calm_since is None:

@@ -149,9 +149,13 @@ def _owner_lowers_cap(home: HomeLab, node: HomeNode, source: str, within: float)
                  "the cap to come back after the owner stopped")
         metrics = node.get("/metrics")
         f = node.get("/health")["idle"]
-        for key in ("line_down_mbit", "cap_down_mbit", "age_s") + (
+        # /health and /metrics carry the figures: line, owner use (upnp) or delay (latency), margin,
+        # cap, source, and how fresh they are
+        for key in ("line_down_mbit", "line_up_mbit", "cap_down_mbit", "cap_up_mbit", "age_s") + (
                 ("owner_down_mbit", "margin_down_mbit") if source == "upnp" else ("delay_ms", "threshold_ms")):
+            assert f[key] is not None, (key, f)
             assert f"\nidlewire_idle_{key} " in metrics, key
+        assert f["age_s"] <= 5 and f["line_down_mbit"] == 40
         assert f"idlewire_idle_source {1 if source == 'upnp' else 2}" in metrics
         # the shipped verify suite names the source in use and passes
         ok, out = verify_node_mode(node, source)
