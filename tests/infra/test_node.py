@@ -47,10 +47,15 @@ def test_api_listens_on_management_only(node):
     assert not missing, f"the API does not listen on {missing} (agent_api_listen)"
 
 
-def test_api_health_ok(node):
+def health(node) -> tuple[int, str]:
+    """GET /health from the node itself, on the first agent_api_listen address."""
     addr = node.v["agent_api_listen"][0]
     host = f"[{addr}]" if ":" in addr else addr
-    code, body = node.http_get(f"http://{host}:{int(node.v['agent_api_port'])}/health")
+    return node.http_get(f"http://{host}:{int(node.v['agent_api_port'])}/health")
+
+
+def test_api_health_ok(node):
+    code, body = health(node)
     assert code == 200, f"/health answered {code}: {body[:200]}"
     assert json.loads(body).get("status") == "ok", body[:200]
 
@@ -73,9 +78,7 @@ def test_node_mode_measures_the_owner(node):
     want = str(want or "auto")
     if want == "off":
         pytest.skip("agent_idle_source is off: the buyers get the fixed caps")
-    addr = node.v["agent_api_listen"][0]
-    host = f"[{addr}]" if ":" in addr else addr
-    code, body = node.http_get(f"http://{host}:{int(node.v['agent_api_port'])}/health")
+    code, body = health(node)
     assert code == 200, f"node mode: /health answered {code}, so which source measures the owner is unknown"
     idle = json.loads(body).get("idle") or {}
     src = idle.get("source")
@@ -201,9 +204,7 @@ def idle_caps(node) -> dict[str, float]:
     """Node mode with a working measurement: the buyers' caps the agent keeps in force below
     what the owner leaves idle ({"up": Mbit/s, "down": Mbit/s}, from /health), which the tunnel's
     trees carry instead of the configured caps; {} otherwise."""
-    addr = node.v["agent_api_listen"][0]
-    host = f"[{addr}]" if ":" in addr else addr
-    code, body = node.http_get(f"http://{host}:{int(node.v['agent_api_port'])}/health")
+    code, body = health(node)
     idle = (json.loads(body).get("idle") or {}) if code == 200 else {}
     if idle.get("source") not in IDLE_SOURCES["auto"]:
         return {}
