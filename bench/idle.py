@@ -54,12 +54,16 @@ def run_source(source: str, line: float, seconds: float, interval: float, latenc
         home.iperf_server(5202)
         node.start()
         samples: list[tuple[float, float]] = []
+        delays: list[tuple[float, float]] = []  # latency source: its delay above baseline, ms
         stop = threading.Event()
 
         def watch():
             while not stop.is_set():
                 with contextlib.suppress(OSError, KeyError):
-                    samples.append((time.monotonic(), node.get("/health")["idle"]["cap_down_mbit"]))
+                    f = node.get("/health")["idle"]
+                    samples.append((time.monotonic(), f["cap_down_mbit"]))
+                    if f.get("delay_ms") is not None:
+                        delays.append((time.monotonic(), f["delay_ms"]))
                 stop.wait(0.1)
 
         try:
@@ -100,7 +104,15 @@ def run_source(source: str, line: float, seconds: float, interval: float, latenc
                 "ping_p95_idle_ms": idle_p95,
                 "ping_p95_added_ms": round(busy_p95 - idle_p95, 1),
                 "cap_before_mbit": cap_before,
-                "cap_min_mbit": min((c for t, c in samples if t_on <= t <= t_off), default=None)}
+                "cap_min_mbit": min((c for t, c in samples if t_on <= t <= t_off), default=None),
+                # what the latency source saw with the buyer alone (before the owner): its false alarms
+                "delay_p95_buyer_only_ms": p95([d for t, d in delays if t < t_on]),
+                "delay_p95_owner_ms": p95([d for t, d in delays if t_on + 3 <= t <= t_off])}
+
+
+def p95(values: list[float]) -> float | None:
+    values = sorted(values)
+    return round(values[int(len(values) * 0.95)], 1) if values else None
 
 
 def main() -> int:
@@ -131,7 +143,9 @@ def main() -> int:
         print(f"{r['source']:8} {s(r['follow_down_s'], ' s'):>12} {s(r['follow_up_s'], ' s'):>10} "
               f"{r['owner_ratio']:>12.3f} {r['owner_alone_ratio']:>8.3f} {s(r['ping_p95_added_ms'], ' ms'):>11} "
               f"{s(r['cap_before_mbit']):>10} "
-              f"{s(r['cap_min_mbit']):>8}")
+              f"{s(r['cap_min_mbit']):>8}"
+              + (f"  delay p95 {s(r['delay_p95_buyer_only_ms'], ' ms')} buyer only, "
+                 f"{s(r['delay_p95_owner_ms'], ' ms')} with the owner" if r["delay_p95_owner_ms"] is not None else ""))
     print("goal: the cap follows in <= 3 s (issue 17)")
     return 0
 

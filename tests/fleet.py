@@ -351,6 +351,9 @@ class Fleet:
             "        firewall_wan_interface: eth0",
             f"        agent_cap_up_mbit: {CAP_UP_MBIT}",
             f"        agent_cap_down_mbit: {CAP_DOWN_MBIT}",
+            "        # Node mode measures the owner by latency here (no UPnP router in this lab, the",
+            "        # default public reflectors unreachable): the controller answers the pings.",
+            f"        agent_idle_reflectors: [\"{self.net}.1\"]",
         ]
         self.inventory.write_text("\n".join(lines) + "\n")
 

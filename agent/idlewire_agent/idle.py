@@ -12,14 +12,18 @@ schedule makes: the effective cap is the minimum of both). The owner's use comes
   the difference per interval (a bursty owner does not make the cap flap). While the line is
   full and the owner on it, the owner's TCP is squeezed and hides its demand: the cap halves
   per interval until the line has room again.
-* **latency** — when the router offers no counters: the cake-autorate idea. RTT to stable
-  reflectors (`[home] reflectors`, ICMP echo, the median of 3 per interval so one burst is not
-  load), a baseline that follows a lower RTT at once and a
-  higher one only slowly; when the delay above baseline exceeds `latency_ms`, the line is
-  congested and the cap backs off (x0.7 per interval, down to the floor); while the delay stays
-  below half of it (after 2 such intervals in a row) the cap probes up by 5 % of the line per
-  interval. ICMP echo cannot tell
-  which direction is congested: both caps back off together.
+* **latency** — when the router offers no counters: the cake-autorate idea (LatencyEstimator).
+  A round of ICMP echoes to every reflector (`[home] reflectors`) every ROUND s (at most a
+  quarter of `interval`), timed by the kernel's receive timestamp (a busy node's late wake-up is
+  not delay). Per reflector a baseline RTT that follows a lower RTT at once and a higher one
+  slowly; the round's delay is the median over reflectors of RTT - baseline (one reflector's
+  own trouble is not load). Congested: 2 of the last 3 rounds above `latency_ms` → the caps are
+  cut (x0.75 at the threshold down to x0.5 at 3x it), then the window starts afresh (a
+  refractory period: the queue needs time to drain). Calm (below half the threshold, for
+  CALM_S, HOLD_S after the last cut): the caps grow fast (x GROW per second) except near the
+  cap at which the line last congested (x PLATEAU there), so a steady owner sees a slow probe
+  and a departed owner a quick return. ICMP echo cannot tell which direction is congested:
+  both caps move together.
 * **none** — `source = "off"`, or nothing works (no IGD counters, no reflector answers): the
   configured caps, and `/health` says why.
 
@@ -28,6 +32,7 @@ schedule makes: the effective cap is the minimum of both). The owner's use comes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -38,12 +43,21 @@ import time
 from . import upnp
 
 log = logging.getLogger("idlewire.idle")
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
-BACKOFF = 0.7  # latency source: the cap is multiplied by this per congested interval
-PROBE_STEP = 0.05  # ... and grows by this share of the line per calm interval
-CALM = 2  # ... once this many calm intervals followed the last congested one
-BASELINE_UP = 0.01  # a higher RTT moves the baseline by this share of the difference per sample
-PROBES = 3  # latency source: echoes per reflector per interval; their median counts (one burst is not load)
+# latency source (LatencyEstimator); rates are per second, so the round's length does not matter
+ROUND = 0.25  # s between echo rounds (at most interval / 4)
+CUT = (0.75, 0.5)  # the caps' factor per cut: at the threshold .. at 3x it and above
+WINDOW, CONGESTED = 3, 2  # congested: this many of the last WINDOW rounds above the threshold
+CALM_S = 0.5  # grow only after this long below half the threshold ...
+HOLD_S = 0.75  # ... and this long after the last cut
+GROW = 3.0  # x per second while calm, away from where the line last congested
+PLATEAU = 1.3  # x per second within PLATEAU_BAND of that cap (a steady owner is probed gently)
+PLATEAU_BAND = (0.8, 1.15)
+GROW_MIN = 0.05  # ... and at least this share of the line per second (from a tiny cap)
+BASELINE_UP_S = 1 / 60  # a higher RTT moves the baseline by this share of the difference per second
+BASELINE_DOWN = 0.9  # a lower RTT moves it by this share at once
+STALE_S = 5.0  # no reflector answered for this long (and 2 intervals): the source does not work
 RELEASE = 0.75  # upnp source: a falling owner rate is followed by this share of the difference per interval
 SQUEEZE = 0.5  # upnp source: the cap's factor per interval while the line is full and the owner on it
 
@@ -69,6 +83,8 @@ class Pinger:
         except OSError:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
             self.raw = True
+        with contextlib.suppress(OSError):  # kernel receive timestamps (Linux; else the time we woke)
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.ident = os.getpid() & 0xFFFF
         self.seq = 0
 
@@ -81,37 +97,129 @@ class Pinger:
         s += s >> 16
         return ~s & 0xFFFF
 
-    def rtt(self, host: str, timeout: float = 1.0) -> float | None:
-        """Round-trip time to `host` in seconds, None when no answer came in `timeout`."""
-        self.seq = (self.seq + 1) & 0xFFFF
-        payload = b"idlewire" + struct.pack("!d", time.monotonic())
-        head = struct.pack("!BBHHH", 8, 0, 0, self.ident, self.seq)
-        head = struct.pack("!BBHHH", 8, 0, self._checksum(head + payload), self.ident, self.seq)
-        t0 = time.monotonic()
-        try:
-            self.sock.sendto(head + payload, (host, 0))
-        except OSError:
-            return None
-        deadline = t0 + timeout
-        while True:
+    def _clock(self, ancdata) -> float:
+        """The kernel's receive time (SO_TIMESTAMPNS) when it gave one, else now."""
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = struct.unpack("@qq", data[:16])
+                return sec + nsec / 1e9
+        return time.time()
+
+    def round(self, hosts, timeout: float = 1.0) -> dict[str, float | None]:
+        """One echo to each host at once; {host: round-trip time in s, None when no answer came
+        within `timeout`}. Replies are timed by the kernel's receive timestamp, so a node too
+        busy to wake up at once does not read its own lateness as the line's delay."""
+        out: dict[str, float | None] = dict.fromkeys(hosts)
+        sent: dict[int, tuple[str, float, float]] = {}
+        for host in out:
+            self.seq = (self.seq + 1) & 0xFFFF
+            head = struct.pack("!BBHHH", 8, 0, 0, self.ident, self.seq)
+            payload = b"idlewire" + struct.pack("!H", self.seq)
+            head = struct.pack("!BBHHH", 8, 0, self._checksum(head + payload), self.ident, self.seq)
+            t0, m0 = time.time(), time.monotonic()
+            try:
+                self.sock.sendto(head + payload, (host, 0))
+            except OSError:
+                continue
+            sent[self.seq] = (host, t0, m0)
+        deadline = time.monotonic() + timeout
+        while sent:
             left = deadline - time.monotonic()
             if left <= 0:
-                return None
+                break
             self.sock.settimeout(left)
             try:
-                data, addr = self.sock.recvfrom(2048)
+                data, anc, _flags, addr = self.sock.recvmsg(2048, socket.CMSG_SPACE(16))
             except (TimeoutError, OSError):
-                return None
+                break
+            t1 = self._clock(anc)
             if self.raw:
                 data = data[(data[0] & 0x0F) * 4:]
-            if len(data) < 8 or data[0] != 0 or addr[0] != host:
+            if len(data) < 8 or data[0] != 0:
                 continue
             _, _, _, ident, seq = struct.unpack("!BBHHH", data[:8])
-            if seq == self.seq and (ident == self.ident or not self.raw):
-                return time.monotonic() - t0
+            if seq in sent and sent[seq][0] == addr[0] and (ident == self.ident or not self.raw):
+                host, t0, m0 = sent.pop(seq)
+                rtt = t1 - t0
+                # the wall clock stepped in between (NTP): our own monotonic timing instead
+                out[host] = rtt if 0 <= rtt <= timeout + 1 else time.monotonic() - m0
+        return out
+
+    def rtt(self, host: str, timeout: float = 1.0) -> float | None:
+        """Round-trip time to `host` in seconds, None when no answer came in `timeout`."""
+        return self.round([host], timeout)[host]
 
     def close(self) -> None:
         self.sock.close()
+
+
+class LatencyEstimator:
+    """The latency source's logic, without sockets or clocks: `feed(now, rtts, caps, lines)` takes
+    one round of echoes ({reflector: RTT in ms, None for a loss}) and returns the new caps
+    (unbounded: the meter bounds them). See the module's docstring for the rules."""
+
+    def __init__(self, threshold_ms: float):
+        self.threshold = threshold_ms
+        self.baseline: dict[str, float] = {}  # per reflector, ms
+        self.delay_ms: float | None = None  # the last round's (median over reflectors)
+        self.rounds: list[bool] = []  # the last WINDOW rounds: above the threshold?
+        self.last = None  # time of the last round
+        self.last_cut = float("-inf")
+        self.calm_since: float | None = None
+        self.answered: float | None = None  # time of the last round any reflector answered
+        self.ceiling: tuple[float, ...] | None = None  # the caps at which the line last congested
+
+    def delay(self, now: float, rtts: dict[str, float | None]) -> float | None:
+        """The round's delay above baseline in ms (median over reflectors); a known reflector
+        that did not answer counts as late; None when no reflector ever answered."""
+        dt = 0.0 if self.last is None else min(1.0, max(0.0, now - self.last))
+        delays = []
+        for host, ms in rtts.items():
+            base = self.baseline.get(host)
+            if ms is None:
+                if base is not None:
+                    delays.append(float("inf"))
+                continue
+            if base is None or ms < base:
+                base = ms if base is None else base + (ms - base) * BASELINE_DOWN
+            else:
+                base += (ms - base) * min(1.0, BASELINE_UP_S * dt)
+            self.baseline[host] = base
+            delays.append(max(0.0, ms - base))
+        if any(ms is not None for ms in rtts.values()):
+            self.answered = now
+        if not delays:
+            return None
+        delays.sort()
+        return delays[len(delays) // 2]
+
+    def feed(self, now: float, rtts: dict[str, float | None], caps, lines) -> tuple[float, ...]:
+        d = self.delay(now, rtts)
+        dt = 0.0 if self.last is None else min(1.0, max(0.0, now - self.last))
+        self.last = now
+        if d is None:
+            return tuple(caps)
+        self.delay_ms = d
+        self.rounds = [*self.rounds, d > self.threshold][-WINDOW:]
+        if sum(self.rounds) >= CONGESTED:
+            worst = min(d, 3 * self.threshold) / self.threshold  # 1 .. 3
+            cut = CUT[0] + (CUT[1] - CUT[0]) * (worst - 1) / 2
+            self.ceiling = tuple(caps)
+            self.rounds, self.last_cut, self.calm_since = [], now, None
+            return tuple(c * cut for c in caps)
+        if d >= self.threshold / 2 or self.rounds[-1]:
+            self.calm_since = None
+            return tuple(caps)
+        if self.calm_since is None:
+            self.calm_since = now
+        if now - self.calm_since < CALM_S or now - self.last_cut < HOLD_S:
+            return tuple(caps)
+        out = []
+        for i, (c, line) in enumerate(zip(caps, lines, strict=True)):
+            near = self.ceiling is not None and \
+                PLATEAU_BAND[0] * self.ceiling[i] <= c <= PLATEAU_BAND[1] * self.ceiling[i]
+            out.append(c * (PLATEAU if near else GROW) ** dt + line * GROW_MIN * dt)
+        return tuple(out)
 
 
 class IdleMeter:
@@ -133,10 +241,11 @@ class IdleMeter:
         self.why = "not measured yet"
         self.owner = [0.0, 0.0]  # up, down, bit/s (smoothed)
         self.delay_ms: float | None = None
-        self.baseline: dict[str, float] = {}
         self._last: tuple[float, tuple[int, int], tuple[int, int]] | None = None
         self._pinger: Pinger | None = None
-        self._calm = CALM + 1  # latency source: calm intervals in a row
+        self._est = LatencyEstimator(home.latency_ms)
+        self._stop = threading.Event()
+        self.measured: float | None = None  # clock() of the last figure a source produced
         self.lock = threading.Lock()
 
     # --- the caps -------------------------------------------------------------------------------
@@ -206,9 +315,11 @@ class IdleMeter:
                 cap = min(cap, self.caps[i] * SQUEEZE)
             caps.append(int(cap))
         self.caps = self._bounded(caps)
+        self.measured = now
         return True
 
     def _latency(self) -> bool:
+        """Echo rounds for one interval, the caps following after each round."""
         if not self.home.reflectors:
             self.why = "no reflectors configured"
             return False
@@ -218,38 +329,31 @@ class IdleMeter:
             except OSError as exc:
                 self.why = f"cannot send ICMP echo: {exc.strerror}"
                 return False
-        delays = []
-        rtts: dict[str, list[float]] = {}
-        for k in range(PROBES):
-            if k:
-                time.sleep(self.home.interval / (PROBES + 1))
-            for host in self.home.reflectors:
-                rtt = self._pinger.rtt(host, timeout=min(1.0, self.home.interval / 2))
-                rtts.setdefault(host, []).append(1e9 if rtt is None else rtt * 1000)  # a loss is late
-        for host, ms_list in rtts.items():
-            if min(ms_list) >= 1e9:
-                continue
-            ms_list.sort()
-            base = self.baseline.get(host, ms_list[0])
-            base = ms_list[0] if ms_list[0] < base else base + (ms_list[0] - base) * BASELINE_UP
-            self.baseline[host] = base
-            delays.append(min(ms_list[len(ms_list) // 2] - base, 10_000.0))
-        if not delays:
-            self.why = f"no reflector answered ({', '.join(self.home.reflectors)})"
-            return False
-        delays.sort()
-        self.delay_ms = delays[len(delays) // 2]
-        lines = (self.sh.line_up, self.sh.line_down)
-        if self.delay_ms > self.home.latency_ms:
-            self._calm = 0
-            self.caps = tuple(int(c * BACKOFF) for c in self.caps)  # type: ignore[assignment]
-        elif self.delay_ms < self.home.latency_ms / 2:
-            self._calm += 1
-            if self._calm > CALM:  # after a back-off the queue drains at once: that is not room yet
-                self.caps = tuple(int(c + line * PROBE_STEP)  # type: ignore[assignment]
-                                  for c, line in zip(self.caps, lines, strict=True))
-        self.caps = self._bounded(self.caps)
-        return True
+        est = self._est
+        step = min(ROUND, self.home.interval / 4)
+        start = self.clock()
+        stale = max(STALE_S, 2 * self.home.interval)
+        if est.answered is None:
+            est.answered = start  # a first chance as long as a later silence gets
+        while True:
+            t0 = self.clock()
+            got = self._pinger.round(self.home.reflectors, timeout=min(1.0, max(step, 0.2)))
+            now = self.clock()
+            rtts = {h: None if r is None else r * 1000 for h, r in got.items()}
+            lines = (self.sh.line_up, self.sh.line_down)
+            caps = est.feed(now, rtts, self.caps, lines)
+            if not est.baseline or now - est.answered > stale:
+                self.why = (f"no reflector answered{'' if not est.baseline else f' for {now - est.answered:.0f} s'}"
+                            f" ({', '.join(self.home.reflectors)})")
+                return False
+            self.delay_ms = est.delay_ms
+            self.caps = self._bounded(caps)
+            self.measured = now
+            if self.source == "latency":  # (the first round of a switch is applied by tick)
+                self._apply()
+            if now - start + step > self.home.interval or self._stop.is_set():
+                return True
+            self._stop.wait(max(0.0, step - (self.clock() - t0)))
 
     def tick(self) -> str:
         """One measurement and, if the caps moved, one set_caps; returns the source used."""
@@ -268,6 +372,7 @@ class IdleMeter:
         return used
 
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop
         while not stop.is_set():
             t0 = self.clock()
             try:
@@ -279,14 +384,38 @@ class IdleMeter:
             self._pinger.close()
 
     def figures(self) -> dict:
+        """What /health (`idle`) and /metrics show: the source in use (or why none), the line, the
+        owner's use (upnp: measured; latency: not knowable, its delay instead), the margin kept
+        for the owner, the caps in force and how old the last figure is."""
         applied = self.applied or self.base
-        return {"mode": "node", "source": self.source, "why": None if self.source != "none" else self.why,
-                "owner_up_mbit": round(self.owner[0] / 1e6, 3) if self.source == "upnp" else None,
-                "owner_down_mbit": round(self.owner[1] / 1e6, 3) if self.source == "upnp" else None,
-                "delay_ms": round(self.delay_ms, 2) if self.source == "latency" and self.delay_ms is not None
-                else None,
+        src = self.source
+        margin = self.home.margin_percent / 100
+        age = None if self.measured is None or src == "none" else round(max(0.0, self.clock() - self.measured), 2)
+        return {"mode": "node", "source": src, "why": None if src != "none" else self.why,
+                "owner_up_mbit": round(self.owner[0] / 1e6, 3) if src == "upnp" else None,
+                "owner_down_mbit": round(self.owner[1] / 1e6, 3) if src == "upnp" else None,
+                "delay_ms": round(self.delay_ms, 2) if src == "latency" and self.delay_ms is not None else None,
+                "threshold_ms": self.home.latency_ms if src == "latency" else None,
+                "margin_up_mbit": round(self.sh.line_up * margin / 1e6, 3) if src == "upnp" else None,
+                "margin_down_mbit": round(self.sh.line_down * margin / 1e6, 3) if src == "upnp" else None,
                 "cap_up_mbit": round(applied[0] / 1e6, 3), "cap_down_mbit": round(applied[1] / 1e6, 3),
-                "line_up_mbit": self.sh.line_up / 1e6, "line_down_mbit": self.sh.line_down / 1e6}
+                "line_up_mbit": self.sh.line_up / 1e6, "line_down_mbit": self.sh.line_down / 1e6,
+                "age_s": age, "interval_s": self.home.interval}
+
+
+# figures() keys shown in /metrics as idlewire_idle_KEY (absent while None), with their help line
+IDLE_METRICS = {
+    "line_up_mbit": "the line's upload, Mbit/s", "line_down_mbit": "the line's download, Mbit/s",
+    "owner_up_mbit": "the owner's upload from the router's counters, Mbit/s",
+    "owner_down_mbit": "the owner's download from the router's counters, Mbit/s",
+    "margin_up_mbit": "upload kept free for the owner's next burst, Mbit/s",
+    "margin_down_mbit": "download kept free for the owner's next burst, Mbit/s",
+    "delay_ms": "latency source: delay above the baseline RTT, ms",
+    "threshold_ms": "latency source: the delay that means the line is busy, ms",
+    "cap_up_mbit": "the buyers' upload cap in force, Mbit/s",
+    "cap_down_mbit": "the buyers' download cap in force, Mbit/s",
+    "age_s": "seconds since the source's last figure",
+}
 
 
 class Home:
@@ -325,16 +454,24 @@ class Home:
     def igd(self):
         if self.mapper is not None:
             return self.mapper.igd
-        if not hasattr(self, "_igd"):
+        first = not hasattr(self, "_igd")
+        if first:
             self._igd = None
             self._igd_tried = 0.0
         now = time.monotonic()
         if self._igd is None and now - self._igd_tried > 60:  # rediscover once a minute at most
             self._igd_tried = now
-            self._igd, _ = upnp.discover()
-            if self._igd is not None and upnp.is_public(self._igd.external_ip):
-                self._public(self._igd.external_ip)
+            if first:  # the first measurement waits for it (upnp is the better source) ...
+                self._discover()
+            else:  # ... later ones do not: SSDP and NAT-PMP take seconds the latency source needs
+                threading.Thread(target=self._discover, daemon=True, name="igd").start()
         return self._igd
+
+    def _discover(self) -> None:
+        igd, _ = upnp.discover()
+        if igd is not None and upnp.is_public(igd.external_ip):
+            self._public(igd.external_ip)
+        self._igd = igd
 
     def start_meter(self, shaping, apply):
         """In node mode, an IdleMeter between the schedule and the shaper; returns what the
@@ -372,7 +509,7 @@ class Home:
             f = self.meter.figures()
             out.append(("idlewire_idle_source", "gauge", "Owner measurement in use: 0 none, 1 upnp, 2 latency",
                         {"none": 0, "upnp": 1, "latency": 2}[f["source"]]))
-            for k in ("owner_up_mbit", "owner_down_mbit", "delay_ms", "cap_up_mbit", "cap_down_mbit"):
+            for k, doc in IDLE_METRICS.items():
                 if f[k] is not None:
-                    out.append((f"idlewire_idle_{k}", "gauge", f"Node mode: {k.replace('_', ' ')}", f[k]))
+                    out.append((f"idlewire_idle_{k}", "gauge", f"Node mode: {doc}", f[k]))
         return out

@@ -139,7 +139,7 @@ def test_verify_names_exactly_what_broke(fleet):
         n3.name: {"test_nft_isolation_table_loaded"},
         # The agent carries the API and the tunnel (its trees go with the tunnel interface).
         n4.name: {"test_agent_service_active_and_enabled", "test_api_listens_on_management_only",
-                  "test_api_health_ok", "test_wireguard_port_on_wan"},
+                  "test_api_health_ok", "test_wireguard_port_on_wan", "test_node_mode_measures_the_owner"},
         n5.name: {"test_ssh_password_authentication_off"},
     }, failed
     assert f"want {CAP_DOWN_MBIT} Mbit/s (agent_cap_down_mbit)" in \

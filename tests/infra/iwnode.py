@@ -42,6 +42,10 @@ FEATURES = {
     "cap_up_mbit": ("agent_cap_up_mbit",),
     "cap_down_mbit": ("agent_cap_down_mbit",),
     "schedule": ("agent_schedule",),
+    # How the node sits in the home ([home] of node.toml): "node" measures the owner's use.
+    "mode": ("agent_mode",),
+    "idle_source": ("agent_idle_source",),
+    "idle_interval": ("agent_idle_interval",),
 }
 BOOT_DIRS = ("/boot/firmware", "/boot/efi")
 STAMP_SECRETS = ("node.key", "stamp.toml")  # what `idlewire stamp` leaves on the boot partition

@@ -47,12 +47,51 @@ def test_api_listens_on_management_only(node):
     assert not missing, f"the API does not listen on {missing} (agent_api_listen)"
 
 
-def test_api_health_ok(node):
+def health(node) -> tuple[int, str]:
+    """GET /health from the node itself, on the first agent_api_listen address."""
     addr = node.v["agent_api_listen"][0]
     host = f"[{addr}]" if ":" in addr else addr
-    code, body = node.http_get(f"http://{host}:{int(node.v['agent_api_port'])}/health")
+    return node.http_get(f"http://{host}:{int(node.v['agent_api_port'])}/health")
+
+
+def test_api_health_ok(node):
+    code, body = health(node)
     assert code == 200, f"/health answered {code}: {body[:200]}"
     assert json.loads(body).get("status") == "ok", body[:200]
+
+
+# What [home] source may be in use for each agent_idle_source.
+IDLE_SOURCES = {"auto": {"upnp", "latency"}, "upnp": {"upnp"}, "latency": {"latency"}}
+
+
+def test_node_mode_measures_the_owner(node):
+    """Node mode: the owner's traffic does not cross the node, so the agent measures it (the home
+    router's WAN counters over UPnP IGD, else latency to reflectors) and keeps the buyers' cap
+    below what is idle. Which source is in use, and that it produced a figure lately."""
+    _, mode = feature(node.v, "mode")
+    if mode not in (None, "node"):
+        pytest.skip(f"agent_mode is {mode!r}: the owner's traffic crosses the node, nothing to measure")
+    _, on = feature(node.v, "shaping")
+    if not on or str(on).lower() in ("false", "0", "no"):
+        pytest.skip("shaping is not deployed (agent_shaping_enabled): no buyers' cap for node mode to lower")
+    _, want = feature(node.v, "idle_source")
+    want = str(want or "auto")
+    if want == "off":
+        pytest.skip("agent_idle_source is off: the buyers get the fixed caps")
+    code, body = health(node)
+    assert code == 200, f"node mode: /health answered {code}, so which source measures the owner is unknown"
+    idle = json.loads(body).get("idle") or {}
+    src = idle.get("source")
+    assert idle, "/health has no idle figures: this agent does not measure the owner (an old agent?)"
+    assert src != "none", (
+        f"node mode measures nothing ({idle.get('why')}): buyers keep the fixed caps while the owner "
+        "uses the line; turn UPnP IGD on in the home router, or set agent_idle_reflectors to hosts that answer ping")
+    assert src in IDLE_SOURCES.get(want, {src}), f"the owner is measured by {src}, but agent_idle_source is {want}"
+    _, interval = feature(node.v, "idle_interval")
+    interval = float(idle.get("interval_s") or interval or 2)
+    age = idle.get("age_s")
+    assert age is not None and age <= 3 * interval + 5, \
+        f"the {src} source's last figure is {age} s old (interval {interval:g} s): the measurement is stuck"
 
 
 def test_wireguard_port_on_wan(node):
@@ -123,19 +162,21 @@ def test_tc_tree_on_wan_with_configured_caps(node):
     _, rules = feature(node.v, "schedule")
     problems = []
 
-    def check(dev: str | None, what: str, want_var: str, extra: tuple[float, ...] = ()) -> None:
+    def check(dev: str | None, what: str, want_var: str, extra: tuple[float, ...] = (),
+              measured: tuple[float, ...] = ()) -> None:
         var, mbit = feature(node.v, want_var)
         if mbit is None or dev is None:
             return
-        want = {float(mbit), *extra}
+        want = {float(mbit), *extra, *measured}
         cls = node.htb_class(dev)
         if cls is None:
             problems.append(f"{dev} ({what}) has no HTB class 1:1")
             return
         if not any(abs(cls["ceil"] - w * 1e6) <= w * 1e4 for w in want):
             sched = f" or a scheduled cap {sorted(extra)}" if extra else ""
+            meas = f", or the measured cap in force {sorted(set(measured))} (/health idle)" if measured else ""
             problems.append(f"{dev} ({what}) ceil {cls['ceil'] / 1e6:g} Mbit/s, want {float(mbit):g} "
-                            f"Mbit/s{sched} ({var})")
+                            f"Mbit/s{sched} ({var}){meas}")
 
     wan_ifb = node.ingress_ifb(wan)
     if wan_ifb is None:
@@ -150,11 +191,24 @@ def test_tc_tree_on_wan_with_configured_caps(node):
         if tun_ifb is None:
             problems.append(f"the ingress of {tun} ({tun_var}) is not redirected to an IFB: buyers' "
                             "upload is not capped")
+        measured = idle_caps(node), idle_caps(node)  # (node mode) before and after reading tc
         for direction, dev, what in (("down", tun, "buyers' download"), ("up", tun_ifb, "buyers' upload")):
             scheduled = tuple(float(r[f"cap_{direction}_mbit"]) for r in rules or []
                               if isinstance(r, dict) and f"cap_{direction}_mbit" in r)
-            check(dev, what, f"cap_{direction}_mbit", scheduled)
+            check(dev, what, f"cap_{direction}_mbit", scheduled,
+                  tuple(m[direction] for m in measured if direction in m))
     assert not problems, "; ".join(problems)
+
+
+def idle_caps(node) -> dict[str, float]:
+    """Node mode with a working measurement: the buyers' caps the agent keeps in force below
+    what the owner leaves idle ({"up": Mbit/s, "down": Mbit/s}, from /health), which the tunnel's
+    trees carry instead of the configured caps; {} otherwise."""
+    code, body = health(node)
+    idle = (json.loads(body).get("idle") or {}) if code == 200 else {}
+    if idle.get("source") not in IDLE_SOURCES["auto"]:
+        return {}
+    return {d: float(idle[f"cap_{d}_mbit"]) for d in ("up", "down") if idle.get(f"cap_{d}_mbit") is not None}
 
 
 def test_ssh_password_authentication_off(node):

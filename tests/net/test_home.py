@@ -148,7 +148,51 @@ def _owner_lowers_cap(home: HomeLab, node: HomeNode, source: str, within: float)
         wait_for(lambda: node.get("/health")["idle"]["cap_down_mbit"] >= 0.8 * top, 60,
                  "the cap to come back after the owner stopped")
         metrics = node.get("/metrics")
-        assert "idlewire_idle_cap_down_mbit" in metrics
+        f = node.get("/health")["idle"]
+        # /health and /metrics carry the figures: line, owner use (upnp) or delay (latency), margin,
+        # cap, source, and how fresh they are
+        for key in ("line_down_mbit", "line_up_mbit", "cap_down_mbit", "cap_up_mbit", "age_s") + (
+                ("owner_down_mbit", "margin_down_mbit") if source == "upnp" else ("delay_ms", "threshold_ms")):
+            assert f[key] is not None, (key, f)
+            assert f"\nidlewire_idle_{key} " in metrics, key
+        assert f["age_s"] <= 5 and f["line_down_mbit"] == 40
+        assert f"idlewire_idle_source {1 if source == 'upnp' else 2}" in metrics
+        # the shipped verify suite names the source in use and passes
+        ok, out = verify_node_mode(node, source)
+        assert ok, out
+    finally:
+        node.stop()
+
+
+def verify_node_mode(node: HomeNode, source: str = "auto") -> tuple[bool, str]:
+    """The shipped suite's node-mode check (tests/infra, what `idlewire verify` runs), run as
+    stock testinfra does on the machine that reaches the node's API (here: its loopback forwarder)."""
+    root = Path(__file__).resolve().parents[2]
+    vars_file = node.tmp / "verify-vars.json"
+    vars_file.write_text(json.dumps({"agent_mode": "node", "agent_shaping_enabled": True, "agent_idle_source": source,
+                                     "agent_idle_interval": 1.0, "agent_api_listen": ["127.0.0.1"],
+                                     "agent_api_port": int(node.url.rsplit(":", 1)[1])}))
+    res = subprocess.run([sys.executable, "-m", "pytest", str(root / "tests" / "infra" / "test_node.py"),
+                          "--hosts=local://", "--iw-vars", str(vars_file), "-k", "node_mode_measures",
+                          "-p", "no:cacheprovider", "-q", "-rfs"], capture_output=True, text=True, cwd=root,
+                         timeout=120)
+    return res.returncode == 0 and " passed" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+
+
+def test_verify_says_when_neither_source_works(homelab, tmp_path):
+    """No UPnP on the router and a reflector that never answers: /health says why, and verify
+    fails with one line naming it and the fix."""
+    home = HomeLab(homelab, tmp_path / "lab", upnp=False)
+    node = HomeNode(home, tmp_path / "node", **SHAPING, home__source="auto", home__reflectors=["11.22.0.99"])
+    node.start()
+    try:
+        idle = wait_for(lambda: (i := node.get("/health").get("idle")) and "reflector" in (i.get("why") or "")
+                        and i, 40, "the meter to give up")
+        assert idle["source"] == "none" and "11.22.0.99" in idle["why"] and idle["cap_down_mbit"] == 30
+        ok, out = verify_node_mode(node)
+        assert not ok
+        assert "node mode measures nothing (no reflector answered (11.22.0.99))" in out, out
+        assert "agent_idle_reflectors" in out
     finally:
         node.stop()
 
