@@ -239,6 +239,7 @@ class IdleMeter:
         self.applied: tuple[int, int] | None = None
         self.source = "none"
         self.why = "not measured yet"
+        self._reason = ""  # why the source just tried gave no figure
         self.owner = [0.0, 0.0]  # up, down, bit/s (smoothed)
         self.delay_ms: float | None = None
         self._last: tuple[float, tuple[int, int], tuple[int, int]] | None = None
@@ -278,17 +279,17 @@ class IdleMeter:
     def _upnp(self) -> bool:
         igd = self.igd()
         if igd is None:
-            self.why = "no UPnP IGD on the LAN"
+            self._reason = "no UPnP IGD on the LAN"
             return False
         try:
             own0 = iface_bytes(self.wan)
             wan = igd.counters()
             own1 = iface_bytes(self.wan)
         except OSError as exc:
-            self.why = f"cannot read this node's counters on {self.wan}: {exc.strerror}"
+            self._reason = f"cannot read this node's counters on {self.wan}: {exc.strerror}"
             return False
         if wan is None:
-            self.why = "the router's IGD does not report its WAN byte counters"
+            self._reason = "the router's IGD does not report its WAN byte counters"
             return False
         # the router read its counters somewhere during the upnpc call (tens of ms on a busy
         # node): ours at the middle of it, so that a buyer at line rate is not taken for the owner
@@ -321,13 +322,13 @@ class IdleMeter:
     def _latency(self) -> bool:
         """Echo rounds for one interval, the caps following after each round."""
         if not self.home.reflectors:
-            self.why = "no reflectors configured"
+            self._reason = "no reflectors configured"
             return False
         if self._pinger is None:
             try:
                 self._pinger = Pinger()
             except OSError as exc:
-                self.why = f"cannot send ICMP echo: {exc.strerror}"
+                self._reason = f"cannot send ICMP echo: {exc.strerror}"
                 return False
         est = self._est
         step = min(ROUND, self.home.interval / 4)
@@ -343,7 +344,7 @@ class IdleMeter:
             lines = (self.sh.line_up, self.sh.line_down)
             caps = est.feed(now, rtts, self.caps, lines)
             if not est.baseline or now - est.answered > stale:
-                self.why = (f"no reflector answered{'' if not est.baseline else f' for {now - est.answered:.0f} s'}"
+                self._reason = (f"no reflector answered{'' if not est.baseline else f' for {now - est.answered:.0f} s'}"
                             f" ({', '.join(self.home.reflectors)})")
                 return False
             self.delay_ms = est.delay_ms
@@ -359,12 +360,20 @@ class IdleMeter:
         """One measurement and, if the caps moved, one set_caps; returns the source used."""
         src = self.home.source
         used = "none"
-        if src in ("auto", "upnp") and self._upnp():
-            used = "upnp"
-        elif src in ("auto", "latency") and self._latency():
-            used = "latency"
+        reasons = []  # each source tried and why it gave nothing, set at once (an API reader
+        if src in ("auto", "upnp"):  # never sees one source's reason while the next is tried)
+            if self._upnp():
+                used = "upnp"
+            else:
+                reasons.append(self._reason)
+        if used == "none" and src in ("auto", "latency"):
+            if self._latency():
+                used = "latency"
+            else:
+                reasons.append(self._reason)
         if used == "none":
             self.caps = self.base
+            self.why = "; ".join(reasons)
         if used != self.source:
             log.info("idle measurement: %s%s", used, "" if used != "none" else f" ({self.why}): configured caps")
             self.source = used

@@ -208,9 +208,11 @@ def test_isolation_loss_removes_every_buyer_peer_within_a_poll(make_node):
 
 
 def node_reload_command(node) -> list[str]:
-    """The ExecReload of the role's rendered unit, pointed at the lab's file."""
+    """The ExecReload of the role's rendered unit that reloads the buyers' table, pointed at the
+    lab's file (the unit's other ExecReload is router mode's table, absent in node mode)."""
     unit = render("firewall", "etc/systemd/system/idlewire-firewall.service.j2", {})
-    (line,) = [ln for ln in unit.splitlines() if ln.startswith("ExecReload=")]
+    (line,) = [ln for ln in unit.splitlines()
+               if ln.startswith("ExecReload=") and ln.endswith("/etc/idlewire/firewall.nft")]
     argv = line.split("=", 1)[1].split()
     return [str(node.fw) if a == "/etc/idlewire/firewall.nft" else a for a in argv]
 

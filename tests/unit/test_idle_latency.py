@@ -168,3 +168,29 @@ def test_meter_reports_the_figures_and_their_age(monkeypatch):
     assert f["source"] == "latency" and f["threshold_ms"] == 15 and f["delay_ms"] == 0
     assert f["line_down_mbit"] == 40 and f["cap_down_mbit"] == 30 and f["owner_down_mbit"] is None
     assert f["age_s"] == pytest.approx(4, abs=0.5)
+
+
+def test_when_no_source_works_why_names_each_one_and_never_half_of_it(monkeypatch):
+    """auto, no IGD and a silent reflector: /health's `why` names both sources; while the latency
+    source is still being tried, a reader sees the previous full reason, not the IGD's alone."""
+    from idlewire_agent import policy
+
+    sh = policy.Shaping(enabled=True, line_up=10_000_000, line_down=40_000_000, floor_up=250_000,
+                        floor_down=1_000_000, cap_up=8_000_000, cap_down=30_000_000)
+    now = [100.0]
+    meter = idle.IdleMeter(policy.Home(source="auto", reflectors=("192.0.2.9",), interval=0.5), sh,
+                           lambda u, d: None, "lo", igd=lambda: None, clock=lambda: now[0])
+    seen = []
+
+    def silent(self, hosts, timeout=1.0):
+        seen.append(meter.figures()["why"])  # what an API reader gets mid-tick
+        now[0] += timeout
+        return dict.fromkeys(hosts)
+
+    monkeypatch.setattr(idle.Pinger, "round", silent)
+    monkeypatch.setattr(meter._stop, "wait", lambda s: now.__setitem__(0, now[0] + s))
+    for _ in range(3):
+        assert meter.tick() == "none"
+    why = meter.figures()["why"]
+    assert why == "no UPnP IGD on the LAN; no reflector answered (192.0.2.9)"
+    assert seen[0] == "not measured yet" and all(w in ("not measured yet", why) for w in seen), seen
