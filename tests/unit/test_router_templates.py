@@ -80,3 +80,34 @@ def test_a_stamped_router_gets_an_access_point_from_the_stamped_wifi(tmp_path):
                  "ignore_broadcast_ssid=1"):
         assert want in lines, (want, lines)
     assert not any("correct horse" in line for line in lines)  # the passphrase never lands
+
+
+@pytest.mark.parametrize(("wan", "want"), [("lo", "router"), ("nosuchwan9", "node")])
+def test_router_mode_is_refused_when_the_wan_port_is_missing(tmp_path, wan, want):
+    """A WAN name that names no port would bridge the WAN line into the owner's LAN (every other
+    port is bridged): idlewire-mode refuses router mode then, saying which ports there are and the
+    fix, and the unit runs as a node. Run for real with sh, its paths pointed into tmp_path."""
+    script = render("base", "usr/local/sbin/idlewire-mode.j2",
+                    {"agent_wan_interface": wan, "base_router_wan_wait": 1})
+    (tmp_path / "router").mkdir()
+    (tmp_path / "router" / "10-idlewire-wan.network").write_text("wan\n")
+    (tmp_path / "router" / "10-idlewire-br-lan.netdev").write_text("bridge\n")
+    agent = tmp_path / "idlewire-agent"
+    agent.write_text("#!/bin/sh\necho router\n")
+    agent.chmod(0o755)
+    script = (script.replace("/usr/bin/idlewire-agent", str(agent))
+              .replace("/etc/idlewire/router/", f"{tmp_path}/router/").replace("/run/", f"{tmp_path}/run/"))
+    assert "/run/" not in script.replace(f"{tmp_path}/run/", "")
+    (tmp_path / "mode").write_text(script)
+    r = subprocess.run(["sh", str(tmp_path / "mode")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"idlewire-mode: {want}"
+    copied = sorted(p.name for p in (tmp_path / "run" / "systemd" / "network").iterdir())
+    if want == "router":
+        assert copied == ["10-idlewire-br-lan.netdev", "10-idlewire-wan.network"] and r.stderr == ""
+        assert (tmp_path / "run" / "idlewire" / "router").exists()
+    else:
+        assert copied == [] and not (tmp_path / "run" / "idlewire" / "router").exists()
+        (line,) = r.stderr.splitlines()
+        assert "router mode refused: no WAN port 'nosuchwan9'" in line and "lo" not in line.split("ports here:")[1]
+        assert "agent_wan_interface" in line
