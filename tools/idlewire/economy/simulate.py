@@ -181,17 +181,17 @@ def _run(rules: Rules, cfg: SimConfig, progress) -> SimResult:
         # Built column-wise by C-level map/zip (tuple.__new__ is what the NamedTuple's own constructor
         # calls); the order of the records does not matter to settle(). Only probed nodes are looped over.
         alive_list = alive.tolist()
-        node_ids = [ids[i] for i in alive_list]
-        node_codes = [codes[ri] for ri in region.tolist()]
+        node_ids = list(map(ids.__getitem__, alive_list))
+        node_codes = list(map(codes.__getitem__, region.tolist()))
         caps = cap.tolist()
-        nodes = list(map(_new, repeat(Report), zip(node_ids, node_codes, [payouts[i] for i in alive_list], caps,
+        nodes = list(map(_new, repeat(Report), zip(node_ids, node_codes, map(payouts.__getitem__, alive_list), caps,
                                                    hb.tolist(), strict=True)))
-        sessions = np.flatnonzero(served)
-        who = [node_ids[j] for j in sessions.tolist()]
+        sessions = np.flatnonzero(served).tolist()
+        who = list(map(node_ids.__getitem__, sessions))
         claimed = np.where(inflate, served * 13 // 10, served)
         suffix = f"/e{epoch}"
-        usage = list(map(_new, repeat(Usage), zip([n + suffix for n in who], who,
-                                                  [node_codes[j] for j in sessions.tolist()],
+        usage = list(map(_new, repeat(Usage), zip(map(str.__add__, who, repeat(suffix)), who,
+                                                  map(node_codes.__getitem__, sessions),
                                                   claimed[sessions].tolist(), served[sessions].tolist(),
                                                   repeat(COSIGNED), repeat(None))))
         probes = []
