@@ -14,7 +14,7 @@ Only co-signed usage within tolerance counts as verified. Uptime = heartbeats AN
 
 from __future__ import annotations
 
-from itertools import repeat
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from . import PPM
@@ -67,7 +67,8 @@ class Offence(NamedTuple):
     evidence: tuple[str, ...]   # receipt ids or probe ids
 
 
-class Verified(NamedTuple):
+@dataclass(slots=True)
+class Verified:
     """What the epoch proves for one node."""
 
     bytes: int = 0          # verified: co-signed, within tolerance (the smaller of the two counts)
@@ -87,37 +88,36 @@ def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified],
     the hub trusts) say so in the epoch, it is inflated usage. A forged buyer signature is forged
     usage. Buyers are charged for what counted.
     """
-    acc: dict[str, list[int]] = {}   # per node: Verified's fields, summed in place
+    out: dict[str, Verified] = {}
     buyers: dict[str, int] = {}
     inflated: dict[str, list[str]] = {}
     forged: dict[str, list[str]] = {}
     tol_bytes, tol_ppm = rules.market.tolerance_bytes, rules.market.tolerance_ppm
-    acc_get, buyers_get = acc.get, buyers.get   # once per session of the epoch: bound once
+    out_get, buyers_get = out.get, buyers.get   # once per session of the epoch: bound once
     # Unpacked in the loop header (Usage is a tuple: no attribute lookup per field, per session).
     for receipt, node, buyer, nb, bb, status, sb in usage:
-        v = acc_get(node)
+        v = out_get(node)
         if v is None:
-            v = acc[node] = [0, 0, 0, 0]   # bytes, claimed, disagreement, receipts
+            v = out[node] = Verified()
         if sb is None:
             sb = nb
         if nb < 0 or bb < 0 or sb < 0:
             raise ValueError(f"usage {receipt}: byte counts must be ≥ 0, got node {nb}, buyer {bb}, seen {sb}")
-        v[1] += nb
+        v.claimed += nb
         if status != COSIGNED:
             if status == FORGED:
                 forged.setdefault(node, []).append(receipt)
             continue
         short = sb - bb   # the buyer signed less than the node had counted: > 0
         off = short if short > 0 else (bb - nb if bb > nb else 0)
-        v[2] += off
+        v.disagreement += off
         if off <= tol_bytes or off <= (nb if nb > bb else bb) * tol_ppm // PPM:   # market.tolerance_bytes or _ppm
             counted = nb if nb < bb else bb
-            v[0] += counted
-            v[3] += 1
+            v.bytes += counted
+            v.receipts += 1
             buyers[buyer] = buyers_get(buyer, 0) + counted
         elif short > 0:
             inflated.setdefault(node, []).append((receipt, buyer))
-    out = dict(zip(acc, map(tuple.__new__, repeat(Verified), acc.values()), strict=True))
     need, prober = rules.staking.inflated_min_buyers, rules.probes.prober_buyer
     offences = [Offence(n, FORGED_USAGE, tuple(sorted(ids))) for n, ids in forged.items()]
     for n, claims in inflated.items():

@@ -241,12 +241,12 @@ def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_u
             why_not[i] = "no verified usage"
         elif ups[i] == 0:
             why_not[i] = "no uptime (no heartbeats or every probe failed)"
-    gone = [n for n in rep if n not in reports]   # nodes not seen this epoch decay toward 0
-    for g, r in zip(gone, next_reputations(rules, list(map(rep.__getitem__, gone)), [0] * len(gone)), strict=True):
-        if r:
-            rep[g] = r
-        else:
-            del rep[g]
+    # nodes not seen this epoch decay toward 0 (and are forgotten at 0); the dict's order is never read
+    gone = list(rep.keys() - reports.keys())
+    decayed = next_reputations(rules, list(map(rep.__getitem__, gone)), [0] * len(gone))
+    rep.update(zip(gone, decayed, strict=True))
+    for g in [g for g, r in zip(gone, decayed, strict=True) if not r]:
+        del rep[g]
 
     # 5. mint
     emission = emission_for(rules, epoch)
