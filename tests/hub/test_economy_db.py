@@ -464,13 +464,14 @@ def test_requests_no_node_could_serve_count_in_their_regions_demand(db_url, tmp_
     w, a, _ = staked_world(db_url, tmp_path)
     c = w.node(3, "NG")
     eco_db.stake(w.engine, w.eco, c, RULES.staking.min_stake, src="treasury", now=w.t[0])
-    for n in (a, c):
-        w.beats(n)
-        w.upload(n, chain(w.keys[n], n[:8].ljust(16, "s"), 5, buyer_key=fixed_key(50), step=1_000_000))
+    # (asked while c's channel is not open yet: the sales below open it)
     for key in (fixed_key(50), fixed_key(50), fixed_key(51)):  # funded (twice), and one without tokens
         with pytest.raises(HubError) as e:
             w.hub.queue_open(w.auth(key), {"region": "NG", "wg_public_key": wg_keypair()[1]})
         assert e.value.status == 503
+    for n in (a, c):
+        w.beats(n)
+        w.upload(n, chain(w.keys[n], n[:8].ljust(16, "s"), 5, buyer_key=fixed_key(50), step=1_000_000))
     with db.read(w.engine) as conn:
         assert len(conn.execute(db.unserved.select()).all()) == 2   # one row per buyer and minute
     w.t[0] = T0 + HOUR + 1

@@ -269,7 +269,7 @@ def create_app(engine, clock=time.time) -> FastAPI:
 
     @app.exception_handler(HubError)
     async def _hub_error(_request, exc: HubError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({**exc.extra, "error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
