@@ -15,6 +15,7 @@ from idlewire_agent import receipts as rc
 from idlewire_agent.agent import Agent
 from idlewire_agent.config import parse
 from idlewire_agent.market import MarketError, Seller
+from test_hub import sold
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from synthetic import SyntheticTunnel
@@ -56,10 +57,17 @@ def test_the_queue_in_the_ledger_loses_none_and_stores_none_twice(tmp_path, hub)
     a = _agent(tmp_path, hub.url)
     seller = Seller(a, hub.url)
     a.ledger.enable_uploads()
-    seller.register()
+    nid = seller.register()["node"]
     buyer = Ed25519PrivateKey.generate()
+    lan = _session(a, Ed25519PrivateKey.generate(), 2)  # a buyer on the owner's LAN: not the hub's to count
     sid = _session(a, buyer, 3)
+    sold(hub, nid, sid, buyer=buyer)
     a.close_session(sid, "buyer")
+    a.close_session(lan, "buyer")
+    assert _queued(a) == 4 + 3
+    # the hub refuses the LAN session's receipts (409, listed): they leave the queue, nothing slashed
+    assert seller.upload_once() == 3 and _queued(a) == 4 and seller.sent == 0
+    assert _hub_chain(hub, lan) == [] and a.receipts(lan)[-1]["final"] == "buyer"
     chain = a.receipts(sid)
     assert len(chain) == 4 and _queued(a) == 4
     while a.prune_receipts():  # queued: retention leaves them alone
