@@ -236,6 +236,16 @@ def test_usage_counts_only_in_sessions_the_hub_sold_and_forged_cosignatures_are_
         keys = dict(conn.execute(db.sessions.select().with_only_columns(s.session, s.buyer_key)).all())
         assert _count(w.engine, db.receipts) == 3
     assert keys[sid] == keys[sid2] == rc.pub_b64(buyer)  # the receipts did not rewrite the session's buyer
+    # nor can the node move a sold session to another buyer by answering that buyer's request with it
+    with pytest.raises(HubError) as e:
+        w.sell(a, fixed_key(51), sid=sid)
+    assert e.value.status == 409 and "sold before" in e.value.message
+    with db.read(w.engine) as conn:
+        q = db.requests.c
+        assert conn.execute(db.requests.select().with_only_columns(q.state).where(
+            q.buyer_key == rc.pub_b64(fixed_key(51)))).scalar() == "failed"  # the buyer hears it failed
+        assert conn.execute(db.sessions.select().with_only_columns(db.sessions.c.buyer_key).where(
+            db.sessions.c.session == sid)).scalar() == rc.pub_b64(buyer)
     w.t[0] = T0 + HOUR + 1
     st = w.settle().statement
     (sl,) = st["slashes"]

@@ -417,13 +417,21 @@ class Hub:
             if ok and req["kind"] == "relay" and (not isinstance(result, dict) or not isinstance(
                     result.get("status"), int) or "body" not in result):
                 raise HubError(422, "result: expected the node API's answer ({\"status\": N, \"body\": ...})")
+            s = db.sessions.c
+            resold = None
+            if ok and req["kind"] == "open" and conn.execute(select(s.request_id).where(
+                    s.node_id == nid, s.session == result["session"], s.request_id.is_not(None))).first():
+                # The session's buyer is the one it was first sold to: answering another buyer's request
+                # with it would move its usage (and the tokens it burns) to that buyer.
+                resold = HubError(409, f"result: session {result['session']} was sold before, to another buyer; "
+                                       "answer each open request with a new session")
+                ok, result = False, {"error": "the node answered with a session sold before to another buyer"}
             if not conn.execute(update(db.requests).where(db.requests.c.id == rid, db.requests.c.state == "delivered")
                                 .values(state="answered" if ok else "failed", answered_at=now,
                                         result=_dumps(result))).rowcount:
                 raise HubError(409, f"request {rid}: already answered or expired (state {req['state']})")
             if ok and req["kind"] == "open":
                 sid = result["session"]
-                s = db.sessions.c
                 done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
                                     .values(buyer_key=req["buyer_key"], request_id=rid, state="open",
                                             updated_at=now)).rowcount
@@ -433,6 +441,8 @@ class Hub:
                                                             updated_at=now, head=""))
                 conn.execute(update(db.nodes).where(db.nodes.c.id == nid)
                              .values(open_sessions=db.nodes.c.open_sessions + 1))
+        if resold is not None:  # after the commit: the buyer hears the request failed
+            raise resold
         return {"ok": True}
 
     # --- buyers ---------------------------------------------------------------------------------
