@@ -482,7 +482,7 @@ class Seller:
         from .agent import SessionError
 
         try:
-            return self.agent.open_session(buyer_key, wg_public_key)
+            return self.agent.open_session(buyer_key, wg_public_key, sold=True)
         except SessionError as exc:
             raise RuntimeError(f"HTTP {exc.status}: {exc}") from None
 
