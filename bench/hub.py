@@ -69,8 +69,23 @@ def raw_verify_rate(n: int = 4000, sodium: bool = False) -> float:
     return n / (time.process_time() - t)
 
 
-def make_chains(key, sessions: int, per_session: int) -> dict[str, list[dict]]:
-    buyer = Ed25519PrivateKey.generate()
+def sell(db_url: str, node_id: str, sessions, buyer: str) -> None:
+    """The sessions as the hub sold them to BUYER (what Hub.answer stores when a node answers a
+    buyer's open request): the hub counts usage only in sessions it sold. Written directly, as the
+    sales are not what this bench measures."""
+    from idlewire.hub import db
+
+    engine = db.make_engine(db_url)
+    now = time.time()
+    with db.write(engine) as conn:
+        conn.execute(db.sessions.insert(), [
+            {"node_id": node_id, "session": sid, "buyer_key": buyer, "request_id": os.urandom(12).hex(),
+             "state": "open", "opened_at": now, "updated_at": now, "head": ""} for sid in sessions])
+    engine.dispose()
+
+
+def make_chains(key, sessions: int, per_session: int, buyer=None) -> dict[str, list[dict]]:
+    buyer = buyer or Ed25519PrivateKey.generate()
     out = {}
     for s in range(sessions):
         sid = os.urandom(8).hex()
@@ -85,7 +100,7 @@ def make_chains(key, sessions: int, per_session: int) -> dict[str, list[dict]]:
     return out
 
 
-def bench_receipts(url: str, total: int, batch: int, uploaders: int = 4) -> dict:
+def bench_receipts(url: str, db_url: str, total: int, batch: int, uploaders: int = 4) -> dict:
     per_node = total // uploaders
     nodes = []
     for _ in range(uploaders):
@@ -94,7 +109,9 @@ def bench_receipts(url: str, total: int, batch: int, uploaders: int = 4) -> dict
         m.register(wg_public_key=wg_keypair()[1], payout=rc.payout_statement(key, "bench-payout"), region="DE",
                    caps=CAPS, price_per_gb=0.1, endpoint="", version="bench")
         sessions = max(1, per_node // 2000)
-        chains = make_chains(key, sessions, per_node // sessions)
+        buyer = Ed25519PrivateKey.generate()
+        chains = make_chains(key, sessions, per_node // sessions, buyer)
+        sell(db_url, m.node_id, chains, rc.pub_b64(buyer))
         batches = []
         for chain in chains.values():
             for start in range(0, len(chain), batch):
@@ -250,7 +267,7 @@ def run_backend(name: str, db_url: str, args) -> dict:
         print(f"[{name}] receipts: {args.receipts} in batches of {args.batch}", file=sys.stderr)
         pid = hub.proc.pid
         cpu = cpu_seconds(pid)
-        rec = bench_receipts(hub.url, args.receipts, args.batch)
+        rec = bench_receipts(hub.url, db_url, args.receipts, args.batch)
         rec["hub_cpu_ms_per_1000"] = round((cpu_seconds(pid) - cpu) / max(1, rec["stored"]) * 1e6, 1)
         if rec["errors"]:
             print(f"[{name}] upload errors: {rec['errors']}", file=sys.stderr)

@@ -392,7 +392,9 @@ class Agent:
             return False
 
     # --- sessions -------------------------------------------------------------------------
-    def open_session(self, buyer_key: str, wg_key: str) -> dict:
+    def open_session(self, buyer_key: str, wg_key: str, sold: bool = False) -> dict:
+        """A session for BUYER_KEY's WireGuard key WG_KEY. SOLD: the marketplace hub sold it (the
+        request came over the hub's channel): its receipts go to the hub (Ledger.enable_uploads)."""
         if not keys.is_wg_key(wg_key):
             raise SessionError(400, "wg_public_key: expected a WireGuard public key (base64 of 32 bytes)")
         with self.wg_lock:
@@ -415,8 +417,9 @@ class Agent:
                 try:
                     with self.ledger.tx() as db:
                         db.execute("INSERT INTO sessions (id, buyer_key, wg_key, address, state, created, expires, "
-                                   "last_active) VALUES (?, ?, ?, ?, 'open', ?, ?, ?)",
-                                   (sid, buyer_key, wg_key, address, now, now + self.cfg.sessions.expiry, now))
+                                   "last_active, sold) VALUES (?, ?, ?, ?, 'open', ?, ?, ?, ?)",
+                                   (sid, buyer_key, wg_key, address, now, now + self.cfg.sessions.expiry, now,
+                                    int(sold)))
                         db.execute("INSERT OR REPLACE INTO peers VALUES (?, ?, 0, 0)", (wg_key, sid))
                 except LedgerError as exc:
                     raise SessionError(503, f"the node cannot record a session now: {exc}") from None

@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     paid_up INTEGER NOT NULL DEFAULT 0,    -- buyer-signed cumulative figures
     paid_down INTEGER NOT NULL DEFAULT 0,
     paid_time REAL NOT NULL DEFAULT 0,
-    retention INTEGER NOT NULL DEFAULT 0   -- receipts of a closed session: 0 all, 1 trimmed, 2 deleted
+    retention INTEGER NOT NULL DEFAULT 0,  -- receipts of a closed session: 0 all, 1 trimmed, 2 deleted
+    sold INTEGER NOT NULL DEFAULT 0        -- 1: sold by the marketplace hub (opened over its channel)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_open_addr ON sessions(address) WHERE state = 'open';
 CREATE UNIQUE INDEX IF NOT EXISTS sessions_open_wg ON sessions(wg_key) WHERE state = 'open';
@@ -214,8 +215,11 @@ class Ledger:
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA cache_size=-256")  # 256 KB page cache: the ledger is small
         db.executescript(_DDL)  # idempotent (IF NOT EXISTS)
-        if "retention" not in {r[1] for r in db.execute("PRAGMA table_info(sessions)")}:  # schema 1
+        cols = {r[1] for r in db.execute("PRAGMA table_info(sessions)")}
+        if "retention" not in cols:  # schema 1
             db.execute("ALTER TABLE sessions ADD COLUMN retention INTEGER NOT NULL DEFAULT 0")
+        if "sold" not in cols:  # (a column an older agent ignores: no new schema number)
+            db.execute("ALTER TABLE sessions ADD COLUMN sold INTEGER NOT NULL DEFAULT 0")
         # Closed sessions whose receipts retention has not finished with: what prune looks for.
         db.execute("CREATE INDEX IF NOT EXISTS sessions_retention ON sessions(retention, closed_at) "
                    "WHERE state = 'closed' AND retention < 2")
@@ -329,33 +333,41 @@ class Ledger:
                 db.executemany("UPDATE peers SET rx_raw = 0, tx_raw = 0 WHERE wg_key = ?", [(k,) for k in keys])
 
     # --- receipts for the hub ([node] marketplace) ---------------------------------------
-    # The upload queue is a table, `uploads` (session, seq): a trigger adds every receipt as it is
-    # inserted, in the transaction that inserts it (so a receipt exists <=> it is queued, whatever
-    # crashes when); a batch the hub acknowledged leaves the queue in one transaction. A crash or
-    # power cut between the hub's commit and ours resends that batch, which the hub skips as
-    # duplicates (it stores once per node, session and seq); nothing is skipped, since a row leaves
-    # the queue only after the hub said it has it. Retention (agent.prune_receipts) leaves queued
-    # sessions alone.
+    # The upload queue is a table, `uploads` (session, seq): a trigger adds every receipt of a
+    # session the hub sold (sessions.sold) as it is inserted, in the transaction that inserts it (so
+    # such a receipt exists <=> it is queued, whatever crashes when); a batch the hub acknowledged
+    # leaves the queue in one transaction. A crash or power cut between the hub's commit and ours
+    # resends that batch, which the hub skips as duplicates (it stores once per node, session and
+    # seq); nothing is skipped, since a row leaves the queue only after the hub said it has it.
+    # Retention (agent.prune_receipts) leaves queued sessions alone. A session a buyer opened on the
+    # owner's LAN is not the hub's to count (it refuses such receipts): its receipts are not queued.
     def enable_uploads(self) -> int:
-        """Queue every receipt from now on (and the ones already here, the first time); the count queued."""
+        """Queue every receipt of a sold session from now on (and the ones already here, the first
+        time); the count queued."""
         with self.tx() as db:
-            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'receipts_upload'"
+            # (before: every session's receipts, LAN ones too; those already queued the hub refuses,
+            # and Seller.upload_once takes them out of the queue)
+            db.execute("DROP TRIGGER IF EXISTS receipts_upload")
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'receipts_upload_sold'"
                           ).fetchone() is None:
-                db.execute("CREATE TRIGGER receipts_upload AFTER INSERT ON receipts BEGIN "
+                db.execute("CREATE TRIGGER receipts_upload_sold AFTER INSERT ON receipts "
+                           "WHEN (SELECT sold FROM sessions WHERE id = new.session) = 1 BEGIN "
                            "INSERT OR IGNORE INTO uploads VALUES (new.session, new.seq); END")
                 if self.meta("uploads_since") is None:  # first time: what is here goes too
-                    db.execute("INSERT OR IGNORE INTO uploads SELECT session, seq FROM receipts")
+                    db.execute("INSERT OR IGNORE INTO uploads SELECT r.session, r.seq FROM receipts r "
+                               "JOIN sessions s ON s.id = r.session WHERE s.sold = 1")
                     self.set_meta(db, "uploads_since", time.time())
             return db.execute("SELECT count(*) FROM uploads").fetchone()[0]
 
     def disable_uploads(self) -> None:
         """No marketplace: stop queueing (what is queued stays, for when one is set again)."""
         with self.lock:
-            if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = 'receipts_upload'"
-                               ).fetchone() is None:
+            if self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name IN "
+                               "('receipts_upload', 'receipts_upload_sold')").fetchone() is None:
                 return
         with self.tx() as db:
             db.execute("DROP TRIGGER IF EXISTS receipts_upload")
+            db.execute("DROP TRIGGER IF EXISTS receipts_upload_sold")
 
     def pending_uploads(self, limit: int = 500) -> list[tuple[str, int, str]]:
         """(session, seq, body) of up to `limit` queued receipts, whole sessions' runs in seq order;

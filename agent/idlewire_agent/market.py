@@ -34,10 +34,11 @@ log = logging.getLogger("idlewire.market")
 class MarketError(Exception):
     """The hub refused (status 4xx/5xx, its one-line reason) or could not be reached (status 0)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, answer: dict | None = None):
         super().__init__(f"hub: {message}" if status == 0 else f"hub: HTTP {status}: {message}")
         self.status = status
         self.reason = message
+        self.answer = answer or {}  # the hub's JSON answer (e.g. "sessions": the ones it refused)
 
 
 class Market:
@@ -100,7 +101,8 @@ class Market:
             answer = {"error": raw[:200].decode(errors="replace")}
         if resp.status >= 400:
             raise MarketError(resp.status, str(answer.get("error") or answer.get("detail") or answer)
-                              if isinstance(answer, dict) else str(answer))
+                              if isinstance(answer, dict) else str(answer),
+                              answer if isinstance(answer, dict) else None)
         return answer
 
     # --- the node's calls ------------------------------------------------------------------------
@@ -354,7 +356,20 @@ class Seller:
                         entries.append(b if receipts.is_checkpoint(b) else receipts.make_checkpoint(self.market.key, b))
             entries.append(json.loads(body))
             sent.append((sid, seq))
-        out = self.market.upload(entries)
+        try:
+            out = self.market.upload(entries)
+        except MarketError as exc:
+            foreign = exc.answer.get("sessions") if exc.status == 409 else None
+            if not isinstance(foreign, list) or not foreign:
+                raise
+            # Sessions the hub did not sell (a buyer on the owner's LAN, or a hub that lost its
+            # database): their usage is not the hub's to count. They leave the queue (the receipts
+            # stay in the ledger for the buyer), and the rest of the batch goes again.
+            gone = [(sid, seq) for sid, seq in sent if sid in set(foreign)]
+            self.agent.ledger.uploaded(gone)
+            log.info("marketplace: %d receipt(s) of %d session(s) the hub did not sell left the upload queue "
+                     "(%s)", len(gone), len(set(foreign)), exc.reason)
+            return len(gone)
         self.agent.ledger.uploaded(sent)
         self.sent += int(out.get("stored", 0))
         self.duplicates += int(out.get("duplicates", 0))
@@ -467,7 +482,7 @@ class Seller:
         from .agent import SessionError
 
         try:
-            return self.agent.open_session(buyer_key, wg_public_key)
+            return self.agent.open_session(buyer_key, wg_public_key, sold=True)
         except SessionError as exc:
             raise RuntimeError(f"HTTP {exc.status}: {exc}") from None
 

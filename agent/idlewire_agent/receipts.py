@@ -256,6 +256,12 @@ def checkpoints(entries: list) -> dict[str, int]:
     return {e["session"]: e["seq"] for e in entries if is_checkpoint(e) and isinstance(e.get("session"), str)}
 
 
+# Problems that are a buyer statement the node signed into its receipt and the session's buyer did
+# not sign (the hub judges them against the buyer it sold the session to: forged usage).
+BAD_COSIGNATURE = "bad buyer co-signature"
+SWITCHED_BUYER = "co-signed by another buyer key than the session's (switched keys mid-session)"
+
+
 class Problem(Record):
     index: int  # position in the list (0-based)
     session: str
@@ -329,7 +335,7 @@ def verify(receipts: list, node_key: str | None = None, buyer_key: str | None = 
         if not _check_sig(r["node"], r["sig"], canonical(body)):
             return bad("bad node signature (tampered or forged)")
         if "buyer" in r and not usage_valid(r["buyer"], r["session"]):
-            return bad("bad buyer co-signature")
+            return bad(BAD_COSIGNATURE)
         c = chains.get(r["session"])
         if c is None:
             if r["seq"] != 1:
@@ -364,7 +370,7 @@ def verify(receipts: list, node_key: str | None = None, buyer_key: str | None = 
             if c.buyer_key is None:
                 c.buyer_key = r["buyer"]["key"]
             elif r["buyer"]["key"] != c.buyer_key:
-                return bad("co-signed by another buyer key than the session's (switched keys mid-session)")
+                return bad(SWITCHED_BUYER)
         c.last, c.final = r, r.get("final", c.final)
         enc = canonical(r)
         last_hash[r["session"]] = sha256_hex(enc)

@@ -48,6 +48,7 @@ class World:
         self.eco = eco_db.Economy(rules, fixed_key(99), eco_db.pricefeed.FilePriceFeed(prices))
         eco_db.genesis(self.engine, self.eco, now=self.t[0])
         self.keys: dict[str, Ed25519PrivateKey] = {}
+        self.sold: set[tuple[str, str]] = set()
 
     def auth(self, key) -> Signed:
         pub = base64.b64encode(key.public_key().public_bytes_raw()).decode()
@@ -57,7 +58,8 @@ class World:
         key = fixed_key(i)
         out = self.hub.register(self.auth(key), {
             "wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(key, f"addr{i}", f"unit{i}"),
-            "region": region, "caps": CAPS, "price_per_gb": 0.5, "endpoint": "203.0.113.7:51820", "version": "1"})
+            "region": region, "caps": {**CAPS, "max_sessions": 1000}, "price_per_gb": 0.5,
+            "endpoint": "203.0.113.7:51820", "version": "1"})
         self.keys[out["node"]] = key
         return out["node"]
 
@@ -65,7 +67,29 @@ class World:
         for _ in range(n):
             self.hub.heartbeat(nid, self.auth(self.keys[nid]), {"uptime": 1.0})
 
-    def upload(self, nid: str, entries: list[dict]) -> dict:
+    def sell(self, nid: str, buyer, sid: str | None = None) -> str:
+        """A session the hub sells to BUYER (a key, or its base64) on node NID, as `connect --hub` buys
+        one: the buyer's request queued for the node, the node's channel takes it, the node answers
+        with the session it opened (SID, or a new id)."""
+        buyer_key = buyer if isinstance(buyer, str) else rc.pub_b64(buyer)
+        node = self.auth(self.keys[nid])
+        self.hub.claim(nid, node)  # the node's channel is open
+        rid, _ = self.hub.queue_open(Signed(buyer_key, f"nonce{next(_nonce):012d}", int(self.t[0]) + 1000),
+                                     {"wg_public_key": wg_keypair()[1], "node": nid})
+        (req,) = self.hub.claim(nid, self.auth(self.keys[nid]))
+        assert req["id"] == rid and req["body"]["buyer_key"] == buyer_key
+        sid = sid or os.urandom(8).hex()
+        self.hub.answer(nid, self.auth(self.keys[nid]), rid, {"ok": True, "result": {"session": sid}})
+        self.sold.add((nid, sid))
+        return sid
+
+    def upload(self, nid: str, entries: list[dict], sell: bool = True) -> dict:
+        """Store ENTRIES as node NID uploads them; each session not sold yet is sold first (SELL) to
+        the buyer its receipts name, as the hub would have sold it."""
+        for e in entries if sell else ():
+            if (nid, e["session"]) not in self.sold:
+                buyer = e.get("buyer_key") or (e.get("buyer") or {}).get("key") or rc.pub_b64(fixed_key(50))
+                self.sell(nid, buyer, e["session"])
         return self.hub.store_receipts(nid, self.auth(self.keys[nid]), entries)
 
     def settle(self, **kw):
@@ -169,6 +193,73 @@ def test_equivocation_is_slashed_with_both_receipts_as_evidence(db_url, tmp_path
                                                                                 rc.receipt_hash(other[0])}
     assert eco_db.earnings(w.engine, a)[0]["why_not"] == "slashed this epoch"
     assert eco_db.balances(w.engine, "slashed") == {"slashed": sl["amount"]}
+    ledger_sums_to_zero(w.engine)
+
+
+def test_usage_counts_only_in_sessions_the_hub_sold_and_forged_cosignatures_are_slashed(db_url, tmp_path):
+    """#16's hole: a node invented sessions co-signed by a "buyer" key it controls, and the hub took
+    them (and the key they named) as verified usage. The hub counts usage only in sessions it sold
+    (connect --hub), co-signed by the buyer it sold each to. A session it never opened (a buyer on
+    the owner's LAN, or an invented one) is refused without a slash: it proves nothing about the
+    hub's buyers. A sold session co-signed by another key, or with a co-signature that is no
+    signature, is forged usage: refused, and slashed with the node-signed receipts as evidence."""
+    from idlewire.hub.service import HubError
+
+    w, a, b = staked_world(db_url, tmp_path)
+    w.beats(a)
+    w.beats(b)
+    buyer, mine = fixed_key(50), fixed_key(60)  # the buyer the hub sells to; a key the node controls
+    # a session the hub never opened, co-signed by the node's own key: refused, nothing stored or flagged
+    invented = chain(w.keys[a], "1" * 16, 3, buyer_key=mine, step=10_000_000)
+    w.hub.heartbeat(a, w.auth(w.keys[a]), {"uptime": 1.0, "sessions": [{"session": "1" * 16, "head": ""}]})
+    with pytest.raises(HubError) as e:
+        w.upload(a, invented, sell=False)
+    assert e.value.status == 409 and "\n" not in e.value.message, e.value.message
+    assert "1" * 16 in e.value.message and "not opened through this hub" in e.value.message
+    # a session the hub sold to `buyer`, co-signed by the node's key: forged usage
+    sid = w.sell(a, buyer)
+    forged = chain(w.keys[a], sid, 3, buyer_key=mine, step=10_000_000)
+    with pytest.raises(HubError) as e:
+        w.upload(a, forged)
+    assert e.value.status == 422 and "forged usage" in e.value.message and "\n" not in e.value.message
+    # a co-signature that is no signature, in another sold session: forged usage too
+    sid2 = w.sell(a, buyer)
+    stmt = {**rc.sign_usage(buyer, sid2, 5_000_000, 5_000_000, 1_700_000_001), "up": 50_000_000}
+    fabricated = [rc.make_receipt(w.keys[a], sid2, 1, 50_000_000, 5_000_000, 1_700_000_001, rc.GENESIS, stmt)]
+    with pytest.raises(HubError) as e:
+        w.upload(a, fabricated)
+    assert e.value.status == 422 and "forged usage" in e.value.message
+    # b's sold session, co-signed by its buyer, counts
+    assert w.upload(b, chain(w.keys[b], w.sell(b, buyer), 3, buyer_key=buyer, step=10_000_000))["stored"] == 3
+    with db.read(w.engine) as conn:
+        s = db.sessions.c
+        keys = dict(conn.execute(db.sessions.select().with_only_columns(s.session, s.buyer_key)).all())
+        assert _count(w.engine, db.receipts) == 3
+    assert keys[sid] == keys[sid2] == rc.pub_b64(buyer)  # the receipts did not rewrite the session's buyer
+    # nor can the node move a sold session to another buyer by answering that buyer's request with it
+    with pytest.raises(HubError) as e:
+        w.sell(a, fixed_key(51), sid=sid)
+    assert e.value.status == 409 and "sold before" in e.value.message
+    with db.read(w.engine) as conn:
+        q = db.requests.c
+        assert conn.execute(db.requests.select().with_only_columns(q.state).where(
+            q.buyer_key == rc.pub_b64(fixed_key(51)))).scalar() == "failed"  # the buyer hears it failed
+        assert conn.execute(db.sessions.select().with_only_columns(db.sessions.c.buyer_key).where(
+            db.sessions.c.session == sid)).scalar() == rc.pub_b64(buyer)
+    w.t[0] = T0 + HOUR + 1
+    st = w.settle().statement
+    (sl,) = st["slashes"]
+    assert (sl["node"], sl["kind"]) == (a, "forged_usage")
+    assert sl["amount"] == RULES.staking.min_stake * RULES.staking.slash_forged_usage_ppm // 1_000_000
+    with db.read(w.engine) as conn:
+        ev = json.loads(conn.execute(db.econ_slashes.select()).mappings().one()["evidence"])
+    assert len(ev["ids"]) == 2
+    got = sorted(rc.receipt_hash(r) for records in ev["records"] for r in records)
+    assert got == sorted(rc.receipt_hash(r) for r in forged + fabricated)
+    rows = {r["node_id"]: r for r in eco_db.earnings(w.engine)}
+    assert rows[a]["verified_bytes"] == 0 and rows[a]["reward"] == 0
+    assert rows[b]["verified_bytes"] == 120_000_000 and rows[b]["reward"] == st["minted"] > 0
+    assert st["burned"] == tokens_for(RULES, 120_000_000, 250_000)[0]  # the buyer pays for b's usage alone
     ledger_sums_to_zero(w.engine)
 
 
@@ -312,8 +403,9 @@ def test_hub_serve_settles_on_its_schedule(tmp_path):
 
 
 def test_usage_of_a_session_first_heard_in_a_heartbeat_burns_its_buyers_tokens(db_url, tmp_path):
-    """A session the node opened for a buyer on its LAN reaches the hub in a heartbeat before any
-    receipt: the receipts' co-signer is still the buyer whose tokens the usage burns."""
+    """A session the hub sold reaches it in the node's heartbeat before the node's answer does (the
+    heartbeat goes at once when a session opens): the answer still binds the buyer whose tokens the
+    usage burns."""
     w, a, _ = staked_world(db_url, tmp_path)
     w.hub.heartbeat(a, w.auth(w.keys[a]), {"uptime": 1.0, "sessions": [{"session": "h" * 16, "head": ""}]})
     w.upload(a, chain(w.keys[a], "h" * 16, 2, buyer_key=fixed_key(50), step=10_000_000))
@@ -382,13 +474,14 @@ def test_requests_no_node_could_serve_count_in_their_regions_demand(db_url, tmp_
     w, a, _ = staked_world(db_url, tmp_path)
     c = w.node(3, "NG")
     eco_db.stake(w.engine, w.eco, c, RULES.staking.min_stake, src="treasury", now=w.t[0])
-    for n in (a, c):
-        w.beats(n)
-        w.upload(n, chain(w.keys[n], n[:8].ljust(16, "s"), 5, buyer_key=fixed_key(50), step=1_000_000))
+    # (asked while c's channel is not open yet: the sales below open it)
     for key in (fixed_key(50), fixed_key(50), fixed_key(51)):  # funded (twice), and one without tokens
         with pytest.raises(HubError) as e:
             w.hub.queue_open(w.auth(key), {"region": "NG", "wg_public_key": wg_keypair()[1]})
         assert e.value.status == 503
+    for n in (a, c):
+        w.beats(n)
+        w.upload(n, chain(w.keys[n], n[:8].ljust(16, "s"), 5, buyer_key=fixed_key(50), step=1_000_000))
     with db.read(w.engine) as conn:
         assert len(conn.execute(db.unserved.select()).all()) == 2   # one row per buyer and minute
     w.t[0] = T0 + HOUR + 1

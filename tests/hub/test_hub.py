@@ -35,9 +35,27 @@ def node_market(url: str, key=None, region: str = "DE", price: float = 0.5) -> M
     return m
 
 
+BUYER = Ed25519PrivateKey.generate()
+
+
+def sold(hub, node_id: str, *sessions: str, buyer=BUYER) -> None:
+    """Sessions the hub sold to BUYER on M's node, stored as Hub.answer stores a node's answer to an
+    open request (test_buyer_is_sent_to_a_node_over_the_channel_it_opened drives that path itself):
+    the hub counts usage only in sessions it sold, and this sells 1,500 in a second."""
+    from idlewire.hub import db
+
+    engine = db.make_engine(hub.db_url)
+    now = time.time()
+    with db.write(engine) as conn:
+        conn.execute(db.sessions.insert(), [
+            {"node_id": node_id, "session": sid, "buyer_key": rc.pub_b64(buyer), "request_id": os.urandom(12).hex(),
+             "state": "open", "opened_at": now, "updated_at": now, "head": ""} for sid in sessions])
+    engine.dispose()
+
+
 def chain(key, session: str, n: int, start: int = 1, prev: str = rc.GENESIS, buyer_key=None, step: int = 1000,
           cosign: bool = True, buyer_factor: float = 1.0) -> list[dict]:
-    buyer_key = buyer_key or Ed25519PrivateKey.generate()
+    buyer_key = buyer_key or BUYER
     out = []
     for seq in range(start, start + n):
         up, down, t = seq * step, seq * step * 3, 1_700_000_000 + seq
@@ -350,6 +368,7 @@ def test_an_unreachable_node_is_stored_as_such_listed_with_its_fix_and_offered_t
 # --- receipts ---------------------------------------------------------------------------------
 def test_receipts_are_verified_and_stored_once(hub):
     m = node_market(hub.url)
+    sold(hub, m.node_id, "s1")
     full = chain(m.key, "s1", 10)
     first = m.upload(m.batch_for(full[:5], 0))
     assert first == {"stored": 5, "duplicates": 0, "flags": []}
@@ -365,6 +384,7 @@ def test_receipts_are_verified_and_stored_once(hub):
                           text=True, capture_output=True, env={**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}"
                                                                f":{ROOT / 'agent'}"}).returncode == 0
     # Byte counts past 32 bits (a long session moves terabytes) are stored exactly.
+    sold(hub, m.node_id, "big", "s2", "s3", *(f"m{i}" for i in range(1500)))
     big = chain(m.key, "big", 2, step=3_000_000_000_000)
     assert m.upload(big)["stored"] == 2
     (s,) = json.loads(cli("sessions", "--hub", hub.url, "--node", m.node_id, "--json").stdout)[:1]
@@ -386,10 +406,18 @@ def test_receipts_are_verified_and_stored_once(hub):
     with pytest.raises(MarketError) as exc:
         m.upload(chain(Ed25519PrivateKey.generate(), "s3", 2))
     assert exc.value.status == 422 and "another node key" in one_line(exc.value)
+    # A session the hub never sold (a buyer on the owner's LAN): refused in one line and listed, so the
+    # node drops it from its queue (Seller.upload_once); nothing stored, nothing flagged.
+    with pytest.raises(MarketError) as exc:
+        m.upload([*chain(m.key, "lan1", 2), *chain(m.key, "s1", 1)])
+    assert exc.value.status == 409 and "session(s) lan1 not opened through this hub" in one_line(exc.value)
+    assert exc.value.answer["sessions"] == ["lan1"]
+    assert json.loads(cli("flags", "--db", hub.db_url, "--json").stdout) == []
 
 
 def test_equivocation_disagreement_and_missing_cosignature_are_flagged(hub):
     m = node_market(hub.url)
+    sold(hub, m.node_id, "s1", "s2", "s3")
     honest = chain(m.key, "s1", 4)
     m.upload(honest)
     forked = chain(m.key, "s1", 4, step=5000)  # the same session and seqs, other bytes, node-signed
@@ -411,9 +439,6 @@ def test_equivocation_disagreement_and_missing_cosignature_are_flagged(hub):
     assert usage[m.node_id]["flags"] == 1 + 2
 
 
-BUYER = Ed25519PrivateKey.generate()
-
-
 def lagging(key, session: str, totals: list[int], signed: list[int], start: int = 1,
             prev: str = rc.GENESIS, buyer=None) -> list[dict]:
     """Receipts whose node counts are `totals` (bytes, up + down) and whose buyer statements are `signed`."""
@@ -432,6 +457,7 @@ def test_lag_is_not_disagreement_a_statement_short_of_the_count_before_it_is(hub
     had been answered with before it signed: falling short of that, beyond the tolerance, is a real
     disagreement, flagged at that seq with both receipts as evidence."""
     m = node_market(hub.url)
+    sold(hub, m.node_id, "lag", "short")
     mb = 1_000_000
     # 20 Mbit/s through a relay: every receipt counts ~2.5 MB more than the statement it carries
     totals = [k * 5 * mb for k in range(1, 9)]
@@ -464,6 +490,7 @@ def test_lag_is_not_disagreement_a_statement_short_of_the_count_before_it_is(hub
 
 def test_hub_killed_mid_upload_stores_every_receipt_once(hub):
     m = node_market(hub.url)
+    sold(hub, m.node_id, "s1")
     full = chain(m.key, "s1", 300)
     m.upload(m.batch_for(full[:100], 0))
     # The next batch is in flight when the hub dies: the node does not know whether it was stored.

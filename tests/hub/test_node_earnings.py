@@ -14,6 +14,7 @@ from idlewire.hub import economy as eco_db
 from idlewire_agent import merkle
 from idlewire_agent.market import check_earnings
 from test_economy_db import fixed_key
+from test_hub import sold
 from test_seller import Seller, _agent, _session, hub  # noqa: F401 (the fixture)
 
 
@@ -31,7 +32,7 @@ def test_the_node_checks_and_shows_its_reward(tmp_path, hub):  # noqa: F811
     seller.market.heartbeat(uptime=1.0, sessions=[])
     eco_db.stake(engine, eco, nid, Rules().staking.min_stake, src="treasury")
     buyer = Ed25519PrivateKey.generate()
-    _session(a, buyer, 3)
+    sold(hub, nid, _session(a, buyer, 3), buyer=buyer)  # a session the hub sold to BUYER
     assert seller.upload_once() == 3
     s = eco_db.settle_epoch(engine, eco, now=meta["genesis_at"] + 86400 + 1)
     assert s.statement["rewarded"] == 1

@@ -15,6 +15,7 @@ from idlewire_agent import receipts as rc
 from idlewire_agent.agent import Agent
 from idlewire_agent.config import parse
 from idlewire_agent.market import MarketError, Seller
+from test_hub import sold
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "unit"))
 from synthetic import SyntheticTunnel
@@ -39,8 +40,9 @@ def _agent(tmp_path, hub_url: str) -> Agent:
     return Agent(parse(data), SyntheticTunnel())
 
 
-def _session(a: Agent, buyer, n: int) -> str:
-    return co_signed(a, buyer, n, close=False)[0]
+def _session(a: Agent, buyer, n: int, sold: bool = True) -> str:
+    """A session with N co-signed receipts; SOLD: opened as the hub's channel opens one."""
+    return co_signed(a, buyer, n, close=False, sold=sold)[0]
 
 
 def _hub_chain(hub: HubProc, sid: str) -> list[dict]:
@@ -56,10 +58,21 @@ def test_the_queue_in_the_ledger_loses_none_and_stores_none_twice(tmp_path, hub)
     a = _agent(tmp_path, hub.url)
     seller = Seller(a, hub.url)
     a.ledger.enable_uploads()
-    seller.register()
+    nid = seller.register()["node"]
     buyer = Ed25519PrivateKey.generate()
+    lan = _session(a, Ed25519PrivateKey.generate(), 2, sold=False)  # a buyer on the owner's LAN
     sid = _session(a, buyer, 3)
+    sold(hub, nid, sid, buyer=buyer)
     a.close_session(sid, "buyer")
+    a.close_session(lan, "buyer")
+    assert _queued(a) == 4  # the LAN session's receipts are not the hub's to count: not queued
+    # ... but an agent from before this rule queued them: the hub refuses them (409, listed), they
+    # leave the queue, and nothing is slashed
+    with a.ledger.tx() as db:
+        db.execute("INSERT INTO uploads SELECT session, seq FROM receipts WHERE session = ?", (lan,))
+    assert _queued(a) == 4 + 3
+    assert seller.upload_once() == 3 and _queued(a) == 4 and seller.sent == 0
+    assert _hub_chain(hub, lan) == [] and a.receipts(lan)[-1]["final"] == "buyer"
     chain = a.receipts(sid)
     assert len(chain) == 4 and _queued(a) == 4
     while a.prune_receipts():  # queued: retention leaves them alone

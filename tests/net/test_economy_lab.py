@@ -1,9 +1,10 @@
 """Settlement of a real node's traffic in the namespace lab (tests/net/marketlab.py): a buyer on the
 internet moves traffic through a real node (agent, wireguard-go, a home router's NAT) via the hub;
 the hub settles the epoch from the receipts it stored. Beside it, two more nodes speak the node
-protocol to the same hub process (registered, heartbeats, node-signed receipts co-signed by a buyer
-key): a twin in NG with exactly the real node's verified bytes and caps, and an idle DE node that
-only adds capacity, so NG is the underserved region (same demand, half the supply).
+protocol to the same hub process (registered, heartbeats, a session the hub sold through its
+connect to a buyer, node-signed receipts co-signed by that buyer): a twin in NG with exactly the
+real node's verified bytes and caps, and an idle DE node that only adds capacity, so NG is the
+underserved region (same demand, half the supply).
 
 Checked against the README's formulas, computed here from the buyer's own saved receipts:
   * the real node's reward is pool * weight // Σ weights to the last unit, with
@@ -14,7 +15,9 @@ One lab for the module (one test)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +44,41 @@ def _usage(chain: list[dict]) -> tuple[int, int, int]:
     before = next((r for r in chain if r["seq"] == last["seq"] - 1), None)
     return (last["up"] + last["down"], last["buyer"]["up"] + last["buyer"]["down"],
             before["up"] + before["down"] if before else 0)
+
+
+def _sold(node, buyer, nid: str) -> str:
+    """A session the hub sells to BUYER on the protocol-speaking NODE (the hub counts usage only in
+    sessions it sold): the buyer connects through the hub as `connect --hub` does, the node takes the
+    request on the channel it opened and answers with the session it opened."""
+    from idlewire_agent import receipts as rc
+    from idlewire_agent.keys import wg_keypair
+
+    sid = os.urandom(8).hex()
+    stop = threading.Event()
+
+    def open_session(buyer_key, wg_key):
+        assert buyer_key == rc.pub_b64(buyer.key)
+        stop.set()  # one sale
+        return {"session": sid, "address": "10.99.0.2/32", "node_key": rc.pub_b64(node.key)}
+
+    t = threading.Thread(target=node.serve, args=(open_session, stop), kwargs={"wait": 2, "retry": 0.2}, daemon=True)
+    t.start()
+    got = wait_for(lambda: _connect(buyer, nid, wg_keypair()[1]), timeout=30)
+    stop.set()
+    t.join(10)
+    assert got["node"] == nid and got["session"]["session"] == sid, got
+    return sid
+
+
+def _connect(buyer, nid: str, wg: str) -> dict | None:
+    from idlewire_agent.market import MarketError
+
+    try:
+        return buyer.request("POST", "/v1/connect", {"wg_public_key": wg, "node": nid})
+    except MarketError as exc:
+        if exc.status != 503:  # (503: the node's channel is not open yet)
+            raise
+        return None
 
 
 def test_an_honest_real_node_earns_the_formula_and_an_equal_node_in_an_underserved_region_earns_more(tmp_path):
@@ -96,9 +134,10 @@ def test_an_honest_real_node_earns_the_formula_and_an_equal_node_in_an_underserv
                 eco_db.stake(engine, eco, got["node"], rules.staking.min_stake, src="treasury")
                 if name == "twin":  # one co-signed receipt for exactly the real node's verified bytes
                     buyer = Ed25519PrivateKey.generate()
+                    sid = _sold(mk, Market(url, buyer), got["node"])
                     up, t = verified // 2, int(time.time())
-                    stmt = rc.sign_usage(buyer, "twin" * 4, up, verified - up, t)
-                    assert mk.upload([rc.make_receipt(key, "twin" * 4, 1, up, verified - up, t, rc.GENESIS, stmt,
+                    stmt = rc.sign_usage(buyer, sid, up, verified - up, t)
+                    assert mk.upload([rc.make_receipt(key, sid, 1, up, verified - up, t, rc.GENESIS, stmt,
                                                       buyer_key=rc.pub_b64(buyer))])["stored"] == 1
 
             s = eco_db.settle_epoch(engine, eco, now=meta["genesis_at"] + DAY + 1)

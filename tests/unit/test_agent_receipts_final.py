@@ -21,10 +21,11 @@ def agent(tmp_path):
     return Agent(parse(data), SyntheticTunnel())
 
 
-def _session(a, buyer, n=3, close=True):
-    """A session with n co-signed receipts (and the final one when closed): (sid, chain)."""
+def _session(a, buyer, n=3, close=True, sold=False):
+    """A session with n co-signed receipts (and the final one when closed): (sid, chain). SOLD: as if
+    the marketplace hub had sold it."""
     k = keys.wg_keypair()[1]
-    sid = a.open_session(receipts.pub_b64(buyer), k)["session"]
+    sid = a.open_session(receipts.pub_b64(buyer), k, sold=sold)["session"]
     for i in range(1, n + 1):
         a.tunnel.traffic(k, 1000, 2000)
         a.poll()

@@ -119,3 +119,20 @@ def test_economy_commands_refuse_bad_input_in_one_line(tmp_path):
     assert r.returncode == 2 and "exists and is not a directory" in r.stderr
     r = idlewire("economy", "rules", "--rules", str(EXAMPLE), "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["digest"] == Rules().digest()
+
+
+def test_sell_share_is_a_flag_and_moves_the_price():
+    """--sell-share: the share of their rewards owners sell each epoch (0.6 by default); owners who
+    hold everything leave buyers to bid the price up, owners who sell everything push it down."""
+    for bad, words in (("1.5", "expected a number from 0 to 1, got 1.5"),
+                       ("-0.1", "expected a number from 0 to 1, got -0.1"), ("nan", "expected a number, got 'nan'")):
+        r = idlewire("economy", "simulate", "--epochs", "1", "--sell-share", bad)
+        assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"--sell-share: {words}" in r.stderr
+    last = {}
+    for share in ("0", "1"):
+        j = idlewire("hub", "simulate", "--nodes", "80", "--epochs", "8", "--sell-share", share, "--json")
+        data = json.loads(j.stdout)
+        assert data["config"]["sell"] == float(share)
+        last[share] = data["epochs"][-1]["price_usd"]
+    assert last["0"] > sim.SimConfig().price_usd > last["1"]

@@ -80,6 +80,8 @@ def _number(kind: type, lo: float | None, hi: float | None) -> Callable[[str], A
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a {word}, got {text!r}") from None
+        if value != value:  # nan: every comparison below is False, so it would pass any bound
+            raise argparse.ArgumentTypeError(f"expected a {word}, got {text!r}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             span = (f"from {lo} to {hi}" if lo is not None and hi is not None
                     else f"≥ {lo}" if lo is not None else f"≤ {hi}")

@@ -60,6 +60,9 @@ def simulate_command(
     churn: Annotated[float, Opt("--churn", min=0, max=1, help="Share of nodes leaving per epoch.")] = 0.004,
     cheaters: Annotated[float, Opt("--cheaters", min=0, max=1, help="Share of new nodes that cheat "
                                    "(half fake their speed, half inflate usage).")] = 0.05,
+    sell_share: Annotated[float, Opt("--sell-share", min=0, max=1, help="Share of its reward an owner sells "
+                                     "to the market each epoch (what buyers can buy back, so the price and "
+                                     "the supply in circulation).")] = 0.6,
     as_json: Annotated[bool, Opt("--json", help="Print every epoch's row as JSON on stdout.")] = False,
 ):
     """Run the settlement code on a seeded population for N epochs: a table, plots, JSON.
@@ -67,7 +70,7 @@ def simulate_command(
     The population has regions with different shares of nodes and of demand (some underserved),
     a demand curve (growth plus a weekly swing), cheaters (fake speeds fail probes; inflated usage
     is slashed with the receipts as evidence), churn (new nodes join where rewards per node are
-    highest) and a token market (owners sell part of their rewards; buyers buy what they burn;
+    highest) and a token market (owners sell --sell-share of their rewards; buyers buy what they burn;
     the price moves with the tokens buyers want against the tokens owners sell). Every epoch is settled by the same
     function the hub calls, into a signed statement.
 
@@ -76,7 +79,7 @@ def simulate_command(
     from .economy import simulate as sim
 
     cfg = sim.SimConfig(nodes=nodes, epochs=epochs, seed=seed, growth=growth, churn=churn,
-                        fake_speed=cheaters * 0.6, inflaters=cheaters * 0.4)
+                        fake_speed=cheaters * 0.6, inflaters=cheaters * 0.4, sell=sell_share)
     r = _rules(rules_file)
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory; name a directory for the plots")

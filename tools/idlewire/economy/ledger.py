@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Protocol
 
 MINT, BURN, SLASHED = "mint", "burn", "slashed"
@@ -45,6 +46,7 @@ class Ledger(Protocol):
     def transfer(self, epoch: int, kind: str, src: str, dst: str, amount: int, ref: str = "") -> None: ...
     def transfers(self, epoch: int, kind: str, moves: Iterable[tuple[str, str, int, str]]) -> None: ...
     def balance(self, account: str) -> int: ...
+    def balances(self, accounts: Iterable[str]) -> list[int]: ...
     def accounts(self, prefix: str = "") -> dict[str, int]: ...
 
 
@@ -63,17 +65,18 @@ class MemoryLedger:
         """transfer(epoch, kind, src, dst, amount, ref) for each (src, dst, amount, ref) of MOVES in order
         (the same checks, entries and balances) in one call: an epoch's mints, the simulator's sales."""
         bal, journal, moved = self._bal, self.journal, 0
+        get = bal.get
         try:
             for src, dst, amount, ref in moves:
-                if type(amount) is not int or amount < 0:
+                if amount.__class__ is not int or amount < 0:
                     raise ValueError(f"ledger: amount must be a whole number ≥ 0, got {amount!r}")
-                if amount == 0:
+                if not amount:
                     continue
-                have = bal.get(src, 0)
+                have = get(src, 0)
                 if have < amount and src not in ISSUERS:
                     raise Overdraft(f"ledger: {src} holds {have}, cannot move {amount} to {dst} ({kind})")
                 bal[src] = have - amount
-                bal[dst] = bal.get(dst, 0) + amount
+                bal[dst] = get(dst, 0) + amount
                 moved += amount
                 if journal is not None:
                     journal.append(Entry(epoch, kind, src, dst, amount, ref))
@@ -83,6 +86,10 @@ class MemoryLedger:
 
     def balance(self, account: str) -> int:
         return self._bal.get(account, 0)
+
+    def balances(self, accounts: Iterable[str]) -> list[int]:
+        """[balance(a) for a in ACCOUNTS] without a call each (settlement reads every node's stake)."""
+        return list(map(self._bal.get, accounts, repeat(0)))
 
     def accounts(self, prefix: str = "") -> dict[str, int]:
         return {k: v for k, v in sorted(self._bal.items()) if k.startswith(prefix)}

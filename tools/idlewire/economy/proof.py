@@ -94,21 +94,19 @@ def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified],
     forged: dict[str, list[str]] = {}
     tol_bytes, tol_ppm = rules.market.tolerance_bytes, rules.market.tolerance_ppm
     out_get, buyers_get = out.get, buyers.get   # once per session of the epoch: bound once
-    for u in usage:
-        node = u.node
+    # Unpacked in the loop header (Usage is a tuple: no attribute lookup per field, per session).
+    for receipt, node, buyer, nb, bb, status, sb in usage:
         v = out_get(node)
         if v is None:
             v = out[node] = Verified()
-        nb, bb, sb = u.node_bytes, u.buyer_bytes, u.seen_bytes
         if sb is None:
             sb = nb
         if nb < 0 or bb < 0 or sb < 0:
-            raise ValueError(f"usage {u.receipt}: byte counts must be ≥ 0, got node {nb}, buyer {bb}, seen {sb}")
+            raise ValueError(f"usage {receipt}: byte counts must be ≥ 0, got node {nb}, buyer {bb}, seen {sb}")
         v.claimed += nb
-        status = u.status
         if status != COSIGNED:
             if status == FORGED:
-                forged.setdefault(node, []).append(u.receipt)
+                forged.setdefault(node, []).append(receipt)
             continue
         short = sb - bb   # the buyer signed less than the node had counted: > 0
         off = short if short > 0 else (bb - nb if bb > nb else 0)
@@ -117,9 +115,9 @@ def verify_usage(rules: Rules, usage: list[Usage]) -> tuple[dict[str, Verified],
             counted = nb if nb < bb else bb
             v.bytes += counted
             v.receipts += 1
-            buyers[u.buyer] = buyers_get(u.buyer, 0) + counted
+            buyers[buyer] = buyers_get(buyer, 0) + counted
         elif short > 0:
-            inflated.setdefault(node, []).append((u.receipt, u.buyer))
+            inflated.setdefault(node, []).append((receipt, buyer))
     need, prober = rules.staking.inflated_min_buyers, rules.probes.prober_buyer
     offences = [Offence(n, FORGED_USAGE, tuple(sorted(ids))) for n, ids in forged.items()]
     for n, claims in inflated.items():

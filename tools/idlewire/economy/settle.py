@@ -35,8 +35,10 @@ import base64
 import bisect
 import hashlib
 import json
-import operator
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import attrgetter, itemgetter
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -44,10 +46,10 @@ from idlewire_agent import merkle
 
 from . import PPM
 from .ledger import BURN, MINT, Ledger, supply
-from .proof import NodeReport, Offence, Probe, Usage, judge_probes, uptimes_ppm, verify_usage
+from .proof import NodeReport, Offence, Probe, Usage, Verified, judge_probes, uptimes_ppm, verify_usage
 from .rules import Rules, emission_for
 from .scores import agreements_ppm, epoch_scores_ppm, multipliers, next_reputations
-from .staking import Slash, Unbonding, release, slash, stake_account
+from .staking import Slash, Unbonding, release, slash, stake_accounts
 
 GENESIS_PREV = "0" * 64
 
@@ -72,8 +74,9 @@ class EpochInputs:
     unserved: dict[str, int] = field(default_factory=dict)   # region → bytes asked for with no node to serve
 
 
-@dataclass(slots=True)
-class NodeResult:
+class NodeResult(NamedTuple):
+    """One node's figures for an epoch (settle() builds them whole, in one pass, from its columns)."""
+
     node: str
     region: str
     payout: str
@@ -127,7 +130,11 @@ def public_b64(key: Ed25519PrivateKey) -> str:
 
 # What json.JSONEncoder(ensure_ascii=True).encode does for a str, without its per-call dispatch.
 _json_str = json.encoder.encode_basestring_ascii
-_digest = operator.methodcaller("digest")
+_sha256 = hashlib.sha256
+_new = tuple.__new__
+_first = itemgetter(0)
+_bytes, _claimed, _disagreement = attrgetter("bytes"), attrgetter("claimed"), attrgetter("disagreement")
+_NO_USAGE = Verified()   # a node without usage this epoch (read only)
 
 
 def reward_leaf(epoch: int, res: NodeResult) -> dict:
@@ -138,12 +145,12 @@ def reward_leaf(epoch: int, res: NodeResult) -> dict:
 
 def _leaf_hashes(epoch: int, rewarded: list[NodeResult]) -> list[bytes]:
     """merkle.leaf_hash(reward_leaf(epoch, r)) for each r, built without a dict and a generic json.dumps
-    per leaf (the 0x00 leaf prefix is the string's first character), hashed in C-level maps."""
-    s = _json_str
-    texts = [f'\x00{{"epoch":{epoch},"multiplier_ppm":{r.multiplier_ppm},"node":{s(r.node)},'
-             f'"payout":{s(r.payout)},"reputation_ppm":{r.reputation_ppm},"reward":{r.reward},'
-             f'"uptime_ppm":{r.uptime_ppm},"v":1,"verified_bytes":{r.verified_bytes}}}' for r in rewarded]
-    return list(map(_digest, map(hashlib.sha256, map(str.encode, texts))))
+    per leaf (the 0x00 leaf prefix is the string's first character). Each leaf's text is hashed as it
+    is made (10,000s an epoch: no list of texts kept around to hash afterwards)."""
+    s, sha = _json_str, _sha256
+    return [sha(f'\x00{{"epoch":{epoch},"multiplier_ppm":{m},"node":{s(n)},"payout":{s(p)},"reputation_ppm":{rp},'
+                f'"reward":{rw},"uptime_ppm":{u},"v":1,"verified_bytes":{vb}}}'.encode()).digest()
+            for n, _, p, vb, u, rp, m, _, _, rw, _ in rewarded]
 
 
 def _leaf_hash(epoch: int, res: NodeResult) -> bytes:
@@ -161,11 +168,14 @@ def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_u
     if price_micro_usd <= 0:
         raise ValueError(f"epoch {state.epoch}: oracle price must be > 0 micro-USD, got {price_micro_usd}")
     epoch = state.epoch
-    reports: dict[str, NodeReport] = {}
-    for r in inputs.nodes:
-        if r.node in reports:
-            raise ValueError(f"epoch {epoch}: node {r.node} reported twice")
-        reports[r.node] = r
+    nodes = inputs.nodes
+    reports: dict[str, NodeReport] = dict(zip(map(_first, nodes), nodes, strict=True))
+    if len(reports) != len(nodes):
+        seen: set[str] = set()
+        for r in nodes:
+            if r.node in seen:
+                raise ValueError(f"epoch {epoch}: node {r.node} reported twice")
+            seen.add(r.node)
 
     # 1. proof of bandwidth
     verified, usage_offences, buyer_bytes = verify_usage(rules, inputs.usage)
@@ -191,71 +201,64 @@ def settle(rules: Rules, state: EconomyState, inputs: EpochInputs, price_micro_u
             shortfall[buyer] = owed - take * price_micro_usd // 10**rules.market.decimals
 
     # 4. multipliers and reputation
+    # Column-wise, by node (ids are unique: the reports never get compared): the formulas take the
+    # epoch's nodes as lists (10,000s of nodes, 365 epochs in a simulated year: no call per node),
+    # each column made by C-level map/zip, the NodeResults made whole at the end.
+    order = sorted(reports)
+    count = len(order)
+    # NodeReport's fields as columns (one C-level transpose), and what the epoch proved per node
+    _, regions, payouts, caps, hbs = zip(*map(reports.__getitem__, order), strict=True) if order else ((),) * 5
+    vs = list(map(verified.get, order, repeat(_NO_USAGE)))
+    vbs = list(map(_bytes, vs))
     demand: dict[str, int] = dict(inputs.unserved)
     cap: dict[str, int] = {}
-    for n, r in reports.items():
-        v = verified.get(n)
-        if v is not None and v.bytes:
-            demand[r.region] = demand.get(r.region, 0) + v.bytes
-        if r.heartbeats > 0:
-            cap[r.region] = cap.get(r.region, 0) + r.cap_mbit
+    for g, vb, hb, c in zip(regions, vbs, hbs, caps, strict=True):
+        if vb:
+            demand[g] = demand.get(g, 0) + vb
+        if hb > 0:
+            cap[g] = cap.get(g, 0) + c
     mults = multipliers(rules, demand, cap)
     rep = state.reputation
     floor = rules.reputation.floor_ppm
     min_stake = rules.staking.min_stake
-    # Column-wise, by node (ids are unique: the reports never get compared): the formulas take the
-    # epoch's nodes as lists (10,000s of nodes, 365 epochs in a simulated year: no call per node).
-    order = sorted(reports)
-    rs = list(map(reports.__getitem__, order))
-    vs = list(map(verified.get, order))
-    no_probes = (0, 0)
-    ups = uptimes_ppm(rules, [r.heartbeats for r in rs], [probe_counts.get(n, no_probes) for n in order])
-    agreement = agreements_ppm([0 if v is None else v.claimed for v in vs],
-                               [0 if v is None else v.disagreement for v in vs])
-    bad = [n in offended for n in order]
+    ups = uptimes_ppm(rules, hbs, list(map(probe_counts.get, order, repeat((0, 0)))))
+    agreement = agreements_ppm(list(map(_claimed, vs)), list(map(_disagreement, vs)))
+    bad = list(map(offended.__contains__, order)) if offended else [False] * count
     reps = next_reputations(rules, list(map(rep.get, order)), epoch_scores_ppm(ups, agreement, bad))
     rep.update(zip(order, reps, strict=True))
-    vbs = [0 if v is None else v.bytes for v in vs]
-    stakes = list(map(ledger.balance, map(stake_account, order)))
-    mult_get = mults.get
-    node_mults = [mult_get(r.region, PPM) for r in rs]
+    stakes = ledger.balances(stake_accounts(order))
+    node_mults = list(map(mults.get, regions, repeat(PPM)))
     weights = [0 if b or s < min_stake or not vb or not u else vb * m * (rp if rp > floor else floor) * u
                for b, s, vb, u, m, rp in zip(bad, stakes, vbs, ups, node_mults, reps, strict=True)]
-    results: dict[str, NodeResult] = dict(zip(order, map(
-        NodeResult, order, [r.region for r in rs], [r.payout for r in rs], vbs, ups, reps, node_mults, stakes,
-        weights), strict=True))
     total = sum(weights)
-    for res, b, w in zip(results.values(), bad, weights, strict=True):
-        if w:
-            continue
-        if b:
-            res.why_not = "slashed this epoch"
-        elif res.stake < min_stake:
-            res.why_not = f"stake {res.stake} below the minimum {min_stake}"
-        elif res.verified_bytes == 0:
-            res.why_not = "no verified usage"
-        elif res.uptime_ppm == 0:
-            res.why_not = "no uptime (no heartbeats or every probe failed)"
-    gone = [n for n in rep if n not in reports]   # nodes not seen this epoch decay toward 0
-    for n, r in zip(gone, next_reputations(rules, list(map(rep.__getitem__, gone)), [0] * len(gone)), strict=True):
-        if r:
-            rep[n] = r
-        else:
-            del rep[n]
+    why_not = [""] * count
+    for i in [i for i, w in enumerate(weights) if not w]:
+        if bad[i]:
+            why_not[i] = "slashed this epoch"
+        elif stakes[i] < min_stake:
+            why_not[i] = f"stake {stakes[i]} below the minimum {min_stake}"
+        elif vbs[i] == 0:
+            why_not[i] = "no verified usage"
+        elif ups[i] == 0:
+            why_not[i] = "no uptime (no heartbeats or every probe failed)"
+    # nodes not seen this epoch decay toward 0 (and are forgotten at 0); the dict's order is never read
+    gone = list(rep.keys() - reports.keys())
+    decayed = next_reputations(rules, list(map(rep.__getitem__, gone)), [0] * len(gone))
+    rep.update(zip(gone, decayed, strict=True))
+    for g in [g for g, r in zip(gone, decayed, strict=True) if not r]:
+        del rep[g]
 
     # 5. mint
     emission = emission_for(rules, epoch)
     pool = emission + state.carry
-    rewarded: list[NodeResult] = []
-    if total:
-        for res in results.values():   # sorted by node
-            if res.weight:
-                res.reward = pool * res.weight // total
-                if res.reward:
-                    rewarded.append(res)
+    rewards = [pool * w // total if w else 0 for w in weights] if total else [0] * count
+    columns = zip(order, regions, payouts, vbs, ups, reps, node_mults, stakes, weights, rewards, why_not, strict=True)
+    results: dict[str, NodeResult] = dict(zip(order, map(_new, repeat(NodeResult), columns), strict=True))
+    rewarded: list[NodeResult] = list(compress(results.values(), rewards))   # sorted by node
     ref = f"epoch:{epoch}"
-    ledger.transfers(epoch, "mint", [(MINT, f"payout:{res.payout}", res.reward, ref) for res in rewarded])
-    minted = sum(res.reward for res in rewarded)
+    ledger.transfers(epoch, "mint", zip(repeat(MINT), ["payout:" + p for p in compress(payouts, rewards)],
+                                        [r for r in rewards if r], repeat(ref)))
+    minted = sum(rewards)
     carry_out = pool - minted if rules.emission.unallocated == "carry" else 0
 
     # 6. unbonding

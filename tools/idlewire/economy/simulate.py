@@ -181,29 +181,31 @@ def _run(rules: Rules, cfg: SimConfig, progress) -> SimResult:
         # Built column-wise by C-level map/zip (tuple.__new__ is what the NamedTuple's own constructor
         # calls); the order of the records does not matter to settle(). Only probed nodes are looped over.
         alive_list = alive.tolist()
-        node_ids = [ids[i] for i in alive_list]
-        node_codes = [codes[ri] for ri in region.tolist()]
+        node_ids = list(map(ids.__getitem__, alive_list))
+        node_codes = list(map(codes.__getitem__, region.tolist()))
         caps = cap.tolist()
-        nodes = list(map(_new, repeat(Report), zip(node_ids, node_codes, [payouts[i] for i in alive_list], caps,
+        nodes = list(map(_new, repeat(Report), zip(node_ids, node_codes, map(payouts.__getitem__, alive_list), caps,
                                                    hb.tolist(), strict=True)))
-        sessions = np.flatnonzero(served)
-        who = [node_ids[j] for j in sessions.tolist()]
+        sessions = np.flatnonzero(served).tolist()
+        who = list(map(node_ids.__getitem__, sessions))
         claimed = np.where(inflate, served * 13 // 10, served)
         suffix = f"/e{epoch}"
-        usage = list(map(_new, repeat(Usage), zip([n + suffix for n in who], who,
-                                                  [node_codes[j] for j in sessions.tolist()],
+        usage = list(map(_new, repeat(Usage), zip(map(str.__add__, who, repeat(suffix)), who,
+                                                  map(node_codes.__getitem__, sessions),
                                                   claimed[sessions].tolist(), served[sessions].tolist(),
                                                   repeat(COSIGNED), repeat(None))))
         probes = []
         heard = probed & (hb > 0)   # the prober reaches a node that is up
+        probe_suffix, inflated_suffix = f"{suffix}/p", f"{suffix}/probe"
         for j, k, inf in zip(np.flatnonzero(heard).tolist(), kind[heard].tolist(), inflate[heard].tolist(),
                              strict=True):
             nid, c = node_ids[j], caps[j]
             got = c // 10 if k == 1 else c * 9 // 10
             for t in range(1 if k != 1 else 3):
-                probes.append(Probe(f"{nid}/e{epoch}/p{t}", nid, True, got, c, 40))
+                probes.append(_new(Probe, (f"{nid}{probe_suffix}{t}", nid, True, got, c, 40)))
             if inf:   # an inflater inflates the prober's session too, and the prober's word is enough
-                usage.append(Usage(f"{nid}/e{epoch}/probe", nid, prober, PROBE_BYTES * 13 // 10, PROBE_BYTES))
+                usage.append(_new(Usage, (nid + inflated_suffix, nid, prober, PROBE_BYTES * 13 // 10, PROBE_BYTES,
+                                          COSIGNED, None)))
         # buyers buy from the market the tokens they will burn
         wanted = 0
         served_region = np.bincount(region, weights=served, minlength=len(codes)).astype(np.int64).tolist()
@@ -217,12 +219,15 @@ def _run(rules: Rules, cfg: SimConfig, progress) -> SimResult:
         # owners sell part of what they earned
         count_region = np.bincount(region, minlength=len(codes)).astype(float)
         sell = round(cfg.sell * PPM)
-        sales = [(f"payout:{r.payout}", market, r.reward * sell // PPM, "sell") for r in res.rewarded]
-        ledger.transfers(epoch, "transfer", sales)
-        sold = sum(amount for _, _, amount, _ in sales)
+        # the rewarded nodes' columns (NodeResult is a tuple): region, payout, reward
+        r_regions, r_payouts, r_rewards = (([r[i] for r in res.rewarded]) for i in (1, 2, 9))
+        amounts = [x * sell // PPM for x in r_rewards]
+        ledger.transfers(epoch, "transfer", zip(map("payout:".__add__, r_payouts), repeat(market), amounts,
+                                                repeat("sell")))
+        sold = sum(amounts)
         earned = dict.fromkeys(codes, 0.0)   # summed in floats in this order, as the arrays did
-        for r in res.rewarded:
-            earned[r.region] += r.reward
+        for g, x in zip(r_regions, r_rewards, strict=True):
+            earned[g] += x
         per_region = np.array([earned[c] for c in codes], dtype=float)
         reward_per_node = 0.7 * reward_per_node + 0.3 * (per_region / np.maximum(count_region, 1)) / dec
         row = {"epoch": epoch, "nodes": len(alive), "price_usd": price / 1e6, "supply": st["supply"] / dec,
@@ -235,6 +240,9 @@ def _run(rules: Rules, cfg: SimConfig, progress) -> SimResult:
                "statement": res.hash}
         result.rows.append(row)
         price = _price_step(price, wanted, sold)
+        # the epoch's records and results go now, not when the next epoch's replace them: the next
+        # epoch's are built in the memory (and the cache) they leave
+        del nodes, usage, probes, res, st
         if progress:
             progress(epoch + 1, cfg.epochs, time.perf_counter() - t0)
     assert supply(ledger) == -ledger.balance("mint") - ledger.balance("burn")

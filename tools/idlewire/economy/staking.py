@@ -39,8 +39,16 @@ class Slash:
         return {"node": self.node, "kind": self.kind, "amount": self.amount, "evidence": list(self.evidence)}
 
 
+STAKE = "stake:"
+
+
 def stake_account(node: str) -> str:
-    return f"stake:{node}"
+    return STAKE + node
+
+
+def stake_accounts(nodes) -> list[str]:
+    """stake_account(n) for each of NODES, without a call each."""
+    return list(map(STAKE.__add__, nodes))
 
 
 def unbonding_account(node: str) -> str:

@@ -269,7 +269,7 @@ def create_app(engine, clock=time.time) -> FastAPI:
 
     @app.exception_handler(HubError)
     async def _hub_error(_request, exc: HubError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({**exc.extra, "error": exc.message}, status_code=exc.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, exc: StarletteHTTPException):
@@ -429,7 +429,7 @@ def create_app(engine, clock=time.time) -> FastAPI:
     def usage():
         return queries.usage(engine)
 
-    @app.get("/v1/flags", summary="Flags: equivocation, disagreement, receipts without a buyer co-signature")
+    @app.get("/v1/flags", summary="Flags: equivocation, forged usage, disagreement, no buyer co-signature")
     def list_flags(node: str | None = None, kind: str | None = None, limit: int = Query(100, ge=1, le=10000)):
         return queries.flags(engine, node=node, kind=kind, limit=limit)
 

@@ -258,8 +258,10 @@ def register(app: App) -> None:
 
     @group.command()
     def flags(db: DbOpt = None, hub: HubOpt = None, kind: Annotated[str | None, Opt(
-            "--kind", help="equivocation, disagreement or uncosigned.")] = None, as_json: JsonOpt = False):
-        """Flags with their evidence: equivocation, node/buyer disagreement, receipts without a buyer co-signature."""
+            "--kind", help="equivocation, forged_usage, disagreement or uncosigned.")] = None,
+              as_json: JsonOpt = False):
+        """Flags with their evidence: equivocation, forged usage, node/buyer disagreement, receipts without a buyer
+        co-signature."""
         rows = _rows(db, hub, "/v1/flags", "flags", kind=kind)
         if as_json:
             print(json.dumps(rows, indent=1))

@@ -24,8 +24,10 @@ What settlement reads for epoch N = [genesis_at + N·epoch_seconds, + epoch_seco
   * probes stored in the epoch (table `probes`);
   * unserved demand: requests for a region the hub could not place (table `unserved`), one per
     buyer holding tokens, each the epoch's mean buyer session, into the region's demand;
-  * equivocation flags created in the epoch → one offence per node, the flag ids as evidence (the
-    two receipts are in the flag and are copied into the slash's evidence).
+  * equivocation and forged-usage flags created in the epoch → one offence per node and kind, the
+    flag ids as evidence (the receipts are in the flags and are copied into the slash's evidence):
+    forged usage is a buyer statement in a session the hub sold that its buyer did not sign
+    (service.Hub.store_receipts refuses the batch and keeps the node-signed receipts as the flag).
 Same database → same statement hash (sorted reads, no clock inside the core).
 """
 
@@ -53,6 +55,7 @@ from ..economy.proof import (
     COSIGNED,
     EQUIVOCATION,
     FAILED_PROBES,
+    FORGED_USAGE,
     INFLATED_USAGE,
     UNSIGNED,
     NodeReport,
@@ -269,13 +272,13 @@ def _inputs(conn, rules, t0: float, t1: float,
                                     .where(p.at >= t0, p.at < t1).order_by(p.id)) if r.node_id in known]
     f = db.flags.c
     evidence: dict[str, list] = {}
-    ids: dict[str, list[str]] = {}
-    for fid, nid, ev in conn.execute(select(f.id, f.node_id, f.evidence).where(
-            f.kind == EQUIVOCATION, f.created >= t0, f.created < t1).order_by(f.id)):
+    ids: dict[tuple[str, str], list[str]] = {}
+    for fid, nid, kind, ev in conn.execute(select(f.id, f.node_id, f.kind, f.evidence).where(
+            f.kind.in_((EQUIVOCATION, FORGED_USAGE)), f.created >= t0, f.created < t1).order_by(f.id)):
         if nid in known:
-            ids.setdefault(nid, []).append(f"flag:{fid}")
-            evidence.setdefault(f"{EQUIVOCATION}:{nid}", []).append(json.loads(ev))
-    offences = [Offence(nid, EQUIVOCATION, tuple(sorted(v))) for nid, v in sorted(ids.items())]
+            ids.setdefault((nid, kind), []).append(f"flag:{fid}")
+            evidence.setdefault(f"{kind}:{nid}", []).append(json.loads(ev))
+    offences = [Offence(nid, kind, tuple(sorted(v))) for (nid, kind), v in sorted(ids.items())]
     unserved = _unserved(conn, t0, t1, [min(u.node_bytes, u.buyer_bytes) for u in usage
                                         if u.status == COSIGNED and u.buyer != prober])
     for pr in probes:  # a failed-probes slash carries the measurements with the probe ids

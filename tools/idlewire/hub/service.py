@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from .. import ed25519fast
+from ..economy.proof import EQUIVOCATION, FORGED_USAGE
 from . import db
 
 ed25519fast.install()  # libsodium first, OpenSSL for what it refuses: the same signatures verify, twice as fast
@@ -56,10 +57,11 @@ class Signed:
 
 
 class HubError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, **extra):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.extra = extra  # more of the answer's JSON, for the client's program (e.g. the sessions refused)
 
 
 # Hot paths execute statements built once (building one costs more than running it on SQLite).
@@ -85,6 +87,12 @@ _OPEN_SESSIONS = select(db.sessions.c.node_id, db.sessions.c.session, db.session
 _ONE_SESSION = and_(db.sessions.c.node_id == bindparam("nid"), db.sessions.c.session == bindparam("sid"))
 _SESSION_CLOSE = update(db.sessions).where(_ONE_SESSION).values(state="closed", updated_at=bindparam("b_now"))
 _SESSION_HEAD = update(db.sessions).where(_ONE_SESSION).values(head=bindparam("b_head"), updated_at=bindparam("b_now"))
+# The sessions the hub sold (answered open requests: request_id set), with the buyer each was sold to.
+_SOLD = select(db.sessions.c.session, db.sessions.c.buyer_key).where(
+    db.sessions.c.node_id == bindparam("nid"), db.sessions.c.session.in_(bindparam("sids", expanding=True)),
+    db.sessions.c.request_id.is_not(None))
+NOT_SOLD = ("not opened through this hub (sold by `connect --hub`): their usage is not the hub's to count; "
+            "the node uploads only the sessions the hub sold")
 
 
 def _session_open(dialect):
@@ -409,13 +417,21 @@ class Hub:
             if ok and req["kind"] == "relay" and (not isinstance(result, dict) or not isinstance(
                     result.get("status"), int) or "body" not in result):
                 raise HubError(422, "result: expected the node API's answer ({\"status\": N, \"body\": ...})")
+            s = db.sessions.c
+            resold = None
+            if ok and req["kind"] == "open" and conn.execute(select(s.request_id).where(
+                    s.node_id == nid, s.session == result["session"], s.request_id.is_not(None))).first():
+                # The session's buyer is the one it was first sold to: answering another buyer's request
+                # with it would move its usage (and the tokens it burns) to that buyer.
+                resold = HubError(409, f"result: session {result['session']} was sold before, to another buyer; "
+                                       "answer each open request with a new session")
+                ok, result = False, {"error": "the node answered with a session sold before to another buyer"}
             if not conn.execute(update(db.requests).where(db.requests.c.id == rid, db.requests.c.state == "delivered")
                                 .values(state="answered" if ok else "failed", answered_at=now,
                                         result=_dumps(result))).rowcount:
                 raise HubError(409, f"request {rid}: already answered or expired (state {req['state']})")
             if ok and req["kind"] == "open":
                 sid = result["session"]
-                s = db.sessions.c
                 done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid)
                                     .values(buyer_key=req["buyer_key"], request_id=rid, state="open",
                                             updated_at=now)).rowcount
@@ -425,6 +441,8 @@ class Hub:
                                                             updated_at=now, head=""))
                 conn.execute(update(db.nodes).where(db.nodes.c.id == nid)
                              .values(open_sessions=db.nodes.c.open_sessions + 1))
+        if resold is not None:  # after the commit: the buyer hears the request failed
+            raise resold
         return {"ok": True}
 
     # --- buyers ---------------------------------------------------------------------------------
@@ -524,79 +542,153 @@ class Hub:
         whose buyer statement falls short of what the node had counted in the entry before it
         (receipts.acknowledged: a statement lagging its own receipt's count is not a disagreement)
         is flagged with both entries as evidence; one without a buyer co-signature is stored (the
-        chain goes on through it) but counts nothing, and flagged."""
+        chain goes on through it) but counts nothing, and flagged.
+
+        Usage counts only in sessions the hub sold (an answered open request), co-signed by the
+        buyer it sold each to (the session's buyer_key, never the receipts' word). A batch naming a
+        session the hub never opened is refused (409, the sessions listed) and nothing is flagged:
+        a buyer on the owner's LAN is no offence, and the hub has no buyer to hold it to. A
+        node-signed receipt of a sold session carrying a buyer statement that is not a valid
+        signature by that session's buyer is forged usage: the batch is refused (422) and the
+        receipts are kept as a forged_usage flag, which settlement slashes with them as evidence."""
         if not isinstance(entries, list) or not entries:
             raise HubError(422, "receipts: expected a non-empty JSON array")
         if len(entries) > MAX_BATCH:
             raise HubError(413, f"receipts: {len(entries)} in one batch; send at most {MAX_BATCH}")
         encoded: list = []  # each receipt's canonical text, as verify hashed it: stored as it is
         problem = rc.verify(entries, auth.key, encoded=encoded)
+        suspect = None  # a node-signed receipt whose buyer statement verify refused: forged if the hub sold it
         if problem is not None:
-            raise HubError(422, f"receipts rejected: {problem}")
-        for e in entries:
-            if not _SESSION.match(e["session"]):
-                raise HubError(422, f"receipts: session id {e['session'][:80]!r}: expected 1-64 of A-Z a-z 0-9 _ -")
+            if problem.reason not in (rc.BAD_COSIGNATURE, rc.SWITCHED_BUYER) \
+                    or not _SESSION.match(problem.session):
+                raise HubError(422, f"receipts rejected: {problem}")
+            suspect = entries[problem.index]  # (verify checked its node signature, by this node, first)
+        else:
+            for e in entries:
+                if not _SESSION.match(e["session"]):
+                    raise HubError(422, f"receipts: session id {e['session'][:80]!r}: expected 1-64 of A-Z a-z 0-9 _ -")
         by_session: dict[str, list[tuple[dict, bytes | None]]] = {}
-        for e, enc in zip(entries, encoded, strict=True):
+        for e, enc in zip(entries, encoded, strict=True) if suspect is None else ():
             by_session.setdefault(e["session"], []).append((e, enc))
         now = self.clock()
         stored = duplicates = 0
         new_flags: list[dict] = []
+        refusal: HubError | None = None
         with db.write(self.engine) as conn:
             self._node(conn, nid, auth)
-            r = db.receipts.c
-            ranges = [and_(r.session == s, r.seq.between(es[0][0]["seq"], es[-1][0]["seq"]))
-                      for s, es in by_session.items()]
-            have = {}
-            for i in range(0, len(ranges), 200):  # (SQLite parses a long OR into a tree 1000 deep at most)
-                have.update({(row.session, row.seq): row.hash for row in conn.execute(
-                    select(r.session, r.seq, r.hash).where(r.node_id == nid, or_(*ranges[i:i + 200])))})
-            rows, touched = [], {}
-            for sid, es in by_session.items():
-                before = None  # the entry before e in the chain: a batch starts each session at seq 1
-                for e, enc in es:  # or at the checkpoint of the last receipt sent before (rc.verify holds it)
-                    e_before, before = before, e
-                    if enc is None:  # a checkpoint: stored as the node signed it, under the hash it stands for
-                        enc = rc.canonical(e)
-                        h = e["hash"]
-                    else:
-                        h = rc.sha256_hex(enc)
-                    old = have.get((sid, e["seq"]))
-                    if old is not None:
-                        if old == h:  # resent; or the checkpoint linking a continuation to what is stored
-                            duplicates += not rc.is_checkpoint(e)
-                            continue
-                        stored_body = conn.execute(select(r.body).where(r.node_id == nid, r.session == sid,
-                                                                        r.seq == e["seq"])).scalar()
-                        new_flags.append(self._flag(nid, sid, e["seq"], "equivocation",
-                                                    "two different node-signed receipts for one session and seq",
-                                                    [json.loads(stored_body), e], now))
-                        break  # the rest of this session's batch chains off the conflicting one
-                    if rc.is_checkpoint(e):
-                        # stands for a receipt the hub never got (pruned on the node before upload)
-                        rows.append(self._row(nid, e, h, "checkpoint", now, enc))
-                        continue
-                    buyer = e.get("buyer")
-                    if buyer is None:
-                        new_flags.append(self._flag(nid, sid, e["seq"], "uncosigned",
-                                                    "no buyer co-signature: stored for the chain, counts nothing",
-                                                    [e], now))
-                    elif not rc.acknowledged(e_before, buyer, self.tolerance / 100):
-                        new_flags.append(self._flag(
-                            nid, sid, e["seq"], "disagreement",
-                            f"node had counted {e_before['up'] + e_before['down']} bytes at seq {e_before['seq']}, "
-                            f"buyer then signed {buyer['up'] + buyer['down']} (beyond {self.tolerance:g}%)",
-                            [e_before, e], now))
-                    rows.append(self._row(nid, e, h, "receipt", now, enc))
-                    touched[sid] = e
-            if rows:
-                stored = self._insert_new(conn, rows)
-            for sid, e in touched.items():
-                self._advance_session(conn, nid, sid, e, now)
+            names = [suspect["session"]] if suspect is not None else list(by_session)
+            sold: dict[str, str] = {}
+            for i in range(0, len(names), 500):
+                sold.update(conn.execute(_SOLD, {"nid": nid, "sids": names[i:i + 500]}).all())
+            if suspect is not None:
+                refusal = HubError(422, f"receipts rejected: {problem}")
+                sid = suspect["session"]
+                # the session's receipts verify got through (node-signed, by this node), up to the suspect
+                bad = [e for e in entries[:problem.index + 1] if e.get("session") == sid and "buyer" in e
+                       and sid in sold and not rc.usage_valid(e["buyer"], sid, sold[sid])]
+                if bad:
+                    refusal, flag = self._forged(nid, sid, bad, sold, now, problem.reason)
+                    new_flags.append(flag)
+            else:
+                refusal, new_flags = self._judge_sold(nid, by_session, sold, now)
+            if refusal is None:
+                stored, duplicates = self._store(conn, nid, by_session, now, new_flags)
             for f in new_flags:
                 self._insert_flag(conn, f)
+        if refusal is not None:  # after the commit: the evidence of forged usage stays
+            raise refusal
         return {"stored": stored, "duplicates": duplicates, "flags": [
             {k: f[k] for k in ("session", "seq", "kind", "detail")} for f in new_flags]}
+
+    def _judge_sold(self, nid: str, by_session: dict, sold: dict[str, str],
+                    now: float) -> tuple[HubError | None, list[dict]]:
+        """Refusal (or None) and forged-usage flags for a batch whose signatures all hold: every
+        session must be one the hub sold, every co-signature by the buyer it was sold to."""
+        flags, first = [], None
+        for sid, es in by_session.items():
+            buyer = sold.get(sid)
+            if buyer is None:
+                continue
+            bad = [e for e, _ in es if "buyer" in e and e["buyer"]["key"] != buyer]
+            if bad:
+                refusal, flag = self._forged(nid, sid, bad, sold, now, "co-signed by another key than the buyer's")
+                first = first or refusal
+                flags.append(flag)
+        if first is not None:
+            return first, flags
+        foreign = sorted(sid for sid in by_session if sid not in sold)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            return HubError(409, f"receipts refused: session(s) {shown} {NOT_SOLD}", sessions=foreign), []
+        for sid, es in by_session.items():
+            for e, _ in es:
+                if e.get("buyer_key", sold[sid]) != sold[sid]:
+                    return HubError(422, f"receipts rejected: session {sid} seq {e['seq']}: buyer_key {e['buyer_key']} "
+                                         f"is not the buyer this hub sold the session to ({sold[sid]})"), []
+        return None, []
+
+    def _forged(self, nid: str, sid: str, bad: list[dict], sold: dict[str, str], now: float,
+                why: str) -> tuple[HubError, dict]:
+        detail = (f"buyer statement not signed by the buyer this hub sold the session to ({sold[sid]}): {why}; "
+                  f"forged usage")
+        flag = self._flag(nid, sid, bad[0]["seq"], FORGED_USAGE, detail, bad, now)
+        return HubError(422, f"receipts rejected: session {sid} seq {bad[0]['seq']}: {detail}, recorded as evidence "
+                             f"for a slash"), flag
+
+    def _store(self, conn, nid: str, by_session: dict, now: float, new_flags: list[dict]) -> tuple[int, int]:
+        """Store a batch judged sound (the sessions the hub sold, their buyers' co-signatures):
+        (stored, duplicates); equivocation, disagreement and missing co-signatures into NEW_FLAGS."""
+        stored = duplicates = 0
+        r = db.receipts.c
+        ranges = [and_(r.session == s, r.seq.between(es[0][0]["seq"], es[-1][0]["seq"]))
+                  for s, es in by_session.items()]
+        have = {}
+        for i in range(0, len(ranges), 200):  # (SQLite parses a long OR into a tree 1000 deep at most)
+            have.update({(row.session, row.seq): row.hash for row in conn.execute(
+                select(r.session, r.seq, r.hash).where(r.node_id == nid, or_(*ranges[i:i + 200])))})
+        rows, touched = [], {}
+        for sid, es in by_session.items():
+            before = None  # the entry before e in the chain: a batch starts each session at seq 1
+            for e, enc in es:  # or at the checkpoint of the last receipt sent before (rc.verify holds it)
+                e_before, before = before, e
+                if enc is None:  # a checkpoint: stored as the node signed it, under the hash it stands for
+                    enc = rc.canonical(e)
+                    h = e["hash"]
+                else:
+                    h = rc.sha256_hex(enc)
+                old = have.get((sid, e["seq"]))
+                if old is not None:
+                    if old == h:  # resent; or the checkpoint linking a continuation to what is stored
+                        duplicates += not rc.is_checkpoint(e)
+                        continue
+                    stored_body = conn.execute(select(r.body).where(r.node_id == nid, r.session == sid,
+                                                                    r.seq == e["seq"])).scalar()
+                    new_flags.append(self._flag(nid, sid, e["seq"], EQUIVOCATION,
+                                                "two different node-signed receipts for one session and seq",
+                                                [json.loads(stored_body), e], now))
+                    break  # the rest of this session's batch chains off the conflicting one
+                if rc.is_checkpoint(e):
+                    # stands for a receipt the hub never got (pruned on the node before upload)
+                    rows.append(self._row(nid, e, h, "checkpoint", now, enc))
+                    continue
+                buyer = e.get("buyer")
+                if buyer is None:
+                    new_flags.append(self._flag(nid, sid, e["seq"], "uncosigned",
+                                                "no buyer co-signature: stored for the chain, counts nothing",
+                                                [e], now))
+                elif not rc.acknowledged(e_before, buyer, self.tolerance / 100):
+                    new_flags.append(self._flag(
+                        nid, sid, e["seq"], "disagreement",
+                        f"node had counted {e_before['up'] + e_before['down']} bytes at seq {e_before['seq']}, "
+                        f"buyer then signed {buyer['up'] + buyer['down']} (beyond {self.tolerance:g}%)",
+                        [e_before, e], now))
+                rows.append(self._row(nid, e, h, "receipt", now, enc))
+                touched[sid] = e
+        if rows:
+            stored = self._insert_new(conn, rows)
+        for sid, e in touched.items():
+            self._advance_session(conn, nid, sid, e, now)
+        return stored, duplicates
 
     @staticmethod
     def _row(nid: str, e: dict, h: str, kind: str, now: float, enc: bytes) -> dict:
@@ -622,16 +714,14 @@ class Hub:
 
     @staticmethod
     def _advance_session(conn, nid: str, sid: str, e: dict, now: float) -> None:
+        """The session's newest figures (a session the hub sold: its row exists, its buyer_key is the
+        buyer it was sold to, and stays so: settlement burns that buyer's tokens for the usage)."""
         s = db.sessions.c
         values = {"stored_seq": e["seq"], "up": e["up"], "down": e["down"], "updated_at": now}
-        if e.get("buyer"):  # the co-signer is the session's buyer (a session first heard of in a heartbeat
-            # has none yet): settlement burns its tokens for the usage
-            values.update(paid_up=e["buyer"]["up"], paid_down=e["buyer"]["down"], buyer_key=e["buyer"]["key"])
-        done = conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid, s.stored_seq < e["seq"])
-                            .values(**values)).rowcount
-        if not done and conn.execute(select(s.session).where(s.node_id == nid, s.session == sid)).first() is None:
-            conn.execute(insert(db.sessions).values(node_id=nid, session=sid, state="open", opened_at=now, head="",
-                                                    **{"buyer_key": "", **values}))
+        if e.get("buyer"):
+            values.update(paid_up=e["buyer"]["up"], paid_down=e["buyer"]["down"])
+        conn.execute(update(db.sessions).where(s.node_id == nid, s.session == sid, s.stored_seq < e["seq"])
+                     .values(**values))
 
     @staticmethod
     def _flag(nid, sid, seq, kind, detail, evidence, now) -> dict:
