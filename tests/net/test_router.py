@@ -14,8 +14,9 @@ reaches the internet and not the LAN, also when the LAN's addresses are public (
 prefix is; the lists of private networks alone would let a buyer in there).
 
 What this does not cover: networkd's part (the bridge and DHCPv6-PD/RA are networkd's own, set
-up here by hand as its files describe them) and hostapd: the booted image does (test_router_boot
-when it exists); see README "Router mode".
+up here by hand as its files describe them) and hostapd: the booted image does
+(tests/image/test_stamp_firstboot.py boots a unit stamped mode: router with two NICs and a
+mac80211_hwsim radio, tests/routerbox.py); see README "Router mode".
 """
 
 from __future__ import annotations
