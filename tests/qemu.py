@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The first line of a guest kernel's report that it hit a bug or died (x86 and arm64 wordings).
+KERNEL_TROUBLE = re.compile(r"\[\s*\d+\.\d+\] .*(Oops:|BUG:|kernel BUG at|PANIC:|WARNING: CPU:|Kernel panic"
+                            r"|Internal error:|Unable to handle kernel|general protection fault|stack guard page)")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
@@ -161,6 +165,19 @@ class Vm:
                 pass
             time.sleep(3)
         raise TimeoutError(f"no SSH login within {timeout:.0f}s; serial log {self.serial_log}:\n" + self.tail())
+
+    def kernel_trouble(self, n: int = 60) -> str:
+        """The guest kernel's own report of its death or a bug (oops, BUG, double fault, panic,
+        WARNING) from the serial console, up to n lines from where it starts; '' when there is none.
+        A panic prints there even with `quiet` (the kernel turns the console verbose first)."""
+        try:
+            lines = self.serial_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        for i, line in enumerate(lines):
+            if KERNEL_TROUBLE.search(line):
+                return "\n".join(lines[i:i + n])
+        return ""
 
     def tail(self, n: int = 40) -> str:
         try:

@@ -146,6 +146,14 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
         for vm in vms.values():
             assert vm.proc is not None
             vm.proc.wait(timeout=120)
+    except BaseException as exc:
+        # A guest kernel that died shows here only as an SSH failure or a timeout: name its own
+        # report (the serial log lives in a temporary directory that later runs rotate away).
+        died = {name: vm.kernel_trouble() for name, vm in vms.items()}
+        if said := "\n".join(f"{name}'s guest kernel ({vm.serial_log}):\n{died[name]}"
+                              for name, vm in vms.items() if died[name]):
+            raise AssertionError(f"{type(exc).__name__}: {exc}\n{said}") from exc
+        raise
     finally:
         for vm in vms.values():
             vm.stop()
