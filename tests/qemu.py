@@ -158,6 +158,9 @@ class Vm:
             if self.proc and self.proc.poll() is not None:
                 raise RuntimeError(f"QEMU exited {self.proc.returncode}; serial log {self.serial_log}:\n"
                                    + self.tail())
+            if self.panicked():  # it hangs (no panic= on the cmdline): no need to wait out the timeout
+                raise RuntimeError(f"the guest kernel panicked; serial log {self.serial_log}:\n"
+                                   + self.kernel_trouble())
             try:
                 if self.ssh("true", check=False, timeout=30).returncode == 0:
                     return time.monotonic() - t0
@@ -178,6 +181,12 @@ class Vm:
             if KERNEL_TROUBLE.search(line):
                 return "\n".join(lines[i:i + n])
         return ""
+
+    def panicked(self) -> bool:
+        try:
+            return "Kernel panic - not syncing" in self.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
 
     def tail(self, n: int = 40) -> str:
         try:
