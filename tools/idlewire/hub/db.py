@@ -28,7 +28,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
+    bindparam,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -417,14 +420,30 @@ _PG_COPY = "COPY receipts_in ({}) FROM STDIN".format(", ".join(map(_PG.identifie
 _PG_MOVE = str(postgresql.insert(receipts).from_select(  # ids in chain order, as one INSERT a row gave them
     _RECEIPT_COLUMNS, select(*receipts_in.c).order_by(receipts_in.c.session, receipts_in.c.seq))
                .on_conflict_do_nothing(index_elements=["node_id", "session", "seq"]).compile(dialect=_PG))
+# Rows of the batch that another hub process stored meanwhile with another hash (a node sending two
+# chains for one session to two hub processes at once): asked only when the INSERT skipped rows.
+_r, _i = receipts.alias("r"), receipts_in
+_PG_FORKED = str(select(_i.c.session, _i.c.seq, _r.c.body).join_from(_i, _r, and_(
+    _r.c.node_id == _i.c.node_id, _r.c.session == _i.c.session, _r.c.seq == _i.c.seq))
+    .where(_r.c.hash != _i.c.hash).order_by(_i.c.session, _i.c.seq).compile(dialect=_PG))
+# …and this batch's rows of such a session after the fork, which chain off the other receipt: not stored
+# (as Hub._store stores none after a fork it sees before inserting)
+_PG_UNSTORE = str(delete(receipts).where(
+    receipts.c.node_id == bindparam("nid"), receipts.c.session == bindparam("sid"), receipts.c.seq > bindparam("seq"),
+    receipts.c.hash.in_(select(_i.c.hash).where(_i.c.session == bindparam("sid"), _i.c.seq > bindparam("seq"))))
+    .compile(dialect=_PG))
 
 
-def insert_receipts(conn, rows: list[dict]) -> int:
+def insert_receipts(conn, rows: list[dict]) -> tuple[int, list[tuple[str, int, str]]]:
     """Insert receipt rows (dicts of receipts' columns but id), skipping a (node, session, seq) stored
-    before or by another hub process meanwhile; returns how many were new. In the connection's
-    transaction."""
+    before or by another hub process meanwhile, in the connection's transaction. Returns how many
+    were new, and (session, seq, stored body) of the first row of a session skipped because another
+    hub process had just stored a different receipt there: a fork, after which this batch's rows of
+    that session are not stored. (The caller read what was stored before, in this transaction; on
+    PostgreSQL, under READ COMMITTED, a concurrent transaction's rows are not in that read; SQLite's
+    writers take turns (BEGIN IMMEDIATE), so there is no such row.)"""
     if not rows:
-        return 0
+        return 0, []
     if conn.dialect.name != "postgresql":
         from sqlalchemy.dialects.sqlite import insert as dinsert
 
@@ -432,7 +451,7 @@ def insert_receipts(conn, rows: list[dict]) -> int:
         r = receipts.c
         return int(conn.execute(select(func.count()).where(
             r.node_id == rows[0]["node_id"], r.stored_at == rows[0]["stored_at"],
-            r.hash.in_([x["hash"] for x in rows]))).scalar())
+            r.hash.in_([x["hash"] for x in rows]))).scalar()), []
     # the driver's own cursor, in the transaction SQLAlchemy began on this connection
     with conn.connection.driver_connection.cursor() as cur:
         # every time (a catalog look-up when it exists): a connection handed out by a transaction-
@@ -442,7 +461,19 @@ def insert_receipts(conn, rows: list[dict]) -> int:
             for row in rows:
                 cp.write_row([row[c] for c in _RECEIPT_COLUMNS])
         cur.execute(_PG_MOVE)
-        return cur.rowcount
+        new = cur.rowcount
+        if new == len(rows):
+            return new, []
+        # the INSERT waited for the other transaction's commit before skipping its rows: they are in
+        # this statement's snapshot
+        cur.execute(_PG_FORKED)
+        forks = {}
+        for sid, seq, body in cur.fetchall():
+            forks.setdefault(sid, (sid, seq, body))
+        for sid, seq, _ in forks.values():
+            cur.execute(_PG_UNSTORE, {"nid": rows[0]["node_id"], "sid": sid, "seq": seq})
+            new -= cur.rowcount
+        return new, list(forks.values())
 
 
 def migrate(engine: Engine) -> None:

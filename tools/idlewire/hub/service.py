@@ -685,7 +685,18 @@ class Hub:
                 rows.append(self._row(nid, e, h, "receipt", now, enc))
                 touched[sid] = e
         if rows:
-            stored = db.insert_receipts(conn, rows)  # skips what another hub process stored meanwhile
+            # skips what another hub process stored meanwhile; a different receipt it stored is a fork
+            stored, forked = db.insert_receipts(conn, rows)
+            for sid, seq, stored_body in forked:  # (flags of what is not stored are not raised either)
+                es = [e for e, _ in by_session[sid]]
+                new_flags[:] = [f for f in new_flags if f["session"] != sid or f["seq"] < seq]
+                new_flags.append(self._flag(nid, sid, seq, EQUIVOCATION,
+                                            "two different node-signed receipts for one session and seq",
+                                            [json.loads(stored_body), next(e for e in es if e["seq"] == seq)], now))
+                kept = [e for e in es if e["seq"] < seq and not rc.is_checkpoint(e)]
+                touched.pop(sid, None)
+                if kept:
+                    touched[sid] = kept[-1]
         for sid, e in touched.items():
             self._advance_session(conn, nid, sid, e, now)
         return stored, duplicates
