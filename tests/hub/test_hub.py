@@ -608,6 +608,8 @@ def test_bad_db_and_listen_are_one_line_errors(tmp_path):
     out = cli("serve", "--db", "postgresql://nobody:s3cret@127.0.0.1:1/none", "--listen", "127.0.0.1:1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "cannot open the hub database" in out.stderr
     assert "s3cret" not in out.stderr and "nobody:***@" in out.stderr
+    out = cli("flags", "--db", "postgresql+psycopg2://hub@127.0.0.1:1/none")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "through psycopg (3)" in out.stderr
     out = cli("serve", "--db", str(tmp_path / "h.sqlite"), "--listen", "nowhere")
     assert out.returncode == 2 and "--listen 'nowhere': expected ADDRESS:PORT" in out.stderr
     out = cli("nodes", "--hub", "http://127.0.0.1:1")

@@ -38,7 +38,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.schema import CreateTable
 
 metadata = MetaData()
@@ -328,6 +329,13 @@ class WriterLock:
 
 def make_engine(url: str) -> Engine:
     url = normalize_url(url)
+    parsed = make_url(url)  # (ArgumentError, one line, for what is no URL)
+    if parsed.get_backend_name() not in ("sqlite", "postgresql"):
+        raise ArgumentError(f"{parsed.get_backend_name()}: the hub keeps its state in SQLite (a file) or PostgreSQL")
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
+        # (insert_receipts speaks psycopg's COPY)
+        raise ArgumentError(f"postgresql+{parsed.get_driver_name()}: the hub speaks to PostgreSQL through psycopg (3): "
+                            "postgresql://USER@HOST/DB")
     if url.startswith("sqlite"):
         path = url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
