@@ -604,6 +604,26 @@ def test_hub_killed_mid_upload_stores_every_receipt_once(hub):
     assert json.loads(stored.stdout) == full
 
 
+def test_serve_refuses_a_postgresql_role_that_may_not_stage_receipts(postgres):
+    """PostgreSQL stages each receipt batch in a temporary table: a database that revoked TEMPORARY
+    from PUBLIC would refuse every upload, so `serve` refuses to start, in one line with the GRANT."""
+    import psycopg
+    from idlewire.hub import db
+
+    url = postgres.new_database("hubnotemp")
+    db.migrate(db.make_engine(url))
+    role = f"limited{os.getpid()}"
+    with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=hub dbname=hubnotemp", autocommit=True) as c:
+        c.execute(f'CREATE ROLE "{role}" LOGIN')
+        c.execute('REVOKE TEMPORARY ON DATABASE "hubnotemp" FROM PUBLIC')
+        c.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+    limited = f"postgresql://{role}@127.0.0.1:{postgres.port}/hubnotemp"
+    out = cli("serve", "--db", limited, "--listen", "127.0.0.1:1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f'GRANT TEMPORARY ON DATABASE "hubnotemp" TO "{role}"' in out.stderr
+    assert cli("flags", "--db", limited).returncode == 0  # reading needs no temporary table
+
+
 def test_bad_db_and_listen_are_one_line_errors(tmp_path):
     out = cli("serve", "--db", "postgresql://nobody:s3cret@127.0.0.1:1/none", "--listen", "127.0.0.1:1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "cannot open the hub database" in out.stderr

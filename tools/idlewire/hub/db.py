@@ -484,6 +484,21 @@ def insert_receipts(conn, rows: list[dict]) -> tuple[int, list[tuple[str, int, s
         return new, list(forks.values())
 
 
+def cannot_store(engine: Engine) -> str | None:
+    """Why this database role could not store receipt batches, or None: on PostgreSQL they are staged
+    in a temporary table (insert_receipts), which a database that revoked TEMPORARY from PUBLIC (some
+    hardening guides do) refuses at every upload."""
+    if is_sqlite(engine):
+        return None
+    with engine.connect() as conn:
+        db_name, role, ok = conn.execute(text(
+            "SELECT current_database(), current_user, has_database_privilege(current_database(), 'TEMPORARY')")).one()
+    if ok:
+        return None
+    return (f"role {role} may not create temporary tables in database {db_name} (the hub stages each receipt batch "
+            f"in one): GRANT TEMPORARY ON DATABASE \"{db_name}\" TO \"{role}\"")
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (several hub processes may start at once:
     on PostgreSQL an advisory lock makes them take turns)."""
