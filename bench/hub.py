@@ -11,7 +11,8 @@
    batches through the real API (`idlewire hub serve --workers N` on loopback, N = --workers, by
    default one process per core, so the nodes' uploads are verified on every core), each batch after
    the first of a session led by the node's checkpoint, as agent market.py sends them; the count
-   stored is checked afterwards.
+   stored is checked afterwards. The hub's CPU time per 1000 receipts, and the PostgreSQL server's
+   (its processes share the cores).
 3. Heartbeats of --nodes simulated nodes (registered through the API first) sent open-loop at
    --rate per second, each node once (10,000 at 333/s: 30 s), 32 keep-alive connections; latency
    from the scheduled send to the answer: p50, p99 (goal <= 50 ms), max.
@@ -260,15 +261,19 @@ def cpu_seconds(pid: int) -> float:
     return own + sum(cpu_seconds(int(k)) for k in kids)
 
 
-def run_backend(name: str, db_url: str, args) -> dict:
+def run_backend(name: str, db_url: str, args, server=None) -> dict:
+    """SERVER: the database server's postmaster pid (PostgreSQL), whose CPU time (its backends are its
+    children) is taken from the same 2 cores."""
     log = Path(tempfile.mkstemp(prefix=f"bench-hub-{name}-", suffix=".log")[1])
     print(f"[{name}] starting the hub ({db_url})", file=sys.stderr)
     with HubProc(db_url, log=log, workers=args.workers) as hub:
         print(f"[{name}] receipts: {args.receipts} in batches of {args.batch}", file=sys.stderr)
         pid = hub.proc.pid
-        cpu = cpu_seconds(pid)
+        cpu, server_cpu = cpu_seconds(pid), cpu_seconds(server) if server else 0.0
         rec = bench_receipts(hub.url, db_url, args.receipts, args.batch)
         rec["hub_cpu_ms_per_1000"] = round((cpu_seconds(pid) - cpu) / max(1, rec["stored"]) * 1e6, 1)
+        rec["server_cpu_ms_per_1000"] = round((cpu_seconds(server) - server_cpu) / max(1, rec["stored"]) * 1e6, 1) \
+            if server else None
         if rec["errors"]:
             print(f"[{name}] upload errors: {rec['errors']}", file=sys.stderr)
         print(f"[{name}] registering {args.nodes} nodes", file=sys.stderr)
@@ -314,11 +319,12 @@ def main() -> int:
                 if why:
                     print(f"[postgresql] skipped: {why}", file=sys.stderr)
                     continue
-                pg = pg or Postgres().start()
+                pg = pg or Postgres(durable=True).start()  # fsync, synchronous_commit on: PostgreSQL's defaults
                 url = pg.new_database("benchhub")
             else:
                 ap.error(f"--backends: unknown {name!r}; expected sqlite, postgresql")
-            results["backends"][name] = run_backend(name, url, args)
+            server = int((pg.data / "postmaster.pid").read_text().split()[0]) if name == "postgresql" else None
+            results["backends"][name] = run_backend(name, url, args, server)
     finally:
         if pg:
             pg.stop()
@@ -331,6 +337,7 @@ def main() -> int:
         ("receipts verified+stored /s (goal >= 5000)", lambda r: r["receipts"]["per_second"]),
         ("  stored / sent", lambda r: f"{r['receipts']['stored']}/{r['receipts']['receipts']}"),
         ("  hub CPU ms per 1000 receipts", lambda r: r["receipts"]["hub_cpu_ms_per_1000"]),
+        ("  database server CPU ms per 1000 receipts", lambda r: r["receipts"]["server_cpu_ms_per_1000"] or "-"),
         ("  bench client's share of the machine", lambda r: f"{r['receipts']['client_share']:.0%}"),
         ("registrations /s", lambda r: r["registrations_per_second"]),
         ("  hub CPU ms per registration", lambda r: r["registration_cpu_ms"]),
@@ -350,6 +357,8 @@ def main() -> int:
           "nothing else running")
     print(f"load average: {results['load_average_before']:.1f} before, {results['load_average_after']:.1f} after "
           f"({os.cpu_count()} cores, shared); hub processes: {args.workers}")
+    print("durability: SQLite as the hub opens it (WAL, synchronous=NORMAL); PostgreSQL with its defaults "
+          "(fsync=on, synchronous_commit=on: an acknowledged commit is on disk), started for the bench on these cores")
     print(f"{'':46}" + "".join(f"{n:>14}" for n in names))
     for label, get in rows:
         print(f"{label:46}" + "".join(f"{get(results['backends'][n])!s:>14}" for n in names))

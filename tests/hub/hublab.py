@@ -109,9 +109,14 @@ def pg_bin() -> str | None:
 
 
 class Postgres:
-    """initdb + pg_ctl in a temporary directory as the unprivileged user `nobody`, on 127.0.0.1."""
+    """initdb + pg_ctl in a temporary directory as the unprivileged user `nobody`, on 127.0.0.1.
 
-    def __init__(self):
+    durable=False (the tests): fsync=off, fast and enough for what they check. durable=True (bench/hub.py):
+    PostgreSQL's own defaults for what a commit means, as a production server keeps them (fsync=on,
+    synchronous_commit=on, full_page_writes=on): a commit the hub acknowledged is on disk."""
+
+    def __init__(self, durable: bool = False):
+        self.durable = durable
         self.bin = pg_bin()
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="idlewire-pg-"))
@@ -131,8 +136,8 @@ class Postgres:
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         self._run(f"{self.bin}/initdb", "-D", str(self.data), "-U", "hub", "-A", "trust", "-E", "UTF8", "--no-sync")
         self._run(f"{self.bin}/pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                  "-c max_connections=300", "start")
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 "
+                  f"{'' if self.durable else '-c fsync=off '}-c max_connections=300", "start")
         return self
 
     def new_database(self, name: str) -> str:

@@ -439,6 +439,95 @@ def test_equivocation_disagreement_and_missing_cosignature_are_flagged(hub):
     assert usage[m.node_id]["flags"] == 1 + 2
 
 
+def test_two_hub_processes_storing_one_session_at_once_store_it_once_and_flag_a_fork(db_url, monkeypatch):
+    """Two hubs behind one database (separate engines, as two processes) take a node's batch for one
+    session at the same moment, each past its look-up of what is stored before either inserts (on
+    PostgreSQL; SQLite's writers take turns): the receipts are stored once and counted once; a
+    different node-signed chain for the same session racing the first is flagged as equivocation,
+    with the stored receipt and the other as evidence, as it would be arriving later."""
+    from idlewire.hub import db, service
+
+    engines = [db.make_engine(db_url) for _ in range(2)]
+    db.migrate(engines[0])
+    hubs = [service.Hub(e) for e in engines]
+    key = Ed25519PrivateKey.generate()
+    pub = rc.pub_b64(key)
+
+    def signed():
+        return service.Signed(pub, os.urandom(16).hex(), int(time.time()) + 100)
+
+    hubs[0].register(signed(), {"wg_public_key": wg_keypair()[1], "payout": rc.payout_statement(key, "x"),
+                                "region": "DE", "caps": CAPS, "price_per_gb": 0.1, "endpoint": "", "version": "1"})
+    nid = service.node_id(pub)
+    with db.write(engines[0]) as conn:
+        conn.execute(db.sessions.insert(), [
+            {"node_id": nid, "session": sid, "buyer_key": rc.pub_b64(BUYER), "request_id": os.urandom(12).hex(),
+             "state": "open", "opened_at": time.time(), "updated_at": time.time(), "head": ""} for sid in "abc"])
+    racing = engines[0].dialect.name == "postgresql"  # (SQLite: BEGIN IMMEDIATE, one writer at a time)
+    insert = db.insert_receipts
+
+    def at_once(batches):
+        gate = threading.Barrier(2, timeout=30)
+
+        def insert_together(conn, rows):
+            gate.wait()  # both have looked up what is stored; neither has inserted
+            return insert(conn, rows)
+
+        monkeypatch.setattr(db, "insert_receipts", insert_together if racing else insert)
+        out: list = [None, None]
+
+        def run(i):
+            try:
+                out[i] = hubs[i].store_receipts(nid, signed(), batches[i])
+            except Exception as exc:  # shown by the assert below
+                out[i] = exc
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert all(isinstance(o, dict) for o in out), out
+        return out
+
+    def stored(sid):
+        with db.read(engines[0]) as conn:
+            return [(r.seq, r.hash) for r in conn.execute(
+                select(db.receipts.c.seq, db.receipts.c.hash).where(db.receipts.c.session == sid)
+                .order_by(db.receipts.c.seq))]
+
+    from sqlalchemy import select
+
+    same = chain(key, "a", 50)
+    out = at_once([same, same])
+    assert sorted(o["stored"] for o in out) == [0, 50] and not out[0]["flags"] and not out[1]["flags"]
+    assert stored("a") == [(r["seq"], rc.receipt_hash(r)) for r in same]
+    honest, fork = chain(key, "b", 50), chain(key, "b", 50, step=5000)
+    out = at_once([honest, fork])
+    first, second = (honest, fork) if out[0]["stored"] else (fork, honest)
+    assert sorted(o["stored"] for o in out) == [0, 50]
+    assert stored("b") == [(r["seq"], rc.receipt_hash(r)) for r in first]
+    loser = out[1] if out[0]["stored"] else out[0]
+    assert [(f["seq"], f["kind"]) for f in loser["flags"]][:1] == [(1, "equivocation")]
+    with db.read(engines[0]) as conn:
+        (evidence,) = conn.execute(select(db.flags.c.evidence).where(db.flags.c.kind == "equivocation")).scalars()
+    assert json.loads(evidence) == [first[0], second[0]]
+    # a fork longer than what the other hub stored: none of it is stored, past the other's end either
+    # (it chains off the receipt it contradicts), and the session's figures are the stored chain's
+    honest, fork = chain(key, "c", 30), chain(key, "c", 50, step=5000, cosign=False)
+    out = at_once([honest, fork])
+    first = honest if out[0]["stored"] else fork
+    assert sorted(o["stored"] for o in out) == [0, len(first)]
+    assert stored("c") == [(r["seq"], rc.receipt_hash(r)) for r in first]
+    loser = out[1] if out[0]["stored"] else out[0]
+    assert [(f["seq"], f["kind"]) for f in loser["flags"]] == [(1, "equivocation")]
+    with db.read(engines[0]) as conn:
+        s = conn.execute(select(db.sessions).where(db.sessions.c.session == "c")).mappings().one()
+    assert (s["stored_seq"], s["up"]) == (first[-1]["seq"], first[-1]["up"])
+    for e in engines:
+        e.dispose()
+
+
 def lagging(key, session: str, totals: list[int], signed: list[int], start: int = 1,
             prev: str = rc.GENESIS, buyer=None) -> list[dict]:
     """Receipts whose node counts are `totals` (bytes, up + down) and whose buyer statements are `signed`."""
@@ -515,10 +604,32 @@ def test_hub_killed_mid_upload_stores_every_receipt_once(hub):
     assert json.loads(stored.stdout) == full
 
 
+def test_serve_refuses_a_postgresql_role_that_may_not_stage_receipts(postgres):
+    """PostgreSQL stages each receipt batch in a temporary table: a database that revoked TEMPORARY
+    from PUBLIC would refuse every upload, so `serve` refuses to start, in one line with the GRANT."""
+    import psycopg
+    from idlewire.hub import db
+
+    url = postgres.new_database("hubnotemp")
+    db.migrate(db.make_engine(url))
+    role = f"limited{os.getpid()}"
+    with psycopg.connect(f"host=127.0.0.1 port={postgres.port} user=hub dbname=hubnotemp", autocommit=True) as c:
+        c.execute(f'CREATE ROLE "{role}" LOGIN')
+        c.execute('REVOKE TEMPORARY ON DATABASE "hubnotemp" FROM PUBLIC')
+        c.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+    limited = f"postgresql://{role}@127.0.0.1:{postgres.port}/hubnotemp"
+    out = cli("serve", "--db", limited, "--listen", "127.0.0.1:1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f'GRANT TEMPORARY ON DATABASE "hubnotemp" TO "{role}"' in out.stderr
+    assert cli("flags", "--db", limited).returncode == 0  # reading needs no temporary table
+
+
 def test_bad_db_and_listen_are_one_line_errors(tmp_path):
     out = cli("serve", "--db", "postgresql://nobody:s3cret@127.0.0.1:1/none", "--listen", "127.0.0.1:1")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "cannot open the hub database" in out.stderr
     assert "s3cret" not in out.stderr and "nobody:***@" in out.stderr
+    out = cli("flags", "--db", "postgresql+psycopg2://hub@127.0.0.1:1/none")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "through psycopg (3)" in out.stderr
     out = cli("serve", "--db", str(tmp_path / "h.sqlite"), "--listen", "nowhere")
     assert out.returncode == 2 and "--listen 'nowhere': expected ADDRESS:PORT" in out.stderr
     out = cli("nodes", "--hub", "http://127.0.0.1:1")

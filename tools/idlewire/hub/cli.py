@@ -166,6 +166,8 @@ def register(app: App) -> None:
 
         url = db or hubdb.default_url()
         engine = open_db(url)
+        if why := hubdb.cannot_store(engine):
+            raise UserError(f"--db {_shown(url)}: {why}")
         if settle_every:
             try:
                 _economy(rules, key, prices)  # refuse a bad config now, not in the schedule's log

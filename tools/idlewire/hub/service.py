@@ -685,7 +685,18 @@ class Hub:
                 rows.append(self._row(nid, e, h, "receipt", now, enc))
                 touched[sid] = e
         if rows:
-            stored = self._insert_new(conn, rows)
+            # skips what another hub process stored meanwhile; a different receipt it stored is a fork
+            stored, forked = db.insert_receipts(conn, rows)
+            for sid, seq, stored_body in forked:  # (flags of what is not stored are not raised either)
+                es = [e for e, _ in by_session[sid]]
+                new_flags[:] = [f for f in new_flags if f["session"] != sid or f["seq"] < seq]
+                new_flags.append(self._flag(nid, sid, seq, EQUIVOCATION,
+                                            "two different node-signed receipts for one session and seq",
+                                            [json.loads(stored_body), next(e for e in es if e["seq"] == seq)], now))
+                kept = [e for e in es if e["seq"] < seq and not rc.is_checkpoint(e)]
+                touched.pop(sid, None)
+                if kept:
+                    touched[sid] = kept[-1]
         for sid, e in touched.items():
             self._advance_session(conn, nid, sid, e, now)
         return stored, duplicates
@@ -696,21 +707,6 @@ class Hub:
         return {"node_id": nid, "session": e["session"], "seq": e["seq"], "hash": h, "kind": kind, "up": e["up"],
                 "down": e["down"], "time": e["time"], "cosigned": bool(b), "buyer_up": b.get("up"),
                 "buyer_down": b.get("down"), "body": enc.decode(), "stored_at": now}
-
-    def _insert_new(self, conn, rows: list[dict]) -> int:
-        """Insert, skipping a (node, session, seq) another hub process stored meanwhile."""
-        dialect = conn.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as dinsert
-        else:
-            from sqlalchemy.dialects.sqlite import insert as dinsert
-        stmt = dinsert(db.receipts).on_conflict_do_nothing(index_elements=["node_id", "session", "seq"])
-        conn.execute(stmt, rows)
-        r = db.receipts.c
-        got = conn.execute(select(func.count()).where(
-            r.node_id == rows[0]["node_id"], r.stored_at == rows[0]["stored_at"],
-            r.hash.in_([x["hash"] for x in rows]))).scalar()
-        return int(got)
 
     @staticmethod
     def _advance_session(conn, nid: str, sid: str, e: dict, now: float) -> None:
