@@ -176,19 +176,10 @@ class RouterHome:
             f.write_text(render("firewall", f"etc/idlewire/{name}.j2", wan_vars))
             self.node.run("nft", "-f", str(f))
 
-    def iperf_server(self, port: int) -> None:
-        self.server.popen(*IPERF3, "-s", "-B", SERVER, "-p", str(port), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-        for _ in range(50):
-            if self.server.run("ss", "-ltn", f"sport = :{port}").stdout.count("LISTEN"):
-                return
-            time.sleep(0.05)
-        raise RuntimeError("iperf3 server did not start")
-
-    def owner_download(self, seconds: float, mbit: float = 0, port: int = 5201) -> subprocess.Popen:
-        pace = ["-b", f"{mbit}M"] if mbit else []
-        return self.owner.popen(*IPERF3, "-c", SERVER, "-p", str(port), "-R", "-J", "-t", f"{seconds:g}", *pace,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # the internet's iperf3 server and the owner's download: HomeLab's own (the same server, server_ip
+    # and owner attributes), so both homes measure the owner the same way
+    iperf_server = HomeLab.iperf_server
+    owner_download = HomeLab.owner_download
 
 
 def run_router(line: float, seconds: float, shape: float) -> dict:

@@ -29,31 +29,15 @@ import time
 from pathlib import Path
 
 import pytest
+import routerbox
 from netlab import Lab, have_netns
 from rolerender import render
 from shapelab import _keypair, listen, tcp_reachable
 
 pytestmark = [pytest.mark.net, pytest.mark.skipif(bool(have_netns()), reason=have_netns() or "")]
 
-INET, WAN = "203.0.113.1", "203.0.113.2"
-BUYER_BLOCK = (61440, 65535)
-UDHCPC_SCRIPT = """#!/bin/sh
-# busybox udhcpc's hook: apply the lease as a host would and record what it said.
-case "$1" in
-  bound|renew)
-    ip addr flush dev "$interface"
-    ip addr add "$ip/$mask" dev "$interface"
-    ip route replace default via "$router"
-    echo "$ip $mask $router $dns" > "{out}"
-    ;;
-esac
-"""
-# The internet's server: one line back, "ADDRESS PORT" of the peer it saw.
-WHO = ("import socket\n"
-       "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-       "s.bind(('0.0.0.0',8080)); s.listen(64)\n"
-       "while True:\n"
-       "    c,a=s.accept(); c.sendall(f'{a[0]} {a[1]}\\n'.encode()); c.close()\n")
+INET, WAN = routerbox.INET, routerbox.WAN_ADDR
+BUYER_BLOCK, UDHCPC_SCRIPT, WHO = routerbox.BUYER_BLOCK, routerbox.UDHCPC_SCRIPT, routerbox.WHO
 CONNECT = ("import socket,sys\n"
            "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
            "s.bind(('0.0.0.0',int(sys.argv[2]))); s.settimeout(3)\n"
