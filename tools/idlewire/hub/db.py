@@ -453,9 +453,7 @@ def insert_receipts(conn, rows: list[dict]) -> tuple[int, list[tuple[str, int, s
     if not rows:
         return 0, []
     if conn.dialect.name != "postgresql":
-        from sqlalchemy.dialects.sqlite import insert as dinsert
-
-        conn.execute(dinsert(receipts).on_conflict_do_nothing(index_elements=["node_id", "session", "seq"]), rows)
+        conn.execute(insert_ignore(conn, receipts), rows)  # (node_id, session, seq) is its one unique key
         r = receipts.c
         return int(conn.execute(select(func.count()).where(
             r.node_id == rows[0]["node_id"], r.stored_at == rows[0]["stored_at"],
