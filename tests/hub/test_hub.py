@@ -630,6 +630,9 @@ def test_bad_db_and_listen_are_one_line_errors(tmp_path):
     assert "s3cret" not in out.stderr and "nobody:***@" in out.stderr
     out = cli("flags", "--db", "postgresql+psycopg2://hub@127.0.0.1:1/none")
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "through psycopg (3)" in out.stderr
+    out = cli("serve", "--db", f"sqlite:///{tmp_path}/h\x01.sqlite", "--listen", "127.0.0.1:1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "no control characters" in out.stderr, out.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing is created for a refused database URL"
     out = cli("serve", "--db", str(tmp_path / "h.sqlite"), "--listen", "nowhere")
     assert out.returncode == 2 and "--listen 'nowhere': expected ADDRESS:PORT" in out.stderr
     out = cli("nodes", "--hub", "http://127.0.0.1:1")

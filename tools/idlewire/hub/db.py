@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from idlewire_agent import schema
 from idlewire_agent.market import REACHABILITY_MAX
 from sqlalchemy import (
     BigInteger,
@@ -328,6 +329,10 @@ class WriterLock:
 
 
 def make_engine(url: str) -> Engine:
+    try:  # a control or invisible character would end up in a file's name or a server's log
+        schema.text(url)
+    except schema.Invalid as e:
+        raise ArgumentError(f"the database URL may hold {e}") from None
     url = normalize_url(url)
     parsed = make_url(url)  # (ArgumentError, one line, for what is no URL)
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
