@@ -116,13 +116,16 @@ class HomeLab:
 
     def _nat(self) -> None:
         """The home router's firewall: masquerade the LAN, forward only what the LAN opened or UPnP
-        mapped (miniupnpd adds its rules to the chains `miniupnpd`, `prerouting_miniupnpd` and
+        mapped, and switch the LAN (hosts on br0 reach each other, as through a home router's
+        switch: with br_netfilter loaded, as Docker hosts have it, bridged frames meet this forward
+        chain too) (miniupnpd adds its rules to the chains `miniupnpd`, `prerouting_miniupnpd` and
         `postrouting_miniupnpd` of table inet filter; see /etc/miniupnpd/nft_init.sh)."""
         rules = """
 table inet filter {
     chain forward {
         type filter hook forward priority 0; policy drop;
         ct state established,related accept
+        iifname "br0" oifname "br0" accept
         iifname "br0" oifname "wan0" accept
         iifname "wan0" jump miniupnpd
     }

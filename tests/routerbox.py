@@ -1,8 +1,9 @@
 """A router-mode unit booted under QEMU with two NICs, and the namespaces around it.
 
     inet 203.0.113.1 (the ISP: dnsmasq hands the node's WAN 203.0.113.2 and answers DNS for
-      │               internet.test; a "who are you" server on 8080, iperf3 servers, a buyer's
-      │               WireGuard peer)
+      │  2001:db8:0:1::1  internet.test; a "who are you" server on 8080 (IPv6: 8086), iperf3
+      │               servers, a buyer's WireGuard peer. IPv6: dnsmasq's RAs for the WAN's /64,
+      │               Kea's DHCPv6 delegates a /60 of 2001:db8:100::/56 to the node)
     brw ── tap0 ── [WAN NIC]  node (QEMU, router mode)  [LAN NIC] ── tap1 ── brl ── lan (the owner's
                                                                                    laptop: DHCP)
     └──────────────── sw: QEMU runs here, its two taps on two bridges ─────────────────┘
@@ -10,6 +11,9 @@
 The LAN host gets its address from the node's dnsmasq (busybox udhcpc) and reaches the node
 (SSH to its br-lan address: router mode answers no SSH on the WAN) and the internet through it.
 The WAN NIC comes first on the PCI bus (the first port, as a mini-PC's lowest-numbered one).
+IPv6 is as an ISP gives it: no NAT, a prefix delegated to the router, which announces a /64 of it
+on the LAN; the ISP routes the delegated prefix to the router's WAN (`route_delegated`), as its
+access router does for a lease.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from pathlib import Path
 from netlab import Lab
 
 INET, WAN_ADDR = "203.0.113.1", "203.0.113.2"
+INET6 = "2001:db8:0:1::1"  # the ISP's side of the WAN's /64 (RAs: the WAN's SLAAC address and default route)
+PD_POOL, PD_POOL_LEN, PD_LEN = "2001:db8:100::", 56, 60  # what Kea delegates; the node asks for a /60
 WAN_MAC, LAN_MAC = "52:54:00:17:00:01", "52:54:00:17:00:02"
 LAN_NET = "192.168.8"  # base_router_lan_address's default
 UDHCPC_SCRIPT = """#!/bin/sh
@@ -40,12 +46,33 @@ case "$1" in
     ;;
 esac
 """
-# The internet's server: one line back, "ADDRESS PORT" of the peer it saw.
-WHO = ("import socket\n"
-       "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
-       "s.bind(('0.0.0.0',8080)); s.listen(64)\n"
+# The internet's server: one line back, "ADDRESS PORT" of the peer it saw (argv: family, port).
+WHO = ("import socket,sys\n"
+       "fam=socket.AF_INET6 if sys.argv[1]=='6' else socket.AF_INET\n"
+       "s=socket.socket(fam); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+       "s.bind(('::' if fam==socket.AF_INET6 else '0.0.0.0',int(sys.argv[2]))); s.listen(64)\n"
        "while True:\n"
        "    c,a=s.accept(); c.sendall(f'{a[0]} {a[1]}\\n'.encode()); c.close()\n")
+WHO6_PORT = 8086
+
+
+def lan_lease(ns, tmp: Path, timeout: float) -> tuple[str, str, str, str]:
+    """A host on a router-mode unit's LAN (namespace `ns`, its eth0) asks for a DHCP lease until it
+    gets one and applies it: (address, prefix length, router, DNS server)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    script, out = tmp / "udhcpc.sh", tmp / "lease"
+    script.write_text(UDHCPC_SCRIPT.format(out=out))
+    script.chmod(0o755)
+    deadline = time.monotonic() + timeout
+    while True:
+        r = ns.run("busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "5", "-T", "2",
+                   "-s", str(script), check=False, timeout=60)
+        if r.returncode == 0 and out.exists():
+            ip, mask, gw, dns = out.read_text().split()
+            return ip, mask, gw, dns
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no DHCP lease from the node within {timeout:.0f} s: {r.stdout}{r.stderr}")
+        time.sleep(3)
 
 
 class RouterBox:
@@ -62,16 +89,57 @@ class RouterBox:
             lab.link(self.sw, None, peer, None, names=(name, "eth0"))
             s("ip", "link", "set", name, "master", br)
         self.inet.run("ip", "addr", "add", f"{INET}/24", "dev", "eth0")
+        self.inet.run("ip", "-6", "addr", "add", f"{INET6}/64", "dev", "eth0", "nodad")
         # the ISP: the WAN's lease (its address fixed by MAC) and DNS for the names of this internet
         self.inet.popen("dnsmasq", "--keep-in-foreground", "--pid-file=", "--conf-file=/dev/null", "--no-resolv",
                         "--no-hosts", "--interface=eth0", "--bind-interfaces", "--except-interface=lo",
                         f"--dhcp-range={INET.rsplit('.', 1)[0]}.2,{INET.rsplit('.', 1)[0]}.9,255.255.255.0,1h",
                         f"--dhcp-host={WAN_MAC},{WAN_ADDR}", f"--dhcp-leasefile={tmp / 'isp.leases'}",
-                        f"--address=/internet.test/{INET}", stderr=(tmp / "isp-dnsmasq.log").open("w"))
-        self.inet.popen(sys.executable, "-c", WHO)
+                        f"--address=/internet.test/{INET}",
+                        # IPv6: RAs for the WAN's /64 (no DHCPv6 from dnsmasq: Kea below answers that)
+                        "--enable-ra", f"--dhcp-range={INET6.rsplit('::', 1)[0]}::,ra-only,64,1h",
+                        stderr=(tmp / "isp-dnsmasq.log").open("w"))
+        self.kea6()
+        self.inet.popen(sys.executable, "-c", WHO, "4", "8080")
+        self.inet.popen(sys.executable, "-c", WHO, "6", str(WHO6_PORT))
         self.lease: tuple[str, str, str, str] | None = None
         self.gateway = f"{LAN_NET}.1"
         self.traffic_servers = False  # owner_first's iperf3 and bulk senders, started once
+
+    def kea6(self) -> None:
+        """The ISP's DHCPv6 server (Kea): prefix delegation from PD_POOL, leases in kea-leases6.csv."""
+        conf = {"Dhcp6": {
+            "interfaces-config": {"interfaces": ["eth0"]},
+            "server-id": {"type": "LL", "persist": False},  # not /var/lib/kea's DUID file
+            "lease-database": {"type": "memfile", "persist": True, "lfc-interval": 0,
+                               "name": str(self.tmp / "kea-leases6.csv")},
+            "subnet6": [{"id": 1, "subnet": f"{INET6.rsplit('::', 1)[0]}::/64", "interface": "eth0",
+                         "pd-pools": [{"prefix": PD_POOL, "prefix-len": PD_POOL_LEN, "delegated-len": PD_LEN}]}],
+            "loggers": [{"name": "kea-dhcp6", "severity": "INFO",
+                         "output_options": [{"output": str(self.tmp / "isp-kea.log")}]}]}}
+        path = self.tmp / "kea-dhcp6.json"
+        path.write_text(json.dumps(conf, indent=1))
+        for _ in range(100):  # Kea binds eth0's link-local address: wait until DAD has passed
+            if "fe80" in self.inet.run("ip", "-6", "addr", "show", "dev", "eth0", "scope", "link", "-tentative").stdout:
+                break
+            time.sleep(0.1)
+        env = {**os.environ, "KEA_PIDFILE_DIR": str(self.tmp), "KEA_LOCKFILE_DIR": str(self.tmp)}
+        self.inet.popen("kea-dhcp6", "-c", str(path), env=env, stdout=subprocess.DEVNULL,
+                        stderr=(self.tmp / "isp-kea.err").open("w"))
+
+    def delegated(self) -> tuple[str, int] | None:
+        """The prefix Kea delegated (its lease file: lease_type 2 is a prefix), or None yet."""
+        path = self.tmp / "kea-leases6.csv"
+        if not path.exists():
+            return None
+        rows = [line.split(",") for line in path.read_text().splitlines()[1:] if line.strip()]
+        # address,duid,valid_lifetime,expire,subnet_id,pref_lifetime,lease_type,iaid,prefix_len,...
+        live = [(r[0], int(r[8])) for r in rows if len(r) > 8 and r[6] == "2" and r[2] != "0"]
+        return live[-1] if live else None
+
+    def route_delegated(self, prefix: str, length: int, via: str) -> None:
+        """The ISP's access router: the delegated prefix goes to the router's WAN (link-local)."""
+        self.inet.run("ip", "-6", "route", "replace", f"{prefix}/{length}", "via", via, "dev", "eth0")
 
     @property
     def ns(self) -> str:
@@ -89,20 +157,8 @@ class RouterBox:
     def dhcp(self, timeout: float) -> tuple[str, str, str, str]:
         """The LAN host asks the node for a lease until it gets one: (address, prefix length,
         router, DNS server)."""
-        script, out = self.tmp / "udhcpc.sh", self.tmp / "lease"
-        script.write_text(UDHCPC_SCRIPT.format(out=out))
-        script.chmod(0o755)
-        deadline = time.monotonic() + timeout
-        while True:
-            r = self.lan.run("busybox", "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "5", "-T", "2",
-                             "-s", str(script), check=False, timeout=60)
-            if r.returncode == 0 and out.exists():
-                ip, mask, gw, dns = out.read_text().split()
-                self.lease = (ip, mask, gw, dns)
-                return self.lease
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no DHCP lease from the node within {timeout:.0f} s: {r.stdout}{r.stderr}")
-            time.sleep(3)
+        self.lease = lan_lease(self.lan, self.tmp, timeout)
+        return self.lease
 
     def seen_by_internet(self, source_port: int) -> tuple[str, int]:
         """(address, port) the internet's server saw for a connection from the LAN host."""
@@ -227,6 +283,8 @@ def router_checks(box: RouterBox, vm, wifi_ssid: str, psk_hash: str) -> None:
     listen(box.lan, 8081)
     box.inet.run("ip", "route", "replace", f"{LAN_NET}.0/24", "via", WAN_ADDR)
     assert not tcp_reachable(box.inet, ip, 8081)
+    # 4b. IPv6: the ISP's delegated prefix on the LAN, no NAT, nothing in unasked.
+    ipv6_checks(box, vm)
 
     # 5. A buyer over WireGuard (on iw0, the firewall's tunnel: the agent is stopped meanwhile, or it
     #    would remove a peer with no session) reaches the internet from the buyers' block, not the LAN.
@@ -287,6 +345,67 @@ def router_checks(box: RouterBox, vm, wifi_ssid: str, psk_hash: str) -> None:
         assert figures["loaded_p95"] - figures["idle_p95"] <= 20, msg
 
     wifi_checks(vm, wifi_ssid, psk_hash)
+
+
+def ipv6_checks(box: RouterBox, vm, timeout: float = 120) -> dict:
+    """The WAN's DHCPv6 asked the ISP for a prefix; br-lan holds a /64 of it and announces it; the
+    laptop takes an address from it by SLAAC and reaches the internet with that address (IPv6 has
+    no NAT); the internet reaches nothing on the LAN unasked. Returns the figures."""
+    import ipaddress
+
+    from shapelab import listen, tcp_reachable
+
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    while (pd := box.delegated()) is None:
+        assert time.monotonic() < deadline, (
+            f"the ISP delegated no prefix within {timeout:.0f} s (Kea: {box.tmp / 'isp-kea.log'}); the node's WAN: "
+            + vm.ssh("networkctl status eth0 --no-pager -n 20", check=False).stdout[-1500:])
+        time.sleep(2)
+    delegated = ipaddress.ip_network(f"{pd[0]}/{pd[1]}")
+    assert delegated.prefixlen == PD_LEN and delegated.subnet_of(ipaddress.ip_network(f"{PD_POOL}/{PD_POOL_LEN}"))
+
+    def globals_of(ns_run, dev: str) -> list[ipaddress.IPv6Address]:
+        out = json.loads(ns_run(f"ip -j -6 addr show dev {dev} scope global"))
+        return [ipaddress.ip_address(a["local"]) for link in out for a in link.get("addr_info", []) if "local" in a]
+
+    while not [a for a in globals_of(lambda c: vm.ssh(c).stdout, "br-lan") if a in delegated]:
+        assert time.monotonic() < deadline, "br-lan took no /64 of the delegated " + str(delegated) + ": " + \
+            vm.ssh("networkctl status br-lan --no-pager -n 20", check=False).stdout[-1500:]
+        time.sleep(2)
+    wan_ll = next(a["local"] for link in json.loads(vm.ssh("ip -j -6 addr show dev eth0 scope link").stdout)
+                  for a in link.get("addr_info", []) if "local" in a)
+    box.route_delegated(str(delegated.network_address), delegated.prefixlen, wan_ll)
+    # The laptop asks for an RA again (disable_ipv6 off and on: its IPv4 lease stays).
+    for v in (1, 0):
+        box.lan.run("sysctl", "-qw", f"net.ipv6.conf.eth0.disable_ipv6={v}")
+
+    def lan_run(cmd: str) -> str:
+        return box.lan.run(*shlex.split(cmd)).stdout
+
+    while not (mine := [a for a in globals_of(lan_run, "eth0") if a in delegated]):
+        assert time.monotonic() < deadline, "the laptop took no address of the delegated " + str(delegated) + ": " + \
+            lan_run("ip -6 addr") + lan_run("ip -6 route")
+        time.sleep(1)
+    # the laptop reaches the internet with its own address (no NAT), through the node
+    code = ("import socket,sys\n"
+            "s=socket.socket(socket.AF_INET6); s.settimeout(5)\n"
+            "s.connect((sys.argv[1],int(sys.argv[2]))); print(s.recv(100).decode().strip())\n")
+    r = None
+    for _ in range(10):  # the address finishes DAD, the default route arrives with the RA
+        r = box.lan.run(sys.executable, "-c", code, INET6, str(WHO6_PORT), check=False, timeout=30)
+        if r.returncode == 0:
+            break
+        time.sleep(1)
+    assert r is not None and r.returncode == 0, (r.stderr if r else "") + lan_run("ip -6 route")
+    seen = ipaddress.ip_address(r.stdout.split()[0])
+    assert seen in mine and seen in delegated, (seen, mine)
+    # nothing from the internet reaches the laptop's public IPv6 address unasked
+    listen(box.lan, 8082, "::")
+    assert not tcp_reachable(box.inet, str(seen), 8082), "the internet reached the laptop over IPv6"
+    figures = {"delegated": str(delegated), "laptop": str(seen), "seconds": round(time.monotonic() - t0, 1)}
+    print(f"IPv6: {figures}")
+    return figures
 
 
 def wifi_checks(vm, wifi_ssid: str, psk_hash: str) -> None:

@@ -191,7 +191,7 @@ def ping_ok(ns: Netns, host: str) -> bool:
 def listen(ns: Netns, port: int, host: str = "0.0.0.0") -> None:
     """A TCP listener that accepts and closes, for reachability checks."""
     code = ("import socket\n"
-            "s=socket.socket()\n"
+            f"s=socket.socket(socket.AF_INET6 if ':' in {host!r} else socket.AF_INET)\n"
             "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
             f"s.bind(({host!r},{port}))\n"
             "s.listen(64)\n"

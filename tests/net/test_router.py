@@ -110,7 +110,7 @@ def test_router_mode_lan_gets_dhcp_dns_nat_and_buyers_stay_out(tmp_path: Path, l
                      "--address=/internet.test/203.0.113.1", stderr=subprocess.DEVNULL)
         with open(tmp_path / "dnsmasq.log", "w") as log:
             router.popen(*cmd, stderr=log)
-        inet.popen(sys.executable, "-c", WHO)
+        inet.popen(sys.executable, "-c", WHO, "4", "8080")
         for _ in range(50):
             if inet.run("ss", "-ltn", "sport = :8080").stdout.count("LISTEN"):
                 break
@@ -172,3 +172,45 @@ def test_router_mode_lan_gets_dhcp_dns_nat_and_buyers_stay_out(tmp_path: Path, l
             assert drops(router, tun, "br-lan") > before
         # The LAN host itself still reaches everything (the buyer's test did not break the owner's path).
         assert seen_by_internet(lan, 40001)[0] == WAN
+
+
+def test_a_router_behind_another_router_maps_its_port_there_over_upnp(tmp_path: Path):
+    """A unit in router mode behind the home's own router (double NAT, the e2e walk's home): with
+    the router table loaded, its UPnP search still hears the home router's IGD (SSDP answers come
+    from port 1900 of the router's address, which conntrack does not take for replies) and the
+    WireGuard port gets mapped to it; a packet from port 1900 of an internet address stays out."""
+    from homelab import HomeLab, have_homelab
+
+    if why := have_homelab():
+        pytest.skip(why)
+    with Lab() as lab:
+        home = HomeLab(lab, tmp_path / "home", line_down_mbit=100, line_up_mbit=100, queue_ms=20)
+        unit, tun = home.node, lab.ifname("iw")  # the unit's WAN is its eth0 on the home LAN
+        wan_vars = {"agent_wan_interface": "eth0", "agent_tunnel_interface": tun}
+        for name in ("firewall.nft", "router.nft"):
+            (tmp_path / name).write_text(render("firewall", f"etc/idlewire/{name}.j2", wan_vars))
+            unit.run("nft", "-f", str(tmp_path / name))
+        r = unit.run("upnpc", "-s", check=False, timeout=60)
+        assert "Found valid IGD" in r.stdout and f"ExternalIPAddress = {home.public}" in r.stdout, r.stdout + r.stderr
+        r = unit.run("upnpc", "-e", "idlewire", "-r", "51820", "UDP", check=False, timeout=60)
+        assert r.returncode == 0 and f"{home.node_ip}:51820" in home.nat_rules(), r.stdout + home.nat_rules()
+        # the rule lets in only private senders: a home LAN host's port 1900 reaches the unit, the
+        # internet's (through a forward on the home router) does not
+        home.router.run("nft", "add", "rule", "inet", "filter", "prerouting_miniupnpd", "udp", "dport", "40123",
+                        "dnat", "ip", "to", f"{home.node_ip}:40123")
+        home.router.run("nft", "add", "rule", "inet", "filter", "miniupnpd", "ip", "daddr", home.node_ip,
+                        "udp", "dport", "40123", "accept")
+        listen_udp = ("import socket\n"
+                      "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',40123)); s.settimeout(5)\n"
+                      "try:\n    print(s.recvfrom(100)[1][0])\nexcept OSError:\n    print('none')\n")
+        send = ("import socket,sys\n"
+                "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',1900))\n"
+                "[s.sendto(b'x',(sys.argv[1],40123)) for _ in range(5)]\n")
+        for sender, to, heard in ((home.owner, home.node_ip, home.owner_ip), (home.server, home.public, "none")):
+            got = unit.popen(sys.executable, "-c", listen_udp, stdout=subprocess.PIPE, text=True)
+            for _ in range(100):
+                if ":40123" in unit.run("ss", "-lun", "sport = :40123").stdout:
+                    break
+                time.sleep(0.05)
+            sender.run(sys.executable, "-c", send, to)
+            assert got.communicate(timeout=10)[0].strip() == heard, (sender.name, heard)

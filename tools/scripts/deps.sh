@@ -13,11 +13,15 @@ pkgs_image=(mmdebstrap debian-archive-keyring arch-test qemu-user-static binfmt-
 # ... and for testing them: QEMU system emulators + firmware, SSH client, networking parts.
 pkgs_test=(qemu-system-x86 qemu-system-arm ovmf qemu-efi-aarch64 openssh-client
   wireguard-tools wireguard-go nftables iperf3 iproute2 iputils-ping systemd-container
-  strace bc postgresql iso-codes miniupnpd-nftables miniupnpc natpmpc dnsmasq-base)
+  strace bc postgresql iso-codes miniupnpd-nftables miniupnpc natpmpc dnsmasq-base
+  kea-dhcp6-server)
 # postgresql: the hub's tests start their own server (initdb + pg_ctl).
 # iso-codes: the schema's ISO 3166-1 country list is checked against Debian's (test_schema_region)
 # dnsmasq-base: router mode's LAN DHCP/DNS runs with the role's rendered config in a namespace
 # (tests/net/test_router.py); the binary only, no service on this host.
+# kea-dhcp6-server: the router lab's ISP (tests/routerbox.py) delegates an IPv6 prefix to a
+# router-mode unit (dnsmasq cannot); the tests start kea-dhcp6 themselves in a namespace, and a
+# host without a running init does not start the package's service.
 
 # The home-router lab (tests/homelab.py) runs Debian's miniupnpd inside a namespace: the binary
 # only (miniupnpd-nftables: no debconf questions, no service that would start on this host; the
