@@ -1,19 +1,24 @@
 """A home and the internet in namespaces, for a node booted from the image under QEMU.
 
-    buyer (100.64.0.2) --- inet (router; the hub on 203.0.113.1) --- web (198.51.100.2: iperf3, a listener)
-                                |
-                          home (router: 203.0.113.2 public, NAT, UDP 51820 forwarded to the node,
-                                |        DHCP on its LAN; 10.0.0.1 and 172.16.0.1 answer too)
-                       br0 192.168.77.0/24
-                        |               |
-                 tap0 (the node's      owner (192.168.77.10: the owner's laptop, a listener;
-                 WAN NIC, QEMU)          SSH and Ansible to the node run from here)
+    buyer 100.64.0.2 --- inet (routes; the hub on 203.0.113.1) --- srv 11.22.0.2 ("the web": iperf3,
+                            |                                       a listener)
+                 rtr1 11.22.33.2 public (tests/homelab.py: NAT, Debian's miniupnpd, a 100 Mbit/s line;
+                            |     busybox udhcpd on its LAN; 10.0.0.1 and 172.16.0.1 answer too)
+            br0 192.168.1.0/24 ── own1 192.168.1.10 (a host on the home LAN, a listener)
+                            |
+                 tap0 ── [eth0 WAN]  node (QEMU, router mode)  [eth1 LAN] ── tap1 ── brl ── laptop
+                                                                          (the owner's laptop: DHCP
+                                                                           from the node; SSH and
+                                                                           Ansible run from here)
 
-QEMU runs inside `home` (its tap device lives there); the node gets 192.168.77.2 from the home
-router's DHCP (a static lease for its MAC), as at home. The buyer reaches the web only through
-the node's tunnel (the internet drops buyer→web), so every byte it moves is the node's.
-Listeners on port 8081 in `web` (must be reached), `owner` and `home` (must not be) make the
-buyer's probes mean something.
+The unit is stamped `mode: router` and sits behind the home router as a second router would
+(double NAT). QEMU runs inside `rtr1` (its tap devices live there; `brl` is a switch that only
+joins tap1 and the laptop, the home router has no address on it). The node gets 192.168.1.2
+from the home router's DHCP (a static lease for its MAC) and maps its WireGuard port on the
+home router over UPnP IGD, as at home: nobody forwards it by hand. The buyer reaches the web
+only through the node's tunnel (the internet drops buyer→web), so every byte it moves is the
+node's. Listeners on port 8081 on the web (must be reached), the home LAN, the home router and
+the laptop (none of them may be) make the buyer's probes mean something.
 """
 
 from __future__ import annotations
@@ -27,17 +32,20 @@ import sys
 import time
 from pathlib import Path
 
+from homelab import SERVER, HomeLab
 from netlab import Lab
+from routerbox import lan_lease
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))
 from marketlab import HUB_ADDR, MarketLab
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT / 'tools'}:{ROOT / 'agent'}"}
-NODE, OWNER, ROUTER = "192.168.77.2", "192.168.77.10", "192.168.77.1"
-PUBLIC = "203.0.113.2"  # the home router's WAN address, on the hub's /24
-WEB = "198.51.100.2"  # "the web": probe listener and iperf3 server
-NODE_MAC = "52:54:00:1e:2e:02"
+NODE = "192.168.1.2"  # the node's WAN address on the home LAN (the home router's static lease)
+OWNER, ROUTER = "192.168.1.10", "192.168.1.1"  # a host on the home LAN; the home router
+NODE_LAN = "192.168.8.1"  # the node's own LAN (base_router_lan_address), where the laptop is
+WEB = SERVER  # "the web": probe listener and iperf3 server
+NODE_MAC, LAN_MAC = "52:54:00:1e:2e:02", "52:54:00:1e:2e:03"
 TUNNEL_PORT = 51820
 PROBE_PORT = 8081
 LISTENER = ("import socket, sys\n"
@@ -49,43 +57,40 @@ LISTENER = ("import socket, sys\n"
 class BoxLab:
     def __init__(self, lab: Lab, tmp: Path):
         self.lab, self.tmp = lab, tmp
-        self.inet, self.home, self.owner = lab.ns("inet"), lab.ns("home"), lab.ns("owner")
-        self.buyer, self.web = lab.ns("buyer"), lab.ns("web")
-        lab.link(self.inet, f"{HUB_ADDR}/24", self.home, f"{PUBLIC}/24", names=("pub", "wan"))
-        lab.link(self.inet, "198.51.100.1/24", self.web, f"{WEB}/24")
+        # a fast line with a short queue: this walk measures the node's caps, not the line
+        self.homelab = HomeLab(lab, tmp / "home", line_down_mbit=100, line_up_mbit=100, queue_ms=20)
+        self.inet, self.home, self.owner, self.web = (self.homelab.inet, self.homelab.router, self.homelab.owner,
+                                                      self.homelab.server)
+        self.public = self.homelab.public
+        self.buyer, self.laptop = lab.ns("buyer"), lab.ns("laptop")
         lab.link(self.inet, "100.64.0.1/24", self.buyer, "100.64.0.2/24")
+        self.inet.run("ip", "addr", "add", f"{HUB_ADDR}/32", "dev", "lo")
+        self.buyer.run("ip", "route", "add", "default", "via", "100.64.0.1")
         h = self.home.run
-        h("ip", "link", "add", "br0", "type", "bridge")
-        h("ip", "addr", "add", f"{ROUTER}/24", "dev", "br0")
-        h("ip", "link", "set", "br0", "up")
-        h("ip", "tuntap", "add", "dev", "tap0", "mode", "tap")
-        h("ip", "link", "set", "tap0", "master", "br0", "up")
-        lab.link(self.home, None, self.owner, f"{OWNER}/24", names=("lan1", "eth0"))
-        h("ip", "link", "set", "lan1", "master", "br0")
+        # the node's WAN port on the home LAN, its LAN port on a switch of its own with the laptop
+        for tap, br in (("tap0", "br0"), ("tap1", "brl")):
+            if br == "brl":
+                h("ip", "link", "add", "brl", "type", "bridge")
+                h("ip", "link", "set", "brl", "up")
+            h("ip", "tuntap", "add", "dev", tap, "mode", "tap")
+            h("ip", "link", "set", tap, "master", br, "up")
+        lab.link(self.home, None, self.laptop, None, names=("lanl", "eth0"))
+        h("ip", "link", "set", "lanl", "master", "brl")
+        # brl is a plain switch: its frames pass (with br_netfilter loaded they meet the home
+        # router's forward chain, whose policy is drop)
+        h("nft", "add", "rule", "inet", "filter", "forward", "iifname", "brl", "oifname", "brl", "accept")
         for a in ("10.0.0.1/32", "172.16.0.1/32"):  # other private networks the home can reach
             h("ip", "addr", "add", a, "dev", "lo")
-        for ns in (self.inet, self.home):
-            ns.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
-        h("ip", "route", "add", "default", "via", HUB_ADDR)
-        self.owner.run("ip", "route", "add", "default", "via", ROUTER)
-        self.web.run("ip", "route", "add", "default", "via", "198.51.100.1")
-        self.buyer.run("ip", "route", "add", "default", "via", "100.64.0.1")
-        h("nft", "-f", "-", input=(
-            "table ip home {\n"
-            f' chain pre {{ type nat hook prerouting priority -100; iifname "wan" udp dport {TUNNEL_PORT} '
-            f"dnat to {NODE}:{TUNNEL_PORT}; }}\n"
-            ' chain post { type nat hook postrouting priority 100; oifname "wan" masquerade; }\n'
-            "}\n"))
         self.inet.run("nft", "-f", "-", input=(
             "table ip lab {\n chain forward_buyers {\n  type filter hook forward priority 0;\n"
-            "  ip saddr 100.64.0.0/24 ip daddr 198.51.100.0/24 drop\n }\n}\n"))
+            f"  ip saddr 100.64.0.0/24 ip daddr {WEB} drop\n }}\n}}\n"))
         conf = tmp / "udhcpd.conf"
-        conf.write_text(f"start 192.168.77.2\nend 192.168.77.9\ninterface br0\nlease_file {tmp}/udhcpd.leases\n"
+        conf.write_text(f"start 192.168.1.2\nend 192.168.1.9\ninterface br0\nlease_file {tmp}/udhcpd.leases\n"
                         f"option subnet 255.255.255.0\noption router {ROUTER}\noption dns {ROUTER}\n"
                         f"option lease 600\nstatic_lease {NODE_MAC} {NODE}\n")
         (tmp / "udhcpd.leases").touch()
         self.home.popen("busybox", "udhcpd", "-f", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for ns in (self.web, self.owner, self.home):
+        for ns in (self.web, self.owner, self.home, self.laptop):
             ns.popen(sys.executable, "-c", LISTENER, str(PROBE_PORT), stdout=subprocess.DEVNULL)
         self.web.popen("iperf3", "-s", "-B", WEB, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.hub_port = 8000 + secrets.randbelow(1000)
@@ -95,11 +100,20 @@ class BoxLab:
         self.buyer_key = tmp / "buyer.key"
         self.client_log = tmp / "client.log"
         self.client_log.touch()
+        self.lease: tuple[str, str, str, str] | None = None
+
+    def laptop_lease(self, timeout: float) -> tuple[str, str, str, str]:
+        """The laptop's DHCP lease from the node: (address, prefix length, router, DNS server)."""
+        self.lease = lan_lease(self.laptop, self.tmp / "laptop", timeout)
+        return self.lease
 
     def nics(self) -> list[str]:
-        """QEMU arguments: the node's one NIC on the home LAN's tap device."""
+        """QEMU arguments: the WAN NIC on the home LAN, then the LAN NIC on the laptop's switch (no
+        iPXE ROMs: boot the disk)."""
         return ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                "-device", f"virtio-net-pci,netdev=n0,mac={NODE_MAC},romfile="]  # no iPXE: boot the disk
+                "-device", f"virtio-net-pci,netdev=n0,mac={NODE_MAC},romfile=",
+                "-netdev", "tap,id=n1,ifname=tap1,script=no,downscript=no",
+                "-device", f"virtio-net-pci,netdev=n1,mac={LAN_MAC},romfile="]
 
     # --- the hub -------------------------------------------------------------------------------
     start_hub = MarketLab.start_hub  # `idlewire hub serve` in the internet namespace, as tests/net runs it
@@ -131,7 +145,7 @@ class BoxLab:
         self.client_start = self.client_log.stat().st_size
         wg = self.lab.ifname("iwb")
         self.buyer.wg_sockets.append(f"/var/run/wireguard/{wg}.sock")
-        route_args = [a for r in ("198.51.100.0/24", *routes) for a in ("--route", r)]
+        route_args = [a for r in (f"{WEB}/32", *routes) for a in ("--route", r)]
         return self.buyer.popen("env", "--default-signal=INT", sys.executable, "-m", "idlewire", "client", "connect",
                                 "--hub", self.hub_url, "--region", "DE", "--key", str(self.buyer_key),
                                 "--interface", wg, "--interval", "1", "--json", "--receipts", str(receipts),
