@@ -362,7 +362,13 @@ def test_4_register_buy_at_the_cap_and_reach_nothing_private(node):
                           timeout=120, every=1, what="the node on the hub")[0]
     reg_s = time.monotonic() - t0
     # the endpoint the hub holds is the UPnP mapping on the home router, to the node's WireGuard port
-    reach = health(vm).get("reachability", {})
+    def reachability() -> dict:  # the API may still be starting when the hub has the node already
+        try:
+            return health(vm).get("reachability", {})
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
+            return {}
+
+    reach = wait_for(lambda: reachability() or None, timeout=90, every=2, what="the agent's /health") or {}
     assert reach.get("reachable") and reach.get("how") and reach.get("endpoint"), reach
     assert registered["endpoint"] == reach["endpoint"] and registered["region"] == "DE", (registered, reach)
     host, ext_port = registered["endpoint"].rsplit(":", 1)
