@@ -102,6 +102,10 @@ class Reports:
 def box(tmp_path_factory, request):
     if why := why_no_qemu():
         pytest.skip(why)
+    from homelab import have_homelab
+
+    if why := have_homelab():  # the home router: miniupnpd, upnpc, nft, iperf3
+        pytest.skip(why)
     for tool in (["busybox", "udhcpd", "--help"], ["iperf3", "--version"]):
         if not shutil.which(tool[0]) or subprocess.run(tool, capture_output=True).returncode not in (0, 1):
             pytest.skip(f"{' '.join(tool[:2])} is missing (tools/scripts/deps.sh test installs it)")
