@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -108,6 +109,8 @@ class RouterBox:
 
     def kea6(self) -> None:
         """The ISP's DHCPv6 server (Kea): prefix delegation from PD_POOL, leases in kea-leases6.csv."""
+        if not shutil.which("kea-dhcp6"):
+            raise RuntimeError("kea-dhcp6 is missing: tools/scripts/deps.sh test installs kea-dhcp6-server")
         conf = {"Dhcp6": {
             "interfaces-config": {"interfaces": ["eth0"]},
             "server-id": {"type": "LL", "persist": False},  # not /var/lib/kea's DUID file

@@ -68,10 +68,9 @@ class BoxLab:
         self.buyer.run("ip", "route", "add", "default", "via", "100.64.0.1")
         h = self.home.run
         # the node's WAN port on the home LAN, its LAN port on a switch of its own with the laptop
+        h("ip", "link", "add", "brl", "type", "bridge")
+        h("ip", "link", "set", "brl", "up")
         for tap, br in (("tap0", "br0"), ("tap1", "brl")):
-            if br == "brl":
-                h("ip", "link", "add", "brl", "type", "bridge")
-                h("ip", "link", "set", "brl", "up")
             h("ip", "tuntap", "add", "dev", tap, "mode", "tap")
             h("ip", "link", "set", tap, "master", br, "up")
         lab.link(self.home, None, self.laptop, None, names=("lanl", "eth0"))

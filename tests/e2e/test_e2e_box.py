@@ -372,7 +372,7 @@ def test_4_register_buy_at_the_cap_and_reach_nothing_private(node):
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError):
             return {}
 
-    reach = wait_for(lambda: reachability() or None, timeout=90, every=2, what="the agent's /health") or {}
+    reach = wait_for(reachability, timeout=90, every=2, what="the agent's /health")
     assert reach.get("reachable") and reach.get("how") and reach.get("endpoint"), reach
     assert registered["endpoint"] == reach["endpoint"] and registered["region"] == "DE", (registered, reach)
     host, ext_port = registered["endpoint"].rsplit(":", 1)
