@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                           "at boot. Exit 2 (and print nothing on stdout) when the configuration is invalid.",
                           epilog="Example: idlewire-agent mode --config /etc/idlewire/node.toml")
     mode.add_argument("--config", default=DEFAULT_CONFIG, help=f"node.toml (default {DEFAULT_CONFIG})")
+    mode.add_argument("--wan", action="store_true", help="print how the WAN reaches the ISP instead: dhcp or "
+                      "pppoe (a router with [home] wan = \"pppoe\" and its login file)")
     shaping.add_cli(sub)
     led = sub.add_parser("ledger", help="the metering ledger's state",
                          description="The metering ledger (STATE_DIR/ledger.sqlite) is checked at every start; "
@@ -105,7 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _load(args.config)
         if cfg is None:
             return 2
-        print(cfg.policy.home.mode)
+        if args.wan:
+            from . import schema
+            from .config import wan_kind
+
+            kind = wan_kind(cfg)
+            if kind != cfg.policy.home.wan and cfg.policy.home.mode == "router":
+                print(f"PPPoE refused: no login in {schema.PPPOE_FILE}; stamp the unit with pppoe.user and "
+                      "pppoe.password (or set the roles' idlewire_pppoe_user/_password); the WAN uses DHCP",
+                      file=sys.stderr)
+            print(kind)
+        else:
+            print(cfg.policy.home.mode)
         return 0
     if args.command == "shaping":
         return shaping.cli_main(args)

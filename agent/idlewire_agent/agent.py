@@ -30,6 +30,18 @@ from .wg import Peer, Tunnel, WgError
 log = logging.getLogger("idlewire.agent")
 
 
+
+LINE_POLL_S = 2.0  # how often the shaping worker looks whether the line's device was made anew
+
+
+def link_index(dev: str) -> int | None:
+    """The kernel's index of network device `dev` (new each time it is created), None when absent."""
+    try:
+        with open(f"/sys/class/net/{dev}/ifindex") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
 class SessionError(Exception):
     """A refused session operation; `status` is the HTTP status the API answers with."""
 
@@ -159,6 +171,9 @@ class Agent:
             shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions).teardown()
             return
         self.shaper = shaping.Shaper(sh, pol.firewall, pol.quota.max_sessions)
+        self._line_index = link_index(sh.wan_interface)
+        if self._line_index is None:  # PPPoE: ppp0 comes with the first dial-up, and anew with each redial
+            log.warning("shaping: the line %s is not up yet; its trees are set up when it comes up", sh.wan_interface)
         self.shaper.setup()
         self._shape_q = queue.SimpleQueue()
         threading.Thread(target=self._shape_worker, args=(shaping.TcError,), daemon=True, name="shaping").start()
@@ -177,7 +192,17 @@ class Agent:
 
     def _shape_worker(self, tc_error: type[Exception]) -> None:
         while True:
-            method, args = self._shape_q.get()
+            try:
+                method, args = self._shape_q.get(timeout=LINE_POLL_S)
+            except queue.Empty:
+                # The line's device came back as a new link (ppp0 after a redial, a USB adapter
+                # plugged again): its qdiscs went with the old one, so the trees are set up again.
+                index = link_index(self.shaper.sh.wan_interface)
+                if index is None or index == self._line_index:
+                    continue
+                self._line_index = index
+                log.info("shaping: %s is up (link %d): setting up its trees", self.shaper.sh.wan_interface, index)
+                method, args = "setup", ()
             try:
                 getattr(self.shaper, method)(*args)
             except tc_error as exc:  # the tree is re-asserted whole by the next change

@@ -125,6 +125,7 @@ class UnitConfig(Record):
     marketplace: str | None = None  # None: not stamped, node.toml's stands (schema.UNIT_OVER)
     region: str | None = None
     mode: str | None = None  # None: not stamped, node.toml's [home] mode stands
+    wan: str | None = None  # None: not stamped, node.toml's [home] wan stands
     caps: dict[str, float | int] = field(default_factory=dict)  # as stamped
     notes: list[str] = field(default_factory=list)  # what the caps changed, one line each
 
@@ -289,10 +290,20 @@ def load(path: str | os.PathLike, unit_file: str | os.PathLike | None = None) ->
     for line in cfg.warnings:
         logging.getLogger("idlewire.config").warning("%s: %s", path, line)
     upath = os.fspath(unit_file) if unit_file is not None else cfg.unit_file
-    if unit_file is None and not os.path.lexists(upath):
-        return cfg  # not a stamped unit (provisioned live): node.toml alone
-    unit, problems = parse_unit(_read_toml(upath, "unit.toml"), upath)
-    if problems:
-        raise ConfigError(upath, problems)
-    apply_unit(cfg, unit)
+    if unit_file is not None or os.path.lexists(upath):  # else not a stamped unit: node.toml alone
+        unit, problems = parse_unit(_read_toml(upath, "unit.toml"), upath)
+        if problems:
+            raise ConfigError(upath, problems)
+        apply_unit(cfg, unit)
+    if wan_kind(cfg) == "pppoe":  # the line is ppp0: the shaper, the meter and the API check use it
+        cfg.interfaces.wan = cfg.policy.shaping.wan_interface = schema.PPPOE_INTERFACE
     return cfg
+
+
+def wan_kind(cfg: NodeConfig) -> str:
+    """How this unit's WAN reaches the ISP, as idlewire-mode sets it up ("dhcp" or "pppoe"): PPPoE
+    only for a router with home.wan = "pppoe" whose login file is there (else it could never dial)."""
+    home = cfg.policy.home
+    if home.mode == "router" and home.wan == "pppoe" and os.path.exists(schema.PPPOE_FILE):
+        return "pppoe"
+    return "dhcp"

@@ -3,11 +3,13 @@
 Run at every boot by idlewire-firstboot (roles/base), before sshd. When BOOT/idlewire/stamp.toml
 exists it is checked with the same schema the host stamped it with (schema.STAMP), then:
 
-  1. node key, unit settings, SSH keys, hostname and Wi-Fi go into the root filesystem
-     (/etc/idlewire 0700 with node.key 0600, /etc/idlewire/unit.toml, the admin's authorized_keys,
-     /etc/hostname, wpa_supplicant + systemd-networkd for Wi-Fi), each file written under a
+  1. node key, unit settings, SSH keys, hostname, Wi-Fi and the PPPoE login go into the root
+     filesystem (/etc/idlewire 0700 with node.key 0600, /etc/idlewire/unit.toml, the admin's
+     authorized_keys, /etc/hostname, wpa_supplicant + systemd-networkd for Wi-Fi,
+     /etc/idlewire/pppoe.conf 0600), each file written under a
      temporary name, synced and renamed;
-  2. only then the secrets on the FAT partition (node.key, stamp.toml: it holds the Wi-Fi key)
+  2. only then the secrets on the FAT partition (node.key, stamp.toml: it holds the Wi-Fi key
+     and the PPPoE password)
      are overwritten with zeros in place, synced and deleted, and BOOT/idlewire/stamp.done
      records the unit and its public key (no secrets).
 
@@ -185,8 +187,23 @@ def apply(values: dict, key: bytes, root: str = "/", admin: str = "idlewire") ->
                     _log(str(exc))
         else:
             _log("Wi-Fi configured, but this image has no wpa_supplicant; it stays off")
+    pppoe = values.get("pppoe")
+    if pppoe:
+        _write(at(schema.PPPOE_FILE), pppoe_conf(pppoe), 0o600)
     if live:
         os.sync()
+
+
+def pppd_quote(text: str) -> str:
+    """A word of a pppd options file: quoted, with `\\` and `"` escaped (pppd's getword reads
+    backslash escapes inside quotes); schema.PPPOE_TEXT admits printable ASCII only."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def pppoe_conf(pppoe: dict) -> str:
+    """schema.PPPOE_FILE: the ISP's login as pppd options (read by /etc/ppp/peers/idlewire-wan)."""
+    return ("# the ISP's PPPoE login, written at first boot from the unit stamp (idlewire stamp)\n"
+            f"user {pppd_quote(pppoe['user'])}\npassword {pppd_quote(pppoe['password'])}\n")
 
 
 def _fsync_dir(d: str) -> None:

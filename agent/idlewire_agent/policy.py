@@ -121,6 +121,7 @@ class Firewall(Record):
 
 class Home(Record):
     mode: str = _d("home", "mode")
+    wan: str = _d("home", "wan")
     source: str = _d("home", "source")
     interval: float = float(_d("home", "interval"))
     margin_percent: float = float(_d("home", "margin_percent"))

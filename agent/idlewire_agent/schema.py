@@ -44,11 +44,13 @@ _BAD_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\ufeff\u200b
 _EDGE = None  # str.strip(): every Unicode white space and line break (NEL, U+2028, U+2029 too)
 
 
-def text(value) -> str:
-    """The text rule: a str, edges stripped of white space and line breaks, nothing invisible."""
+def text(value, strip: bool = True) -> str:
+    """The text rule: a str, edges stripped of white space and line breaks, nothing invisible.
+    strip=False: taken as given (a password, whose spaces are part of it)."""
     if not isinstance(value, str):
         raise Invalid("text")
-    value = value.strip(_EDGE)
+    if strip:
+        value = value.strip(_EDGE)
     m = _BAD_TEXT.search(value)
     if m:
         raise BadText(f"no control characters, line breaks or invisible characters (found U+{ord(m[0]):04X})")
@@ -59,17 +61,18 @@ class Key:
     """One key. `check(value)` returns the value as the node applies it, or raises Invalid."""
 
     __slots__ = ("case", "default", "doc", "empty", "example", "expect", "hi", "host_only", "keys", "kind", "lo",
-                 "lo_open", "pattern", "secret", "test")
+                 "lo_open", "pattern", "secret", "test", "verbatim")
 
     def __init__(self, kind: str, default=MISSING, doc: str = "", expect: str = "", *, lo=None, hi=None,
                  lo_open: bool = False, pattern: str | None = None, test=None, case: str = "",
                  empty: bool = False, keys: dict | None = None, host_only: bool = False, example=None,
-                 secret: bool = False):
+                 secret: bool = False, verbatim: bool = False):
         self.kind, self.default, self.doc, self.expect = kind, default, doc, expect
         self.lo, self.hi, self.lo_open = lo, hi, lo_open
         self.pattern = re.compile(pattern) if pattern else None
         self.test, self.case, self.empty, self.keys = test, case, empty, keys
         self.host_only, self.example, self.secret = host_only, example, secret
+        self.verbatim = verbatim  # a str taken as given, edges and all (text(strip=False))
 
     def but(self, **changes) -> Key:
         """A copy with some attributes changed (the same fact read in another file: a unit's cap)."""
@@ -137,7 +140,7 @@ class Key:
         return self.hi is None or v <= self.hi
 
     def _one_str(self, value) -> str:
-        value = text(value)
+        value = text(value, strip=not self.verbatim)
         if self.case == "lower":
             value = value.lower()
         elif self.case == "upper":
@@ -297,6 +300,13 @@ def rate(default: float, doc: str, zero: bool = False) -> Key:
 
 # --- node.toml ----------------------------------------------------------------------------------
 
+# Router mode over PPPoE: the line is this interface (pppd's ifname; the shaper, the firewall's WAN and
+# the port mapping use it), and the login is this file (0600, pppd options `user` and `password`).
+PPPOE_INTERFACE = "ppp0"
+PPPOE_FILE = "/etc/idlewire/pppoe.conf"
+# A PPPoE login as pppd reads it from an options file: printable ASCII (quoted, `"` and `\` escaped).
+PPPOE_TEXT = r"[\x20-\x7e]{1,128}"
+
 NODE: dict[str, dict[str, Key]] = {
     "node": {
         "region": Key(STR, "", "the node's country (case-blind, stored upper-case): buyers pick nodes by it; "
@@ -421,6 +431,9 @@ NODE: dict[str, dict[str, Key]] = {
         "mode": Key(STR, "node", '"node": one NIC on the owner\'s LAN, the owner\'s traffic does not cross it, so '
                     'it is measured; "router": the node is the home router', '"node" or "router"',
                     pattern=r"node|router"),
+        "wan": Key(STR, "dhcp", 'router mode: how the WAN port reaches the ISP: "dhcp" (DHCPv4, DHCPv6 prefix '
+                   f'delegation) or "pppoe" (the line is {PPPOE_INTERFACE} over the WAN port; the login is '
+                   f'{PPPOE_FILE})', '"dhcp" or "pppoe"', pattern=r"dhcp|pppoe"),
         "source": Key(STR, "auto", 'node mode: "upnp" (the router\'s WAN counters), "latency" (RTT to the '
                       'reflectors), "auto" (upnp, else latency) or "off" (fixed caps)',
                       '"auto", "upnp", "latency" or "off"', pattern=r"auto|upnp|latency|off"),
@@ -551,10 +564,22 @@ UNIT: dict[str, Key] = {  # unit.toml on the node: what the stamp leaves for the
     "mode": NODE["home"]["mode"].but(default="node", doc='"router": the unit is the home router (WAN port, owner '
                                      'LAN bridge, DHCP/DNS, NAT, Wi-Fi AP from wifi.*); "node": a host on the owner\'s '
                                      'LAN; replaces home.mode (wins over the role\'s idlewire_mode)', example="router"),
+    "wan": NODE["home"]["wan"].but(default="dhcp", doc='router mode\'s WAN: "dhcp" or "pppoe" (with the pppoe.* '
+                                   'login); replaces home.wan (wins over the role\'s idlewire_wan)', example="pppoe"),
     "caps": Key(TABLE, {}, "the unit's limits; each replaces node.toml's value", keys=CAPS),
 }
 UNIT_OVER: dict[str, tuple[str, str]] = {"marketplace": ("node", "marketplace"), "region": ("node", "region"),
-                                         "mode": ("home", "mode")}
+                                         "mode": ("home", "mode"), "wan": ("home", "wan")}
+
+# The ISP's PPPoE login, stamped for router mode with wan = "pppoe": written to PPPOE_FILE (0600) at
+# first boot, erased from the boot partition with the rest of the stamp; never in unit.toml.
+PPPOE: dict[str, Key] = {
+    "user": Key(STR, MISSING, "the PPPoE user name the ISP gave", "a user name of 1-128 printable ASCII characters",
+                pattern=PPPOE_TEXT, example="0123456789@isp.example"),
+    "password": Key(STR, MISSING, "the PPPoE password (plain: CHAP needs it on the unit), spaces and all",
+                    "a password of 1-128 printable ASCII characters", pattern=PPPOE_TEXT, secret=True,
+                    verbatim=True),
+}
 
 WIFI: dict[str, Key] = {
     "country": Key(STR, MISSING, "ISO 3166 country (decides the legal channels)",
@@ -579,6 +604,7 @@ STAMP: dict[str, Key] = {  # stamp.toml on the boot partition (host writes, firs
                                pattern=SSH_KEY,
                                example="an OpenSSH public key line such as 'ssh-ed25519 AAAA… you@host'"),
     "wifi": Key(TABLE, {}, "Wi-Fi client settings", keys=WIFI),
+    "pppoe": Key(TABLE, {}, "router mode's PPPoE login (with wan = \"pppoe\")", keys=PPPOE),
     "caps": UNIT["caps"],
 }
 STAMP_REQUIRED = ("format", "unit", "hostname", "node_public_key")
@@ -601,6 +627,8 @@ UNIT_INPUT: dict[str, Key] = {
     "marketplace": UNIT["marketplace"],
     "region": UNIT["region"],
     "mode": UNIT["mode"],
+    "wan": UNIT["wan"],
+    "pppoe": STAMP["pppoe"],
     "caps": UNIT["caps"],
     "node_key": Key(STR, "", "path of an ed25519 private key (PEM, OpenSSH or base64 of 32 bytes); "
                     "generated when absent", "the path of a key file", empty=True, host_only=True),
@@ -679,4 +707,16 @@ def check_stamp(data: dict) -> tuple[dict, list[str]]:
         for k in ("country", "ssid", "psk_hash"):
             if k not in wifi:
                 problems.append(f"wifi.{k}: missing; expected {WIFI[k].expect}")
+    problems += pppoe_problems(data)
     return out, problems
+
+
+def pppoe_problems(data: dict) -> list[str]:
+    """A stamp (or unit.yml) with wan = "pppoe" carries the whole login, and a login only with it."""
+    pppoe = data.get("pppoe") if isinstance(data.get("pppoe"), dict) else {}
+    if data.get("wan") == "pppoe":
+        return [f"pppoe.{k}: missing; wan = \"pppoe\" needs the ISP's login ({PPPOE[k].expect})"
+                for k in PPPOE if k not in pppoe]
+    if pppoe:
+        return ['pppoe: given, but wan is not "pppoe"; add wan = "pppoe" (router mode) or leave the login out']
+    return []

@@ -335,8 +335,12 @@ class Shaper:
         sh, fw, leaf = self.sh, self.fw, self.leaf or "bfifo"
         d = self.devices
         cap_sum = self.cap_up + self.cap_down
-        objs = line_tree(sh, fw, d["line-up"], sh.line_up, cap_sum, sh.floor_up, leaf, "src")
-        objs += _ingress(d["line-up"], d["line-down"])
+        objs: list[Obj] = []
+        # the line's device may be absent (ppp0 before it dials): its trees wait (the agent sets them
+        # up when it comes); the buyers' trees do not
+        if self._run("ip", "link", "show", "dev", d["line-up"], check=False).returncode == 0:
+            objs += line_tree(sh, fw, d["line-up"], sh.line_up, cap_sum, sh.floor_up, leaf, "src")
+            objs += _ingress(d["line-up"], d["line-down"])
         objs += line_tree(sh, fw, d["line-down"], sh.line_down, cap_sum, sh.floor_down, leaf, "dst")
         objs += tunnel_tree(sh, d["buyers-down"], self.cap_down, sh.session_cap_down, self.max_sessions,
                             self.sessions, leaf, "dst")

@@ -46,10 +46,10 @@ def test_dnsmasq_accepts_the_rendered_config(tmp_path):
 def test_router_nft_keeps_the_owners_ports_out_of_the_buyers_block(tmp_path, block, owner):
     text = render("firewall", "etc/idlewire/router.nft.j2",
                   {"agent_buyer_nat_ports": block, "agent_wan_interface": "enp1s0"})
-    assert f'iifname "br-lan" oifname "enp1s0" meta nfproto ipv4 meta l4proto {{ tcp, udp }} masquerade to :{owner}' \
-        in text
+    assert ('iifname "br-lan" oifname { "enp1s0", "ppp0" } meta nfproto ipv4 meta l4proto { tcp, udp } '
+            f'masquerade to :{owner}') in text
     assert 'iifname "iw0" oifname "br-lan" counter drop' in text
-    assert 'iifname "iw0" oifname != "enp1s0" counter drop' in text
+    assert 'iifname "iw0" oifname != { "enp1s0", "ppp0" } counter drop' in text
     if shutil.which("nft") and subprocess.run(["nft", "list", "tables"], capture_output=True).returncode == 0:
         f = tmp_path / "router.nft"
         f.write_text(text)
@@ -93,7 +93,7 @@ def test_router_mode_is_refused_when_the_wan_port_is_missing(tmp_path, wan, want
     (tmp_path / "router" / "10-idlewire-wan.network").write_text("wan\n")
     (tmp_path / "router" / "10-idlewire-br-lan.netdev").write_text("bridge\n")
     agent = tmp_path / "idlewire-agent"
-    agent.write_text("#!/bin/sh\necho router\n")
+    agent.write_text('#!/bin/sh\ncase "$*" in *--wan*) echo dhcp ;; *) echo router ;; esac\n')
     agent.chmod(0o755)
     script = (script.replace("/usr/bin/idlewire-agent", str(agent))
               .replace("/etc/idlewire/router/", f"{tmp_path}/router/").replace("/run/", f"{tmp_path}/run/"))
@@ -101,7 +101,7 @@ def test_router_mode_is_refused_when_the_wan_port_is_missing(tmp_path, wan, want
     (tmp_path / "mode").write_text(script)
     r = subprocess.run(["sh", str(tmp_path / "mode")], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"idlewire-mode: {want}"
+    assert r.stdout.strip() == f"idlewire-mode: {want}" + (" (WAN: dhcp)" if want == "router" else "")
     copied = sorted(p.name for p in (tmp_path / "run" / "systemd" / "network").iterdir())
     if want == "router":
         assert copied == ["10-idlewire-br-lan.netdev", "10-idlewire-wan.network"] and r.stderr == ""
@@ -111,3 +111,25 @@ def test_router_mode_is_refused_when_the_wan_port_is_missing(tmp_path, wan, want
         (line,) = r.stderr.splitlines()
         assert "router mode refused: no WAN port 'nosuchwan9'" in line and "lo" not in line.split("ports here:")[1]
         assert "agent_wan_interface" in line
+
+
+def test_a_pppoe_router_takes_the_wan_file_without_dhcp_and_switches_pppd_on(tmp_path):
+    """`idlewire-agent mode --wan` says pppoe: the WAN port's file comes from router/pppoe (no DHCP
+    on the port) and /run/idlewire/pppoe starts idlewire-pppoe; dhcp again: both are gone."""
+    script = render("base", "usr/local/sbin/idlewire-mode.j2", {"agent_wan_interface": "lo", "base_router_wan_wait": 1})
+    for d, text in (("router", "dhcp\n"), ("router/pppoe", "pppoe\n")):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "10-idlewire-wan.network").write_text(text)
+    (tmp_path / "router" / "10-idlewire-br-lan.netdev").write_text("bridge\n")
+    agent = tmp_path / "idlewire-agent"
+    script = (script.replace("/usr/bin/idlewire-agent", str(agent))
+              .replace("/etc/idlewire/router/", f"{tmp_path}/router/").replace("/run/", f"{tmp_path}/run/"))
+    (tmp_path / "mode").write_text(script)
+    wan = tmp_path / "run" / "systemd" / "network" / "10-idlewire-wan.network"
+    for line in ("pppoe", "dhcp"):
+        agent.write_text(f'#!/bin/sh\ncase "$*" in *--wan*) echo {line} ;; *) echo router ;; esac\n')
+        agent.chmod(0o755)
+        r = subprocess.run(["sh", str(tmp_path / "mode")], capture_output=True, text=True, timeout=30)
+        assert (r.returncode, r.stdout.strip()) == (0, f"idlewire-mode: router (WAN: {line})"), r.stderr
+        assert wan.read_text() == f"{line}\n"
+        assert (tmp_path / "run" / "idlewire" / "pppoe").exists() == (line == "pppoe")

@@ -11,14 +11,18 @@ Two formats hold the same fields:
       payout_address: "bc1q…"
       marketplace: https://hub.example   # the hub the unit registers with at first boot
       region: DE                      # the unit's country (ISO 3166-1 alpha-2), for the hub and buyers
+      mode: router                    # the unit is the home router (default: node, a host on the LAN)
+      wan: pppoe                      # router mode's WAN: dhcp (default) or pppoe, with the ISP's login:
+      pppoe: {user: "0123456789@isp.example", password: "…"}   # written 0600 on the unit, never logged
       caps: {up_mbit: 20, down_mbit: 100, monthly_gb: 500, max_sessions: 8}
       node_key: keys/shop-0001.key    # ed25519 private key (PEM, OpenSSH or base64); generated when absent
 
 - `units.csv`, one row per unit, a header row naming the columns (any order, unknown columns are
   refused, an empty cell means "not set"): ``unit, hostname, ssh_authorized_keys`` (several keys
   separated by ';'), ``wifi_country, wifi_ssid, wifi_psk, wifi_hidden`` (true/false),
-  ``payout_address, marketplace, region, caps_up_mbit, caps_down_mbit, caps_monthly_gb,
-  caps_max_sessions, node_key`` (the columns are schema.csv_columns()).
+  ``payout_address, marketplace, region, mode, wan, pppoe_user, pppoe_password, caps_up_mbit,
+  caps_down_mbit, caps_monthly_gb, caps_max_sessions, node_key`` (the columns are
+  schema.csv_columns()).
 
 Relative `node_key` paths are taken from the unit file's directory. Every complaint names the
 file, the row (CSV) and the field, and says what is expected. Every field is checked by its key
@@ -84,6 +88,7 @@ class Unit:
     node_key_pem: bytes | None = None  # the given key; None: generated at stamping
     source: str = ""  # "units.csv row 3" — for messages
     node_key_path: str = ""  # the key file, for messages
+    pppoe: dict[str, str] | None = field(default=None, repr=False)  # {"user", "password"}: wan = pppoe
 
     def __getattr__(self, name: str):
         """unit.payout_address, unit.marketplace, unit.region: the value given, None when not given."""
@@ -109,7 +114,8 @@ class _Where:
         try:
             return key.check_item(value) if item else key.check(value)
         except Invalid as exc:
-            raise self.fail(fld, f"expected {exc}, got {schema.shown(value)}") from None
+            got = "a value not shown (a secret)" if key.secret else schema.shown(value)
+            raise self.fail(fld, f"expected {exc}, got {got}") from None
 
 
 def _unknown(w: _Where, data: dict, keys: dict, prefix: str = "") -> None:
@@ -174,6 +180,17 @@ def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
     for key, value in craw.items():
         caps[key] = w.check(CAPS[key], f"caps.{key}", value)
 
+    pppoe = None
+    praw = raw.get("pppoe")
+    if praw not in (None, {}):
+        if not isinstance(praw, dict):
+            raise w.fail("pppoe", f"expected a mapping with {', '.join(schema.PPPOE)}")
+        _unknown(w, praw, schema.PPPOE, "pppoe.")
+        pppoe = {k: w.check(schema.PPPOE[k], f"pppoe.{k}", praw[k]) for k in schema.PPPOE if k in praw}
+    for problem in schema.pppoe_problems({"wan": settings.get("wan"), "pppoe": pppoe or {}}):
+        fld, _, msg = problem.partition(": ")
+        raise w.fail(fld, msg)
+
     pem = None
     key_path = raw.get("node_key")
     if not _blank(key_path):
@@ -188,7 +205,7 @@ def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
         except ValueError as exc:
             raise w.fail("node_key", f"{path}: {exc}") from None
         key_path = str(path)
-    return Unit(unit, hostname, tuple(ssh), wifi, settings, caps, pem, w.where, key_path or "")
+    return Unit(unit, hostname, tuple(ssh), wifi, settings, caps, pem, w.where, key_path or "", pppoe)
 
 
 def load_unit(path: Path) -> Unit:
