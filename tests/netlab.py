@@ -125,3 +125,15 @@ class Lab:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def wait_for(fn, timeout: float = 30, every: float = 0.5, what: str = "condition"):
+    """fn()'s first true value, asked every `every` seconds; AssertionError naming `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = fn()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)

@@ -50,6 +50,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TextIO
 
 ETH_DISCOVERY, ETH_SESSION, ETH_P_ALL = 0x8863, 0x8864, 0x0003
@@ -60,7 +61,9 @@ ECHOED_TAGS = (HOST_UNIQ, RELAY_SESSION_ID)  # a PADO and a PADS carry them back
 MAX_TAG, MAX_TAGS = 255, 16  # a discovery frame with a longer tag or more tags is dropped
 BROADCAST = b"\xff" * 6
 PACKET_OUTGOING = 4  # AF_PACKET's pkttype of the frames we send ourselves
-LOST = (errno.ENETDOWN, errno.ENOBUFS)  # the link is down, or its queue full: the frame is lost
+# The link is down, its queue full, or the frame too big for it (an IP packet over 1492 bytes from the
+# tun: an access concentrator does not fragment, which is why a PPPoE router clamps TCP's MSS): lost.
+LOST = (errno.ENETDOWN, errno.ENOBUFS, errno.EMSGSIZE)
 
 LCP, PAP, CHAP, IPCP, IPV4 = 0xC021, 0xC023, 0xC223, 0x8021, 0x0021
 PROTO_NAME = {LCP: "lcp", IPCP: "ipcp"}
@@ -610,6 +613,36 @@ class Concentrator:
             s.phase, s.why = "terminating", "LCP terminated by the peer"
             self.timers.clear()
             self.at("linger", RESTART, lambda: self.end(s.why))
+
+
+class Running:
+    """This script started in a namespace (`ns.popen`, tests/netlab.py), and its events, read in
+    order (each one once): what a test holds while a client dials in."""
+
+    def __init__(self, ns, events: Path, *options: str) -> None:
+        self.path, self.seen = events, 0
+        self.proc = ns.popen(sys.executable, __file__, "--events", str(events), *options,
+                             stderr=subprocess.PIPE, text=True)
+        self.ready = self.wait("ready")
+
+    def wait(self, event: str, timeout: float = 5, **match) -> dict:
+        deadline, lines = time.monotonic() + timeout, []
+        while time.monotonic() < deadline:
+            lines = self.path.read_text().splitlines() if self.path.exists() else []
+            for i, line in enumerate(lines[self.seen:], self.seen):
+                e = json.loads(line)
+                if e["event"] == event and match.items() <= e.items():
+                    self.seen = i + 1
+                    return e
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pppoelab exited {self.proc.returncode}: {self.proc.stderr.read()}")
+            time.sleep(0.02)
+        raise AssertionError(f"no {event} {match} in {timeout} s: {lines[self.seen:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,10 +18,12 @@ access router does for a lease.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -29,7 +31,7 @@ import time
 import warnings
 from pathlib import Path
 
-from netlab import Lab
+from netlab import Lab, wait_for
 
 INET, WAN_ADDR = "203.0.113.1", "203.0.113.2"
 INET6 = "2001:db8:0:1::1"  # the ISP's side of the WAN's /64 (RAs: the WAN's SLAAC address and default route)
@@ -485,3 +487,99 @@ def owner_first(box: RouterBox, vm, line: float = 20, shape: float = 0.9, queue_
             "owner": json.loads(r.stdout)["end"]["sum_received"]["bits_per_second"] / 1e6,
             "needs": 0.9 * (shaped - floor), "buyer": int(out.read_text().split()[-1]) * 8 / total / 1e6,
             "idle_p95": idle, "loaded_p95": result["p95"]}
+
+
+# Router mode over PPPoE: the ISP's access concentrator (tests/pppoelab.py) in the internet namespace,
+# on the same wire as the WAN. A login with what pppd's options file must quote or escape.
+PPPOE_LOCAL, PPPOE_PEER = "100.64.7.1", "100.64.7.2"
+PPPOE_LOGIN = {"user": "line-0042@isp.test", "password": 'a "quoted" pass\\word #1 '}
+# From the internet: SIZE bytes to whoever connects (a download the laptop counts).
+SENDER = ("import socket,sys,threading\n"
+          "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+          "s.bind(('0.0.0.0',int(sys.argv[1]))); s.listen(4)\n"
+          "def send(c):\n"
+          "    try: c.sendall(bytes(int(sys.argv[2])))\n"
+          "    except OSError: pass\n"
+          "    c.close()\n"
+          "while True:\n"
+          "    c,_=s.accept(); threading.Thread(target=send,args=(c,),daemon=True).start()\n")
+COUNT = ("import socket,sys\n"
+         "s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=20); n=0\n"
+         "while b:=s.recv(65536): n+=len(b)\n"
+         "print(n)\n")
+
+
+def pppoe_checks(box: RouterBox, vm) -> dict:
+    """The booted router switched to a PPPoE WAN, as a playbook run with idlewire_wan: pppoe and
+    the login does it (the stamp writes the same two facts: tests/unit/test_router_pppoe.py). pppd
+    in the guest dials the lab's concentrator; the laptop reaches the internet over ppp0; TCP
+    from a server with a 1500-byte MTU gets through only because the MSS is clamped; the shaper
+    sets up ppp0's trees again after the ISP drops the line and pppd redials. Returns figures."""
+    from idlewire_agent import schema
+    from idlewire_agent.consume import pppoe_conf
+    from pppoelab import Running
+
+    login = PPPOE_LOGIN
+    ac = Running(box.inet, box.tmp / "pppoe-events.jsonl", "--iface", "eth0", "--auth", "chap",
+                 "--user", login["user"], "--password", login["password"], "--local-ip", PPPOE_LOCAL,
+                 "--peer-ip", PPPOE_PEER, "--dns", INET, "--tun", "isp-ppp0")
+    try:
+        # an internet server's MTU (the tun's own 1492 would shrink the server's MSS by itself)
+        box.inet.run("ip", "link", "set", "isp-ppp0", "mtu", "1500")
+        conf = base64.b64encode(pppoe_conf(login).encode()).decode()
+        vm.ssh(f"echo {conf} | sudo sh -c 'umask 077; base64 -d > {schema.PPPOE_FILE}'")
+        assert vm.ssh("sudo grep -c '^wan = \"dhcp\"$' /etc/idlewire/node.toml").stdout.strip() == "1"
+        vm.ssh("sudo sed -i 's/^wan = \"dhcp\"$/wan = \"pppoe\"/' /etc/idlewire/node.toml")
+        t0 = time.monotonic()
+        vm.ssh("sudo systemctl restart idlewire-mode systemd-networkd && "
+               "sudo systemctl restart idlewire-agent idlewire-pppoe")
+        auth = ac.wait("auth", timeout=90)
+        assert auth["ok"] and auth["user"] == login["user"], auth  # CHAP with the quoted password
+        up = ac.wait("ipcp-up", timeout=60)
+        dial_s = time.monotonic() - t0
+        assert up["peer"] == PPPOE_PEER, up
+        assert vm.ssh("sudo idlewire-agent mode --wan").stdout.strip() == "pppoe"
+        ppp = json.loads(vm.ssh("ip -j addr show dev ppp0").stdout)[0]
+        assert [a["local"] for a in ppp["addr_info"] if a["family"] == "inet"] == [PPPOE_PEER], ppp
+        assert "dev ppp0" in vm.ssh("ip route show default").stdout
+        assert INET in vm.ssh("resolvectl dns ppp0").stdout  # the ISP's DNS (usepeerdns, the ip-up hook)
+
+        def shaped() -> bool:
+            return "htb" in vm.ssh("sudo tc qdisc show dev ppp0", check=False).stdout
+
+        wait = time.monotonic()
+        wait_for(shaped, 30, 1, "the shaper's tree on ppp0")
+        shaped_s = time.monotonic() - wait
+        # the laptop: NAT out of ppp0 (owner ports outside the buyers' block), DNS through the node
+        addr, seen = box.seen_by_internet(40000)
+        assert addr == PPPOE_PEER and not BUYER_BLOCK[0] <= seen <= BUYER_BLOCK[1], (addr, seen)
+        r = box.lan.run("busybox", "nslookup", "-type=a", "internet.test", box.gateway, check=False, timeout=30)
+        assert f"Address: {INET}" in r.stdout.splitlines(), r.stdout + r.stderr
+        # a download from a 1500-MTU server: whole only with the MSS clamped to ppp0's 1492
+        box.inet.popen(sys.executable, "-c", SENDER, "5300", str(1 << 20))
+        time.sleep(0.5)
+        got = box.lan.run(sys.executable, "-c", COUNT, INET, "5300", check=False, timeout=60)
+        assert got.returncode == 0 and int(got.stdout) == 1 << 20, (got.stdout, got.stderr[-500:])
+        # the ISP drops the line: pppd redials, ppp0 comes back as a new link, shaped again
+        index = ppp["ifindex"]
+        ac.proc.send_signal(signal.SIGUSR1)
+        ac.wait("padt", timeout=10, by="ac")
+        t1 = time.monotonic()
+        ac.wait("ipcp-up", timeout=90, peer=PPPOE_PEER)
+        redial_s = time.monotonic() - t1
+        again = json.loads(vm.ssh("ip -j link show dev ppp0").stdout)[0]
+        assert again["ifindex"] != index, "ppp0 is the same link: the line was not dropped"
+        wait = time.monotonic()
+        wait_for(shaped, 30, 1, "the shaper's tree on ppp0 after the redial")
+        reshaped_s = time.monotonic() - wait
+        assert box.seen_by_internet(40001)[0] == PPPOE_PEER
+        figures = {"dial_s": round(dial_s, 1), "shaped_after_s": round(shaped_s, 1),
+                   "redial_s": round(redial_s, 1), "reshaped_after_s": round(reshaped_s, 1)}
+        print(f"PPPoE: {figures}")
+        return figures
+    except BaseException:
+        print(vm.ssh("sudo journalctl -u idlewire-pppoe -u idlewire-mode -u idlewire-agent --no-pager -n 60",
+                     check=False).stdout)
+        raise
+    finally:
+        ac.stop()

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from homelab import SERVER, HomeLab
-from netlab import Lab
+from netlab import Lab, wait_for  # noqa: F401  (the walk's tests take it from here)
 from routerbox import lan_lease
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))
@@ -209,13 +209,3 @@ DRAIN_CONSOLE = ("import socket, sys, time\n"
                  "        pass\n"
                  "    time.sleep(0.2)\n")
 
-
-def wait_for(fn, timeout: float = 30, every: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = fn()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)

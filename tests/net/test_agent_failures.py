@@ -86,6 +86,32 @@ def test_a_wedged_tc_stalls_neither_the_api_nor_the_metering(nodes, tmp_path):
         Path(SHAPING_STATE_PATH).unlink(missing_ok=True)  # the agent's, on this host's /run
 
 
+def test_the_line_device_that_comes_and_goes_is_shaped_each_time_it_comes(nodes):
+    """Router mode over PPPoE: the line is ppp0, absent until pppd dials and a new link after each
+    redial (its qdiscs gone with the old one). The agent starts without it (the buyers' trees are
+    set up, the line's wait), shapes it when it appears, and again when it comes back. A veth
+    stands in for ppp0 (this host's kernel has no PPP; the booted image dials for real)."""
+    from idlewire_agent.policy import SHAPING_STATE_PATH
+
+    line = "ppx0"
+    node = nodes(start=False, interfaces__wan=line, shaping__enabled=True, shaping__line_up_mbit=100,
+                 shaping__line_down_mbit=100, shaping__cap_up_mbit=50, shaping__cap_down_mbit=50)
+    try:
+        node.start()
+        assert "htb" in node.node.run("tc", "qdisc", "show", "dev", node.wg).stdout  # the buyers' tree
+        for _ in range(2):  # the first dial, then a redial
+            node.node.run("ip", "link", "add", line, "type", "veth", "peer", "name", "ppx0p")
+            node.node.run("ip", "link", "set", line, "up")
+            wait_for(lambda: "htb" in node.node.run("tc", "qdisc", "show", "dev", line).stdout, timeout=10)
+            assert "ingress" in node.node.run("tc", "qdisc", "show", "dev", line).stdout  # download via its IFB
+            node.node.run("ip", "link", "del", line)
+        log = node.log.read_text()
+        assert "the line ppx0 is not up yet" in log and log.count(f"shaping: {line} is up") == 2, log[-2000:]
+        assert "Traceback" not in log
+    finally:
+        Path(SHAPING_STATE_PATH).unlink(missing_ok=True)
+
+
 @pytest.fixture
 def tiny_fs(tmp_path):
     with tiny_fs_mount(tmp_path, "3m") as fs:

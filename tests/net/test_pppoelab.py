@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,29 +65,13 @@ def icmp_echo(src: bytes, dst: bytes, kind: int, ident: int, seq: int, data: byt
     return head[:10] + checksum(head).to_bytes(2) + head[12:] + body
 
 
-class AC:
-    """pppoelab in the ISP's namespace, and its events (read in order, each one once)."""
+class AC(po.Running):
+    """pppoelab in the ISP's namespace with this file's login and addresses."""
 
     def __init__(self, ns, iface: str, tmp: Path, *options: str) -> None:
-        self.path, self.seen = tmp / "events.jsonl", 0
-        self.proc = ns.popen(sys.executable, str(PPPOELAB), "--iface", iface, "--user", USER, "--password",
-                             PASSWORD, "--local-ip", LOCAL, "--peer-ip", PEER, "--dns", DNS[0], "--dns", DNS[1],
-                             "--events", str(self.path), *options, stderr=subprocess.PIPE, text=True)
-        self.mac = bytes.fromhex(self.wait("ready")["mac"].replace(":", ""))
-
-    def wait(self, event: str, timeout: float = 5, **match) -> dict:
-        deadline, lines = time.monotonic() + timeout, []
-        while time.monotonic() < deadline:
-            lines = self.path.read_text().splitlines() if self.path.exists() else []
-            for i, line in enumerate(lines[self.seen:], self.seen):
-                e = json.loads(line)
-                if e["event"] == event and match.items() <= e.items():
-                    self.seen = i + 1
-                    return e
-            if self.proc.poll() is not None:
-                raise AssertionError(f"pppoelab exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            time.sleep(0.02)
-        raise AssertionError(f"no {event} {match} in {timeout} s: {lines[self.seen:]}")
+        super().__init__(ns, tmp / "events.jsonl", "--iface", iface, "--user", USER, "--password", PASSWORD,
+                         "--local-ip", LOCAL, "--peer-ip", PEER, "--dns", DNS[0], "--dns", DNS[1], *options)
+        self.mac = bytes.fromhex(self.ready["mac"].replace(":", ""))
 
 
 class Client:

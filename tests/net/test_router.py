@@ -214,3 +214,38 @@ def test_a_router_behind_another_router_maps_its_port_there_over_upnp(tmp_path: 
                 time.sleep(0.05)
             sender.run(sys.executable, "-c", send, to)
             assert got.communicate(timeout=10)[0].strip() == heard, (sender.name, heard)
+
+
+def test_tcp_through_a_pppoe_line_fits_its_mtu_only_with_the_mss_clamp(tmp_path: Path):
+    """A PPPoE line carries 1492-byte packets while the LAN's hosts and the internet's servers
+    think 1500, and many ISPs drop the ICMP that would tell them: a download stalls at its first
+    full-size segment. router.nft clamps TCP's MSS through ppp0 (a veth of that name and MTU here:
+    this host's kernel has no PPP; the booted image dials for real). Without the clamp, the same
+    download stalls (so the lab does reproduce the black hole)."""
+    with Lab() as lab:
+        inet, router, lan = lab.ns("inet"), lab.ns("router"), lab.ns("lan")
+        lab.link(router, "100.64.7.2/24", inet, "100.64.7.1/24", names=("ppp0", "up0"))
+        router.run("ip", "link", "set", "ppp0", "mtu", "1492")
+        # one wire packet per TCP segment, as on a real line (veth would pass a 64 KB GSO packet whole)
+        inet.run("ip", "link", "set", "up0", "gso_max_segs", "1")
+        router.run("ip", "route", "add", "default", "via", "100.64.7.1")
+        router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        lab.link(router, "192.168.8.1/24", lan, "192.168.8.100/24", names=("br-lan", "eth0"))
+        lan.run("ip", "route", "add", "default", "via", "192.168.8.1")
+        inet.popen(sys.executable, "-c", routerbox.SENDER, "5300", str(1 << 20))
+        for _ in range(50):
+            if inet.run("ss", "-ltn", "sport = :5300").stdout.count("LISTEN"):
+                break
+            time.sleep(0.05)
+        table = render("firewall", "etc/idlewire/router.nft.j2", {"agent_wan_interface": "wan0"})
+        chain = table[table.index("    chain mss {"):table.index("    chain input {")]
+        got = {}
+        for name, text in (("without the clamp", table.replace(chain, "")), ("with it", table)):
+            f = tmp_path / "router.nft"
+            f.write_text(text)
+            router.run("nft", "-f", str(f))
+            r = lan.run(sys.executable, "-c", routerbox.COUNT.replace("timeout=20", "timeout=4"), "100.64.7.1",
+                        "5300", check=False, timeout=30)
+            got[name] = int(r.stdout) if r.returncode == 0 else r.stderr.strip().splitlines()[-1]
+        assert got["with it"] == 1 << 20, got
+        assert got["without the clamp"] != 1 << 20, f"the lab has no black hole to show the clamp by: {got}"
