@@ -158,6 +158,17 @@ class Node:
     def sh(self, command: str) -> Any:
         return self.host.run(command)
 
+    @functools.cached_property
+    def line(self) -> str | None:
+        """The device the agent shapes as the line: agent_wan_interface, or ppp0 when the unit's WAN
+        is PPPoE (`idlewire-agent mode --wan`: router mode, wan = pppoe, its login there)."""
+        _, wan = feature(self.v, "wan_interface")
+        if not self.openwrt:
+            with self.root():
+                if self.sh("idlewire-agent mode --wan").stdout.strip() == "pppoe":
+                    return self.v.get("firewall_router_pppoe_interface", "ppp0")
+        return wan
+
     # ---- services: systemd or procd -----------------------------------------------------
     def service(self, name: str) -> tuple[bool, bool]:
         """(running, enabled)."""

@@ -115,6 +115,7 @@ def test_wireguard_port_on_wan(node):
     found = node.listeners("udp", int(port))
     assert found, f"nothing listens on UDP port {port} ({var})"
     wan_var, wan = feature(node.v, "wan_interface")
+    wan = node.line if wan else wan  # PPPoE: the line's address is on ppp0
     if wan and not any(a in ("0.0.0.0", "::") for a in found):
         on_wan = set(node.addresses(wan)) & set(found)
         assert on_wan, f"UDP {port} listens on {found}, not on {wan} ({wan_var})"
@@ -173,6 +174,8 @@ def test_tc_tree_on_wan_with_configured_caps(node):
     wan_var, wan = feature(node.v, "wan_interface")
     tun_var, tun = feature(node.v, "tunnel_interface")
     assert wan, "shaping is enabled but no WAN interface variable (agent_wan_interface)"
+    if node.line != wan:  # the WAN is PPPoE: the line is ppp0
+        wan_var, wan = "PPPoE: idlewire-agent mode --wan", node.line
     _, rules = feature(node.v, "schedule")
     problems = []
 
@@ -271,14 +274,16 @@ def test_no_private_key_on_boot_partition(node):
 def test_mode_router_serves_the_lan_or_node_mode_leaves_it_off(node):
     """Router mode (roles/base router.yml, idlewire-mode.service): the unit's effective mode, as the
     agent reads it (node.toml [home] mode, the stamped unit's mode winning). A router has br-lan up
-    with its address, dnsmasq serving DHCP and DNS there, the LAN's NAT table loaded and, when the
-    stamp gave Wi-Fi and the radio exists, the access point up. A node has none of it running."""
+    with its address, dnsmasq serving DHCP and DNS there, the LAN's NAT table loaded, over PPPoE
+    pppd dialled in (ppp0 with an address) and, when the stamp gave Wi-Fi and the radio exists, the
+    access point up. A node has none of it running."""
     if node.openwrt:
         pytest.skip("OpenWrt is its own router (netifd, dnsmasq, fw4): idlewire leaves it as it is")
     with node.root():
         res = node.sh("idlewire-agent mode")
         mode = res.stdout.strip()
         assert res.rc == 0 and mode in ("node", "router"), f"idlewire-agent mode failed: {res.stderr.strip()}"
+        line = node.sh("idlewire-agent mode --wan").stdout.strip()
         flag = node.host.file("/run/idlewire/router").exists
         table = f"{node.v.get('firewall_table', 'idlewire')}_router"
         nat = node.sh(f"nft list table inet {shlex.quote(table)}")
@@ -305,8 +310,16 @@ def test_mode_router_serves_the_lan_or_node_mode_leaves_it_off(node):
     wan = node.v.get("agent_wan_interface", "eth0")
     if nat.rc != 0:
         problems.append(f"the LAN's NAT (nft table inet {table}) is not loaded: {nat.stderr.strip()}")
-    elif f'oifname "{wan}"' not in nat.stdout or "masquerade" not in nat.stdout:
+    elif not any(f'"{wan}"' in line for line in nat.stdout.splitlines() if "masquerade" in line):
         problems.append(f"table inet {table} does not masquerade br-lan out of {wan} (agent_wan_interface)")
+    if line == "pppoe":  # the WAN is PPPoE: pppd's ppp0 is the line, with the ISP's address
+        ppp_running, _ = node.service("idlewire-pppoe")
+        if not ppp_running:
+            problems.append("the WAN is PPPoE (idlewire-agent mode --wan), but idlewire-pppoe is not running: "
+                            "journalctl -u idlewire-pppoe says why (login, the line)")
+        elif not [a for a in node.addresses("ppp0") if ":" not in a]:
+            problems.append("the WAN is PPPoE, but ppp0 has no IPv4 address: not dialled in (journalctl -u "
+                            "idlewire-pppoe)")
     if ap_conf and node.link_exists("wlan0"):
         ap_running, _ = node.service("idlewire-hostapd")
         if not ap_running:

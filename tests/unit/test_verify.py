@@ -77,3 +77,32 @@ def test_plain_pytest_does_not_collect_the_node_suite():
     res = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider",
                           str(ROOT / "tests" / "infra")], capture_output=True, text=True, cwd=ROOT)
     assert "test_node.py" not in res.stdout, res.stdout
+
+
+def test_the_line_is_ppp0_when_the_units_wan_is_pppoe():
+    """verify's shaping and WireGuard checks look at the device the agent shapes: ppp0 when the
+    unit's WAN is PPPoE (`idlewire-agent mode --wan`), else agent_wan_interface."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from iwnode import Node
+
+    class Host:
+        def __init__(self, wan: str):
+            self.wan, self.ran = wan, []
+
+        def run(self, command: str):
+            self.ran.append(command)
+            out = {"idlewire-agent mode --wan": self.wan, "id -u": "0"}.get(command, "")
+            return SimpleNamespace(stdout=out + "\n", stderr="", rc=0)
+
+        def file(self, path: str):
+            return SimpleNamespace(exists=False)  # not OpenWrt
+
+        @contextlib.contextmanager
+        def sudo(self):
+            yield
+
+    v = {"agent_wan_interface": "eth0", "firewall_router_pppoe_interface": "ppp0"}
+    assert Node(Host("pppoe"), "n1", v).line == "ppp0"
+    assert Node(Host("dhcp"), "n1", v).line == "eth0"
