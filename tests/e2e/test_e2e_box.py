@@ -11,7 +11,10 @@ paid gigabyte":
    with the read-back verify
 2. boot behind the home router; the owner's laptop gets its lease from the node and reaches the
    web through it
-3. `idlewire console --bootstrap` over the serial socket, then `idlewire verify`
+3. `idlewire console --bootstrap` over the serial socket (once more: the key is there already;
+   `--run` gives output and status), then `idlewire verify`, which passes, and names what an
+   owner broke by hand (the agent stopped, sshd taking passwords, the isolation table flushed).
+   This is the image's console story too: no separate boot of a golden image for it
 4. the node maps its port on the home router over UPnP and registers with the hub; a buyer
    connects through the hub, moves traffic at the stamped caps, co-signs, and probes the owner's
    LANs, the node's admin API and private ranges
@@ -203,6 +206,13 @@ def node(box):
     b.bootstrap = idlewire("console", b.vm.console_url, "--bootstrap", "--key", str(b.tmp / "owner_key.pub"),
                            "--log", str(b.tmp / "boot.log"), "--timeout", "600", "--json", ns=b.home, timeout=700)
     b.boot_seconds = time.monotonic() - t0
+    if b.bootstrap.returncode == 0:  # the console once more, before the drain takes it: the key is
+        # there already (authorized_keys left alone), and commands give their output and status
+        pub = str(b.tmp / "owner_key.pub")
+        b.again = idlewire("console", b.vm.console_url, "--bootstrap", "--key", pub, "--json", "--timeout", "60",
+                           ns=b.home, timeout=120)
+        b.ran = idlewire("console", b.vm.console_url, "--run", "systemctl is-active idlewire-agent",
+                         "--run", "echo out; echo err >&2; exit 4", "--json", "--timeout", "60", ns=b.home, timeout=120)
     b.home.popen(sys.executable, "-c", DRAIN_CONSOLE, str(b.vm.console_port), stdout=subprocess.DEVNULL,
                  stderr=subprocess.DEVNULL)
     if b.bootstrap.returncode == 0:
@@ -227,8 +237,21 @@ def test_2_3_boot_console_bootstrap_verify(node):
     # the home router's DHCP gave the node its WAN address on the home LAN; its own LAN is br-lan's
     assert any(a["address"].startswith(f"{NODE}/") for a in out["addresses"]), out["addresses"]
     assert any(a["address"].startswith(f"{NODE_LAN}/") for a in out["addresses"]), out["addresses"]
+    assert out["login"] == "shell" and out["uid"] == 0 and out["key_user"] == "idlewire", out  # serial autologin
     ssh_s = vm.wait_ssh(300)  # from the owner's laptop on the node's LAN, with the key the console installed
     assert vm.ssh("hostname").stdout.strip() == "iw-e2e"
+    modes = vm.ssh("stat -c '%a %U' .ssh/authorized_keys .ssh").stdout.split("\n")[:2]
+    assert modes == ["600 idlewire", "700 idlewire"], modes
+    log = (b.tmp / "boot.log").read_bytes()  # the whole boot, firmware to autologin
+    assert b"BdsDxe" in log and b"ttyS0" in log and b"(automatic login)" in log
+    assert vm.ssh("cat /proc/sys/kernel/printk").stdout.split()[0] == "1"  # kernel messages off the console
+    # a second bootstrap finds the key there and leaves authorized_keys alone (vendor's + owner's)
+    assert b.again.returncode == 0 and json.loads(b.again.stdout)["key"] == "already present", b.again.stderr
+    assert vm.ssh("wc -l < .ssh/authorized_keys").stdout.strip() == "2"
+    assert b.ran.returncode == 4, b.ran.stderr  # `console --run`: each command's output and exit status
+    r = json.loads(b.ran.stdout)["results"]
+    assert (r[0]["exit_status"], r[0]["output"]) == (0, "active\n")
+    assert r[1]["exit_status"] == 4 and "out\n" in r[1]["output"] and "err\n" in r[1]["output"]
     # the vendor's stamped key logs in too (the stamp was consumed at first boot)
     argv = vm.ssh_argv()
     argv[argv.index(str(vm.key))] = str(b.tmp / "vendor_key")
@@ -267,6 +290,34 @@ def test_2_owner_laptop_behind_the_node(node):
     assert r.returncode == 0 and r.stdout.strip() == "x", r.stderr
     b.state["laptop"] = ip
     record("2_laptop", lease=ip, router=gw, dns=dns, web_reached=True)
+
+
+def test_3_verify_names_what_broke(node):
+    """What an owner breaks by hand, `idlewire verify` names: the agent stopped, sshd taking
+    passwords again, the buyers' isolation table flushed. All at once, one run (each check is its
+    own test in the suite); everything is put back before the market steps."""
+    b, vm = node, node.vm
+    if not getattr(b, "inventory", None):
+        pytest.skip("step 3 failed: no inventory")
+    vm.ssh("sudo systemctl stop idlewire-agent && sudo nft flush table inet idlewire && "
+           "echo 'PasswordAuthentication yes' | sudo tee /etc/ssh/sshd_config.d/00-broken.conf >/dev/null && "
+           "sudo systemctl reload ssh")
+    try:
+        res = idlewire("verify", "-i", str(b.inventory), "--json", ns=b.laptop, timeout=600)
+    finally:
+        vm.ssh("sudo rm -f /etc/ssh/sshd_config.d/00-broken.conf && sudo systemctl reload ssh && "
+               "sudo systemctl restart idlewire-firewall idlewire-agent")
+    assert res.returncode == 1, res.stderr[-2000:]
+    failed = {f["test"]: f["message"] for f in json.loads(res.stdout)["hosts"][0]["failed"]}
+    named = {"test_agent_service_active_and_enabled", "test_ssh_password_authentication_off",
+             "test_nft_isolation_table_loaded"}
+    assert named <= set(failed), failed
+    # the agent's own checks follow from it being stopped; nothing else is blamed
+    assert set(failed) <= named | {"test_api_listens_on_management_only", "test_api_health_ok",
+                                   "test_wireguard_port_on_wan"}, failed
+    assert "passwordauthentication" in failed["test_ssh_password_authentication_off"]
+    record("3_verify_broken", failed=sorted(failed))
+    wait_for(lambda: agent_up(vm), timeout=120, every=2, what="the agent after the breakage was undone")
 
 
 def write_inventory(b: BoxLab, agent_vars: dict) -> None:
