@@ -44,8 +44,13 @@ lint: deps-test
 unit: deps-test
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+# tests/unit on two workers (a file's tests stay on one: its module fixtures are built once), then
+# the rest one at a time: the namespace, shaping and VM tests measure time and share the CPU badly.
 test: lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	@rc=0; \
+	$(BIN)/pytest -n 2 --dist loadfile tests/unit $(PYTEST_ARGS) || rc=$$?; \
+	$(BIN)/pytest --ignore=tests/unit $(PYTEST_ARGS) || rc=$$?; \
+	exit $$rc
 
 e2e: deps-test
 	$(BIN)/pytest tests/e2e -v $(PYTEST_ARGS)

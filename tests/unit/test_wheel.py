@@ -49,8 +49,18 @@ def _run(cmd: list, *, timeout: float = 600, **kw) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # built from a copy: setuptools writes idlewire.egg-info/ and build/ into the source tree, which
+    # other tests read at the same time (make test runs tests/unit on two workers)
+    src = tmp_path_factory.mktemp("src") / "idlewire"
+    top = {".git", ".venv", "out", "build", ".pytest_cache", ".ruff_cache", ".ansible"}  # at the top only
+
+    def ignore(d: str, names: list[str]) -> set[str]:
+        skip = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+        return skip | (top & set(names) if Path(d) == ROOT else set())
+
+    shutil.copytree(ROOT, src, symlinks=True, ignore=ignore)
     out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--outdir", out, ROOT], cwd=out)
+    _run([sys.executable, "-m", "build", "--outdir", out, src], cwd=out)
     (whl,) = out.glob("idlewire-*.whl")
     return whl
 
