@@ -1,7 +1,10 @@
 """Boot the images we build, as a user would: log in over SSH, look at what matters.
 
-Two copies of each image boot side by side: each must reach multi-user.target with the agent
-running and no usable password, and the two must not share SSH host keys or machine id.
+Each image boots from a copy "flashed" to a bigger card: it must reach multi-user.target with the
+agent running and no usable password, and grow its root to the card. Two rpi4-arm64 copies boot
+side by side and must not share SSH host keys or machine id; for x86_64 one copy boots (and then
+takes an initrd update through a reboot): its two stamped units (tests/image/test_stamp_firstboot.py)
+are the two copies that must differ, one TCG boot fewer in make test.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ ARCH = {"x86_64": "amd64", "rpi4-arm64": "arm64"}
 CARD = 3 << 30  # the copies are "flashed" to a 3 GiB card: first boot grows the root fs
 
 
+COPIES = {"x86_64": 1, "rpi4-arm64": 2}
+
+
 @pytest.mark.parametrize("target", ["x86_64", "rpi4-arm64"])
-def test_boot_two_copies(target, build_image, test_key, tmp_path):
+def test_boot_copies(target, build_image, test_key, tmp_path):
     built = build_image(target)
     vms = [Vm(copy_image(built.image, tmp_path / f"unit{i}.img", CARD), ARCH[target],
               tmp_path / f"vm{i}", test_key, boot_offset=built.manifest["layout"]["boot_offset"])
-           for i in (1, 2)]
+           for i in range(1, COPIES[target] + 1)]
     try:
         for vm in vms:
             vm.start()
@@ -50,9 +56,10 @@ def test_boot_two_copies(target, build_image, test_key, tmp_path):
                 "hostkey": vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1],
                 "machine_id": vm.ssh("cat /etc/machine-id").stdout.strip(),
             })
-        assert facts[0]["hostkey"] != facts[1]["hostkey"], "two units share an SSH host key"
-        assert facts[0]["machine_id"] != facts[1]["machine_id"], "two units share a machine id"
         assert all(len(f["machine_id"]) == 32 for f in facts)
+        if len(facts) == 2:
+            assert facts[0]["hostkey"] != facts[1]["hostkey"], "two units share an SSH host key"
+            assert facts[0]["machine_id"] != facts[1]["machine_id"], "two units share a machine id"
         if target == "x86_64":
             initrd_update_reaches_the_esp(vms[0], BOOT_TIMEOUT[target])
     finally:

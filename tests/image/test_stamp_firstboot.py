@@ -4,7 +4,8 @@ Each unit must: let the stamped SSH key log in, hold its node key in /etc/idlewi
 0700) matching the public key `idlewire stamp` recorded, carry the stamped hostname and Wi-Fi
 config (derived key only), run the agent with the unit's payout address (signed, in /health) and
 caps, and leave no secret on the boot partition (checked from the host on
-the raw bytes after a clean power-off). The two units differ in node key and SSH host key.
+the raw bytes after a clean power-off). The two units differ in node key, SSH host key and
+machine id (the x86_64 boot test boots one copy: these are its two).
 
 unit-b is stamped `mode: router` and boots with two NICs (tests/routerbox.py: the WAN on an ISP
 namespace, the LAN on the owner's laptop namespace, which is where its SSH comes from: a router
@@ -138,7 +139,9 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
             listing = vm.ssh("sudo ls /boot/efi/idlewire").stdout.split()
             assert listing == ["stamp.done"], listing
             hostkey = vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]
-            facts[u["unit"]] = (hostkey, u["node_public_key"])
+            machine_id = vm.ssh("cat /etc/machine-id").stdout.strip()
+            assert len(machine_id) == 32, machine_id
+            facts[u["unit"]] = (hostkey, u["node_public_key"], machine_id)
             mode = vm.ssh("sudo idlewire-agent mode", check=False)
             assert mode.stdout.strip() == {"unit-a": "node", "unit-b": "router"}[u["unit"]], mode
             if u["unit"] == "unit-b":
@@ -174,6 +177,7 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
             assert line not in raw, "node key material left on the boot partition"
         assert psk_hash.encode() not in raw, "Wi-Fi key left on the boot partition"
         assert b"consumed_at" in raw  # the stamp.done marker is there
-    (a_host, a_node), (b_host, b_node) = facts.values()
+    (a_host, a_node, a_id), (b_host, b_node, b_id) = facts.values()
     assert a_host != b_host, "two units share an SSH host key"
     assert a_node != b_node, "two units share a node key"
+    assert a_id != b_id, "two units share a machine id"
