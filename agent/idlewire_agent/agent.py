@@ -29,8 +29,6 @@ from .wg import Peer, Tunnel, WgError
 
 log = logging.getLogger("idlewire.agent")
 
-
-
 LINE_POLL_S = 2.0  # how often the shaping worker looks whether the line's device was made anew
 
 
@@ -41,6 +39,7 @@ def link_index(dev: str) -> int | None:
             return int(f.read())
     except (OSError, ValueError):
         return None
+
 
 class SessionError(Exception):
     """A refused session operation; `status` is the HTTP status the API answers with."""
