@@ -260,7 +260,7 @@ for _ in range(20):
 '''
 
 
-def router_checks(box: RouterBox, vm, wifi_ssid: str, psk_hash: str) -> None:
+def router_checks(box: RouterBox, vm, wifi_ssid: str, psk_hash: str, sae: bool = False) -> None:
     """Issue 17's router mode on a booted unit (vm: its SSH goes through box.lan)."""
     from shapelab import _keypair, cpu_stall_us, listen, tcp_reachable
 
@@ -349,7 +349,7 @@ def router_checks(box: RouterBox, vm, wifi_ssid: str, psk_hash: str) -> None:
         assert figures["owner"] >= figures["needs"], msg
         assert figures["loaded_p95"] - figures["idle_p95"] <= 20, msg
 
-    wifi_checks(vm, wifi_ssid, psk_hash)
+    wifi_checks(vm, wifi_ssid, psk_hash, sae)
 
 
 def ipv6_checks(box: RouterBox, vm, timeout: float = 120) -> dict:
@@ -413,7 +413,7 @@ def ipv6_checks(box: RouterBox, vm, timeout: float = 120) -> dict:
     return figures
 
 
-def wifi_checks(vm, wifi_ssid: str, psk_hash: str) -> None:
+def wifi_checks(vm, wifi_ssid: str, psk_hash: str, sae: bool = False) -> None:
     # 7. Wi-Fi: the stamped network as an AP on a mac80211_hwsim radio (wlan0), seen by a second one.
     vm.ssh("sudo modprobe mac80211_hwsim radios=2 && sudo systemctl start idlewire-hostapd")
     deadline = time.monotonic() + 60
@@ -427,9 +427,14 @@ def wifi_checks(vm, wifi_ssid: str, psk_hash: str) -> None:
     ours = [line for line in seen if line.split()[1:2] == [wifi_ssid.encode().hex()]]
     assert ours, f"the second radio's scan did not see {wifi_ssid!r}: {seen}"
     rsn = bytes.fromhex(ours[0].split()[2])
-    # RSN IE: version 1, group cipher CCMP (00-0f-ac:4), one pairwise CCMP, one AKM PSK (00-0f-ac:2)
-    assert rsn[2:6] == b"\x00\x0f\xac\x04" and rsn[8:12] == b"\x00\x0f\xac\x04" and rsn[14:18] == b"\x00\x0f\xac\x02", \
-        rsn.hex()
+    # RSN IE: version 1, group cipher CCMP (00-0f-ac:4), one pairwise CCMP, then the AKMs: PSK
+    # (00-0f-ac:2), and SAE (00-0f-ac:8) when the unit was stamped wpa3 (WPA2/WPA3 transition)
+    assert rsn[2:6] == b"\x00\x0f\xac\x04" and rsn[8:12] == b"\x00\x0f\xac\x04", rsn.hex()
+    n = int.from_bytes(rsn[12:14], "little")
+    akms = {rsn[14 + 4 * i:18 + 4 * i] for i in range(n)}
+    assert akms == {b"\x00\x0f\xac\x02"} | ({b"\x00\x0f\xac\x08"} if sae else set()), rsn.hex()
+    if sae:  # RSN capabilities: management frame protection capable (SAE needs it)
+        assert int.from_bytes(rsn[14 + 4 * n:16 + 4 * n], "little") & 0x80, rsn.hex()
     conf = vm.ssh("sudo cat /etc/idlewire/hostapd.conf").stdout
     assert f"wpa_psk={psk_hash}" in conf and f"ssid2={wifi_ssid.encode().hex()}" in conf, conf
 

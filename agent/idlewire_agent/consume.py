@@ -159,12 +159,17 @@ def apply(values: dict, key: bytes, root: str = "/", admin: str = "idlewire") ->
             conf.append("    scan_ssid=1")
         conf.append("}")
         # The same network as an access point, for router mode (idlewire-hostapd runs it there, and
-        # wpa_supplicant does not): WPA2-PSK from the derived key (WPA3-SAE needs the passphrase,
-        # which the stamp never carries).
+        # wpa_supplicant does not): WPA2-PSK from the derived key, and WPA3-SAE beside it when the
+        # unit asked for it (wifi.wpa3: then the stamp carries the passphrase, which SAE needs).
         ap = ["interface=" + WIFI_IFACE, "bridge=br-lan", "driver=nl80211", f"country_code={wifi['country']}",
               "ieee80211d=1", "hw_mode=g", "channel=6", "ieee80211n=1", "wmm_enabled=1",
-              f"ssid2={wifi['ssid'].encode().hex()}", "wpa=2", "wpa_key_mgmt=WPA-PSK", "rsn_pairwise=CCMP",
+              f"ssid2={wifi['ssid'].encode().hex()}", "wpa=2", "rsn_pairwise=CCMP",
               f"wpa_psk={wifi['psk_hash']}", f"ignore_broadcast_ssid={1 if wifi.get('hidden') else 0}"]
+        if wifi.get("sae_password"):  # WPA2/WPA3 transition: SAE needs management frame protection
+            ap += ["wpa_key_mgmt=WPA-PSK SAE", f"sae_password={wifi['sae_password']}", "ieee80211w=1",
+                   "sae_require_mfp=1"]
+        else:
+            ap.append("wpa_key_mgmt=WPA-PSK")
         os.makedirs(at("/etc/idlewire"), exist_ok=True)
         _write(at("/etc/idlewire/hostapd.conf"), "\n".join(ap) + "\n", 0o600)
         os.makedirs(at("/etc/wpa_supplicant"), exist_ok=True)

@@ -581,6 +581,11 @@ PPPOE: dict[str, Key] = {
                     verbatim=True),
 }
 
+# A WPA passphrase as hostapd's sae_password takes it: 8-63 printable ASCII, without '|' (hostapd
+# reads "|mac=", "|id=", … after it as parameters of the password).
+SAE_TEXT = r"[\x20-\x7b\x7d\x7e]{8,63}"
+SAE_EXPECT = "a WPA passphrase of 8-63 printable ASCII characters without '|'"
+
 WIFI: dict[str, Key] = {
     "country": Key(STR, MISSING, "ISO 3166 country (decides the legal channels)",
                    f"{COUNTRY_EXPECT} (it decides the legal channels)",
@@ -590,6 +595,10 @@ WIFI: dict[str, Key] = {
     "psk_hash": Key(STR, MISSING, "WPA-PSK derived from the passphrase (64 hex digits)", "64 hex digits",
                     pattern=r"[0-9a-f]{64}", case="lower", secret=True),
     "hidden": Key(BOOL, False, "the network does not broadcast its name"),
+    # WPA3 needs the passphrase itself (SAE has no derived key): stamped only when asked for.
+    "sae_password": Key(STR, "", "router mode's access point also offers WPA3-SAE with this passphrase "
+                        "(WPA2/WPA3 transition mode); empty: WPA2 only", SAE_EXPECT, pattern=SAE_TEXT,
+                        empty=True, secret=True, verbatim=True),
 }
 
 STAMP_FORMAT = 1
@@ -616,6 +625,9 @@ WIFI_INPUT: dict[str, Key] = {
     "psk": Key(STR, MISSING, "the WPA passphrase (8-63 printable ASCII) or 64 hex digits; stamped hashed",
                "a WPA passphrase of 8-63 printable ASCII characters or 64 hex digits", host_only=True, secret=True),
     "hidden": WIFI["hidden"],
+    "wpa3": Key(BOOL, False, "router mode's access point offers WPA3-SAE beside WPA2 (transition mode): the "
+                "passphrase is then stamped (SAE needs it) and kept 0600 on the unit, not only its derived key",
+                host_only=True),
 }
 UNIT_INPUT: dict[str, Key] = {
     "unit": UNIT["unit"],

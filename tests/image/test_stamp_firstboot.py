@@ -13,7 +13,8 @@ answers no SSH on the WAN). Besides the story above it must be the home router (
 laptop's DHCP lease and DNS from the node, NAT to the internet with owner ports outside the
 buyers' block, nothing unasked from the internet, a buyer over WireGuard kept off the LAN, the
 owner keeping >= 90 % of line - floor with ping p95 + <= 20 ms while a buyer saturates its cap,
-and the stamped Wi-Fi up as an access point on a mac80211_hwsim radio. Then its WAN is switched to
+and the stamped Wi-Fi up as an access point on a mac80211_hwsim radio (WPA2 and, as stamped,
+WPA3-SAE beside it). Then its WAN is switched to
 PPPoE (as a playbook run with idlewire_wan: pppoe does it): pppd in the guest dials the lab's
 access concentrator (tests/pppoelab.py), the laptop reaches the internet over ppp0 with TCP's MSS
 clamped, and after the ISP drops the line pppd redials and the shaper takes ppp0 again. One boot
@@ -69,9 +70,10 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
     with units.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["unit", "hostname", "ssh_authorized_keys", "wifi_country", "wifi_ssid", "wifi_psk",
-                    "payout_address", "caps_monthly_gb", "caps_up_mbit", "mode"])
-        w.writerow(["unit-a", "iw-a", pub, "DE", "Cafe Luna", "passphrase-a-123", "addr-aaaa", "500", "3", ""])
-        w.writerow(["unit-b", "iw-b", pub, "FR", "Atelier", "passphrase-b-456", "addr-bbbb", "900", "", "router"])
+                    "wifi_wpa3", "payout_address", "caps_monthly_gb", "caps_up_mbit", "mode"])
+        w.writerow(["unit-a", "iw-a", pub, "DE", "Cafe Luna", "passphrase-a-123", "", "addr-aaaa", "500", "3", ""])
+        w.writerow(["unit-b", "iw-b", pub, "FR", "Atelier", "passphrase-b-456", "true", "addr-bbbb", "900", "",
+                    "router"])
     out = tmp_path / "stamped"
     res = subprocess.run([*IDLEWIRE, "stamp", str(golden), "--units", str(units), "--out", str(out), "--json"],
                          capture_output=True, text=True, cwd=ROOT)
@@ -146,7 +148,7 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
             assert mode.stdout.strip() == {"unit-a": "node", "unit-b": "router"}[u["unit"]], mode
             if u["unit"] == "unit-b":
                 t0 = time.monotonic()
-                router_checks(box, vm, wifi_ssid="Atelier", psk_hash=psk_hash)
+                router_checks(box, vm, wifi_ssid="Atelier", psk_hash=psk_hash, sae=True)
                 print(f"router mode checks: {time.monotonic() - t0:.0f} s")  # what they add to the boot test
                 t0 = time.monotonic()
                 pppoe_checks(box, vm)  # last: the WAN is PPPoE from here on
@@ -176,6 +178,7 @@ def test_two_stamped_units_boot_consume_and_erase(golden, tmp_path):
         for line in key_lines:
             assert line not in raw, "node key material left on the boot partition"
         assert psk_hash.encode() not in raw, "Wi-Fi key left on the boot partition"
+        assert b"passphrase-b-456" not in raw, "the WPA3 passphrase left on the boot partition"
         assert b"consumed_at" in raw  # the stamp.done marker is there
     (a_host, a_node, a_id), (b_host, b_node, b_id) = facts.values()
     assert a_host != b_host, "two units share an SSH host key"

@@ -133,3 +133,45 @@ def test_a_pppoe_router_takes_the_wan_file_without_dhcp_and_switches_pppd_on(tmp
         assert (r.returncode, r.stdout.strip()) == (0, f"idlewire-mode: router (WAN: {line})"), r.stderr
         assert wan.read_text() == f"{line}\n"
         assert (tmp_path / "run" / "idlewire" / "pppoe").exists() == (line == "pppoe")
+
+
+def test_wpa3_is_asked_for_and_then_the_access_point_offers_sae_beside_wpa2(tmp_path):
+    """SAE has no derived key: with wifi.wpa3 the stamp carries the passphrase, which lands only in
+    the AP's 0600 hostapd.conf (transition mode: WPA2 clients join as before, with PMF optional)."""
+    passphrase = 'correct "horse" #1 '
+    boot, root, _, _ = make_card(tmp_path, 'unit: r-1\nmode: router\n'
+                                 f'wifi: {{country: DE, ssid: Atelier, psk: {passphrase!r}, wpa3: true}}\n')
+    r = run(boot, root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ap = root / "etc/idlewire/hostapd.conf"
+    assert stat.S_IMODE(ap.stat().st_mode) == 0o600
+    lines = ap.read_text().splitlines()
+    for want in ("wpa_key_mgmt=WPA-PSK SAE", f"sae_password={passphrase}", "ieee80211w=1", "sae_require_mfp=1",
+                 f"wpa_psk={wpa_psk('Atelier', passphrase)}"):
+        assert want in lines, (want, lines)
+    assert "wpa_key_mgmt=WPA-PSK" not in lines
+    client = (root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf").read_text()
+    assert passphrase.strip() not in client  # the client side keeps the derived key only
+    assert not (boot / "idlewire" / "stamp.toml").exists()
+
+
+@pytest.mark.parametrize(("psk", "says"), [("ab" * 32, "needs the passphrase"), ("pass|id=x1", "without '|'")])
+def test_wpa3_refuses_what_sae_cannot_take(tmp_path, psk, says):
+    from idlewire.errors import UserError
+    from idlewire.units import load_unit
+
+    f = tmp_path / "unit.yml"
+    f.write_text(f"unit: r-1\nwifi: {{country: DE, ssid: Atelier, psk: '{psk}', wpa3: true}}\n")
+    with pytest.raises(UserError) as exc:
+        load_unit(f)
+    assert says in str(exc.value) and psk not in str(exc.value), exc.value
+
+
+def test_units_csv_asks_for_wpa3_in_its_own_column(tmp_path):
+    from idlewire.units import load_units
+
+    f = tmp_path / "units.csv"
+    f.write_text("unit,wifi_country,wifi_ssid,wifi_psk,wifi_wpa3\nr-1,DE,Atelier,passphrase-1,true\n"
+                 "r-2,DE,Atelier,passphrase-2,\n")
+    r1, r2 = load_units(f)
+    assert r1.wifi is not None and r1.wifi.wpa3 and r2.wifi is not None and not r2.wifi.wpa3

@@ -36,7 +36,8 @@ def stamp(
 
     Per unit: an ed25519 node key (generated unless the unit gives node_key; the public key is
     printed and appended to the record CSV for the vendor), SSH authorized keys, hostname, Wi-Fi
-    (country, SSID, PSK — stored as the derived WPA key, never the passphrase), payout address,
+    (country, SSID, PSK — stored as the derived WPA key, the passphrase only with wpa3: a router's
+    access point then offers WPA3-SAE too), payout address,
     the hub it sells through (marketplace), its country (region), its mode (router: the unit
     is the home router; node: a host on the owner's LAN), a router's WAN (wan: dhcp, or pppoe
     with the ISP's login, written 0600 on the unit), and caps, in
@@ -46,13 +47,13 @@ def stamp(
     caps replace the image's node.toml values (the role's agent_marketplace, agent_region,
     idlewire_mode, idlewire_wan, …).
 
-    unit.yml fields: unit, hostname, ssh_authorized_keys, wifi {country, ssid, psk, hidden},
+    unit.yml fields: unit, hostname, ssh_authorized_keys, wifi {country, ssid, psk, hidden, wpa3},
     payout_address, marketplace (http(s):// URL of the hub), region (ISO 3166-1 alpha-2 code such
     as DE), mode (node or router), wan (dhcp or pppoe), pppoe {user, password},
     caps {up_mbit, down_mbit, monthly_gb, max_sessions}, node_key (path of an ed25519
     private key: PEM, OpenSSH, or base64 of its 32 bytes as /etc/idlewire/node.key holds it).
     units.csv columns: unit, hostname, ssh_authorized_keys (';' between keys), wifi_country,
-    wifi_ssid, wifi_psk, wifi_hidden, payout_address, marketplace, region, mode, wan, pppoe_user,
+    wifi_ssid, wifi_psk, wifi_hidden, wifi_wpa3, payout_address, marketplace, region, mode, wan, pppoe_user,
     pppoe_password, caps_up_mbit, caps_down_mbit, caps_monthly_gb, caps_max_sessions, node_key.
 
     Each output gets its own .bmap (golden ranges + the boot partition's new ranges), so

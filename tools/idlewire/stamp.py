@@ -79,6 +79,8 @@ def stamp_values(unit: Unit, public_key: str) -> dict:
     if unit.wifi:
         w = unit.wifi
         values["wifi"] = {"country": w.country, "ssid": w.ssid, "psk_hash": w.psk_hash, "hidden": w.hidden}
+        if w.wpa3:  # SAE needs the passphrase itself (erased from the card at first boot like the rest)
+            values["wifi"]["sae_password"] = w.psk
     if unit.pppoe:  # erased from the card at first boot with the rest of the stamp (consume.py)
         values["pppoe"] = dict(unit.pppoe)
     if unit.caps:

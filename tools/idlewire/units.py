@@ -7,7 +7,7 @@ Two formats hold the same fields:
       unit: shop-0001                 # required: letters, digits, '.', '_', '-' (at most 64)
       hostname: iw-0001               # default: the unit id, when it is a valid hostname
       ssh_authorized_keys: ["ssh-ed25519 AAAA… vendor@desk"]
-      wifi: {country: DE, ssid: "Cafe Luna", psk: "correct horse", hidden: false}
+      wifi: {country: DE, ssid: "Cafe Luna", psk: "correct horse", hidden: false, wpa3: false}
       payout_address: "bc1q…"
       marketplace: https://hub.example   # the hub the unit registers with at first boot
       region: DE                      # the unit's country (ISO 3166-1 alpha-2), for the hub and buyers
@@ -19,7 +19,7 @@ Two formats hold the same fields:
 
 - `units.csv`, one row per unit, a header row naming the columns (any order, unknown columns are
   refused, an empty cell means "not set"): ``unit, hostname, ssh_authorized_keys`` (several keys
-  separated by ';'), ``wifi_country, wifi_ssid, wifi_psk, wifi_hidden`` (true/false),
+  separated by ';'), ``wifi_country, wifi_ssid, wifi_psk, wifi_hidden, wifi_wpa3`` (true/false),
   ``payout_address, marketplace, region, mode, wan, pppoe_user, pppoe_password, caps_up_mbit,
   caps_down_mbit, caps_monthly_gb, caps_max_sessions, node_key`` (the columns are
   schema.csv_columns()).
@@ -66,6 +66,7 @@ class Wifi:
     ssid: str
     psk: str = field(repr=False)  # as given: the passphrase (8-63 characters) or the 64-hex-digit key
     hidden: bool = False
+    wpa3: bool = False  # the AP offers WPA3-SAE too: the passphrase is stamped (sae_password)
 
     @cached_property
     def psk_hash(self) -> str:
@@ -168,7 +169,14 @@ def _build(raw: dict[str, Any], w: _Where, base: Path) -> Unit:
         if not hex_key and not (8 <= len(psk) <= 63 and all(32 <= ord(c) <= 126 for c in psk)):
             raise w.fail("wifi.psk", f"expected {wkeys['psk'].expect}, got {len(psk)} characters")
         hidden = w.check(wkeys["hidden"], "wifi.hidden", wraw.get("hidden", False))
-        wifi = Wifi(country, ssid, psk, hidden)
+        wpa3 = w.check(wkeys["wpa3"], "wifi.wpa3", wraw.get("wpa3", False))
+        if wpa3 and hex_key:
+            raise w.fail("wifi.wpa3", "WPA3-SAE needs the passphrase, not the 64-hex-digit key; give wifi.psk "
+                         "as the passphrase or leave wpa3 out")
+        if wpa3 and "|" in psk:
+            raise w.fail("wifi.psk", f"expected {schema.SAE_EXPECT} with wifi.wpa3 (hostapd reads what follows "
+                         "'|' as options), got a passphrase with '|'")
+        wifi = Wifi(country, ssid, psk, hidden, wpa3)
 
     settings = {k: w.check(keys[k], k, raw[k]) for k in PLAIN if not _blank(raw.get(k))}
 
@@ -225,7 +233,7 @@ def _cells_to_raw(cells: dict[str, str], w: _Where) -> dict[str, Any]:
         key = schema.UNIT_INPUT[where[0]]
         if len(where) == 2:
             key = (key.keys or {})[where[1]]
-        if key.kind in (schema.STR,) or key.host_only:
+        if key.kind == schema.STR:  # text as written (a passphrase, a key path); others by their kind
             value: Any = cell
         else:
             try:
