@@ -622,7 +622,8 @@ STAMP_REQUIRED = ("format", "unit", "hostname", "node_public_key")
 # something else: wifi.psk (hashed into psk_hash) and node_key (a key file, its public key stamped).
 WIFI_INPUT: dict[str, Key] = {
     "country": WIFI["country"], "ssid": WIFI["ssid"],
-    "psk": Key(STR, MISSING, "the WPA passphrase (8-63 printable ASCII) or 64 hex digits; stamped hashed",
+    "psk": Key(STR, MISSING, "the WPA passphrase (8-63 printable ASCII) or 64 hex digits; stamped hashed "
+               "(and as given too with wpa3)",
                "a WPA passphrase of 8-63 printable ASCII characters or 64 hex digits", host_only=True, secret=True),
     "hidden": WIFI["hidden"],
     "wpa3": Key(BOOL, False, "router mode's access point offers WPA3-SAE beside WPA2 (transition mode): the "
