@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from homelab import SERVER, HomeLab
-from netlab import Lab, wait_for  # noqa: F401  (the walk's tests take it from here)
+from netlab import Lab
 from routerbox import lan_lease
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "net"))

@@ -55,10 +55,9 @@ from boxlab import (
     WEB,
     BoxLab,
     timestamp_lines,
-    wait_for,
 )
 from idlewire.economy.rules import Rules
-from netlab import Lab
+from netlab import Lab, wait_for
 from qemu import Vm, golden_image, why_no_qemu
 
 # Part of `make test` (`make e2e` runs it alone): 9 minutes of both cores under TCG on the

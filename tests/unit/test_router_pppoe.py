@@ -8,8 +8,6 @@ against tests/pppoelab.py's access concentrator)."""
 from __future__ import annotations
 
 import stat
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -21,14 +19,10 @@ from idlewire.units import load_unit, load_units
 from idlewire_agent import config, consume, schema
 from rolerender import render
 from test_consume_stamp import make_card, run
+from test_router_mode import agent, node_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 LOGIN = {"user": 'ab#1 "x"@isp.example', "password": 'p\\a"ss w#rd '}  # quotes, backslash, '#', spaces
-
-
-def agent(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "idlewire_agent", *args], capture_output=True, text=True,
-                          timeout=60, env={"PYTHONPATH": str(ROOT / "agent")})
 
 
 def pppd_words(text: str) -> dict[str, str]:
@@ -97,13 +91,6 @@ def test_units_csv_carries_the_login_in_two_columns(tmp_path):
         load_units(f)
 
 
-def node_toml(tmp_path: Path, home: str, unit: str = "") -> Path:
-    f, unit_file = tmp_path / "node.toml", tmp_path / "unit.toml"
-    f.write_text(f'[node]\nunit_file = "{unit_file}"\n\n[home]\n{home}\n')
-    unit_file.write_text('unit = "u1"\nhostname = "h1"\nnode_public_key = "' + "A" * 43 + '="\n' + unit)
-    return f
-
-
 @pytest.mark.parametrize(("home", "unit", "login", "want"), [
     ('mode = "router"\nwan = "pppoe"', "", True, "pppoe"),
     ('mode = "router"', 'wan = "pppoe"\n', True, "pppoe"),     # the stamp wins
@@ -130,7 +117,7 @@ def test_mode_wan_says_why_a_pppoe_without_its_login_runs_on_dhcp(tmp_path):
     assert (r.returncode, r.stdout) == (0, "dhcp\n")
     (line,) = r.stderr.splitlines()
     assert line.startswith(f"PPPoE refused: no login in {schema.PPPOE_FILE}") and "pppoe.user" in line
-    r = agent("mode", "--wan", "--config", str(node_toml(tmp_path, 'mode = "router"')))
+    r = agent("mode", "--wan", "--config", str(node_toml(tmp_path, 'mode = "router"', "")))
     assert (r.returncode, r.stdout, r.stderr) == (0, "dhcp\n", "")
 
 
