@@ -179,11 +179,16 @@ def line_tree(sh: Shaping, fw: Firewall, dev: str, line: int, cap_sum: int, floo
     ]
     port, nat = sh.tunnel_port, f"0x{fw.nat_port_low:04x} 0x{fw.nat_port_mask:04x}"
     d = "sport" if direction == "src" else "dport"
+    # u32's "ip sport/dport" are two bytes at a fixed offset whatever the protocol: without the
+    # protocol match an ICMP checksum or an ESP SPI in the buyers' port block would put the
+    # owner's packet (and the latency source's own echo replies) in the buyers' class
     objs += [
         _filter(dev, 10, "ip", f"match ip protocol 17 0xff match ip {d} {port} 0xffff", "1:20"),
-        _filter(dev, 11, "ip", f"match ip {d} {nat}", "1:20"),
+        _filter(dev, 11, "ip", f"match ip protocol 6 0xff match ip {d} {nat}", "1:20"),
         _filter(dev, 12, "ipv6", f"match ip6 protocol 17 0xff match ip6 {d} {port} 0xffff", "1:20"),
-        _filter(dev, 13, "ipv6", f"match ip6 {d} {nat}", "1:20"),
+        _filter(dev, 13, "ipv6", f"match ip6 protocol 6 0xff match ip6 {d} {nat}", "1:20"),
+        _filter(dev, 14, "ip", f"match ip protocol 17 0xff match ip {d} {nat}", "1:20"),
+        _filter(dev, 15, "ipv6", f"match ip6 protocol 17 0xff match ip6 {d} {nat}", "1:20"),
     ]
     return objs
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -293,6 +294,62 @@ def test_lost_record_reasserts_the_tree(sl):
     assert not any(" root " in x for x in lines), lines
     assert "ceil 200Mbit" in sl.node.run("tc", "class", "show", "dev", "wan0", "classid", "1:1").stdout
     assert again.setup() == []
+
+
+SEND_RAW = """
+import socket, sys
+dst, proto, payload, n = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+for _ in range(n):
+    s.sendto(payload, (dst, 0))
+"""
+SEND_UDP = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("", int(sys.argv[2])))
+for _ in range(int(sys.argv[3])):
+    s.sendto(b"x" * 64, (sys.argv[1], 9))
+"""
+
+
+def class_packets(ns, dev: str) -> dict[str, int]:
+    """{classid: packets sent} of a device's classes (iproute2 6.1 prints no JSON for HTB classes)."""
+    out = ns.run("tc", "-s", "class", "show", "dev", dev).stdout
+    return {m[1]: int(m[2]) for m in re.finditer(r"class \S+ (\S+) .*?\n\s*Sent \d+ bytes (\d+) pkt", out)}
+
+
+@pytest.mark.parametrize("direction", ["egress", "ingress"])
+def test_only_tcp_and_udp_in_the_buyers_port_block_are_buyers(sl, direction):
+    """The line tree puts the buyers' NAT port block in their class. u32's port match is two bytes at
+    a fixed offset whatever the protocol: an owner's ICMP (its type or checksum there) or IPsec ESP
+    (its SPI) with those bytes in the block went to the buyers' capped class, and so did the latency
+    source's own echo replies, which then measured the buyers' queue. Raw packets with 0xf1 there
+    must stay the owner's; UDP from a port in the block is the buyers'."""
+    fresh_shaper(sl)
+    if direction == "egress":  # the node sends on wan0: its "sport" bytes are the L4 header's first two
+        src, dst, dev, at = sl.node, INTERNET_HOST, "wan0", 0
+    else:  # the internet sends to the node: its IFB matches "dport", bytes 2-3
+        src, dst, dev, at = sl.inet, NODE_WAN, ifb_name("wan0"), 2
+    head = bytearray(8)
+    head[at] = 0xF1
+    before = class_packets(sl.node, dev)
+    for proto in (1, 50):  # ICMP (type 241 / a checksum), ESP (an SPI)
+        src.run(sys.executable, "-c", SEND_RAW, dst, str(proto), bytes(head).hex() + "00" * 56, "40")
+    time.sleep(0.3)
+    mid = class_packets(sl.node, dev)
+    owner, buyers = mid["1:10"] - before["1:10"], mid["1:20"] - before["1:20"]
+    assert buyers == 0 and owner >= 80, f"owner class +{owner}, buyers' class +{buyers} packets"
+    # the control: UDP from a port in the block (the firewall's buyer NAT ports) is the buyers'
+    src_port = "61500" if direction == "egress" else "5000"
+    dst_ip = dst if direction == "egress" else NODE_WAN
+    if direction == "ingress":  # to a port in the block
+        src.run(sys.executable, "-c", SEND_UDP.replace("(sys.argv[1], 9)", "(sys.argv[1], 61500)"),
+                dst_ip, src_port, "40")
+    else:
+        src.run(sys.executable, "-c", SEND_UDP, dst_ip, src_port, "40")
+    time.sleep(0.3)
+    after = class_packets(sl.node, dev)
+    assert after["1:20"] - mid["1:20"] >= 40, (before, mid, after)
 
 
 def test_buyer_reaches_the_internet_only(sl):

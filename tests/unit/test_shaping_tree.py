@@ -30,10 +30,16 @@ def test_line_tree_upload_exact_lines():
         "qdisc add dev eth0 parent 1:20 handle 20: fq_codel",
         "filter add dev eth0 parent 1: protocol ip prio 10 u32 match ip protocol 17 0xff match ip sport 51820 0xffff "
         "flowid 1:20",
-        "filter add dev eth0 parent 1: protocol ip prio 11 u32 match ip sport 0xf000 0xf000 flowid 1:20",
+        "filter add dev eth0 parent 1: protocol ip prio 11 u32 match ip protocol 6 0xff match ip sport 0xf000 0xf000 "
+        "flowid 1:20",
         "filter add dev eth0 parent 1: protocol ipv6 prio 12 u32 match ip6 protocol 17 0xff match ip6 sport 51820 "
         "0xffff flowid 1:20",
-        "filter add dev eth0 parent 1: protocol ipv6 prio 13 u32 match ip6 sport 0xf000 0xf000 flowid 1:20",
+        "filter add dev eth0 parent 1: protocol ipv6 prio 13 u32 match ip6 protocol 6 0xff match ip6 sport 0xf000 "
+        "0xf000 flowid 1:20",
+        "filter add dev eth0 parent 1: protocol ip prio 14 u32 match ip protocol 17 0xff match ip sport 0xf000 0xf000 "
+        "flowid 1:20",
+        "filter add dev eth0 parent 1: protocol ipv6 prio 15 u32 match ip6 protocol 17 0xff match ip6 sport 0xf000 "
+        "0xf000 flowid 1:20",
     ]
 
 
@@ -44,7 +50,8 @@ def test_line_tree_download_matches_destination_ports_and_caps_shared_at_wire_by
     assert "classid 1:20 htb rate 5000000bit ceil 10760563bit" in by_key["1:20"]
     assert by_key["leaf:1:10"] == "parent 1:10 handle 10: bfifo limit 125000"  # 10 ms at 100 Mbit/s
     assert by_key["1::10"].endswith("match ip protocol 17 0xff match ip dport 51820 0xffff flowid 1:20")
-    assert by_key["1::11"].endswith("match ip dport 0xf000 0xf000 flowid 1:20")
+    assert by_key["1::11"].endswith("match ip protocol 6 0xff match ip dport 0xf000 0xf000 flowid 1:20")
+    assert by_key["1::14"].endswith("match ip protocol 17 0xff match ip dport 0xf000 0xf000 flowid 1:20")
 
 
 def test_tunnel_tree_one_leaf_per_session_exact_lines():
