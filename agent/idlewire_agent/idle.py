@@ -18,12 +18,15 @@ schedule makes: the effective cap is the minimum of both). The owner's use comes
   not delay). Per reflector a baseline RTT that follows a lower RTT at once and a higher one
   slowly; the round's delay is the median over reflectors of RTT - baseline (one reflector's
   own trouble is not load). Congested: 2 of the last 3 rounds above `latency_ms` → the caps are
-  cut (x0.75 at the threshold down to x0.5 at 3x it), then the window starts afresh (a
-  refractory period: the queue needs time to drain). Calm (below half the threshold, for
+  cut (x0.75 at the threshold down to x0.5 at 3x it); or a queue standing at a third of it (3
+  of the last 4 rounds: BBR senders, a short buffer or a modem's AQM keep a full line's queue
+  under the threshold) → x0.6; then the window starts afresh (a refractory period: the queue
+  needs time to drain). Calm (below a third of the threshold, for
   CALM_S, HOLD_S after the last cut): the caps grow fast (x GROW per second) except near the
   cap at which the line last congested (x PLATEAU there), so a steady owner sees a slow probe
-  and a departed owner a quick return. ICMP echo cannot tell which direction is congested:
-  both caps move together.
+  and a departed owner a quick return; calm above that plateau means the owner left or slowed
+  down, and the growth speeds up the longer it lasts (up to GROW ** ACCEL_MAX per second).
+  ICMP echo cannot tell which direction is congested: both caps move together.
 * **none** — `source = "off"`, or nothing works (no IGD counters, no reflector answers): the
   configured caps, and `/health` says why.
 
@@ -49,11 +52,16 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 ROUND = 0.25  # s between echo rounds (at most interval / 4)
 CUT = (0.75, 0.5)  # the caps' factor per cut: at the threshold .. at 3x it and above
 WINDOW, CONGESTED = 3, 2  # congested: this many of the last WINDOW rounds above the threshold
-CALM_S = 0.5  # grow only after this long below half the threshold ...
+CALM = 1 / 3  # calm: below this share of the threshold; a queue standing at or above it ...
+STANDING = (3, 4)  # ... in this many of the last rounds is a full line too ...
+CUT_STANDING = 0.6  # ... cuts the caps by this factor
+CALM_S = 0.5  # grow only after this long calm ...
 HOLD_S = 0.75  # ... and this long after the last cut
-GROW = 3.0  # x per second while calm, away from where the line last congested
+GROW = 3.0  # x per second while calm, away from where the line last congested ...
+ACCEL_S, ACCEL_MAX = 0.25, 3  # ... its exponent x(1 + s calm above the plateau / ACCEL_S), at most ACCEL_MAX
 PLATEAU = 1.3  # x per second within PLATEAU_BAND of that cap (a steady owner is probed gently)
 PLATEAU_BAND = (0.8, 1.15)
+CEILING_S = 5.0  # a cut without growth since the last one moves the plateau only when it is this old
 GROW_MIN = 0.05  # ... and at least this share of the line per second (from a tiny cap)
 BASELINE_UP_S = 1 / 60  # a higher RTT moves the baseline by this share of the difference per second
 BASELINE_DOWN = 0.9  # a lower RTT moves it by this share at once
@@ -162,10 +170,13 @@ class LatencyEstimator:
         self.threshold = threshold_ms
         self.baseline: dict[str, float] = {}  # per reflector, ms
         self.delay_ms: float | None = None  # the last round's (median over reflectors)
-        self.rounds: list[bool] = []  # the last WINDOW rounds: above the threshold?
+        self.rounds: list[float] = []  # the last rounds' delays (since the last cut)
         self.last = None  # time of the last round
         self.last_cut = float("-inf")
         self.calm_since: float | None = None
+        self.above_since: float | None = None  # calm and growing above the plateau since
+        self.grown = False  # the caps grew since the last cut
+        self.ceiling_at = float("-inf")
         self.answered: float | None = None  # time of the last round any reflector answered
         self.ceiling: tuple[float, ...] | None = None  # the caps at which the line last congested
 
@@ -200,25 +211,43 @@ class LatencyEstimator:
         if d is None:
             return tuple(caps)
         self.delay_ms = d
-        self.rounds = [*self.rounds, d > self.threshold][-WINDOW:]
-        if sum(self.rounds) >= CONGESTED:
+        self.rounds = [*self.rounds, d][-max(WINDOW, STANDING[1]):]
+        congested = sum(r > self.threshold for r in self.rounds[-WINDOW:]) >= CONGESTED
+        # a queue that stands at a third of the threshold: the line is full even though the delay
+        # stays under it (BBR senders keep the queue short; so do a modem's small buffer or AQM)
+        standing = sum(r >= self.threshold * CALM for r in self.rounds[-STANDING[1]:]) >= STANDING[0]
+        if congested or standing:
             worst = min(d, 3 * self.threshold) / self.threshold  # 1 .. 3
-            cut = CUT[0] + (CUT[1] - CUT[0]) * (worst - 1) / 2
-            self.ceiling = tuple(caps)
-            self.rounds, self.last_cut, self.calm_since = [], now, None
+            cut = CUT[0] + (CUT[1] - CUT[0]) * (worst - 1) / 2 if congested else CUT_STANDING
+            # where the line congested: a cut after growth; a second cut without growth in between
+            # is the queue still draining, not a lower ceiling, unless the owner has held the caps
+            # down for CEILING_S (then the old ceiling says nothing about the line any more)
+            if self.grown or self.ceiling is None or now - self.ceiling_at > CEILING_S:
+                self.ceiling, self.ceiling_at, self.grown = tuple(caps), now, False
+            self.rounds, self.last_cut, self.calm_since, self.above_since = [], now, None, None
             return tuple(c * cut for c in caps)
-        if d >= self.threshold / 2 or self.rounds[-1]:
-            self.calm_since = None
+        if d >= self.threshold * CALM or self.rounds[-1] > self.threshold:
+            self.calm_since = self.above_since = None
             return tuple(caps)
         if self.calm_since is None:
             self.calm_since = now
         if now - self.calm_since < CALM_S or now - self.last_cut < HOLD_S:
             return tuple(caps)
+        # Above the plateau (or with no congestion known) and still calm: the owner has left or
+        # slowed down. The growth speeds up the longer that lasts, so that a cap cut to the floor
+        # is back in ~1.5 s; below the plateau it does not (a steady owner's next probe stays gentle).
+        above = self.ceiling is None or all(c > PLATEAU_BAND[1] * m for c, m in zip(caps, self.ceiling, strict=True))
+        if not above:
+            self.above_since = None
+        elif self.above_since is None:
+            self.above_since = now
+        speed = 1.0 if self.above_since is None else min(1 + (now - self.above_since) / ACCEL_S, ACCEL_MAX)
         out = []
         for i, (c, line) in enumerate(zip(caps, lines, strict=True)):
             near = self.ceiling is not None and \
                 PLATEAU_BAND[0] * self.ceiling[i] <= c <= PLATEAU_BAND[1] * self.ceiling[i]
-            out.append(c * (PLATEAU if near else GROW) ** dt + line * GROW_MIN * dt)
+            out.append(c * (PLATEAU if near else GROW) ** (dt * (1 if near else speed)) + line * GROW_MIN * dt)
+        self.grown = True
         return tuple(out)
 
 

@@ -443,7 +443,8 @@ NODE: dict[str, dict[str, Key]] = {
         "reflectors": Key(STRS, ["1.1.1.1", "9.9.9.9", "8.8.8.8"], "stable hosts answering ICMP echo (IPv4)",
                           'a list of 1-8 IPv4 addresses answering ping, e.g. ["1.1.1.1", "9.9.9.9"]',
                           test=lambda v: 0 < len(v) <= 8 and all(_ipv4(a) for a in v), example="an IPv4 address"),
-        "latency_ms": Key(NUM, 15.0, 'delay above the baseline RTT that means "the line is busy"',
+        "latency_ms": Key(NUM, 15.0, 'delay above the baseline RTT that means "the line is busy" (a third of it '
+                          "standing for a second means so too)",
                           "milliseconds 1-1000", lo=1, hi=1000),
         "upnp_map": Key(BOOL_AUTO, "auto", "map the WireGuard port on the router over UPnP IGD (NAT-PMP as "
                         'fallback): true, false, or "auto" = when [node] marketplace is set and [tunnel] '
