@@ -58,10 +58,11 @@ from shapelab import ping_p95
 SERVER, ISP, PUBLIC, LAN_GW, OWNER = "11.22.0.2", "11.22.33.1", "11.22.33.2", "192.168.8.1", "192.168.8.10"
 
 
-def run_source(source: str, line: float, seconds: float, interval: float, latency_ms: float) -> dict:
+def run_source(source: str, line: float, seconds: float, interval: float, latency_ms: float,
+               trace: Path | None = None, cc: str | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f"idle-{source}-"))
     with Lab() as lab:
-        home = HomeLab(lab, tmp / "lab", upnp=source == "upnp", line_down_mbit=line, line_up_mbit=line / 4)
+        home = HomeLab(lab, tmp / "lab", upnp=source == "upnp", line_down_mbit=line, line_up_mbit=line / 4, cc=cc)
         cap = line * 0.75
         node = HomeNode(home, tmp / "node", **{
             "shaping__enabled": True, "shaping__line_down_mbit": line, "shaping__line_up_mbit": line / 4,
@@ -110,6 +111,10 @@ def run_source(source: str, line: float, seconds: float, interval: float, latenc
             buyer.kill()
         finally:
             node.stop()
+        if trace:  # the run's samples, times from the owner's start: to see why a figure came out as it did
+            trace.write_text(json.dumps({"t_on": 0, "t_off": round(t_off - t_on, 3),
+                                         "cap_down": [(round(t - t_on, 3), c) for t, c in samples],
+                                         "delay_ms": [(round(t - t_on, 3), d) for t, d in delays]}))
         margin = line * 0.1
         down_at = next((t for t, c in samples if t >= t_on and c <= line - want + margin), None)
         before = sorted(c for t, c in samples if t_on - 3 <= t < t_on) or [cap]
@@ -138,7 +143,7 @@ class RouterHome:
     The node's namespace holds the roles' firewall.nft and router.nft (buyers' NAT block, the
     owner's NAT outside it), the agent's HTB line trees on wan0 and its IFB."""
 
-    def __init__(self, lab: Lab, tmp: Path, line_down_mbit: float, queue_ms: int = 150):
+    def __init__(self, lab: Lab, tmp: Path, line_down_mbit: float, queue_ms: int = 150, cc: str | None = None):
         self.lab, self.tmp = lab, tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.inet, self.server = lab.ns("inet"), lab.ns("srv")
@@ -168,6 +173,9 @@ class RouterHome:
         n("ip", "link", "set", "lan1", "gso_max_segs", "1")
         self.owner.run("ip", "link", "set", "eth0", "gso_max_segs", "1")
         self.owner.run("ip", "route", "add", "default", "via", LAN_GW)
+        if cc:
+            for ns in (self.server, self.owner, self.node):
+                ns.run("sysctl", "-qw", f"net.ipv4.tcp_congestion_control={cc}")
 
     def load_tables(self, tunnel: str) -> None:
         wan_vars = {"agent_wan_interface": "wan0", "agent_tunnel_interface": tunnel}
@@ -182,14 +190,14 @@ class RouterHome:
     owner_download = HomeLab.owner_download
 
 
-def run_router(line: float, seconds: float, shape: float) -> dict:
+def run_router(line: float, seconds: float, shape: float, cc: str | None = None) -> dict:
     """Router mode: the owner's figures with a buyer saturating its cap through the node's shaper."""
     tmp = Path(tempfile.mkdtemp(prefix="idle-router-"))
     cfg_line = round(line * shape, 2)  # what the owner configures: a little under the modem's rate
     cap, floor = cfg_line * 0.75, cfg_line / 40
     want = cfg_line * 0.8
     with Lab() as lab:
-        home = RouterHome(lab, tmp / "lab", line)
+        home = RouterHome(lab, tmp / "lab", line, cc=cc)
         node = HomeNode(home, tmp / "node", **{
             "interfaces__wan": "wan0", "home__mode": "router",
             "shaping__enabled": True, "shaping__line_down_mbit": cfg_line, "shaping__line_up_mbit": cfg_line / 4,
@@ -254,6 +262,11 @@ def run_router(line: float, seconds: float, shape: float) -> dict:
             "delay_p95_buyer_only_ms": None, "delay_p95_owner_ms": None}
 
 
+def host_cc() -> str:
+    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+
+
+
 def p95(values: list[float]) -> float | None:
     values = sorted(values)
     return round(values[int(len(values) * 0.95)], 1) if values else None
@@ -269,20 +282,33 @@ def main() -> int:
     ap.add_argument("--router-shape", type=float, default=0.95,
                     help="router mode: the line the node shapes to, as a fraction of the modem's rate")
     ap.add_argument("--latency-ms", type=float, default=15, help="[home] latency_ms for the latency source")
+    ap.add_argument("--cc", help="the senders' TCP congestion control (default: this host's, "
+                    f"{host_cc()}): loss-based reno/cubic fill a bufferbloated modem's queue, bbr keeps it "
+                    "short; a namespace may use those in net.ipv4.tcp_allowed_congestion_control")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--trace", type=Path, metavar="DIR",
+                    help="node mode: write each source's cap and delay samples to DIR/<source>.json")
     args = ap.parse_args()
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
+    allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
+    if args.cc and args.cc not in allowed:
+        print(f"bench/idle.py: --cc {args.cc}: a namespace may only use {', '.join(allowed)} "
+              "(net.ipv4.tcp_allowed_congestion_control)", file=sys.stderr)
+        return 2
     why = have_netns() or have_homelab()
     if why:
         print(f"bench/idle.py: {why}", file=sys.stderr)
         return 2
-    rows = [run_router(args.line, args.seconds, args.router_shape) if s == "router" else
-            run_source(s, args.line, args.seconds, args.interval, args.latency_ms) for s in args.sources.split(",")]
+    rows = [run_router(args.line, args.seconds, args.router_shape, args.cc) if s == "router" else
+            run_source(s, args.line, args.seconds, args.interval, args.latency_ms,
+                       args.trace / f"{s}.json" if args.trace else None, args.cc) for s in args.sources.split(",")]
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     load = os.getloadavg()[0]
     print(f"line {args.line:g} Mbit/s, owner 0 -> 80 % -> 0, node mode interval {args.interval:g} s, "
-          f"latency_ms {args.latency_ms:g}, load {load:.1f}")
+          f"latency_ms {args.latency_ms:g}, TCP {args.cc or host_cc()}, load {load:.1f}")
     print(f"{'source':8} {'follow down':>12} {'follow up':>10} {'owner ratio':>12} {'(alone)':>8} {'ping p95 +':>11} "
           f"{'cap before':>10} {'cap min':>8}")
     for r in rows:

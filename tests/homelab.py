@@ -67,15 +67,17 @@ class HomeLab:
 
     def __init__(self, lab: Lab, tmp: Path, *, upnp: bool = True, natpmp: bool = True, igd: bool = True,
                  line_down_mbit: float = 40, line_up_mbit: float = 10, queue_ms: int = 150,
-                 inet: Netns | None = None, n: int = 1):
+                 inet: Netns | None = None, n: int = 1, cc: str | None = None):
         self.lab, self.tmp, self.n = lab, Path(tmp), n
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.inet = inet or lab.ns("inet")
         self.server_ip = SERVER
         if inet is None:  # a new internet: its server host, one hop behind
             self.server = lab.ns("srv")
-            lab.link(self.inet, "11.22.0.1/24", self.server, f"{SERVER}/24")
+            ia, ib = lab.link(self.inet, "11.22.0.1/24", self.server, f"{SERVER}/24")
             self.server.run("ip", "route", "add", "default", "via", "11.22.0.1")
+            self.inet.run("ip", "link", "set", ia, "gso_max_segs", "1")
+            self.server.run("ip", "link", "set", ib, "gso_max_segs", "1")
             self.inet.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         else:
             self.server = next(ns for ns in lab.namespaces if ns.name.endswith("-srv"))
@@ -85,10 +87,18 @@ class HomeLab:
         self.lan_prefix = f"192.168.{n}"
         self.gateway, self.owner_ip, self.node_ip = (f"{self.lan_prefix}.{h}" for h in (1, 10, 20))
         self.line_down, self.line_up = line_down_mbit, line_up_mbit
+        if cc:  # the senders' TCP congestion control (a new namespace inherits the host's)
+            for ns in (self.server, self.owner, self.node):
+                ns.run("sysctl", "-qw", f"net.ipv4.tcp_congestion_control={cc}")
         # the line
         self.inet_if, _ = lab.link(self.inet, f"{self.isp}/24", self.router, f"{self.public}/24",
                                    names=(f"up{n}", "wan0"))
         self.router.run("ip", "route", "add", "default", "via", self.isp)
+        # veth hands 64 KiB GSO aggregates across, a wire one MTU at a time: the server's
+        # aggregates would land in the modem's queue as bursts (13 ms each at 40 Mbit/s) that no
+        # real line has, and the latency source would read them as congestion
+        self.inet.run("ip", "link", "set", self.inet_if, "gso_max_segs", "1")
+        self.router.run("ip", "link", "set", "wan0", "gso_max_segs", "1")
         self._tbf(self.inet, self.inet_if, line_down_mbit, queue_ms)
         self._tbf(self.router, "wan0", line_up_mbit, queue_ms)
         # the LAN: a bridge on the router, the owner's laptop and the node on it
