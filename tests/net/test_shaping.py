@@ -305,10 +305,11 @@ for _ in range(n):
 """
 SEND_UDP = """
 import socket, sys
+dst, sport, dport, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("", int(sys.argv[2])))
-for _ in range(int(sys.argv[3])):
-    s.sendto(b"x" * 64, (sys.argv[1], 9))
+s.bind(("", sport))
+for _ in range(n):
+    s.sendto(b"x" * 64, (dst, dport))
 """
 
 
@@ -339,14 +340,9 @@ def test_only_tcp_and_udp_in_the_buyers_port_block_are_buyers(sl, direction):
     mid = class_packets(sl.node, dev)
     owner, buyers = mid["1:10"] - before["1:10"], mid["1:20"] - before["1:20"]
     assert buyers == 0 and owner >= 80, f"owner class +{owner}, buyers' class +{buyers} packets"
-    # the control: UDP from a port in the block (the firewall's buyer NAT ports) is the buyers'
-    src_port = "61500" if direction == "egress" else "5000"
-    dst_ip = dst if direction == "egress" else NODE_WAN
-    if direction == "ingress":  # to a port in the block
-        src.run(sys.executable, "-c", SEND_UDP.replace("(sys.argv[1], 9)", "(sys.argv[1], 61500)"),
-                dst_ip, src_port, "40")
-    else:
-        src.run(sys.executable, "-c", SEND_UDP, dst_ip, src_port, "40")
+    # the control: UDP with the buyers' NAT port (the firewall's block) on the node's side is theirs
+    sport, dport = ("61500", "9") if direction == "egress" else ("5000", "61500")
+    src.run(sys.executable, "-c", SEND_UDP, dst, sport, dport, "40")
     time.sleep(0.3)
     after = class_packets(sl.node, dev)
     assert after["1:20"] - mid["1:20"] >= 40, (before, mid, after)
