@@ -348,6 +348,29 @@ def test_only_tcp_and_udp_in_the_buyers_port_block_are_buyers(sl, direction):
     assert after["1:20"] - mid["1:20"] >= 40, (before, mid, after)
 
 
+def test_an_upgraded_node_replaces_the_old_port_filters(sl):
+    """A node upgraded from an agent whose port filter had no protocol match: the next start's diff
+    deletes and re-adds filter 11 (its recorded spec changed) and adds 14, and an owner's ICMP then
+    stays in the owner's class."""
+    shaper = fresh_shaper(sl)
+    old = "parent 1: protocol ip prio 11 u32 match ip sport 0xf000 0xf000 flowid 1:20"
+    for pref in ("11", "14"):
+        sl.node.run("tc", "filter", "del", "dev", "wan0", "parent", "1:", "prio", pref)
+    sl.node.run("tc", "filter", "add", "dev", "wan0", *old.split())
+    shaper.applied["wan0 1::11"] = old
+    shaper.applied.pop("wan0 1::14")
+    shaper._save()
+    lines = sl.shaper(sl.shaping()).setup()  # the new agent starts with the old record
+    assert "filter del dev wan0 parent 1: prio 11" in lines and any("prio 14" in x for x in lines), lines
+    head = bytearray(8)
+    head[0] = 0xF1
+    before = class_packets(sl.node, "wan0")
+    sl.node.run(sys.executable, "-c", SEND_RAW, INTERNET_HOST, "1", bytes(head).hex() + "00" * 56, "20")
+    time.sleep(0.3)
+    after = class_packets(sl.node, "wan0")
+    assert after["1:20"] == before["1:20"] and after["1:10"] - before["1:10"] >= 20, (before, after)
+
+
 def test_buyer_reaches_the_internet_only(sl):
     fresh_shaper(sl)
     assert isolation.table_loaded("idlewire", sl.node.name)
