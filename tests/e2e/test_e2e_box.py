@@ -392,7 +392,11 @@ def connect(b: BoxLab, name: str) -> tuple[subprocess.Popen, Reports, str]:
     b.state.setdefault("clients", []).append(proc)
     reports = Reports(proc)
     wait_for(lambda: reports.items or proc.poll() is not None, timeout=90, what="the buyer's first co-signature")
-    assert reports.items, f"client exited {proc.returncode}: {b.client_said()[-2000:]}"
+    if not reports.items:  # the node's side of it (its channel to the hub), for whoever reads the failure
+        journal = b.vm.ssh("sudo journalctl -u idlewire-agent -n 40 --no-pager -o short-monotonic", check=False)
+        (b.tmp / f"{name}.agent-journal.txt").write_text(journal.stdout + journal.stderr)
+        pytest.fail(f"client exited {proc.returncode}: {b.client_said()[-2000:]}\n"
+                    f"the agent's journal, last lines:\n{journal.stdout[-3000:]}")
     return proc, reports, reports.last["session"]
 
 

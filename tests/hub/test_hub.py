@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -309,6 +310,69 @@ def test_buyer_is_sent_to_a_node_over_the_channel_it_opened(hub):
     sessions = json.loads(cli("sessions", "--db", hub.db_url, "--json").stdout)
     assert {s["buyer_key"] for s in sessions} == {rc.pub_b64(buyer.key)}
     assert len(sessions) == 2
+
+
+DEAD_POLL = """
+import sys
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from idlewire_agent.market import Market
+m = Market(sys.argv[1], load_pem_private_key(sys.argv[2].encode(), None))
+m.node_id = sys.argv[3]
+print("polling", flush=True)
+m.poll(wait=30)
+"""
+
+
+@pytest.mark.parametrize("gone", ["killed", "silent"])
+def test_a_poll_left_by_a_restarted_agent_does_not_swallow_the_next_buyer(hub, gone):
+    """The agent restarts while its long poll waits at the hub (an upgrade, a crash): the hub's side
+    of that poll lives on until its wait ends. A buyer who came then was claimed by the dead poll,
+    answered into a closed socket and got 504 after 15 s (the e2e walk met it). "killed": the old
+    socket is closed, and the new agent polls only after the buyer asked. "silent": the old
+    connection stays open and unread (a NAT that dropped it, a frozen process); the node's newer
+    poll is the one that gets the request."""
+    from cryptography.hazmat.primitives import serialization
+
+    m = node_market(hub.url)
+    pem = m.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode()
+    old = subprocess.Popen([sys.executable, "-c", DEAD_POLL, hub.url, pem, m.node_id], stdout=subprocess.PIPE,
+                           text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert old.stdout.readline().strip() == "polling"
+    time.sleep(0.5)  # its poll is waiting at the hub
+    buyer = Market(hub.url, Ed25519PrivateKey.generate())
+    out: dict = {}
+    asked = threading.Thread(target=lambda: out.update(
+        got=_try(lambda: buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1]}))))
+    opened: list = []
+    try:
+        if gone == "killed":
+            old.kill()  # the agent is gone; the hub has not answered that poll
+            asked.start()
+            time.sleep(1.0)  # the request is queued (and the dead poll woken) before the new agent polls
+            stop, t = _serve(m, opened)
+        else:
+            old.send_signal(signal.SIGSTOP)
+            stop, t = _serve(m, opened)
+            time.sleep(1.0)  # the new poll waits beside the old one
+            asked.start()
+        try:
+            asked.join(20)
+        finally:
+            stop.set()
+            t.join(10)
+    finally:
+        old.kill()
+        old.wait()
+    assert isinstance(out.get("got"), dict) and out["got"]["node"] == m.node_id, out
+    assert [o[2] for o in opened] == [out["got"]["session"]["session"]]
+
+
+def _try(call):
+    try:
+        return call()
+    except MarketError as exc:
+        return exc
 
 
 def test_an_unreachable_node_is_stored_as_such_listed_with_its_fix_and_offered_to_no_buyer(hub):

@@ -318,16 +318,28 @@ def create_app(engine, clock=time.time) -> FastAPI:
     app.add_middleware(HeartbeatPath, handle=beat)
     app.add_middleware(BodyLimit)  # the outer one: also in front of HeartbeatPath
 
+    polls: dict[str, int] = {}  # node id -> its newest channel poll in this process
+
     @app.get("/v1/nodes/{nid}/channel", summary="Long poll for requests to the node (signed by the node key)")
     async def channel(request: Request, nid: str, wait: float = Query(25, ge=0, le=60)):
         auth = await signed(request)
+        me = polls[nid] = polls.get(nid, 0) + 1
         deadline = time.monotonic() + wait
-        while True:
-            got = await run_in_threadpool(hub.claim, nid, auth)
-            left = deadline - time.monotonic()
-            if got or left <= 0:
-                return {"requests": got}
-            await waker.wait(waker.nodes, nid, left)
+        try:
+            while True:
+                # A poll whose node is gone (its agent restarted: the socket closed) or that the node's
+                # newer poll replaced claims nothing: a request claimed here would be answered into a
+                # closed socket, and its buyer would wait out CONNECT_TIMEOUT for nothing.
+                if polls.get(nid) != me or await request.is_disconnected():
+                    return {"requests": []}
+                got = await run_in_threadpool(hub.claim, nid, auth)
+                left = deadline - time.monotonic()
+                if got or left <= 0:
+                    return {"requests": got}
+                await waker.wait(waker.nodes, nid, left)
+        finally:
+            if polls.get(nid) == me:
+                del polls[nid]
 
     @app.post("/v1/nodes/{nid}/requests/{rid}", summary="The node's answer to a request (signed by the node key)")
     async def answer(request: Request, nid: str, rid: str, body: Answer):
