@@ -29,7 +29,13 @@ figures for issue 17's router test: "owner full", the owner's unpaced download w
 saturating its cap / (line - floor) (goal >= 0.9), and the ping p95 added by the buyer alone
 (goal <= 20 ms) and by the owner's own 80 % download alone (the part of "ping p95 +" that is his).
 
-    sudo .venv/bin/python bench/idle.py [--line 40] [--seconds 20] [--sources upnp,latency,router] [--json]
+    sudo .venv/bin/python bench/idle.py [--line 40] [--seconds 20] [--sources upnp,latency,router]
+                                        [--cc reno|bbr] [--trace DIR] [--json]
+
+The senders' TCP decides what the modem's queue does: a loss-based one (reno, cubic) fills it
+as a bufferbloated line does, BBR keeps it short (5-8 ms here: this lab's base RTT is 0.1 ms and
+this kernel has no netem to give it a real one). A new namespace inherits the host's choice;
+--cc sets it in the lab's senders. --trace keeps each node-mode run's cap and delay samples.
 
 Goal (issue 17): the cap follows in <= 3 s. Figures only: nothing here is asserted.
 The node-mode lines are read from /health's cap; the router line from the buyer's rate.
@@ -264,7 +270,6 @@ def run_router(line: float, seconds: float, shape: float, cc: str | None = None)
 
 def host_cc() -> str:
     return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
-
 
 
 def p95(values: list[float]) -> float | None:
