@@ -151,16 +151,21 @@ def test_closed_loop_cap_follows_the_owner_down_and_back_within_3_s():
 def test_closed_loop_a_steady_owner_keeps_the_queue_short_and_buyers_a_share():
     """While the owner holds 32 of 40 Mbit/s the buyers probe the rest: the queue the owner feels
     stays short most of the time and the buyers are neither starved nor given the owner's part."""
+    p95s = []
     for seed in range(5):
         trace = simulate(seed=seed)
         busy = [(c, d) for t, c, d in trace if 13 <= t < 30]
         delays = sorted(d for _, d in busy)
-        assert delays[int(len(delays) * 0.95)] <= 3 * THR, (seed, delays[int(len(delays) * 0.95)])
+        p95s.append(delays[int(len(delays) * 0.95)])
+        assert p95s[-1] <= 3 * THR, (seed, p95s[-1])
         # the growth that speeds up once the owner is gone must not speed up a steady owner's
         # probes: on average the queue stays under the threshold
         assert sum(delays) / len(delays) <= 0.8 * THR, (seed, sum(delays) / len(delays))
         mean_cap = sum(c for c, _ in busy) / len(busy)
         assert 2e6 <= mean_cap <= 12e6, (seed, mean_cap)
+    # and the probes' peaks stay low: a plateau dragged down by every cut (the queue still
+    # draining) lets the faster growth run into the owner (median p95 ~34 ms instead of ~24)
+    assert sorted(p95s)[2] <= 2 * THR, p95s
 
 
 def test_closed_loop_a_bursty_owner_holds_the_floor_and_its_departure_frees_the_line_in_2_s():
