@@ -56,7 +56,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from homelab import IPERF3, HomeLab, HomeNode, have_homelab
+from homelab import IPERF3, HomeLab, HomeNode, congestion_control, have_homelab
 from netlab import Lab, have_netns
 from rolerender import render
 from shapelab import ping_p95
@@ -180,8 +180,7 @@ class RouterHome:
         self.owner.run("ip", "link", "set", "eth0", "gso_max_segs", "1")
         self.owner.run("ip", "route", "add", "default", "via", LAN_GW)
         if cc:
-            for ns in (self.server, self.owner, self.node):
-                ns.run("sysctl", "-qw", f"net.ipv4.tcp_congestion_control={cc}")
+            congestion_control(cc, self.server, self.owner, self.node)
 
     def load_tables(self, tunnel: str) -> None:
         wan_vars = {"agent_wan_interface": "wan0", "agent_tunnel_interface": tunnel}

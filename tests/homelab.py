@@ -62,6 +62,13 @@ def have_homelab() -> str | None:
     return None
 
 
+def congestion_control(cc: str, *senders: Netns) -> None:
+    """The senders' TCP congestion control (a new namespace inherits the host's; one other than
+    the host's must be in net.ipv4.tcp_allowed_congestion_control)."""
+    for ns in senders:
+        ns.run("sysctl", "-qw", f"net.ipv4.tcp_congestion_control={cc}")
+
+
 class HomeLab:
     """One home (router + owner + node) and the internet it hangs off, with a shaped line."""
 
@@ -87,9 +94,8 @@ class HomeLab:
         self.lan_prefix = f"192.168.{n}"
         self.gateway, self.owner_ip, self.node_ip = (f"{self.lan_prefix}.{h}" for h in (1, 10, 20))
         self.line_down, self.line_up = line_down_mbit, line_up_mbit
-        if cc:  # the senders' TCP congestion control (a new namespace inherits the host's)
-            for ns in (self.server, self.owner, self.node):
-                ns.run("sysctl", "-qw", f"net.ipv4.tcp_congestion_control={cc}")
+        if cc:
+            congestion_control(cc, self.server, self.owner, self.node)
         # the line
         self.inet_if, _ = lab.link(self.inet, f"{self.isp}/24", self.router, f"{self.public}/24",
                                    names=(f"up{n}", "wan0"))
