@@ -98,10 +98,11 @@ def test_a_user_error_from_a_command_is_one_line_and_exit_2(tmp_path):
     assert r.stderr.strip() == f"error: {tmp_path / 'missing.img'}: no such image; nothing written"
 
 
-def test_the_start_imports_no_validation_framework():
-    """typer 0.2x converted every argument through pydantic: ~0.1 s on each start (see clikit)."""
+def test_the_start_imports_no_validation_framework_nor_rich():
+    """typer 0.2x converted every argument through pydantic: ~0.1 s on each start (see clikit).
+    rich is imported when something is printed through it, not by a `--json` run that succeeds."""
     code = ("import sys, idlewire.cli, idlewire.flash; idlewire.cli.app.parser();"
-            "print(sorted({n.split('.')[0] for n in sys.modules} & {'pydantic', 'typer', 'click', 'yaml'}))")
+            "print(sorted({n.split('.')[0] for n in sys.modules} & {'pydantic', 'typer', 'click', 'yaml', 'rich'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 

@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-from rich.console import Console
-
 from . import __version__
-from .clikit import App, Opt
+from .clikit import App, LazyConsole, Opt
 from .errors import UserError
 
 app = App(
@@ -19,7 +17,7 @@ app = App(
     "Every command explains itself:  idlewire COMMAND --help",
     version=__version__,
 )
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long its paths
+err = LazyConsole(stderr=True, soft_wrap=True)  # an error stays one line, however long its paths
 
 
 @app.command()
@@ -87,7 +85,7 @@ def build(
     site = load_site(config)
     pinned = load_pins(from_manifest, t) if from_manifest else None
     result = run_build(t, site, out, verbose=verbose, allow_no_login=allow_no_login,
-                       compress=chosen, pinned=pinned, sign_key=sign, console=err)
+                       compress=chosen, pinned=pinned, sign_key=sign, console=err.rich())
     if as_json:
         print(json.dumps({"target": t.name, "image": str(result.image),
                           "artifacts": [str(p) for p in result.artifacts],

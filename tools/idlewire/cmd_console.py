@@ -11,12 +11,10 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from rich.console import Console as RichConsole
-
-from .clikit import App, Arg, Opt
+from .clikit import App, Arg, LazyConsole, Opt
 from .errors import UserError
 
-err = RichConsole(stderr=True, highlight=False)
+err = LazyConsole(stderr=True, highlight=False)
 
 
 def register(app: App) -> None:

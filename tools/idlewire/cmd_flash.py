@@ -2,29 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-
-from .clikit import App, Arg, Opt
+from .clikit import App, Arg, LazyConsole, Opt
 from .errors import UserError
 
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long its paths
+err = LazyConsole(stderr=True, soft_wrap=True)  # an error stays one line, however long its paths
 
 
 def register(app: App) -> None:
     app.command()(flash)
 
 
-def _progress(enabled: bool) -> Progress:
+def _progress(enabled: bool):
+    """rich's bars with rate and ETA on stderr, or None (and rich not even imported) when nobody
+    watches: --json with stderr not a terminal."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-                    TransferSpeedColumn(), TimeRemainingColumn(), console=err, disable=not enabled,
-                    transient=False)
+                    TransferSpeedColumn(), TimeRemainingColumn(), console=err.rich(), transient=False)
 
 
 def flash(
@@ -235,7 +238,7 @@ def _write(src, infos: list, chosen: list | None, rec: Path | None, verify: bool
     try:
         with _progress(show) as progress:
             task = progress.add_task("check  image", total=src.bmap.mapped_blocks * src.bmap.block_size) \
-                if raw_check or check_first else None
+                if progress is not None and (raw_check or check_first) else None
             checked = lambda n: task is not None and progress.advance(task, n)  # noqa: E731
             if check_first:
                 try:

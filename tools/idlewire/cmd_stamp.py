@@ -8,12 +8,10 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from rich.console import Console
-
-from .clikit import App, Arg, Opt
+from .clikit import App, Arg, LazyConsole, Opt
 from .errors import UserError
 
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long its paths
+err = LazyConsole(stderr=True, soft_wrap=True)  # an error stays one line, however long its paths
 
 
 def register(app: App) -> None:

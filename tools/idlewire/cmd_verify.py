@@ -14,14 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from rich.console import Console as RichConsole
-from rich.table import Table
-
-from .clikit import App, Opt
+from .clikit import App, LazyConsole, Opt
 from .errors import UserError
 from .paths import data_dir
 
-err = RichConsole(stderr=True, highlight=False)
+err = LazyConsole(stderr=True, highlight=False)
 
 
 def register(app: App) -> None:
@@ -218,6 +215,9 @@ def _first_line(text: str) -> str:
 
 
 def _print_table(results: list[HostResult]) -> None:
+    from rich.console import Console as RichConsole
+    from rich.table import Table
+
     table = Table(title="idlewire verify", show_lines=False)
     for col in ("host", "result", "passed", "failed", "skipped", "failing checks"):
         table.add_column(col, justify="right" if col in ("passed", "failed", "skipped") else "left")
