@@ -26,6 +26,17 @@ def open_direct(fd: int, flags: int) -> int:
         return -1
 
 
+def aligned_buffer(size: int) -> tuple[bytearray, int]:
+    """A bytearray holding a page-aligned window of `size` bytes, and where that window starts in
+    it: a buffer for O_DIRECT reads. A bytearray rather than an mmap because its startswith()
+    compares a range of it with any other buffer by one memcmp, copying neither (readback._same).
+    ctypes only tells the array's address; the array never moves, as it is never resized."""
+    import ctypes
+
+    buf = bytearray(size + PAGE)
+    return buf, -ctypes.addressof(ctypes.c_char.from_buffer(buf)) % PAGE
+
+
 def map_file(fd: int) -> tuple[mmap.mmap | None, memoryview]:
     """A read-only mapping of a whole file (page-aligned: a slice at offset k has an address ≡ k
     modulo PAGE, so it can be written with O_DIRECT without staging)."""

@@ -16,12 +16,12 @@ from .. import bmap as bm
 from .engine import CardReport, FlashResult, Writer, flash, send_mapped
 from .errors import FlashError, VerifyError, before_writing
 from .plan import TABLE, Overlay, Piece, boot_prefix, image_layout, make_overlay, split_pieces
-from .readback import SAME_STEP, ReadBack, _same
+from .readback import ReadBack, _same
 from .source import COMPRESSED, Source, check_image, check_whole, open_source, split_work, stream_ranges
 from .target import Target, _disk_of, inspect_target, open_target, publish
 from .verify import verify_only
 
-__all__ = ["COMPRESSED", "SAME_STEP", "TABLE", "CardReport", "FlashError", "FlashResult", "Overlay", "Piece",
+__all__ = ["COMPRESSED", "TABLE", "CardReport", "FlashError", "FlashResult", "Overlay", "Piece",
            "ReadBack", "Source", "Target", "VerifyError", "Writer", "_disk_of", "_same", "before_writing", "bm",
            "boot_prefix", "check_image", "check_whole", "flash", "image_layout", "inspect_target", "make_overlay",
            "open_source", "open_target", "publish", "send_mapped", "split_pieces", "split_work",

@@ -190,6 +190,7 @@ class _Flash:
         self.maps: list[tuple[mmap.mmap | None, memoryview]] = []
         self.pieces: list[Piece] = []
         self.deferred: list[tuple[Piece, bytes | None]] = []  # table regions (None: from the raw image)
+        self.src_map: mmap.mmap | None = None
         self.src_view = memoryview(b"")
         self.checker: threading.Thread | None = None
         self.checked: list[BaseException | None] = []
@@ -241,9 +242,11 @@ class _Flash:
 
     def start_check(self, check_progress: Callable[[int], None] | None) -> None:
         """The uncompressed image checked against its bmap while it is being written."""
+        view = self._map_source() if self.src.kind == "raw" else None
+
         def run_check() -> None:
             try:
-                check_image(self.src, check_progress, ways=2)
+                check_image(self.src, check_progress, ways=2, view=view)
                 self.checked.append(None)
             except BaseException as exc:
                 self.checked.append(exc)
@@ -266,8 +269,8 @@ class _Flash:
                 p.ref = ovmap
             send_mapped([w], view, ov.pieces)
         if self.src.kind == "raw":
-            srcmap, self.src_view = m = rawio.map_file(self._src_fd())
-            self.maps.append(m)
+            self._map_source()
+            srcmap = self.src_map
             for p in self.pieces:
                 p.ref = srcmap
             send_mapped(self.writers, self.src_view, [p for p in self.pieces if p.where == "body"],
@@ -276,6 +279,13 @@ class _Flash:
         else:
             self.deferred = stream_compressed(self.src, self.writers, self.pieces)
         self._sync()
+
+    def _map_source(self) -> memoryview:
+        """The uncompressed image mapped once, for the writers and the check beside them."""
+        if self.src_map is None:
+            self.maps.append(m := rawio.map_file(self._src_fd()))
+            self.src_map, self.src_view = m
+        return self.src_view
 
     def _src_fd(self) -> int:
         fd = os.open(self.src.path, os.O_RDONLY | os.O_CLOEXEC)

@@ -200,12 +200,14 @@ def open_source(image: Path, bmap_path: Path | None = None, *, preverify: bool =
     return src
 
 
-def check_image(src: Source, progress: Callable[[int], None] | None = None, ways: int = 4) -> None:
+def check_image(src: Source, progress: Callable[[int], None] | None = None, ways: int = 4,
+                view: memoryview | None = None) -> None:
     """An uncompressed image's mapped ranges against the bmap's sha256 (compressed images are
-    checked as they stream); a mismatch is a UserError."""
+    checked as they stream); a mismatch is a UserError. `view`: the image mapped (the writer's
+    mapping, hashed in place), else it is read."""
     if src.kind != "raw" or src.bmap_path is None:
         return
-    bad = check_ranges(src.path, src.byte_ranges(), progress, ways)
+    bad = check_ranges(src.path, src.byte_ranges(), progress, ways, view)
     if bad:
         raise UserError(f"{src.path}: bytes {bad[0]}-{bad[1]} do not match the checksum in {src.bmap_path}: "
                         "the image is damaged or the bmap belongs to another image")
@@ -257,6 +259,22 @@ def split_work(items: list, size: Callable, ways: int) -> list[list]:
     return [sorted(o, key=lambda x: x[0] if isinstance(x, tuple) else x.start) for o in out if o]
 
 
+def _hash_mapped(view: memoryview, part: list[tuple[int, int, str]], progress, bad: list) -> None:
+    """_hash_part on the image's mapping: hashed where it lies, without read()'s copy into a
+    buffer (0.15 s of CPU per GiB, on the cores the write and the read-back need)."""
+    for start, end, sha in part:
+        h = hashlib.sha256()
+        for pos in range(start, end, 2 * MiB):
+            n = min(2 * MiB, end - pos)
+            with view[pos:pos + n] as piece:
+                h.update(piece)
+            if progress:
+                progress(n)
+        if h.hexdigest() != sha:
+            bad.append((start, end))
+            return
+
+
 def _hash_part(image: Path, part: list[tuple[int, int, str]], progress, bad: list) -> None:
     fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
     buf = bytearray(2 * MiB)  # reused: a fresh 8 MiB bytes object per read costs page faults
@@ -283,12 +301,14 @@ def _hash_part(image: Path, part: list[tuple[int, int, str]], progress, bad: lis
         os.close(fd)
 
 
-def check_ranges(image: Path, ranges: list[tuple[int, int, str]],
-                 progress: Callable[[int], None] | None, ways: int = 4) -> tuple[int, int] | None:
+def check_ranges(image: Path, ranges: list[tuple[int, int, str]], progress: Callable[[int], None] | None,
+                 ways: int = 4, view: memoryview | None = None) -> tuple[int, int] | None:
     """The first range whose sha256 differs (hashing on every core: hashlib releases the GIL)."""
     bad: list[tuple] = []
     parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(ways, len(os.sched_getaffinity(0)))))
-    threads = [threading.Thread(target=_hash_part, args=(image, p, progress, bad), daemon=True) for p in parts]
+    threads = [threading.Thread(target=_hash_part, args=(image, p, progress, bad), daemon=True) if view is None
+               else threading.Thread(target=_hash_mapped, args=(view, p, progress, bad), daemon=True)
+               for p in parts]
     for t in threads:
         t.start()
     for t in threads:
