@@ -552,3 +552,7 @@ def test_the_read_back_comparison_sees_one_byte_anywhere_and_nothing_outside(n):
     a[a_off + n] ^= 0xFF
     b[b_off + n] ^= 0xFF
     assert fl._same(a, a_off, b, b_off, n)
+    # a range running past the end of the image is not the same, though the bytes there match
+    short = mmap.mmap(-1, b_off + n)
+    short[:] = b[:b_off + n]
+    assert fl._same(a, a_off, short, b_off, n) and not fl._same(a, a_off, short, b_off, n + 1)

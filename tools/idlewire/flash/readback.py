@@ -105,7 +105,7 @@ def _same(a: bytearray, a_off: int, b, b_off: int, n: int) -> bool:
     0.15 s of CPU per GiB against memcmp's 0.05, on the two cores that also hash the image and
     run the loop driver (tests/unit/test_flash.py pins the result, bench/flash.sh the time)."""
     with memoryview(b) as mv, mv[b_off:b_off + n] as part:
-        return a.startswith(part, a_off)
+        return len(part) == n and a.startswith(part, a_off)  # past the image's end: not the same
 
 
 class _Lane:
