@@ -323,14 +323,16 @@ m.poll(wait=30)
 """
 
 
-@pytest.mark.parametrize("gone", ["killed", "silent"])
+@pytest.mark.parametrize("gone", ["killed", "silent", "silent-later"])
 def test_a_poll_left_by_a_restarted_agent_does_not_swallow_the_next_buyer(hub, gone):
     """The agent restarts while its long poll waits at the hub (an upgrade, a crash): the hub's side
     of that poll lives on until its wait ends. A buyer who came then was claimed by the dead poll,
     answered into a closed socket and got 504 after 15 s (the e2e walk met it). "killed": the old
     socket is closed, and the new agent polls only after the buyer asked. "silent": the old
     connection stays open and unread (a NAT that dropped it, a frozen process); the node's newer
-    poll is the one that gets the request."""
+    poll is the one that gets the request. "silent-later": the same, with buyers who come after the
+    new agent's polls have ended and begun again (every 2 s here): a poll numbered afresh once the
+    node's newest one had ended took the number of the old one, and both could claim."""
     from cryptography.hazmat.primitives import serialization
 
     m = node_market(hub.url)
@@ -354,18 +356,23 @@ def test_a_poll_left_by_a_restarted_agent_does_not_swallow_the_next_buyer(hub, g
         else:
             old.send_signal(signal.SIGSTOP)
             stop, t = _serve(m, opened)
-            time.sleep(1.0)  # the new poll waits beside the old one
+            time.sleep(1.0 if gone == "silent" else 2.5)  # the new poll waits beside the old one
             asked.start()
+        later = []
         try:
             asked.join(20)
+            for _ in range(3 if gone == "silent-later" else 0):
+                time.sleep(1.0)
+                later.append(_try(lambda: buyer.request("POST", "/v1/connect", {"wg_public_key": wg_keypair()[1]})))
         finally:
             stop.set()
             t.join(10)
     finally:
         old.kill()
         old.wait()
-    assert isinstance(out.get("got"), dict) and out["got"]["node"] == m.node_id, out
-    assert [o[2] for o in opened] == [out["got"]["session"]["session"]]
+    got = [out.get("got"), *later]
+    assert all(isinstance(g, dict) and g["node"] == m.node_id for g in got), got
+    assert [o[2] for o in opened] == [g["session"]["session"] for g in got]
 
 
 def _try(call):

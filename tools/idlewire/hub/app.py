@@ -21,6 +21,7 @@ nonce and body hash). A refusal is a 4xx whose JSON body is {"error": ONE LINE}.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -319,11 +320,13 @@ def create_app(engine, clock=time.time) -> FastAPI:
     app.add_middleware(BodyLimit)  # the outer one: also in front of HeartbeatPath
 
     polls: dict[str, int] = {}  # node id -> its newest channel poll in this process
+    poll_numbers = itertools.count(1)  # never reused: a number counted per node from 0 again once the
+    # newest poll had ended was the number of an older poll still waiting, and both could claim
 
     @app.get("/v1/nodes/{nid}/channel", summary="Long poll for requests to the node (signed by the node key)")
     async def channel(request: Request, nid: str, wait: float = Query(25, ge=0, le=60)):
         auth = await signed(request)
-        me = polls[nid] = polls.get(nid, 0) + 1
+        me = polls[nid] = next(poll_numbers)
         deadline = time.monotonic() + wait
         try:
             while True:
