@@ -306,9 +306,8 @@ def check_ranges(image: Path, ranges: list[tuple[int, int, str]], progress: Call
     """The first range whose sha256 differs (hashing on every core: hashlib releases the GIL)."""
     bad: list[tuple] = []
     parts = split_work(ranges, lambda r: r[1] - r[0], max(1, min(ways, len(os.sched_getaffinity(0)))))
-    threads = [threading.Thread(target=_hash_part, args=(image, p, progress, bad), daemon=True) if view is None
-               else threading.Thread(target=_hash_mapped, args=(view, p, progress, bad), daemon=True)
-               for p in parts]
+    hash_part, where = (_hash_part, image) if view is None else (_hash_mapped, view)
+    threads = [threading.Thread(target=hash_part, args=(where, p, progress, bad), daemon=True) for p in parts]
     for t in threads:
         t.start()
     for t in threads:
